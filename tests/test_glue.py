@@ -1,0 +1,194 @@
+import builtins
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from lab import glue
+
+FIXTURES = Path(__file__).parent / "fixtures" / "glue"
+
+
+# ---------------------------------------------------------------------------------------------- task table
+
+
+def test_task_table_metrics_and_label_counts():
+    expected = {
+        "cola": ("mcc", 2),
+        "sst2": ("accuracy", 2),
+        "mrpc": ("accuracy", 2),
+        "stsb": ("pearson", 1),
+        "qqp": ("accuracy", 2),
+        "mnli": ("accuracy", 3),
+        "qnli": ("accuracy", 2),
+        "rte": ("accuracy", 2),
+        "wnli": ("accuracy", 2),
+    }
+    assert set(glue.TASKS) == set(expected)
+    for name, (metric, num_labels) in expected.items():
+        task = glue.get_task(name)
+        assert task.main_metric == metric and task.num_labels == num_labels, name
+    assert glue.get_task("stsb").is_regression and not glue.get_task("cola").is_regression
+    assert glue.get_task("mrpc").metrics == ("f1", "accuracy") == glue.get_task("qqp").metrics
+    assert glue.get_task("stsb").metrics == ("pearson", "spearman")
+    assert glue.get_task("mnli").dev_splits == ("dev_matched", "dev_mismatched")
+    assert glue.main_metric("mnli") == "m_accuracy" and glue.main_metric("cola") == "mcc"
+    assert not glue.get_task("cola").is_pair and glue.get_task("rte").is_pair
+
+
+def test_task_names_accept_common_spellings_and_reject_unknown():
+    assert glue.get_task("SST-2").name == "sst2" and glue.get_task("STS-B").name == "stsb"
+    assert glue.get_task("CoLA").name == "cola"
+    with pytest.raises(ValueError, match="known tasks: cola, sst2"):
+        glue.get_task("squad")
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_equal_sklearn_and_scipy():
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 50)
+    pred = np.where(rng.random(50) < 0.7, gold, 1 - gold)
+    assert glue.compute_metrics("cola", pred, gold) == {"mcc": pytest.approx(matthews_corrcoef(gold, pred))}
+    mrpc = glue.compute_metrics("mrpc", pred, gold)
+    assert mrpc == {
+        "f1": pytest.approx(f1_score(gold, pred)),
+        "accuracy": pytest.approx(accuracy_score(gold, pred)),
+    }
+    assert 0.5 < mrpc["accuracy"] < 0.95  # the arrays really disagree somewhere
+    assert glue.compute_metrics("sst2", pred, gold)["accuracy"] == pytest.approx(accuracy_score(gold, pred))
+
+    logits = rng.normal(size=(50, 3))
+    gold3 = rng.integers(0, 3, 50)
+    assert glue.compute_metrics("mnli", logits, gold3)["accuracy"] == pytest.approx(
+        accuracy_score(gold3, logits.argmax(1))
+    )
+
+    scores = rng.uniform(0, 5, 40)
+    noisy = scores + rng.normal(0, 1.0, 40)
+    stsb = glue.compute_metrics("stsb", noisy, scores)
+    assert stsb["pearson"] == pytest.approx(pearsonr(noisy, scores)[0])
+    assert stsb["spearman"] == pytest.approx(spearmanr(noisy, scores)[0])
+    assert stsb["pearson"] != pytest.approx(stsb["spearman"])
+
+
+def test_dev_metrics_prefixes_mnli_splits():
+    out = glue.dev_metrics("mnli", {"dev_matched": ([0, 1], [0, 1]), "dev_mismatched": ([0, 1], [0, 2])})
+    assert out == {"m_accuracy": 1.0, "mm_accuracy": 0.5}
+
+
+def test_metrics_reject_length_mismatch():
+    with pytest.raises(ValueError, match="3 predictions for 2 labels"):
+        glue.compute_metrics("sst2", [0, 1, 1], [0, 1])
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_cola_without_header_reports_malformed_line_and_keeps_quotes():
+    with pytest.warns(UserWarning, match="line 4: 3 columns"):
+        train = glue.load_split("cola", "train", FIXTURES)
+    assert len(train) == 5 and train.texts_b is None
+    assert train.labels == [1, 0, 1, 0, 1]
+    assert train.line_numbers == [1, 2, 3, 5, 6]
+    assert train.malformed == [(4, "3 columns, expected 4")]
+    # A bare quote must not swallow the following lines into one field.
+    assert train.texts_a[1] == 'He said "the boat sank.'
+    assert train.texts_a[3] == 'The more you eat, the more you want "to'
+
+
+def test_file_without_final_newline_keeps_last_row():
+    dev = glue.load_split("cola", "dev", FIXTURES)
+    assert len(dev) == 3 and dev.texts_a[-1] == "Mary sang a song." and not dev.malformed
+
+
+def test_bom_header_and_label_outside_set():
+    with pytest.warns(UserWarning, match=r"line 5: label '2' not in \['0', '1'\]"):
+        train = glue.load_split("SST-2", "train", FIXTURES)
+    assert train.texts_a[0] == "hide new secretions from the parental units"  # header found despite the BOM
+    assert train.texts_a[1] == '" the best film of the year'
+    assert train.labels == [0, 1, 0, 0, 1]
+    assert train.line_numbers == [2, 3, 4, 6, 7]
+
+
+def test_regression_scores_and_unparsable_score():
+    with pytest.warns(UserWarning, match="line 3: label 'n/a' is not a number"):
+        train = glue.load_split("stsb", "train", FIXTURES)
+    assert train.labels == [5.0, 0.25, 2.6]
+    assert train.texts_b == ["An air plane is taking off.", "A dog runs.", "Two men are playing chess."]
+
+
+def test_pair_tasks_and_mnli_dev_splits():
+    splits = glue.load_task("mnli", FIXTURES)
+    assert set(splits) == {"train", "dev_matched", "dev_mismatched"}
+    assert splits["train"].labels == [0, 2, 1]  # entailment, contradiction, neutral in HF id order
+    assert splits["dev_mismatched"].texts_b == ["She made sound.", "She was tired."]
+    mrpc = glue.load_split("mrpc", "train", FIXTURES)
+    assert mrpc.labels == [1, 0] and mrpc.texts_a[1] == "Yucaipa owned Dominick 's."
+
+
+def test_missing_split_names_path_and_layout(tmp_path):
+    with pytest.raises(ValueError, match=r"RTE.*train\.tsv.*expected the GLUE layout <glue_dir>/RTE/"):
+        glue.load_split("rte", "train", tmp_path)
+    with pytest.raises(ValueError, match="dev_matched"):
+        glue.load_split("mnli", "dev", FIXTURES)
+
+
+def test_mostly_bad_labels_is_an_error(tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    rows = "".join(f"sentence {i}\t{'positive' if i % 4 else 1}\n" for i in range(8))
+    (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\n" + rows)
+    with pytest.raises(ValueError, match=r"6 of 8 rows are unusable for sst2 .*line 3: label 'positive'"):
+        glue.load_split("sst2", "dev", tmp_path)
+
+
+def test_wrong_header_is_an_error(tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "dev.tsv").write_text("text\ttarget\nok\t1\n")
+    with pytest.raises(ValueError, match=r"header lacks column\(s\) \['sentence', 'label'\]"):
+        glue.load_split("sst2", "dev", tmp_path)
+
+
+def test_take_is_a_seeded_subset():
+    dev = glue.load_split("mrpc", "train", FIXTURES)
+    assert dev.take(None) is dev
+    one = dev.take(1, seed=3)
+    assert len(one) == 1 and one.take(1) is one
+    assert one.texts_a == dev.take(1, seed=3).texts_a
+
+
+def test_hf_loader_without_datasets_is_a_clear_error(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(ValueError, match="needs the `datasets` package"):
+        glue.load_hf_split("rte", "dev")
+
+
+# ---------------------------------------------------------------------------------------------- real data
+
+
+@pytest.mark.parametrize(
+    "task,n_train,n_dev", [("cola", 8551, 1043), ("sst2", 67349, 872), ("stsb", 5749, 1500)]
+)
+def test_real_glue_files(data_root, task, n_train, n_dev):
+    splits = glue.load_task(task, data_root / "glue")
+    assert (len(splits["train"]), len(splits["dev"])) == (n_train, n_dev)
+    assert not splits["train"].malformed and not splits["dev"].malformed
+    if task == "cola":
+        assert sum(splits["dev"].labels) == 721 and sum(splits["train"].labels) == 6023
+    if task == "sst2":
+        assert sum(splits["train"].labels) == 37569 and sum(splits["dev"].labels) == 444
+    if task == "stsb":
+        assert min(splits["dev"].labels) == 0.0 and max(splits["dev"].labels) == 5.0
+        assert splits["dev"].texts_a[0] == "A man with a hard hat is dancing."

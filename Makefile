@@ -1,0 +1,42 @@
+# Every target creates .venv and installs the project into it on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+# The CPU wheel; override on a GPU box, e.g. `make demo TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP   = $(VENV)/.installed
+
+.PHONY: demo test test-slow lint bench sweep lab clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)  ## ES, NES and GDES on the embedded synthetic corpus, then the tug-of-war analysis
+	$(PY) -m lab sweep --corpus synthetic --name demo
+
+sweep: $(STAMP)
+	$(PY) -m lab sweep $(ARGS)
+
+test: $(STAMP) lint  ## the full default suite
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lab tests
+	$(VENV)/bin/ruff format --check lab tests
+
+bench: $(STAMP)
+	$(PY) -m lab bench $(ARGS)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

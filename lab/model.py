@@ -1,0 +1,306 @@
+"""The DeBERTa-v3 encoder, top to bottom: config, relative positions, attention, layer, encoder.
+
+Dimension legend used in the shape comments:
+    B batch, T tokens, H heads, Dh head size (64), D hidden (H * Dh), F feed-forward size,
+    R relative-table rows a sequence of length T can reach (R <= 2 * position_buckets).
+
+Parameter names differ from HuggingFace's `DebertaV2Model`; `lab/hf.py` maps between the two, and
+tests/test_hf_parity.py checks that both produce the same hidden states.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lab.util import replace_strict
+
+NUM_SPECIAL_IDS = 4  # [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3 come first in every DeBERTa-v3 vocabulary
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 128100  # rows of the word table (SentencePiece pieces + [MASK], padded)
+    hidden_size: int = 768  # D
+    num_layers: int = 12  # transformer blocks
+    num_heads: int = 12  # H; head size is hidden_size // num_heads (64 in every official size)
+    intermediate_size: int = 3072  # F, 4 * D in every official size
+    max_seq_len: int = 512  # longest input the model is meant for (checked in forward)
+    position_buckets: int = 256  # B_rel: relative distances beyond B_rel/2 share log-spaced buckets
+    max_relative_positions: int = 512  # M: the distance that maps to the last bucket
+    layer_norm_eps: float = 1e-7
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02  # std of the normal init of every Linear / Embedding weight
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_seq_len",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ModelConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                "choose hidden_size = num_heads * head_size (64 in the official models)"
+            )
+        if self.vocab_size <= NUM_SPECIAL_IDS:
+            raise ValueError(
+                f"ModelConfig.vocab_size={self.vocab_size} leaves no room for the special ids "
+                f"[PAD] [CLS] [SEP] [UNK] (0..3) plus words; use the tokenizer's vocab_size"
+            )
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"ModelConfig.pad_token_id={self.pad_token_id} is outside the vocabulary")
+        if self.position_buckets < 2 or self.position_buckets % 2:
+            raise ValueError(f"ModelConfig.position_buckets={self.position_buckets} must be even and >= 2")
+        if self.max_relative_positions <= self.position_buckets // 2:
+            raise ValueError(
+                f"ModelConfig.max_relative_positions={self.max_relative_positions} must exceed "
+                f"position_buckets/2={self.position_buckets // 2}"
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+_BASE = ModelConfig()
+PRESETS: dict[str, ModelConfig] = {
+    # test size: seconds on a CPU
+    "tiny": replace_strict(
+        _BASE, vocab_size=1000, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256
+    ),
+    # the CPU-trainable size used by `make demo` and the WikiText runs
+    "mini": replace_strict(
+        _BASE, vocab_size=8000, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024
+    ),
+    # the official sizes (PAPER.md §2)
+    "xsmall": replace_strict(_BASE, hidden_size=384, num_layers=12, num_heads=6, intermediate_size=1536),
+    "small": replace_strict(_BASE, hidden_size=768, num_layers=6, num_heads=12, intermediate_size=3072),
+    "base": _BASE,
+    "large": replace_strict(_BASE, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named size, optionally with fields changed: `preset("xsmall", vocab_size=32000)`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace_strict(PRESETS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Relative positions
+
+
+def log_bucket(rel: torch.Tensor, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
+    """Map signed distances i - j to buckets: exact up to B/2, log-spaced up to M, then saturating.
+
+    bucket = rel                                                      if |rel| <= B/2
+           = sign(rel) * (ceil(ln(|rel|/mid) / ln((M-1)/mid) * (mid-1)) + mid)   otherwise
+    Distances are clamped to ±(M-1) first, as in the official code (HF differs only for T > 512).
+    """
+    mid = position_buckets // 2
+    rel = rel.clamp(-(max_relative_positions - 1), max_relative_positions - 1)
+    # |rel| below mid is replaced by mid - 1 only to keep the log finite; those entries are not used
+    magnitude = torch.where(rel.abs() < mid, torch.full_like(rel, mid - 1), rel.abs()).to(torch.float64)
+    log_scaled = torch.ceil(
+        torch.log(magnitude / mid) / math.log((max_relative_positions - 1) / mid) * (mid - 1)
+    )
+    return torch.where(rel.abs() <= mid, rel, torch.sign(rel) * (log_scaled.to(rel.dtype) + mid))
+
+
+@lru_cache(maxsize=64)
+def relative_index(
+    T: int, position_buckets: int, max_relative_positions: int
+) -> tuple[int, int, torch.Tensor]:
+    """Rows of the relative table that a length-T sequence uses, and the index into them.
+
+    Returns (lo, R, index) where table rows lo .. lo+R-1 are the ones reachable and
+    index[i, j] = bucket(i - j) + B - lo (shape [T, T]); the official idx(i, j) is index + lo.
+    Slicing to R rows instead of all 2B saves most of the position projections for short inputs.
+    """
+    pos = torch.arange(T)
+    bucket = log_bucket(pos[:, None] - pos[None, :], position_buckets, max_relative_positions)  # [T, T]
+    idx = (bucket + position_buckets).clamp(0, 2 * position_buckets - 1)
+    lo, hi = int(idx.min()), int(idx.max())
+    return lo, hi - lo + 1, (idx - lo).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+class DisentangledSelfAttention(nn.Module):
+    """Content-to-content + content-to-position + position-to-content attention (share_att_key).
+
+    S_ij = (Qc_i·Kc_j + Qc_i·Kr[idx(i,j)] + Kc_j·Qr[idx(i,j)]) / sqrt(3 * Dh)
+    The two position terms are built into one additive bias and passed, with the content scores, to
+    `scaled_dot_product_attention`; no custom autograd, so torch.compile and export work.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.head_size = cfg.num_heads, cfg.head_size
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout_p = cfg.attention_dropout
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, T, _ = x.shape
+        return x.view(*lead, T, self.num_heads, self.head_size).transpose(-2, -3)  # [..., H, T, Dh]
+
+    def position_bias(self, q, k, rel: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """c2p + p2c as one [B, H, T, T] tensor, already divided by sqrt(3 * Dh)."""
+        scale = 1.0 / math.sqrt(3 * self.head_size)
+        # the position projections reuse the content Q/K layers, biases included (share_att_key)
+        q_rel = self.split_heads(self.query(rel))  # [H, R, Dh]
+        k_rel = self.split_heads(self.key(rel))  # [H, R, Dh]
+        B, H, T, _ = q.shape
+        gather_index = index.expand(B, H, T, T)
+        # c2p[i, j] = Qc_i · Kr[idx(i, j)]: score query i against every table row, then pick, for
+        # each key j, the row of the distance i - j.
+        c2p = torch.gather(q @ k_rel.transpose(-1, -2), -1, gather_index)  # [B, H, T, R] -> [B, H, T, T]
+        # p2c[i, j] = Kc_j · Qr[idx(i, j)]: the SAME index as c2p (not idx(j, i)). Score key j against
+        # every row, gather along rows with index^T (entry [j, i] = idx(i, j)), then transpose back.
+        p2c = torch.gather(
+            k @ q_rel.transpose(-1, -2), -1, gather_index.transpose(-1, -2)
+        )  # [B, H, T(j), T(i)]
+        return (c2p + p2c.transpose(-1, -2)) * scale  # [B, H, T, T]
+
+    def forward(self, h, rel, index, key_mask_bias) -> torch.Tensor:
+        """h [B, T, D]; rel [R, D] normalised table rows; index [T, T]; key_mask_bias [B, 1, 1, T]."""
+        q, k, v = (
+            self.split_heads(self.query(h)),
+            self.split_heads(self.key(h)),
+            self.split_heads(self.value(h)),
+        )
+        bias = self.position_bias(q, k, rel, index) + key_mask_bias  # [B, H, T, T]
+        context = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=bias.to(q.dtype),
+            dropout_p=self.dropout_p if self.training else 0.0,
+            scale=1.0 / math.sqrt(3 * self.head_size),
+        )  # [B, H, T, Dh]
+        B, H, T, Dh = context.shape
+        return context.transpose(1, 2).reshape(B, T, H * Dh)  # [B, T, D]
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer and encoder
+
+
+class Layer(nn.Module):
+    """Post-LN block: a = LN(drop(W_o·attn(h)) + h); out = LN(drop(W_2·gelu(W_1·a)) + a)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = DisentangledSelfAttention(cfg)
+        self.attention_out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attention_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, h, rel, index, key_mask_bias):
+        a = self.attention_norm(
+            self.dropout(self.attention_out(self.attention(h, rel, index, key_mask_bias))) + h
+        )
+        return self.ffn_norm(self.dropout(self.ffn_out(F.gelu(self.ffn_in(a)))) + a)  # exact erf GELU
+
+
+class Encoder(nn.Module):
+    """DeBERTa-v3 backbone: LN(E[ids]) -> layers with a shared, layer-normed relative table."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.embedding_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.rel_embeddings = nn.Embedding(2 * cfg.position_buckets, cfg.hidden_size)
+        self.rel_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.apply(lambda m: init_weights(m, cfg.initializer_range))
+
+    def embed(self, input_ids, attention_mask, word_embeds=None) -> torch.Tensor:
+        """LN(word vectors), pad rows zeroed, dropout. `word_embeds` lets a caller supply E[ids]
+        from another table (ES / GDES sharing in lab/rtd.py)."""
+        x = self.word_embeddings(input_ids) if word_embeds is None else word_embeds  # [B, T, D]
+        x = self.embedding_norm(x) * attention_mask.unsqueeze(-1).to(x.dtype)
+        return self.dropout(x)
+
+    def forward(self, input_ids, attention_mask=None, word_embeds=None, return_all: bool = False):
+        """input_ids [B, T] -> last hidden state [B, T, D] (or every layer's output with return_all)."""
+        B, T = input_ids.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"input length {T} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        h = self.embed(input_ids, attention_mask, word_embeds)
+        # the cache is for eager mode; under torch.compile the index is traced (and constant-folded)
+        index_fn = relative_index.__wrapped__ if torch.compiler.is_compiling() else relative_index
+        lo, R, index = index_fn(T, self.cfg.position_buckets, self.cfg.max_relative_positions)
+        rel = self.rel_norm(self.rel_embeddings.weight[lo : lo + R])  # [R, D], normalised once per forward
+        index = index.to(input_ids.device)
+        # Padded keys get a large negative score. Padded query rows still attend to real keys; their
+        # outputs are meaningless and every consumer ignores them (HF zeroes or uniformises them).
+        key_mask_bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        hidden = []
+        for layer in self.layers:
+            h = layer(h, rel, index, key_mask_bias)
+            hidden.append(h)
+        return hidden if return_all else h
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """N(0, std) for Linear / Embedding weights, zero biases, LayerNorm (1, 0); pad row zero."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by part, from the config alone.
+
+    `backbone` is the encoder without the word table. The official model cards count the backbone
+    with the classification pooler (one D x D dense layer) included: `backbone_with_pooler`, which
+    is what reproduces their 22M / 44M / 86M / 304M.
+    """
+    D, F_, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    per_layer = 4 * (D * D + D) + (D * F_ + F_) + (F_ * D + D) + 2 * 2 * D
+    backbone = L * per_layer + 2 * cfg.position_buckets * D + 2 * 2 * D  # + rel table + 2 LayerNorms
+    embedding = cfg.vocab_size * D
+    return {
+        "backbone": backbone,
+        "backbone_with_pooler": backbone + D * D + D,
+        "embedding": embedding,
+        "total": backbone + embedding,
+    }

@@ -1,0 +1,95 @@
+"""Small shared helpers: where data lives, strict configs, atomic files, device choice."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def data_dir() -> Path:
+    """Root of local datasets (WikiText, GLUE, ...): $LAB_DATA_DIR, default ~/.cache/lab/data."""
+    return Path(os.environ.get("LAB_DATA_DIR", Path.home() / ".cache" / "lab" / "data")).expanduser()
+
+
+def cache_dir() -> Path:
+    """Where tokenised corpora and trained tokenizers are cached: $LAB_CACHE_DIR, default ~/.cache/lab."""
+    path = Path(os.environ.get("LAB_CACHE_DIR", Path.home() / ".cache" / "lab")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def replace_strict(cfg: T, **changes: Any) -> T:
+    """`dataclasses.replace` with an error that names the unknown field and lists the valid ones."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown {type(cfg).__name__} field(s) {unknown}; valid fields are: {', '.join(sorted(names))}"
+        )
+    return dataclasses.replace(cfg, **changes)
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Build a config dataclass from a dict (e.g. a run's config.json), rejecting unknown keys."""
+    return replace_strict(cls(), **values)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` through a temp file + rename, so an interrupted save never corrupts a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' → cuda if present, else cpu; anything else is passed to torch.device as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -151,8 +151,12 @@ def train_tokenizer(
     max_sentence_length: int = 1 << 15,
     character_coverage: float = 0.9995,
     seed: int = 0,
+    hard_vocab_limit: bool = False,
 ) -> Tokenizer:
     """Train a SentencePiece model with the DeBERTa-v3 id layout; `vocab_size` counts [MASK] too.
+
+    `vocab_size` is an upper bound unless `hard_vocab_limit`: a corpus with few distinct words (the
+    synthetic language has about 900) gives as many pieces as it supports.
 
     `texts_or_files` holds texts (str) and/or files (pathlib.Path); every non-empty line is one training
     sentence, and at most `max_chars` characters are used (the first ones, in order), which keeps
@@ -168,6 +172,10 @@ def train_tokenizer(
     sentences = list(_lines(texts_or_files, max_chars))
     if not sentences:
         raise ValueError("no text to train a tokenizer on: every given text/file is empty")
+    # SentencePiece seeds its unigram vocabulary with the maximal repeats of the text. A word that is
+    # always followed by a space (common in synthetic text) is never a maximal repeat and so could never
+    # become a piece; giving each distinct word once on its own line makes every word a candidate.
+    sentences += dict.fromkeys(word for line in sentences for word in line.split())
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
@@ -189,6 +197,7 @@ def train_tokenizer(
             shuffle_input_sentence=False,
             input_sentence_size=0,  # we bounded the sample ourselves (max_chars)
             max_sentence_length=max_sentence_length,
+            hard_vocab_limit=hard_vocab_limit,
             minloglevel=2,
         )
     except RuntimeError as err:

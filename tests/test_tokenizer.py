@@ -39,6 +39,13 @@ def test_special_ids_and_round_trip(corpus_file, tmp_path):
     assert loaded.encode(TEXT) == tok.encode(TEXT) and loaded.mask_id == tok.mask_id
 
 
+def test_vocab_size_is_an_upper_bound_by_default(corpus_file):
+    tok = train_tokenizer([corpus_file], vocab_size=5000)
+    assert 40 < tok.vocab_size < 5000 and tok.mask_id == tok.vocab_size - 1
+    for word in {w for w in TEXT.split() if w.isalpha()}:  # whole words are seeded as candidates
+        assert len(tok.encode(word)) == 1
+
+
 def test_training_is_deterministic(corpus_file, tmp_path):
     first = train_tokenizer([corpus_file], vocab_size=48)
     second = train_tokenizer([TEXT * 200], vocab_size=48)  # same lines given as a string
@@ -75,6 +82,6 @@ def test_bad_inputs_raise_clear_errors(tmp_path, corpus_file):
     with pytest.raises(ValueError, match="not a SentencePiece model"):
         Tokenizer.load(junk)
     with pytest.raises(ValueError, match="lower vocab_size"):
-        train_tokenizer([corpus_file], vocab_size=5000)
+        train_tokenizer([corpus_file], vocab_size=5000, hard_vocab_limit=True)
     with pytest.raises(ValueError, match="empty"):
         train_tokenizer(["", "  \n"], vocab_size=100)

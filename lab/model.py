@@ -184,13 +184,11 @@ class DisentangledSelfAttention(nn.Module):
         )  # [B, H, T(j), T(i)]
         return (c2p + p2c.transpose(-1, -2)) * scale  # [B, H, T, T]
 
-    def forward(self, h, rel, index, key_mask_bias) -> torch.Tensor:
-        """h [B, T, D]; rel [R, D] normalised table rows; index [T, T]; key_mask_bias [B, 1, 1, T]."""
-        q, k, v = (
-            self.split_heads(self.query(h)),
-            self.split_heads(self.key(h)),
-            self.split_heads(self.value(h)),
-        )
+    def forward(self, h, rel, index, key_mask_bias, query=None) -> torch.Tensor:
+        """h [B, T, D] keys/values (and queries unless `query` [B, T, D] is given, as in the generator's
+        enhanced mask decoder); rel [R, D] normalised table rows; index [T, T]; key_mask_bias [B, 1, 1, T]."""
+        q = self.split_heads(self.query(h if query is None else query))  # [B, H, T, Dh]
+        k, v = self.split_heads(self.key(h)), self.split_heads(self.value(h))  # [B, H, T, Dh]
         bias = self.position_bias(q, k, rel, index) + key_mask_bias  # [B, H, T, T]
         context = F.scaled_dot_product_attention(
             q,
@@ -221,10 +219,10 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, h, rel, index, key_mask_bias):
-        a = self.attention_norm(
-            self.dropout(self.attention_out(self.attention(h, rel, index, key_mask_bias))) + h
-        )
+    def forward(self, h, rel, index, key_mask_bias, query=None):
+        residual = h if query is None else query
+        attended = self.attention(h, rel, index, key_mask_bias, query)
+        a = self.attention_norm(self.dropout(self.attention_out(attended)) + residual)
         return self.ffn_norm(self.dropout(self.ffn_out(F.gelu(self.ffn_in(a)))) + a)  # exact erf GELU
 
 

@@ -1,0 +1,269 @@
+"""ELECTRA-style replaced-token detection with DeBERTa-v3 encoders and three ways to share embeddings.
+
+One `forward` is the whole RTD step (PAPER.md §3):
+    mask 15% -> generator -> MLM loss at masked rows -> sample (no grad) -> replace -> labels
+    -> discriminator -> BCE over non-pad tokens -> L_MLM + rtd_weight * L_RTD
+
+Sharing of the word table E between generator G and discriminator D:
+    es    one table, updated by both losses (the tug-of-war)
+    nes   two tables, each updated by its own loss
+    gdes  E_D = stopgrad(E_G) + E_delta, E_delta starting at zero: MLM alone trains E_G, RTD alone
+          trains E_delta, and D still sees G's semantics
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lab.model import Encoder, Layer, ModelConfig, init_weights, relative_index
+from lab.util import replace_strict
+
+SHARING_MODES = ("es", "nes", "gdes")
+MASK_STRATEGIES = ("mask", "bert")  # all [MASK] (DeBERTaV3/ELECTRA RTD) or BERT's 80/10/10
+
+
+def generator_config(cfg: ModelConfig, depth_ratio: float, width_ratio: float) -> ModelConfig:
+    """Generator = discriminator with a fraction of its layers (and optionally of its width)."""
+    if not 0 < depth_ratio <= 1:
+        raise ValueError(f"gen_depth_ratio={depth_ratio} must be in (0, 1]")
+    if not 0 < width_ratio <= 1:
+        raise ValueError(f"gen_width_ratio={width_ratio} must be in (0, 1]")
+    heads = max(1, round(cfg.num_heads * width_ratio))
+    return replace_strict(
+        cfg,
+        num_layers=max(1, round(cfg.num_layers * depth_ratio)),
+        num_heads=heads,
+        hidden_size=heads * cfg.head_size,
+        intermediate_size=round(cfg.intermediate_size * heads / cfg.num_heads),
+    )
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special_ids: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    mask_prob: float = 0.15,
+    strategy: str = "mask",
+    generator: torch.Generator | None = None,
+):
+    """Choose round(mask_prob * n) non-special tokens per row (token level, no whole-word masking).
+
+    Returns (masked_ids [B, T], positions [B, K], valid [B, K]) with K = ceil(mask_prob * T): the
+    chosen positions per row (a fixed shape, so no host sync); `valid` is False for the unused
+    slots of rows with fewer eligible tokens. Special tokens and padding are never chosen.
+    """
+    B, T = input_ids.shape
+    eligible = attention_mask.bool() & ~torch.isin(input_ids, special_ids)  # [B, T]
+    n_chosen = torch.round(eligible.sum(1) * mask_prob).long()  # [B]
+    K = max(1, math.ceil(mask_prob * T))
+    # a random key per token, ineligible ones pushed last: the K smallest keys are a uniform sample
+    keys = torch.rand(B, T, generator=generator, device=input_ids.device) + (~eligible) * 2.0
+    positions = keys.topk(K, dim=1, largest=False).indices  # [B, K]
+    valid = torch.arange(K, device=input_ids.device)[None, :] < n_chosen[:, None]  # [B, K]
+    original = input_ids.gather(1, positions)  # [B, K]
+    replacement = torch.full_like(original, mask_id)
+    if strategy == "bert":  # 80% [MASK], 10% a random non-special token, 10% unchanged
+        u = torch.rand(B, K, generator=generator, device=input_ids.device)
+        random_tokens = torch.randint(
+            special_ids.numel(), vocab_size, (B, K), generator=generator, device=input_ids.device
+        )
+        replacement = torch.where(u < 0.8, replacement, torch.where(u < 0.9, random_tokens, original))
+    elif strategy != "mask":
+        raise ValueError(f"mask_strategy={strategy!r}; choose one of {MASK_STRATEGIES}")
+    masked_ids = input_ids.scatter(1, positions, torch.where(valid, replacement, original))
+    return masked_ids, positions, valid
+
+
+class MLMHead(nn.Module):
+    """logits = LN(gelu(Dense(h))) · E_G^T + bias, tied to the generator's word table."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(h))) @ table.t() + self.bias  # [..., V]
+
+
+class RTDHead(nn.Module):
+    """logit_i = w · gelu(W · LN(h_i + h_CLS) + b) + c: every token sees the sentence summary."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.classifier = nn.Linear(cfg.hidden_size, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.gelu(self.dense(self.norm(h + h[:, :1])))).squeeze(-1)  # [B, T]
+
+
+class EnhancedMaskDecoder(nn.Module):
+    """DeBERTa's EMD for the generator: the last layer applied twice more, with query H_{n-1} + P_abs."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+        init_weights(self.position_embeddings, cfg.initializer_range)
+
+    def forward(self, encoder: Encoder, hidden: list[torch.Tensor], attention_mask) -> torch.Tensor:
+        last: Layer = encoder.layers[-1]
+        T = attention_mask.shape[1]
+        lo, R, index = relative_index(T, encoder.cfg.position_buckets, encoder.cfg.max_relative_positions)
+        rel = encoder.rel_norm(encoder.rel_embeddings.weight[lo : lo + R])
+        key_mask_bias = (1.0 - attention_mask[:, None, None, :].to(rel.dtype)) * torch.finfo(rel.dtype).min
+        context = hidden[-2] if len(hidden) > 1 else hidden[-1]  # keys/values: H_{n-1}
+        query = context + self.position_embeddings.weight[:T]  # [B, T, D]
+        for _ in range(2):
+            query = last(context, rel, index.to(query.device), key_mask_bias, query=query)
+        return query
+
+
+@dataclass
+class RTDOutput:
+    loss: torch.Tensor  # L_MLM + rtd_weight * L_RTD
+    mlm_loss: torch.Tensor
+    rtd_loss: torch.Tensor
+    mlm_logits: torch.Tensor  # [B, K, V] at the masked positions
+    positions: torch.Tensor  # [B, K] masked positions
+    valid: torch.Tensor  # [B, K] which of them are real
+    corrupted_ids: torch.Tensor  # [B, T] the discriminator's input
+    labels: torch.Tensor  # [B, T] 1 = replaced
+    rtd_logits: torch.Tensor  # [B, T]
+
+
+class RTDModel(nn.Module):
+    """Generator + discriminator + heads + the word tables of one sharing mode, in one module
+    (so one optimizer and one DDP wrapper cover everything)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        sharing: str = "gdes",
+        gen_depth_ratio: float = 0.5,
+        gen_width_ratio: float = 1.0,
+        emd: bool = False,
+    ):
+        super().__init__()
+        if sharing not in SHARING_MODES:
+            raise ValueError(f"sharing={sharing!r} is not a sharing mode; choose one of {SHARING_MODES}")
+        gen_cfg = generator_config(cfg, gen_depth_ratio, gen_width_ratio)
+        if sharing != "nes" and gen_cfg.hidden_size != cfg.hidden_size:
+            raise ValueError(
+                f"sharing={sharing!r} needs a generator as wide as the discriminator; set gen_width_ratio=1.0 "
+                "or sharing='nes'"
+            )
+        self.sharing = sharing
+        self.generator = Encoder(gen_cfg)
+        self.discriminator = Encoder(cfg)
+        self.mlm_head = MLMHead(gen_cfg)
+        self.rtd_head = RTDHead(cfg)
+        self.emd = EnhancedMaskDecoder(gen_cfg) if emd else None
+        for head in (self.mlm_head, self.rtd_head):
+            head.apply(lambda m: init_weights(m, cfg.initializer_range))
+        if sharing == "es":
+            self.discriminator.word_embeddings = self.generator.word_embeddings  # one table, two users
+        elif sharing == "gdes":
+            self.discriminator.word_embeddings = None  # D reads stopgrad(E_G) + E_delta instead
+            self.embedding_delta = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.hidden_size))
+
+    # -- the tables ------------------------------------------------------------------------------
+
+    @property
+    def generator_table(self) -> torch.Tensor:
+        return self.generator.word_embeddings.weight  # E_G [V, D]
+
+    def discriminator_table(self) -> torch.Tensor:
+        """E_D as D uses it (merged for GDES): what gets exported and fine-tuned."""
+        if self.sharing == "gdes":
+            return self.generator_table.detach() + self.embedding_delta
+        return self.discriminator.word_embeddings.weight
+
+    def discriminator_own_table(self) -> torch.Tensor:
+        """The parameter the RTD loss trains on D's side: E_G (es), E_D (nes) or E_delta (gdes)."""
+        return self.embedding_delta if self.sharing == "gdes" else self.discriminator.word_embeddings.weight
+
+    def discriminator_word_embeds(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.sharing == "gdes":
+            # GDES: E_D = sg(E_G) + E_delta, looked up row by row (equal to indexing the summed table,
+            # without building a [V, D] sum every step)
+            return F.embedding(ids, self.generator_table.detach()) + F.embedding(ids, self.embedding_delta)
+        return self.discriminator.word_embeddings(ids)  # es: G's own table; nes: D's table
+
+    def discriminator_state_dict(self) -> dict[str, torch.Tensor]:
+        """D's Encoder state dict with the merged table under the normal name (GDES: E_G + E_delta)."""
+        state = {
+            k: v for k, v in self.discriminator.state_dict().items() if not k.startswith("word_embeddings")
+        }
+        state["word_embeddings.weight"] = self.discriminator_table().detach().clone()
+        return state
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        special_ids: torch.Tensor,
+        mask_id: int,
+        rtd_weight: float = 50.0,
+        mask_prob: float = 0.15,
+        mask_strategy: str = "mask",
+        temperature: float = 1.0,
+        rng: torch.Generator | None = None,
+    ) -> RTDOutput:
+        vocab = self.generator_table.shape[0]
+        # 1. mask
+        masked_ids, positions, valid = mask_tokens(
+            input_ids, attention_mask, special_ids, mask_id, vocab, mask_prob, mask_strategy, rng
+        )
+        # 2. generator, MLM loss only at the masked positions (no [B, T, V] logits)
+        if self.emd is None:
+            gen_hidden = self.generator(masked_ids, attention_mask)  # [B, T, D]
+        else:
+            layers = self.generator(masked_ids, attention_mask, return_all=True)
+            gen_hidden = self.emd(self.generator, layers, attention_mask)
+        masked_hidden = gen_hidden.gather(
+            1, positions[..., None].expand(-1, -1, gen_hidden.shape[-1])
+        )  # [B, K, D]
+        mlm_logits = self.mlm_head(masked_hidden, self.generator_table).float()  # [B, K, V]
+        targets = input_ids.gather(1, positions)  # [B, K]
+        mlm_loss = _masked_mean(F.cross_entropy(mlm_logits.transpose(1, 2), targets, reduction="none"), valid)
+        # 3. sample replacements, no gradient through the sample
+        with torch.no_grad():
+            probs = torch.softmax(mlm_logits / temperature, dim=-1).view(-1, vocab)  # [B*K, V]
+            sampled = torch.multinomial(probs, 1, generator=rng).view_as(targets)  # [B, K]
+            corrupted = input_ids.scatter(1, positions, torch.where(valid, sampled, targets))  # [B, T]
+            # replaced iff masked AND the sample differs: a sample equal to the original is "original"
+            labels = (corrupted != input_ids).float()  # [B, T]
+        # 4. discriminator, BCE over every non-pad token ([CLS]/[SEP] included)
+        disc_hidden = self.discriminator(corrupted, attention_mask, self.discriminator_word_embeds(corrupted))
+        rtd_logits = self.rtd_head(disc_hidden).float()  # [B, T]
+        rtd_loss = _masked_mean(
+            F.binary_cross_entropy_with_logits(rtd_logits, labels, reduction="none"), attention_mask
+        )
+        return RTDOutput(
+            loss=mlm_loss + rtd_weight * rtd_loss,
+            mlm_loss=mlm_loss,
+            rtd_loss=rtd_loss,
+            mlm_logits=mlm_logits,
+            positions=positions,
+            valid=valid,
+            corrupted_ids=corrupted,
+            labels=labels,
+            rtd_logits=rtd_logits,
+        )
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)

@@ -270,7 +270,7 @@ def finetune_seed(cfg, seed, task, encoder, train_rows, train_labels, dev, pad_i
     labels = torch.tensor(train_labels, dtype=torch.float if task.is_regression else torch.long)
     key = glue.main_metric(task.name)
     generator = torch.Generator().manual_seed(seed)
-    best, best_state, history = None, None, []
+    best, best_state, best_score, history = None, None, -math.inf, []
     bar = tqdm(total=total, desc=f"{task.name} seed {seed}", leave=False, disable=None)
     t0 = time.time()
     for epoch in range(1, cfg.epochs + 1):
@@ -298,7 +298,9 @@ def finetune_seed(cfg, seed, task, encoder, train_rows, train_labels, dev, pad_i
         row = {"seed": seed, "epoch": epoch, "step": epoch * steps_per_epoch,
                "train_loss": float(np.mean(losses)), "elapsed_s": time.time() - t0, **metrics}  # fmt: skip
         history.append(row)
-        if best is None or metrics[key] > best[key]:
+        score = metrics[key] if math.isfinite(metrics[key]) else -math.inf  # constant predictions give nan
+        if best is None or score > best_score:
+            best_score = score
             best = {**metrics, "best_epoch": epoch}
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())

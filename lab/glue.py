@@ -73,6 +73,8 @@ class GlueTask:
 
 _ACC = ("accuracy",)
 _F1_ACC = ("f1", "accuracy")
+# Columns: name, dir_name, dev_splits, header, num_columns, text_columns, label_column, labels, metrics,
+# main_metric, hf_name, hf_text_columns (see GlueTask).
 TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in [

@@ -1,6 +1,7 @@
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from lab.hf import save_pretrained
 from lab.model import Encoder, preset
 from lab.tokenizer import train_tokenizer
 
+FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 WORDS = "apple river stone cloud green quick table music paper light north seven window garden".split()
 
 
@@ -89,6 +91,15 @@ def test_real_glue_slice_end_to_end(data_root, tmp_path, task, metric):
     assert results["main_metric"] == metric and results["n_dev_examples"] == 64
     assert set(results["mean"]) == set(glue.get_task(task).metrics)
     assert all(np.isfinite(v) for v in results["mean"].values())
+
+
+def test_mnli_reports_matched_and_mismatched(synthetic, tmp_path):
+    _, ckpt = synthetic
+    cfg = FinetuneConfig(task="mnli", glue_dir=str(FIXTURES), init=str(ckpt), out_dir=str(tmp_path), epochs=1,
+                         seeds=(1, 2), device="cpu")  # fmt: skip
+    results = finetune.train(cfg)
+    assert results["main_metric"] == "m_accuracy" and set(results["mean"]) == {"m_accuracy", "mm_accuracy"}
+    assert results["n_dev_examples"] == 4 and results["n_train_examples"] == 3
 
 
 def test_pair_encoding_truncates_the_longer_side_first():

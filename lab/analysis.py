@@ -8,11 +8,18 @@ Dimension legend: V rows of a table (vocabulary), D hidden size, n selected rows
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lab.util import atomic_write_json, read_jsonl
 
 
 def _rows(E: torch.Tensor, ids: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
@@ -120,3 +127,370 @@ def nearest_neighbours(E: torch.Tensor, ids: Sequence[int], k: int, tokenizer=No
         neighbours = [(int(j), name(int(j)), round(float(s), 4)) for s, j in zip(top.values, top.indices)]
         out.append({"id": int(i), "token": name(int(i)), "neighbours": neighbours})
     return out
+
+
+def attention_terms(
+    attention, h: torch.Tensor, rel: torch.Tensor, index: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The three score terms of one DisentangledSelfAttention, per head, before the softmax.
+
+    h [B, T, D] the layer input, rel [R, D] the normalised relative rows, index [T, T] (as the Encoder
+    builds them). Returns c2c, c2p, p2c, each [B, H, T, T] and divided by the shared sqrt(3 * Dh), so
+    c2c + c2p + p2c is the score matrix the softmax sees (before the pad mask).
+    """
+    with torch.no_grad():
+        q = attention.split_heads(attention.query(h))  # [B, H, T, Dh]
+        k = attention.split_heads(attention.key(h))  # [B, H, T, Dh]
+        scale = 1.0 / math.sqrt(3 * attention.head_size)
+        q_rel = attention.split_heads(attention.query(rel))  # [H, R, Dh]
+        k_rel = attention.split_heads(attention.key(rel))  # [H, R, Dh]
+        B, H, T, _ = q.shape
+        gather_index = index.expand(B, H, T, T)
+        # same gathers as DisentangledSelfAttention.position_bias, kept apart instead of summed
+        c2p = torch.gather(q @ k_rel.transpose(-1, -2), -1, gather_index)  # [B, H, T, T]
+        p2c = torch.gather(
+            k @ q_rel.transpose(-1, -2), -1, gather_index.transpose(-1, -2)
+        )  # [B, H, T(j), T(i)]
+        return {
+            "c2c": (q @ k.transpose(-1, -2)) * scale,
+            "c2p": c2p * scale,
+            "p2c": p2c.transpose(-1, -2) * scale,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading run directories
+
+
+@dataclass
+class Run:
+    """The files of one pre-training run directory, loaded (tables lazily)."""
+
+    path: Path
+    config: dict
+    summary: dict
+    metrics: list[dict]
+
+    def rows(self, split: str) -> list[dict]:
+        return [r for r in self.metrics if r.get("split") == split]
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        file = self.path / "embeddings.safetensors"
+        if not file.exists():
+            raise FileNotFoundError(
+                f"{file} is missing; the run did not finish (train(cfg) writes it at the end)"
+            )
+        return load_file(str(file))
+
+    def tokenizer(self):
+        from lab.tokenizer import Tokenizer
+
+        file = self.path / "tokenizer" / "spm.model"
+        return Tokenizer.load(file) if file.exists() else None
+
+    def token_counts(self) -> np.ndarray | None:
+        file = self.path / "token_counts.npy"
+        return np.load(file) if file.exists() else None
+
+    def token_classes(self) -> dict[int, str] | None:
+        file = self.path / "token_classes.json"
+        return {int(k): v for k, v in json.loads(file.read_text()).items()} if file.exists() else None
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not (path / "metrics.jsonl").exists():
+        raise FileNotFoundError(
+            f"{path} is not a run directory (no metrics.jsonl); train one with `python -m lab pretrain --out_dir {path}`"
+        )
+    read = lambda name: json.loads((path / name).read_text()) if (path / name).exists() else {}  # noqa: E731
+    return Run(path, read("config.json"), read("summary.json"), read_jsonl(path / "metrics.jsonl"))
+
+
+def seen_token_ids(run: Run, vocab_rows: int) -> list[int]:
+    """Non-special ids that occurred in the training split (token_counts > 0): the rows both losses touch."""
+    counts = run.token_counts()
+    tokenizer = run.tokenizer()
+    special = set(tokenizer.special_ids) if tokenizer is not None else set(range(4))
+    if counts is None:
+        ids = range(vocab_rows)
+    else:
+        ids = np.flatnonzero(counts[:vocab_rows] > 0).tolist()
+    return [i for i in ids if i not in special]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: every figure is written as PNG + SVG next to the CSV it was drawn from
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return path
+
+
+def _write_markdown(path: Path, rows: list[dict]) -> Path:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
+    from matplotlib.figure import Figure  # no pyplot: no global state, works headless
+
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    fig.tight_layout()
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=120)
+    fig.savefig(paths[1], metadata={"Date": None})  # no timestamp: reruns give identical files
+    return paths
+
+
+def _rolling_mean(values: list[float], window: int) -> list[float]:
+    """Trailing mean over `window` rows (fewer at the start): less lag than an EMA of the same smoothness."""
+    sums = np.cumsum([0.0, *values])
+    return [
+        float((sums[i + 1] - sums[max(0, i + 1 - window)]) / min(window, i + 1)) for i in range(len(values))
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The five views of the tug-of-war
+
+
+def mlm_loss_curves(runs: dict[str, Run], out_dir: Path, window: int | None = None) -> dict:
+    """(a) Generator MLM loss vs step per mode: train rows (trailing mean over `window` rows, default
+    1/20 of the run) and eval rows (held out)."""
+    rows = []
+    for mode, run in runs.items():
+        train = run.rows("train")
+        smoothed = _rolling_mean([r["mlm_loss"] for r in train], window or max(1, len(train) // 20))
+        rows += [{"mode": mode, "split": "train", "step": r["step"], "mlm_loss": r["mlm_loss"], "smoothed": s}
+                 for r, s in zip(train, smoothed)]  # fmt: skip
+        rows += [
+            {"mode": mode, "split": "eval", "step": r["step"], "mlm_loss": r["mlm_loss"]}
+            for r in run.rows("eval")
+        ]
+    csv_path = _write_csv(out_dir / "mlm_loss.csv", rows)
+    fig, ax = _figure()
+    for i, mode in enumerate(runs):
+        color = f"C{i}"
+        train = [r for r in rows if r["mode"] == mode and r["split"] == "train"]
+        ax.plot([r["step"] for r in train], [r["mlm_loss"] for r in train], color=color, alpha=0.2, lw=0.8)
+        ax.plot(
+            [r["step"] for r in train], [r["smoothed"] for r in train], color=color, label=f"{mode} train"
+        )
+        held = [r for r in rows if r["mode"] == mode and r["split"] == "eval"]
+        ax.plot(
+            [r["step"] for r in held],
+            [r["mlm_loss"] for r in held],
+            "o--",
+            color=color,
+            ms=4,
+            label=f"{mode} held-out",
+        )
+    ax.set(xlabel="step", ylabel="generator MLM loss", title="MLM loss under each sharing mode")
+    ax.legend(fontsize=7)
+    final = {}
+    for mode in runs:
+        train = [r for r in rows if r["mode"] == mode and r["split"] == "train"]
+        final[mode] = train[-1]["smoothed"] if train else float("nan")
+    return {"csv": csv_path, "figures": _save(fig, out_dir / "mlm_loss"), "final_smoothed_mlm_loss": final}
+
+
+def embedding_similarity(runs: dict[str, Run], out_dir: Path) -> dict:
+    """(b) The paper's table: average pairwise cosine of word-embedding rows (seen, non-special tokens)
+    of E_G and E_D per mode, plus E_delta for GDES."""
+    rows = []
+    for mode, run in runs.items():
+        tables = run.embeddings()
+        ids = seen_token_ids(run, tables["generator"].shape[0])
+        row = {"mode": mode, "tokens": len(ids)}
+        for key, name in (("generator", "E_G"), ("discriminator", "E_D"), ("delta", "E_delta")):
+            if key in tables:
+                row[name] = average_pairwise_cosine(tables[key], ids)
+        rows.append(row)
+    csv_path = _write_csv(out_dir / "embedding_cosine.csv", rows)
+    _write_markdown(out_dir / "embedding_cosine.md", rows)
+    fig, ax = _figure()
+    names = ["E_G", "E_D", "E_delta"]
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        xs = [i + j * width for i, r in enumerate(rows) if name in r]
+        ax.bar(xs, [r[name] for r in rows if name in r], width, label=name, color=f"C{j}")
+    ax.set_xticks([i + width for i in range(len(rows))], [r["mode"] for r in rows])
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set(ylabel="average pairwise cosine", title="Word-embedding similarity (seen tokens)")
+    ax.legend(fontsize=7)
+    return {"csv": csv_path, "figures": _save(fig, out_dir / "embedding_cosine"), "table": rows}
+
+
+def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
+    """(c) The probe rows of metrics.jsonl: cosine between the MLM and the (weighted) RTD gradient on
+    the embedding table(s), vs step per mode. Negative = the two losses pull the rows apart."""
+    rows = []
+    for mode, run in runs.items():
+        for r in run.rows("probe"):
+            rows.append({"mode": mode, **{k: v for k, v in r.items() if k != "split"}})
+    csv_path = _write_csv(out_dir / "grad_conflict.csv", rows)
+    keys = sorted({k for r in rows for k in r if k.startswith("grad_cos")})
+    fig, axes = _figure(width=5.0 * max(1, len(keys)), ncols=max(1, len(keys)))
+    axes = np.atleast_1d(axes)
+    means = {}
+    for ax, key in zip(axes, keys or ["grad_cos"]):
+        for i, mode in enumerate(runs):
+            pts = [(r["step"], r[key]) for r in rows if r["mode"] == mode and _finite(r.get(key))]
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, color=f"C{i}", label=mode)
+                means.setdefault(mode, {})[key] = float(np.mean([v for _, v in pts]))
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set(xlabel="step", ylabel=key, title=f"{key}: MLM vs RTD gradient")
+        ax.legend(fontsize=7)
+    return {"csv": csv_path, "figures": _save(fig, out_dir / "grad_conflict"), "mean": means}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def class_structure(runs: dict[str, Run], out_dir: Path) -> dict | None:
+    """(d) On the synthetic corpus: within-class minus between-class cosine of E_G and E_D per mode,
+    against the ground-truth classes of token_classes.json. None when no run has them."""
+    rows = []
+    for mode, run in runs.items():
+        classes = run.token_classes()
+        if not classes:
+            continue
+        tables = run.embeddings()
+        counts = run.token_counts()
+        if counts is not None:
+            classes = {i: c for i, c in classes.items() if i < len(counts) and counts[i] > 0}
+        for key, name in (("generator", "E_G"), ("discriminator", "E_D")):
+            sep = class_separation(tables[key], classes)
+            rows.append({"mode": mode, "table": name, **sep, "tokens": len(classes)})
+    if not rows:
+        return None
+    csv_path = _write_csv(out_dir / "class_separation.csv", rows)
+    _write_markdown(out_dir / "class_separation.md", rows)
+    fig, ax = _figure()
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    for j, name in enumerate(("E_G", "E_D")):
+        gaps = [next((r["gap"] for r in rows if r["mode"] == m and r["table"] == name), 0.0) for m in modes]
+        ax.bar([i + j * 0.4 for i in range(len(modes))], gaps, 0.4, label=name, color=f"C{j}")
+    ax.set_xticks([i + 0.2 for i in range(len(modes))], modes)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set(ylabel="within - between class cosine", title="Embedding structure vs ground-truth classes")
+    ax.legend(fontsize=7)
+    return {"csv": csv_path, "figures": _save(fig, out_dir / "class_separation"), "table": rows}
+
+
+def neighbour_tables(runs: dict[str, Run], out_dir: Path, queries: int = 8, k: int = 5) -> dict:
+    """(d) Nearest neighbours of frequent whole-word tokens in E_G and E_D per mode (CSV + markdown).
+    The query tokens come from the first run's counts, so every mode answers the same questions."""
+    first = next(iter(runs.values()))
+    tokenizer = first.tokenizer()
+    counts = first.token_counts()
+    if tokenizer is None or counts is None:
+        return {}
+    special = set(tokenizer.special_ids)
+    order = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0 and int(i) not in special]
+    words = [
+        i for i in order if tokenizer.id_to_piece(i).startswith("▁") and len(tokenizer.id_to_piece(i)) >= 4
+    ]
+    chosen = (words or order)[:queries]
+    rows = []
+    for mode, run in runs.items():
+        tables = run.embeddings()
+        for key, name in (("generator", "E_G"), ("discriminator", "E_D")):
+            for hit in nearest_neighbours(tables[key], chosen, k, tokenizer, exclude=special):
+                rows.append({"mode": mode, "table": name, "token": hit["token"],
+                             "neighbours": " ".join(f"{t}({c:.2f})" for _, t, c in hit["neighbours"])})  # fmt: skip
+    csv_path = _write_csv(out_dir / "nearest_neighbours.csv", rows)
+    md_path = _write_markdown(out_dir / "nearest_neighbours.md", rows)
+    return {"csv": csv_path, "markdown": md_path, "queries": [tokenizer.id_to_piece(i) for i in chosen]}
+
+
+EVAL_KEYS = ("mlm_loss", "mlm_acc", "rtd_loss", "rtd_acc", "rtd_auc")
+
+
+def final_eval(runs: dict[str, Run], out_dir: Path) -> dict:
+    """(e) Held-out MLM loss, RTD accuracy and AUC per mode, from the last eval row."""
+    rows = []
+    for mode, run in runs.items():
+        evals = run.rows("eval")
+        last = evals[-1] if evals else run.summary.get("final_eval", {})
+        rows.append(
+            {"mode": mode, "step": last.get("step", ""), **{k: last[k] for k in EVAL_KEYS if k in last}}
+        )
+    csv_path = _write_csv(out_dir / "final_eval.csv", rows)
+    _write_markdown(out_dir / "final_eval.md", rows)
+    shown = [k for k in ("mlm_loss", "rtd_acc", "rtd_auc") if any(k in r for r in rows)]
+    fig, axes = _figure(width=3.2 * max(1, len(shown)), ncols=max(1, len(shown)))
+    for ax, key in zip(np.atleast_1d(axes), shown):
+        ax.bar([r["mode"] for r in rows], [r.get(key, float("nan")) for r in rows],
+               color=[f"C{i}" for i in range(len(rows))])  # fmt: skip
+        ax.set(title=f"held-out {key}")
+    return {"csv": csv_path, "figures": _save(fig, out_dir / "final_eval"), "table": rows}
+
+
+def tug_of_war_report(run_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
+    """All five views for runs keyed by mode ({"es": path, "nes": path, "gdes": path}); writes every
+    CSV / PNG / SVG / markdown table and summary.json into out_dir, and returns the summary."""
+    if not run_dirs:
+        raise ValueError("run_dirs is empty; pass {'es': run_dir, 'nes': run_dir, 'gdes': run_dir}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = {mode: load_run(path) for mode, path in run_dirs.items()}
+    parts = {
+        "mlm_loss": mlm_loss_curves(runs, out_dir),
+        "embedding_cosine": embedding_similarity(runs, out_dir),
+        "grad_conflict": gradient_conflict(runs, out_dir),
+        "class_separation": class_structure(runs, out_dir),
+        "nearest_neighbours": neighbour_tables(runs, out_dir),
+        "final_eval": final_eval(runs, out_dir),
+    }
+    cos = {r["mode"]: r for r in parts["embedding_cosine"]["table"]}
+    summary = {
+        "runs": {mode: str(path) for mode, path in run_dirs.items()},
+        "final_smoothed_mlm_loss": parts["mlm_loss"]["final_smoothed_mlm_loss"],
+        "embedding_cosine": {m: {k: v for k, v in r.items() if k != "mode"} for m, r in cos.items()},
+        "grad_cos_mean": parts["grad_conflict"]["mean"],
+        "class_gap": {
+            f"{r['mode']}/{r['table']}": r["gap"] for r in (parts["class_separation"] or {}).get("table", [])
+        },
+        "final_eval": {
+            r["mode"]: {k: v for k, v in r.items() if k != "mode"} for r in parts["final_eval"]["table"]
+        },
+        "files": sorted(str(p.relative_to(out_dir)) for p in out_dir.iterdir() if p.name != "summary.json"),
+    }
+    summary["paper_claims"] = _paper_claims(summary)
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _paper_claims(summary: dict) -> dict:
+    """PAPER.md §4 claims 1 and 2 as observed in these runs (True / False; absent when a mode is missing)."""
+    mlm, cos = summary["final_smoothed_mlm_loss"], summary["embedding_cosine"]
+    claims = {}
+    if {"es", "nes", "gdes"} <= mlm.keys():
+        claims["es_mlm_loss_highest"] = bool(mlm["es"] > max(mlm["nes"], mlm["gdes"]))
+    if "nes" in cos:
+        claims["nes_generator_more_similar_than_discriminator"] = bool(cos["nes"]["E_G"] > cos["nes"]["E_D"])
+    if {"es", "nes"} <= cos.keys():
+        claims["es_table_below_nes_generator"] = bool(cos["es"]["E_G"] < cos["nes"]["E_G"])
+    return claims

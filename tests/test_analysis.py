@@ -60,3 +60,120 @@ def test_nearest_neighbours_finds_the_closest_row():
     out = analysis.nearest_neighbours(E, [0], k=2, tokenizer=None)
     assert [n[0] for n in out[0]["neighbours"]] == [1, 2]
     assert out[0]["token"] == "0"
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def fabricate_run(path, sharing: str, seed: int = 0, steps: int = 40):
+    """A run directory with the contract's files, from a tiny synthetic corpus and made-up curves: the
+    generator table clusters by class (strongly), the discriminator's less so, as the paper describes."""
+    import json
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from lab.synthetic import SyntheticLanguage
+    from lab.tokenizer import train_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    language = SyntheticLanguage(0)
+    docs = list(language.documents(3000))
+    tokenizer = train_tokenizer(docs, 1000, out_dir=path / "tokenizer")
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for ids in tokenizer.encode_batch(docs):
+        np.add.at(counts, ids, 1)
+    np.save(path / "token_counts.npy", counts)
+    classes = language.token_classes(tokenizer).classes
+    (path / "token_classes.json").write_text(json.dumps({str(k): v for k, v in classes.items()}))
+    g = torch.Generator().manual_seed(seed)
+    names = sorted(set(classes.values()))
+    centroids = torch.randn(len(names), 16, generator=g)
+    E_G = torch.randn(tokenizer.vocab_size, 16, generator=g)
+    for i, c in classes.items():
+        E_G[i] = centroids[names.index(c)] + 0.3 * torch.randn(16, generator=g)
+    delta = torch.randn(tokenizer.vocab_size, 16, generator=g) * 2.0
+    tables = {"generator": E_G, "discriminator": E_G + delta if sharing != "es" else E_G}
+    if sharing == "gdes":
+        tables["delta"] = delta
+    save_file({k: v.clone().contiguous() for k, v in tables.items()}, str(path / "embeddings.safetensors"))
+    slow = 1.5 if sharing == "es" else 1.0
+    rows = []
+    for step in range(1, steps + 1):
+        mlm = 6.0 * slow / (1 + 0.1 * step)
+        rows.append({"split": "train", "step": step, "loss": mlm + 5, "mlm_loss": mlm, "rtd_loss": 0.1, "lr": 1e-3,
+                     "tokens": 128 * step, "tokens_per_s": 1000.0, "elapsed_s": 0.1 * step})  # fmt: skip
+        if step % 10 == 0:
+            rows.append({"split": "eval", "step": step, "mlm_loss": mlm + 0.1, "mlm_acc": 0.3, "rtd_loss": 0.2,
+                         "rtd_acc": 0.9, "rtd_auc": 0.8, "replaced_rate": 0.12})  # fmt: skip
+            cos = {"es": -0.2, "nes": 0.0, "gdes": float("nan")}[sharing]
+            rows.append(
+                {"split": "probe", "step": step, "grad_cos": cos, "grad_norm_mlm": 1.0, "grad_norm_rtd": 2.0}
+            )
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "config.json").write_text(json.dumps({"sharing": sharing}))
+    (path / "summary.json").write_text(json.dumps({"sharing": sharing, "final_eval": rows[-2]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fake_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {mode: fabricate_run(root / mode, mode, seed=i) for i, mode in enumerate(("es", "nes", "gdes"))}
+
+
+def test_report_writes_every_view_and_summary(fake_runs, tmp_path):
+    import json
+
+    summary = analysis.tug_of_war_report(fake_runs, tmp_path / "report")
+    out = tmp_path / "report"
+    for stem in ("mlm_loss", "embedding_cosine", "grad_conflict", "class_separation", "final_eval"):
+        for ext in ("csv", "png", "svg"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 0, f"{stem}.{ext}"
+    assert (out / "nearest_neighbours.md").read_text().count("\n") > 3
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    # the fabricated curves make ES slowest; its E_D is E_G; only GDES has E_delta
+    assert summary["paper_claims"]["es_mlm_loss_highest"] is True
+    cos = summary["embedding_cosine"]
+    assert cos["es"]["E_G"] == pytest.approx(cos["es"]["E_D"])
+    assert "E_delta" in cos["gdes"] and "E_delta" not in cos["nes"]
+    # class-clustered E_G has a clearly positive gap; the noisier E_D a smaller one
+    assert summary["class_gap"]["nes/E_G"] > 0.3
+    assert summary["class_gap"]["nes/E_D"] < summary["class_gap"]["nes/E_G"]
+    assert summary["grad_cos_mean"]["es"]["grad_cos"] == pytest.approx(-0.2)
+    assert "gdes" not in summary["grad_cos_mean"]  # all-nan probes are left out, not averaged to nan
+    assert summary["final_eval"]["nes"]["rtd_auc"] == pytest.approx(0.8)
+
+
+def test_seen_tokens_exclude_specials_and_unseen(fake_runs):
+    import numpy as np
+
+    run = analysis.load_run(fake_runs["nes"])
+    ids = analysis.seen_token_ids(run, 10_000)
+    counts = np.load(fake_runs["nes"] / "token_counts.npy")
+    assert ids and all(counts[i] > 0 for i in ids)
+    assert not set(ids) & set(run.tokenizer().special_ids)
+
+
+def test_load_run_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        analysis.load_run(tmp_path)
+
+
+def test_attention_terms_sum_to_the_position_bias():
+    from lab.model import Encoder, preset, relative_index
+
+    enc = Encoder(preset("tiny")).eval()
+    ids = torch.randint(4, 1000, (2, 7))
+    h = enc.embed(ids, torch.ones_like(ids))
+    lo, R, index = relative_index(7, enc.cfg.position_buckets, enc.cfg.max_relative_positions)
+    rel = enc.rel_norm(enc.rel_embeddings.weight[lo : lo + R])
+    att = enc.layers[0].attention
+    terms = analysis.attention_terms(att, h, rel, index)
+    with torch.no_grad():
+        q, k = att.split_heads(att.query(h)), att.split_heads(att.key(h))
+        bias = att.position_bias(q, k, rel, index)
+        c2c = q @ k.transpose(-1, -2) / (3 * att.head_size) ** 0.5
+    torch.testing.assert_close(terms["c2p"] + terms["p2c"], bias)
+    torch.testing.assert_close(terms["c2c"], c2c)
+    assert terms["c2c"].shape == (2, 2, 7, 7)

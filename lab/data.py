@@ -426,18 +426,18 @@ class BatchIterator:
         self.rank, self.world_size, self.position = rank, world_size, position
         self._epoch, self._perm = -1, None
 
-    def _items(self, begin: int, end: int) -> list[int]:
+    def _items(self, begin: int, end: int) -> np.ndarray:
         """Stream items [begin, end) of perm(seed, 0) ++ perm(seed, 1) ++ ..."""
-        n, items = len(self.dataset), []
+        n, parts = len(self.dataset), []
         while begin < end:
             epoch, offset = divmod(begin, n)
             if epoch != self._epoch:
                 generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-                self._epoch, self._perm = epoch, torch.randperm(n, generator=generator).tolist()
+                self._epoch, self._perm = epoch, torch.randperm(n, generator=generator)
             take = min(end - begin, n - offset)
-            items += self._perm[offset : offset + take]
+            parts.append(self._perm[offset : offset + take])
             begin += take
-        return items
+        return torch.cat(parts).numpy()
 
     def __iter__(self) -> BatchIterator:
         return self

@@ -1,0 +1,198 @@
+"""Helpers for notebooks/00_tour.ipynb: one model, one sentence, and what each part of RTD does to it.
+
+Every view is a plain matplotlib Figure (no pyplot state), so it renders the same in Jupyter, in a
+headless papermill run and in a saved PNG; the ipywidgets front end only re-draws these figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lab.analysis import attention_terms
+from lab.model import count_parameters, preset, relative_index
+from lab.rtd import RTDModel, draw_noise
+from lab.synthetic import SyntheticLanguage
+from lab.tokenizer import Tokenizer, train_tokenizer
+
+
+def load_model(run_dir: str | Path = "", preset_name: str = "tiny", sharing: str = "gdes", seed: int = 0):
+    """(RTDModel, Tokenizer): from a run directory's checkpoints/last.pt, or, with run_dir "", a randomly
+    initialised `preset_name` model with a tokenizer trained on the synthetic corpus."""
+    if run_dir:
+        run_dir = Path(run_dir)
+        ckpt = run_dir / "checkpoints" / "last.pt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(
+                f"{ckpt} not found; pass a finished run directory or run_dir='' for a fresh model"
+            )
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        cfg = state["config"]
+        tokenizer = Tokenizer.load(run_dir / "tokenizer" / "spm.model")
+        model_cfg = preset(
+            cfg["preset"], vocab_size=tokenizer.vocab_size, max_seq_len=max(cfg["seq_len"], 512)
+        )
+        model = RTDModel(
+            model_cfg, cfg["sharing"], cfg["gen_depth_ratio"], cfg["gen_width_ratio"], cfg["emd"]
+        )
+        model.load_state_dict(state["model"])
+        return model.eval(), tokenizer
+    tokenizer = train_tokenizer(list(SyntheticLanguage(seed).documents(20_000)), vocab_size=1000, seed=seed)
+    torch.manual_seed(seed)
+    model = RTDModel(preset(preset_name, vocab_size=tokenizer.vocab_size), sharing)
+    return model.eval(), tokenizer
+
+
+def example_sentence(seed: int = 0) -> str:
+    """The first sentence of the synthetic corpus: text the synthetic tokenizer knows."""
+    document = next(iter(SyntheticLanguage(seed).documents(200)))
+    return document.split(" . ")[0] + " ."
+
+
+def parameter_counts(model: RTDModel) -> list[dict]:
+    """count_parameters for G and D (from their configs) next to the module's actual parameter count."""
+    rows = []
+    for name in ("generator", "discriminator"):
+        encoder = getattr(model, name)
+        counts = count_parameters(encoder.cfg)
+        rows.append(
+            {"part": name, "layers": encoder.cfg.num_layers, "hidden": encoder.cfg.hidden_size, **counts}
+        )
+    rows.append({"part": "rtd model (all modules)", "total": sum(p.numel() for p in model.parameters())})
+    return rows
+
+
+@torch.no_grad()
+def replaced_token_detection(model: RTDModel, tokenizer: Tokenizer, text: str, mask_prob=0.3, seed=0) -> dict:
+    """One RTD step on `text`: which tokens were masked, what G sampled, and D's P(replaced) per token."""
+    ids = torch.tensor([[tokenizer.cls_id, *tokenizer.encode(text), tokenizer.sep_id]])  # [1, T]
+    mask = torch.ones_like(ids)
+    special = torch.tensor(sorted(tokenizer.special_ids))
+    gen = torch.Generator().manual_seed(seed)
+    noise = draw_noise(1, ids.shape[1], mask_prob, gen, "cpu")
+    out = model(ids, mask, special, tokenizer.mask_id, 1.0, mask_prob, "mask", 1.0, noise)
+    masked = torch.zeros_like(ids, dtype=torch.bool)
+    masked[0, out.positions[0][out.valid[0]]] = True
+    piece = tokenizer.id_to_piece
+    return {
+        "tokens": [piece(int(i)) for i in ids[0]],
+        "masked": masked[0].tolist(),
+        "corrupted": [piece(int(i)) for i in out.corrupted_ids[0]],
+        "replaced": out.labels[0].bool().tolist(),
+        "p_replaced": torch.sigmoid(out.rtd_logits[0]).tolist(),
+    }
+
+
+def plot_replaced(result: dict):
+    """Tokens as boxes coloured by D's P(replaced); masked positions show G's sample underneath."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    n = len(result["tokens"])
+    fig = Figure(figsize=(max(6, 0.9 * n), 1.8))
+    ax = fig.subplots()
+    cmap = colormaps["Reds"]
+    for i, (tok, p) in enumerate(zip(result["tokens"], result["p_replaced"])):
+        ax.add_patch(_box(i, cmap(p), edge="k" if result["replaced"][i] else "none"))
+        ax.text(i + 0.5, 0.62, tok.replace("▁", ""), ha="center", va="center", fontsize=8)
+        ax.text(i + 0.5, 0.32, f"{p:.2f}", ha="center", va="center", fontsize=7)
+        if result["masked"][i]:
+            ax.text(
+                i + 0.5,
+                -0.15,
+                "→ " + result["corrupted"][i].replace("▁", ""),
+                ha="center",
+                fontsize=7,
+                color="C0",
+            )
+    ax.set_xlim(0, n)
+    ax.set_ylim(-0.35, 1.05)
+    ax.axis("off")
+    ax.set_title(
+        "D's P(replaced) per token (boxed: actually replaced; blue: G's sample at masked slots)", fontsize=9
+    )
+    return fig
+
+
+def _box(i, color, edge):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((i + 0.05, 0.15), 0.9, 0.8, facecolor=color, edgecolor=edge, lw=1.5)
+
+
+@torch.no_grad()
+def attention_decomposition(model: RTDModel, tokenizer: Tokenizer, text: str, side="discriminator", layer=0):
+    """c2c / c2p / p2c score terms of one layer of G or D on `text`, per head: numpy [H, T, T] each."""
+    encoder = getattr(model, side)
+    ids = torch.tensor([[tokenizer.cls_id, *tokenizer.encode(text), tokenizer.sep_id]])  # [1, T]
+    mask = torch.ones_like(ids)
+    word_embeds = model.discriminator_word_embeds(ids) if side == "discriminator" else None
+    hidden = [encoder.embed(ids, mask, word_embeds)]
+    hidden += encoder(ids, mask, word_embeds, return_all=True)  # the input of layer l is hidden[l]
+    T = ids.shape[1]
+    lo, R, index = relative_index(T, encoder.cfg.position_buckets, encoder.cfg.max_relative_positions)
+    rel = encoder.rel_norm(encoder.rel_embeddings.weight[lo : lo + R])  # [R, D]
+    terms = attention_terms(encoder.layers[layer].attention, hidden[layer], rel, index)
+    out = {k: v[0].numpy() for k, v in terms.items()}  # [H, T, T]
+    out["tokens"] = [tokenizer.id_to_piece(int(i)).replace("▁", "") for i in ids[0]]
+    return out
+
+
+def plot_attention(terms: dict, max_heads: int = 4):
+    """A grid: one row per head, columns c2c, c2p, p2c, and their sum (the pre-softmax scores)."""
+    from matplotlib.figure import Figure
+
+    heads = min(max_heads, terms["c2c"].shape[0])
+    names = ["c2c", "c2p", "p2c", "sum"]
+    fig = Figure(figsize=(3.0 * len(names), 2.8 * heads))
+    axes = np.atleast_2d(fig.subplots(heads, len(names)))
+    tokens = terms["tokens"]
+    for h in range(heads):
+        maps = [terms["c2c"][h], terms["c2p"][h], terms["p2c"][h]]
+        maps.append(sum(maps))
+        for ax, name, m in zip(axes[h], names, maps):
+            image = ax.imshow(m, cmap="RdBu_r", vmin=-np.abs(m).max(), vmax=np.abs(m).max())
+            ax.set_title(f"head {h}: {name}", fontsize=8)
+            ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
+            ax.set_yticks(range(len(tokens)), tokens, fontsize=6)
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def interactive(model: RTDModel, tokenizer: Tokenizer, text: str, out_dir: Path):
+    """Text box + sliders that redraw the RTD and attention views (and save them as PNGs in out_dir)."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    box = widgets.Text(value=text, description="sentence", layout=widgets.Layout(width="90%"))
+    prob = widgets.FloatSlider(value=0.3, min=0.05, max=0.8, step=0.05, description="mask prob")
+    layer = widgets.IntSlider(
+        value=0, min=0, max=model.discriminator.cfg.num_layers - 1, description="D layer"
+    )
+    seed = widgets.IntSlider(value=0, min=0, max=20, description="seed")
+    view = widgets.Output()
+
+    def redraw(_=None):
+        view.clear_output(wait=True)
+        with view:
+            rtd = plot_replaced(replaced_token_detection(model, tokenizer, box.value, prob.value, seed.value))
+            att = plot_attention(attention_decomposition(model, tokenizer, box.value, layer=layer.value))
+            for fig, name in ((rtd, "widget_rtd.png"), (att, "widget_attention.png")):
+                fig.savefig(Path(out_dir) / name, dpi=100)
+                display(fig)
+
+    for w in (box, prob, layer, seed):
+        w.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([box, widgets.HBox([prob, layer, seed]), view])
+
+
+def write_summary(out_dir: Path, **values) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(values, indent=2, default=float) + "\n")
+    return values

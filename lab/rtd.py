@@ -43,42 +43,74 @@ def generator_config(cfg: ModelConfig, depth_ratio: float, width_ratio: float) -
     )
 
 
+@dataclass
+class Noise:
+    """The uniform draws of one step, for a whole (global) batch: masking keys, BERT-mix choices and
+    sampling quantiles. Drawn up front so a rank can take its rows (`rows`) and get exactly what a
+    single process would have used for those examples."""
+
+    keys: torch.Tensor  # [B, T] random key per token; the smallest eligible ones are masked
+    mix: torch.Tensor  # [B, K] BERT strategy: < 0.8 [MASK], < 0.9 random token, else unchanged
+    pick: torch.Tensor  # [B, K] BERT strategy: which random token
+    quantile: torch.Tensor  # [B, K] inverse-CDF sampling of the generator's distribution
+
+    def rows(self, index: slice) -> Noise:
+        return Noise(self.keys[index], self.mix[index], self.pick[index], self.quantile[index])
+
+
+def masked_count(T: int, mask_prob: float) -> int:
+    """K: the fixed number of masking slots per row (a static shape: no host sync, compile-friendly)."""
+    return max(1, math.ceil(mask_prob * T))
+
+
+def draw_noise(B: int, T: int, mask_prob: float, generator: torch.Generator | None, device) -> Noise:
+    K = masked_count(T, mask_prob)
+    u = torch.rand(B, T + 3 * K, generator=generator, device=device)
+    return Noise(u[:, :T], u[:, T : T + K], u[:, T + K : T + 2 * K], u[:, T + 2 * K :])
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     special_ids: torch.Tensor,
     mask_id: int,
-    vocab_size: int,
+    noise: Noise,
     mask_prob: float = 0.15,
     strategy: str = "mask",
-    generator: torch.Generator | None = None,
 ):
-    """Choose round(mask_prob * n) non-special tokens per row (token level, no whole-word masking).
+    """Choose round(mask_prob * n) of a row's n non-special tokens (token level, as released).
 
-    Returns (masked_ids [B, T], positions [B, K], valid [B, K]) with K = ceil(mask_prob * T): the
-    chosen positions per row (a fixed shape, so no host sync); `valid` is False for the unused
-    slots of rows with fewer eligible tokens. Special tokens and padding are never chosen.
+    Returns (masked_ids [B, T], positions [B, K], valid [B, K]): K = ceil(mask_prob * T) slots per
+    row; `valid` is False for the unused slots of rows with fewer eligible tokens. Special tokens
+    and padding are never chosen.
     """
-    B, T = input_ids.shape
     eligible = attention_mask.bool() & ~torch.isin(input_ids, special_ids)  # [B, T]
     n_chosen = torch.round(eligible.sum(1) * mask_prob).long()  # [B]
-    K = max(1, math.ceil(mask_prob * T))
-    # a random key per token, ineligible ones pushed last: the K smallest keys are a uniform sample
-    keys = torch.rand(B, T, generator=generator, device=input_ids.device) + (~eligible) * 2.0
-    positions = keys.topk(K, dim=1, largest=False).indices  # [B, K]
+    K = noise.mix.shape[1]
+    # ineligible tokens get keys above every eligible one: the K smallest keys are a uniform sample
+    positions = (noise.keys + (~eligible) * 2.0).topk(K, dim=1, largest=False).indices  # [B, K]
     valid = torch.arange(K, device=input_ids.device)[None, :] < n_chosen[:, None]  # [B, K]
     original = input_ids.gather(1, positions)  # [B, K]
     replacement = torch.full_like(original, mask_id)
     if strategy == "bert":  # 80% [MASK], 10% a random non-special token, 10% unchanged
-        u = torch.rand(B, K, generator=generator, device=input_ids.device)
-        random_tokens = torch.randint(
-            special_ids.numel(), vocab_size, (B, K), generator=generator, device=input_ids.device
+        first_word = special_ids.numel() - 1  # the specials are 0..3 and [MASK] = the last piece id
+        random_tokens = first_word + (noise.pick * (mask_id - first_word)).long().clamp(
+            max=mask_id - 1 - first_word
         )
-        replacement = torch.where(u < 0.8, replacement, torch.where(u < 0.9, random_tokens, original))
+        replacement = torch.where(
+            noise.mix < 0.8, replacement, torch.where(noise.mix < 0.9, random_tokens, original)
+        )
     elif strategy != "mask":
         raise ValueError(f"mask_strategy={strategy!r}; choose one of {MASK_STRATEGIES}")
     masked_ids = input_ids.scatter(1, positions, torch.where(valid, replacement, original))
     return masked_ids, positions, valid
+
+
+def sample(logits: torch.Tensor, quantile: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """One multinomial draw per row of softmax(logits / T) by inverse CDF: logits [..., V], quantile [...]."""
+    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)  # [..., V]
+    u = (quantile * cdf[..., -1]).unsqueeze(-1)  # scale by the total to absorb rounding in the sum
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
 
 class MLMHead(nn.Module):
@@ -219,12 +251,14 @@ class RTDModel(nn.Module):
         mask_prob: float = 0.15,
         mask_strategy: str = "mask",
         temperature: float = 1.0,
-        rng: torch.Generator | None = None,
+        noise: Noise | None = None,
     ) -> RTDOutput:
-        vocab = self.generator_table.shape[0]
+        """input_ids [B, T] with [CLS]/[SEP] in place; `noise` from draw_noise (drawn here if None)."""
+        if noise is None:
+            noise = draw_noise(*input_ids.shape, mask_prob, None, input_ids.device)
         # 1. mask
         masked_ids, positions, valid = mask_tokens(
-            input_ids, attention_mask, special_ids, mask_id, vocab, mask_prob, mask_strategy, rng
+            input_ids, attention_mask, special_ids, mask_id, noise, mask_prob, mask_strategy
         )
         # 2. generator, MLM loss only at the masked positions (no [B, T, V] logits)
         if self.emd is None:
@@ -240,8 +274,7 @@ class RTDModel(nn.Module):
         mlm_loss = _masked_mean(F.cross_entropy(mlm_logits.transpose(1, 2), targets, reduction="none"), valid)
         # 3. sample replacements, no gradient through the sample
         with torch.no_grad():
-            probs = torch.softmax(mlm_logits / temperature, dim=-1).view(-1, vocab)  # [B*K, V]
-            sampled = torch.multinomial(probs, 1, generator=rng).view_as(targets)  # [B, K]
+            sampled = sample(mlm_logits, noise.quantile, temperature)  # [B, K]
             corrupted = input_ids.scatter(1, positions, torch.where(valid, sampled, targets))  # [B, T]
             # replaced iff masked AND the sample differs: a sample equal to the original is "original"
             labels = (corrupted != input_ids).float()  # [B, T]

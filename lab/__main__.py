@@ -1,0 +1,31 @@
+"""`python -m lab <command> ...`: each command's module owns its own arguments."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "pretrain": ("lab.pretrain", "cli", "RTD pre-training (ES / NES / GDES)"),
+    "finetune": ("lab.finetune", "cli", "GLUE fine-tuning and results tables"),
+    "run": ("lab.notebook", "cli_run", "run a notebook with papermill parameters"),
+    "sweep": ("lab.notebook", "cli_sweep", "pre-train ES, NES and GDES, then the tug-of-war analysis"),
+    "bench": ("lab.bench", "cli", "speed and memory against a transformers-built peer"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+        print("usage: python -m lab <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module, function, _ = COMMANDS[argv[0]]
+    return getattr(importlib.import_module(module), function)(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -348,7 +348,7 @@ def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
         for r in run.rows("probe"):
             rows.append({"mode": mode, **{k: v for k, v in r.items() if k != "split"}})
     csv_path = _write_csv(out_dir / "grad_conflict.csv", rows)
-    keys = sorted({k for r in rows for k in r if k.startswith("grad_cos")})
+    keys = sorted({k for r in rows for k in r if k.startswith("grad_cos") or k == "rtd_grad_on_generator"})
     fig, axes = _figure(width=5.0 * max(1, len(keys)), ncols=max(1, len(keys)))
     axes = np.atleast_1d(axes)
     means = {}
@@ -359,7 +359,12 @@ def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
                 ax.plot(*zip(*pts), "o-", ms=3, color=f"C{i}", label=mode)
                 means.setdefault(mode, {})[key] = float(np.mean([v for _, v in pts]))
         ax.axhline(0, color="k", lw=0.5)
-        ax.set(xlabel="step", ylabel=key, title=f"{key}: MLM vs RTD gradient")
+        title = (
+            "RTD gradient norm reaching E_G"
+            if key == "rtd_grad_on_generator"
+            else f"{key}: MLM vs RTD gradient"
+        )
+        ax.set(xlabel="step", ylabel=key, title=title)
         ax.legend(fontsize=7)
     return {"csv": csv_path, "figures": _save(fig, out_dir / "grad_conflict"), "mean": means}
 

@@ -116,6 +116,90 @@ def _read_summary(out_dir: Path) -> dict:
     return json.loads(file.read_text()) if file.exists() else {}
 
 
+# ---------------------------------------------------------------------------------------------- notebook helpers
+
+
+def pretrain_config(out_dir: str | Path, steps: int, **fields):
+    """A PretrainConfig whose log / eval / probe / checkpoint intervals and warmup scale with `steps`, so a
+    30-step notebook run and a 3000-step sweep both get curves with a useful number of points."""
+    from lab.pretrain import PretrainConfig
+    from lab.util import replace_strict
+
+    scaled = {
+        "log_every": max(1, steps // 50),
+        "eval_every": max(1, steps // 8),
+        "probe_every": max(1, steps // 16),
+        "ckpt_every": max(1, steps // 4),
+        "warmup_steps": min(100, max(1, steps // 10)),
+        "eval_batches": 4,
+        "progress": "bar",
+    }
+    return replace_strict(
+        PretrainConfig(), out_dir=str(project_path(out_dir)), steps=steps, **{**scaled, **fields}
+    )
+
+
+def ensure_runs(run_dirs: dict[str, str], work_dir: str | Path, **fields) -> dict[str, Path]:
+    """Run directories by mode; an empty entry is trained now as a small run under work_dir/<mode>
+    (PretrainConfig fields from `fields`, e.g. steps=30, preset="tiny"), reused if already finished."""
+    from lab.pretrain import train
+
+    runs = {}
+    for mode, path in run_dirs.items():
+        if path:
+            runs[mode] = project_path(path)
+            continue
+        runs[mode] = project_path(work_dir) / "runs" / mode
+        if not (runs[mode] / "summary.json").exists():
+            train(pretrain_config(runs[mode], sharing=mode, **{"progress": "none", **fields}))
+    return runs
+
+
+def resolve_init(init: str | Path) -> str:
+    """A checkpoint for fine-tuning: an existing path (relative ones under the project root), else the
+    string as given (a hub name such as microsoft/deberta-v3-xsmall)."""
+    path = project_path(init)
+    return str(path) if path.exists() else str(init)
+
+
+def run_curves(run_dir: str | Path) -> Path:
+    """Loss curves of one run from its metrics.jsonl: total, MLM and RTD train loss plus the held-out
+    rows; written as figures/curves.{csv,png,svg} in the run directory. Returns the PNG."""
+    from lab.analysis import _figure, _save, _write_csv, load_run
+
+    run = load_run(project_path(run_dir))
+    out = run.path / "figures"
+    train, held = run.rows("train"), run.rows("eval")
+    _write_csv(out / "curves.csv", train + held)
+    keys = [("loss", "total loss"), ("mlm_loss", "MLM loss"), ("rtd_loss", "RTD loss")]
+    fig, axes = _figure(width=12, height=3.2, ncols=3)
+    for ax, (key, title) in zip(axes, keys):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
+        pts = [(r["step"], r[key]) for r in held if key in r]
+        if pts:
+            ax.plot(*zip(*pts), "o--", label="held-out")
+        ax.set(xlabel="step", title=title)
+        ax.legend(fontsize=7)
+    return _save(fig, out / "curves")[0]
+
+
+def show(path: str | Path):
+    """A PNG (or a markdown table file) as a notebook display object."""
+    from IPython.display import Image, Markdown
+
+    path = Path(path)
+    return Markdown(path.read_text()) if path.suffix == ".md" else Image(filename=str(path))
+
+
+def write_summary(out_dir: str | Path, values: dict) -> Path:
+    """summary.json in out_dir: every notebook run leaves its final numbers in a file."""
+    from lab.util import atomic_write_json
+
+    path = project_path(out_dir) / "summary.json"
+    atomic_write_json(path, values)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -134,12 +218,25 @@ def cli_run(argv: list[str]) -> int:
         return 2
     out_dir = project_path(Path("runs") / (args.name or path.stem))
     start = time.time()
-    executed = run_notebook(path, parameters, out_dir)
+    try:
+        executed = run_notebook(path, parameters, out_dir)
+    except Exception as err:  # papermill's error carries the cell's traceback; the copy keeps the rest
+        if type(err).__name__ != "PapermillExecutionError":
+            raise
+        print(
+            f"error: {path.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}", file=sys.stderr
+        )
+        print(f"the executed copy with the full traceback: {out_dir / path.name}", file=sys.stderr)
+        return 1
     print(f"ran {path.name} in {time.time() - start:.0f}s -> {executed}")
     summary_dir = Path(parameters.get("out_dir", out_dir))
     if (project_path(summary_dir) / "summary.json").exists():
         print(f"summary: {project_path(summary_dir) / 'summary.json'}")
     return 0
+
+
+def _flags(parameters: dict) -> list[str]:
+    return [item for name, value in parameters.items() for item in ("-p", name, repr(value))]
 
 
 def cli_sweep(argv: list[str]) -> int:
@@ -149,16 +246,18 @@ def cli_sweep(argv: list[str]) -> int:
     )
     p.add_argument("--corpus", default="synthetic", help="synthetic, a file/folder of text, or hf:NAME")
     p.add_argument("--preset", default="mini", help="model size: tiny, mini, xsmall, small, base, large")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 01's default)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    # defaults: the three runs take about 4 minutes each with the mini preset on a 2-core CPU
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rtd-weight", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--name", default="sweep", help="results go to runs/<name>/")
     args = p.parse_args(argv)
     common = {"corpus": args.corpus, "preset": args.preset, "seed": args.seed, "device": args.device}
-    for key in ("steps", "batch_size", "lr", "rtd_weight"):
+    for key in ("steps", "batch_size", "seq_len", "lr", "rtd_weight"):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
     root = project_path(Path("runs") / args.name)
@@ -167,13 +266,15 @@ def cli_sweep(argv: list[str]) -> int:
     for mode in MODES:
         runs[mode] = root / mode
         t = time.time()
-        run_notebook("01_pretrain", {**common, "sharing": mode}, runs[mode])
+        if cli_run(["01_pretrain", "--name", f"{args.name}/{mode}", *_flags({**common, "sharing": mode})]):
+            return 1
         final = _read_summary(runs[mode]).get("final_eval", {})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
         print(f"[{mode}] {time.time() - t:.0f}s  {shown}  -> {runs[mode]}", flush=True)
     report = root / "tug_of_war"
     parameters = {f"{mode}_run": str(path) for mode, path in runs.items()}
-    run_notebook("02_tug_of_war", parameters, report)
+    if cli_run(["02_tug_of_war", "--name", f"{args.name}/tug_of_war", *_flags(parameters)]):
+        return 1
     summary = _read_summary(report)
     print(f"tug-of-war report ({time.time() - start:.0f}s total): {report}")
     for claim, holds in summary.get("paper_claims", {}).items():

@@ -6,7 +6,6 @@ headless papermill run and in a saved PNG; the ipywidgets front end only re-draw
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -189,10 +188,3 @@ def interactive(model: RTDModel, tokenizer: Tokenizer, text: str, out_dir: Path)
         w.observe(redraw, names="value")
     redraw()
     return widgets.VBox([box, widgets.HBox([prob, layer, seed]), view])
-
-
-def write_summary(out_dir: Path, **values) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(values, indent=2, default=float) + "\n")
-    return values

@@ -14,9 +14,7 @@ tokenizer/spm.model, token_counts.npy, token_classes.json (synthetic corpus), em
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -34,7 +32,15 @@ from lab.data import BatchIterator, prepare_corpus
 from lab.hf import save_pretrained
 from lab.model import preset
 from lab.rtd import MASK_STRATEGIES, SHARING_MODES, RTDModel, draw_noise
-from lab.util import append_jsonl, atomic_torch_save, atomic_write_json, from_dict, pick_device, read_jsonl
+from lab.util import (
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_json,
+    config_parser,
+    parse_config,
+    pick_device,
+    read_jsonl,
+)
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,7 @@ class PretrainConfig:
     gen_width_ratio: float = 1.0  # generator width / discriminator width (< 1 only with sharing=nes)
     emd: bool = False  # generator's enhanced mask decoder; off: HF's DebertaV2ForMaskedLM has none
     # data
-    corpus: str = (
-        "synthetic"  # synthetic[:seed] | path, folder or glob of .txt/.jsonl/wiki.*.tokens | hf:NAME[:CONFIG]
-    )
+    corpus: str = "synthetic"  # synthetic[:SEED] | .txt/.jsonl/wiki.*.tokens file, folder or glob | hf:NAME
     tokenizer: str = ""  # spm.model path; empty: train one on the corpus
     vocab_size: int = 4000  # SentencePiece size when a tokenizer is trained
     heldout_fraction: float = 0.02  # share of packed examples kept for evaluation
@@ -60,9 +64,7 @@ class PretrainConfig:
     mask_strategy: str = "mask"  # mask (all [MASK], as released) | bert (80/10/10)
     rtd_weight: float = 50.0  # lambda in L_MLM + lambda * L_RTD (ELECTRA 50; official DeBERTa code 10)
     temperature: float = 1.0  # generator sampling temperature
-    optimization: str = (
-        "joint"  # joint (one backward; ES needs it) | decoupled (official: RTD grad kept off a shared table)
-    )
+    optimization: str = "joint"  # joint (one backward; ES needs it) | decoupled (official two-optimizer loop)
     # optimisation
     steps: int = 2000
     batch_size: int = 32  # global examples per optimizer step (across processes and accumulation)
@@ -615,27 +617,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Command line
-
-
-def config_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one --flag per dataclass field (unknown flags are rejected)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="JSON file of field values (flags override it)")
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(field.type), str)
-            parser.add_argument(flag, dest=field.name, type=kind, default=None, metavar=field.type.upper())
-    return parser
-
-
-def parse_config(cls, parser: argparse.ArgumentParser, argv: list[str]):
-    args = vars(parser.parse_args(argv))
-    values = json.loads(Path(args.pop("config")).read_text()) if args.get("config") else {}
-    values.update({k: v for k, v in args.items() if v is not None})
-    return from_dict(cls, values)
 
 
 def cli(argv: list[str] | None = None) -> int:

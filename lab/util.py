@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,3 +96,39 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def config_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one --flag per dataclass field (unknown flags are rejected)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    # each field's trailing comment in the dataclass source is its help text
+    comments = dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    parser.add_argument("--config", help="JSON file of field values (flags override it)")
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=comments.get(field.name),
+            )
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(field.type), str)
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                type=kind,
+                default=None,
+                metavar=field.type.upper(),
+                help=comments.get(field.name),
+            )
+    return parser
+
+
+def parse_config(cls, parser: argparse.ArgumentParser, argv: list[str]):
+    args = vars(parser.parse_args(argv))
+    values = json.loads(Path(args.pop("config")).read_text()) if args.get("config") else {}
+    values.update({k: v for k, v in args.items() if v is not None})
+    return from_dict(cls, values)

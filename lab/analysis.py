@@ -417,14 +417,19 @@ def neighbour_tables(runs: dict[str, Run], out_dir: Path, queries: int = 8, k: i
     words = [
         i for i in order if tokenizer.id_to_piece(i).startswith("▁") and len(tokenizer.id_to_piece(i)) >= 4
     ]
-    chosen = (words or order)[:queries]
+    pool = words or order
+    chosen = pool[:: max(1, len(pool) // queries)][
+        :queries
+    ]  # spread over frequency ranks, not only function words
+    classes = first.token_classes() or {}
+    label = lambda i, piece: f"{piece} [{classes[i]}]" if i in classes else piece  # noqa: E731
     rows = []
     for mode, run in runs.items():
         tables = run.embeddings()
         for key, name in (("generator", "E_G"), ("discriminator", "E_D")):
             for hit in nearest_neighbours(tables[key], chosen, k, tokenizer, exclude=special):
-                rows.append({"mode": mode, "table": name, "token": hit["token"],
-                             "neighbours": " ".join(f"{t}({c:.2f})" for _, t, c in hit["neighbours"])})  # fmt: skip
+                rows.append({"mode": mode, "table": name, "token": label(hit["id"], hit["token"]),
+                             "neighbours": " ".join(f"{label(j, t)} {c:.2f}" for j, t, c in hit["neighbours"])})  # fmt: skip
     csv_path = _write_csv(out_dir / "nearest_neighbours.csv", rows)
     md_path = _write_markdown(out_dir / "nearest_neighbours.md", rows)
     return {"csv": csv_path, "markdown": md_path, "queries": [tokenizer.id_to_piece(i) for i in chosen]}

@@ -117,3 +117,25 @@ def test_03_downstream_on_the_fixture_glue(pretrained, tmp_path):
     assert summary["checkpoints"] == [pretrained.name]
     assert 0.0 <= summary["scores"][pretrained.name]["sst2"] <= 100.0
     assert (tmp_path / "results.csv").is_file() and (tmp_path / "results.png").is_file()
+
+
+@pytest.mark.slow
+def test_sweep_runs_three_modes_then_the_report(tmp_path, capsys):
+    args = [
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--name",
+        str(tmp_path),
+    ]
+    assert notebook.cli_sweep(args) == 0
+    for mode in ("es", "nes", "gdes"):
+        assert _summary(tmp_path / mode)["sharing"] == mode
+    report = _summary(tmp_path / "tug_of_war")
+    assert set(report["embedding_cosine"]) == {"es", "nes", "gdes"}
+    assert str(tmp_path / "tug_of_war") in capsys.readouterr().out

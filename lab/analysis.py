@@ -326,7 +326,7 @@ def embedding_similarity(runs: dict[str, Run], out_dir: Path) -> dict:
                 row[name] = average_pairwise_cosine(tables[key], ids)
         rows.append(row)
     csv_path = _write_csv(out_dir / "embedding_cosine.csv", rows)
-    _write_markdown(out_dir / "embedding_cosine.md", rows)
+    md_path = _write_markdown(out_dir / "embedding_cosine.md", rows)
     fig, ax = _figure()
     names = ["E_G", "E_D", "E_delta"]
     width = 0.8 / len(names)
@@ -337,7 +337,12 @@ def embedding_similarity(runs: dict[str, Run], out_dir: Path) -> dict:
     ax.axhline(0, color="k", lw=0.5)
     ax.set(ylabel="average pairwise cosine", title="Word-embedding similarity (seen tokens)")
     ax.legend(fontsize=7)
-    return {"csv": csv_path, "figures": _save(fig, out_dir / "embedding_cosine"), "table": rows}
+    return {
+        "csv": csv_path,
+        "figures": _save(fig, out_dir / "embedding_cosine"),
+        "markdown": md_path,
+        "table": rows,
+    }
 
 
 def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
@@ -391,7 +396,7 @@ def class_structure(runs: dict[str, Run], out_dir: Path) -> dict | None:
     if not rows:
         return None
     csv_path = _write_csv(out_dir / "class_separation.csv", rows)
-    _write_markdown(out_dir / "class_separation.md", rows)
+    md_path = _write_markdown(out_dir / "class_separation.md", rows)
     fig, ax = _figure()
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     for j, name in enumerate(("E_G", "E_D")):
@@ -401,7 +406,12 @@ def class_structure(runs: dict[str, Run], out_dir: Path) -> dict | None:
     ax.axhline(0, color="k", lw=0.5)
     ax.set(ylabel="within - between class cosine", title="Embedding structure vs ground-truth classes")
     ax.legend(fontsize=7)
-    return {"csv": csv_path, "figures": _save(fig, out_dir / "class_separation"), "table": rows}
+    return {
+        "csv": csv_path,
+        "figures": _save(fig, out_dir / "class_separation"),
+        "markdown": md_path,
+        "table": rows,
+    }
 
 
 def neighbour_tables(runs: dict[str, Run], out_dir: Path, queries: int = 8, k: int = 5) -> dict:
@@ -448,14 +458,19 @@ def final_eval(runs: dict[str, Run], out_dir: Path) -> dict:
             {"mode": mode, "step": last.get("step", ""), **{k: last[k] for k in EVAL_KEYS if k in last}}
         )
     csv_path = _write_csv(out_dir / "final_eval.csv", rows)
-    _write_markdown(out_dir / "final_eval.md", rows)
+    md_path = _write_markdown(out_dir / "final_eval.md", rows)
     shown = [k for k in ("mlm_loss", "rtd_acc", "rtd_auc") if any(k in r for r in rows)]
     fig, axes = _figure(width=3.2 * max(1, len(shown)), ncols=max(1, len(shown)))
     for ax, key in zip(np.atleast_1d(axes), shown):
         ax.bar([r["mode"] for r in rows], [r.get(key, float("nan")) for r in rows],
                color=[f"C{i}" for i in range(len(rows))])  # fmt: skip
         ax.set(title=f"held-out {key}")
-    return {"csv": csv_path, "figures": _save(fig, out_dir / "final_eval"), "table": rows}
+    return {
+        "csv": csv_path,
+        "figures": _save(fig, out_dir / "final_eval"),
+        "markdown": md_path,
+        "table": rows,
+    }
 
 
 def tug_of_war_report(run_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
@@ -486,11 +501,22 @@ def tug_of_war_report(run_dirs: dict[str, str | Path], out_dir: str | Path) -> d
         "final_eval": {
             r["mode"]: {k: v for k, v in r.items() if k != "mode"} for r in parts["final_eval"]["table"]
         },
-        "files": sorted(str(p.relative_to(out_dir)) for p in out_dir.iterdir() if p.name != "summary.json"),
+        "files": sorted(p.name for p in _paths(parts)),
     }
     summary["paper_claims"] = _paper_claims(summary)
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _paths(obj) -> list[Path]:
+    """Every file path inside the parts' results (the files this report wrote)."""
+    if isinstance(obj, Path):
+        return [obj]
+    if isinstance(obj, dict):
+        return [p for v in obj.values() for p in _paths(v)]
+    if isinstance(obj, list):
+        return [p for v in obj for p in _paths(v)]
+    return []
 
 
 def _paper_claims(summary: dict) -> dict:

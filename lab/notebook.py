@@ -246,8 +246,8 @@ def cli_sweep(argv: list[str]) -> int:
     )
     p.add_argument("--corpus", default="synthetic", help="synthetic, a file/folder of text, or hf:NAME")
     p.add_argument("--preset", default="mini", help="model size: tiny, mini, xsmall, small, base, large")
-    # defaults: the three runs take about 4 minutes each with the mini preset on a 2-core CPU
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    # defaults: about 3 minutes per run with the mini preset on an idle 2-core CPU (`make demo`)
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -24,6 +24,10 @@ def test_one_parameters_cell_first_among_code_cells(path):
     values = notebook.notebook_parameters(path)  # plain literals only, or this raises
     assert "out_dir" in values and str(values["out_dir"]).startswith("runs/")
     assert any("# NBVAL_CHECK_OUTPUT" in "".join(c["source"]) for c in code)
+    # papermill reads the same names (a comment it cannot parse would hide a parameter from it)
+    import papermill
+
+    assert list(papermill.inspect_notebook(str(path))) == list(values)
 
 
 def test_parameters_cell_must_come_first(tmp_path):

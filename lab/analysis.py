@@ -225,7 +225,7 @@ def seen_token_ids(run: Run, vocab_rows: int) -> list[int]:
 # Files: every figure is written as PNG + SVG next to the CSV it was drawn from
 
 
-def _write_csv(path: Path, rows: list[dict]) -> Path:
+def write_csv(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
@@ -236,7 +236,7 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _write_markdown(path: Path, rows: list[dict]) -> Path:
+def write_markdown(path: Path, rows: list[dict]) -> Path:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -245,7 +245,7 @@ def _write_markdown(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
+def new_figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
     from matplotlib.figure import Figure  # no pyplot: no global state, works headless
 
     fig = Figure(figsize=(width, height))
@@ -253,7 +253,7 @@ def _figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
     return fig, axes
 
 
-def _save(fig, stem: Path) -> list[Path]:
+def save_figure(fig, stem: Path) -> list[Path]:
     fig.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     fig.savefig(paths[0], dpi=120)
@@ -286,8 +286,8 @@ def mlm_loss_curves(runs: dict[str, Run], out_dir: Path, window: int | None = No
             {"mode": mode, "split": "eval", "step": r["step"], "mlm_loss": r["mlm_loss"]}
             for r in run.rows("eval")
         ]
-    csv_path = _write_csv(out_dir / "mlm_loss.csv", rows)
-    fig, ax = _figure()
+    csv_path = write_csv(out_dir / "mlm_loss.csv", rows)
+    fig, ax = new_figure()
     for i, mode in enumerate(runs):
         color = f"C{i}"
         train = [r for r in rows if r["mode"] == mode and r["split"] == "train"]
@@ -310,7 +310,11 @@ def mlm_loss_curves(runs: dict[str, Run], out_dir: Path, window: int | None = No
     for mode in runs:
         train = [r for r in rows if r["mode"] == mode and r["split"] == "train"]
         final[mode] = train[-1]["smoothed"] if train else float("nan")
-    return {"csv": csv_path, "figures": _save(fig, out_dir / "mlm_loss"), "final_smoothed_mlm_loss": final}
+    return {
+        "csv": csv_path,
+        "figures": save_figure(fig, out_dir / "mlm_loss"),
+        "final_smoothed_mlm_loss": final,
+    }
 
 
 def embedding_similarity(runs: dict[str, Run], out_dir: Path) -> dict:
@@ -325,9 +329,9 @@ def embedding_similarity(runs: dict[str, Run], out_dir: Path) -> dict:
             if key in tables:
                 row[name] = average_pairwise_cosine(tables[key], ids)
         rows.append(row)
-    csv_path = _write_csv(out_dir / "embedding_cosine.csv", rows)
-    md_path = _write_markdown(out_dir / "embedding_cosine.md", rows)
-    fig, ax = _figure()
+    csv_path = write_csv(out_dir / "embedding_cosine.csv", rows)
+    md_path = write_markdown(out_dir / "embedding_cosine.md", rows)
+    fig, ax = new_figure()
     names = ["E_G", "E_D", "E_delta"]
     width = 0.8 / len(names)
     for j, name in enumerate(names):
@@ -339,7 +343,7 @@ def embedding_similarity(runs: dict[str, Run], out_dir: Path) -> dict:
     ax.legend(fontsize=7)
     return {
         "csv": csv_path,
-        "figures": _save(fig, out_dir / "embedding_cosine"),
+        "figures": save_figure(fig, out_dir / "embedding_cosine"),
         "markdown": md_path,
         "table": rows,
     }
@@ -352,9 +356,9 @@ def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
     for mode, run in runs.items():
         for r in run.rows("probe"):
             rows.append({"mode": mode, **{k: v for k, v in r.items() if k != "split"}})
-    csv_path = _write_csv(out_dir / "grad_conflict.csv", rows)
+    csv_path = write_csv(out_dir / "grad_conflict.csv", rows)
     keys = sorted({k for r in rows for k in r if k.startswith("grad_cos") or k == "rtd_grad_on_generator"})
-    fig, axes = _figure(width=5.0 * max(1, len(keys)), ncols=max(1, len(keys)))
+    fig, axes = new_figure(width=5.0 * max(1, len(keys)), ncols=max(1, len(keys)))
     axes = np.atleast_1d(axes)
     means = {}
     for ax, key in zip(axes, keys or ["grad_cos"]):
@@ -371,7 +375,7 @@ def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
         )
         ax.set(xlabel="step", ylabel=key, title=title)
         ax.legend(fontsize=7)
-    return {"csv": csv_path, "figures": _save(fig, out_dir / "grad_conflict"), "mean": means}
+    return {"csv": csv_path, "figures": save_figure(fig, out_dir / "grad_conflict"), "mean": means}
 
 
 def _finite(v) -> bool:
@@ -395,9 +399,9 @@ def class_structure(runs: dict[str, Run], out_dir: Path) -> dict | None:
             rows.append({"mode": mode, "table": name, **sep, "tokens": len(classes)})
     if not rows:
         return None
-    csv_path = _write_csv(out_dir / "class_separation.csv", rows)
-    md_path = _write_markdown(out_dir / "class_separation.md", rows)
-    fig, ax = _figure()
+    csv_path = write_csv(out_dir / "class_separation.csv", rows)
+    md_path = write_markdown(out_dir / "class_separation.md", rows)
+    fig, ax = new_figure()
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     for j, name in enumerate(("E_G", "E_D")):
         gaps = [next((r["gap"] for r in rows if r["mode"] == m and r["table"] == name), 0.0) for m in modes]
@@ -408,7 +412,7 @@ def class_structure(runs: dict[str, Run], out_dir: Path) -> dict | None:
     ax.legend(fontsize=7)
     return {
         "csv": csv_path,
-        "figures": _save(fig, out_dir / "class_separation"),
+        "figures": save_figure(fig, out_dir / "class_separation"),
         "markdown": md_path,
         "table": rows,
     }
@@ -440,8 +444,8 @@ def neighbour_tables(runs: dict[str, Run], out_dir: Path, queries: int = 8, k: i
             for hit in nearest_neighbours(tables[key], chosen, k, tokenizer, exclude=special):
                 rows.append({"mode": mode, "table": name, "token": label(hit["id"], hit["token"]),
                              "neighbours": " ".join(f"{label(j, t)} {c:.2f}" for j, t, c in hit["neighbours"])})  # fmt: skip
-    csv_path = _write_csv(out_dir / "nearest_neighbours.csv", rows)
-    md_path = _write_markdown(out_dir / "nearest_neighbours.md", rows)
+    csv_path = write_csv(out_dir / "nearest_neighbours.csv", rows)
+    md_path = write_markdown(out_dir / "nearest_neighbours.md", rows)
     return {"csv": csv_path, "markdown": md_path, "queries": [tokenizer.id_to_piece(i) for i in chosen]}
 
 
@@ -457,17 +461,17 @@ def final_eval(runs: dict[str, Run], out_dir: Path) -> dict:
         rows.append(
             {"mode": mode, "step": last.get("step", ""), **{k: last[k] for k in EVAL_KEYS if k in last}}
         )
-    csv_path = _write_csv(out_dir / "final_eval.csv", rows)
-    md_path = _write_markdown(out_dir / "final_eval.md", rows)
+    csv_path = write_csv(out_dir / "final_eval.csv", rows)
+    md_path = write_markdown(out_dir / "final_eval.md", rows)
     shown = [k for k in ("mlm_loss", "rtd_acc", "rtd_auc") if any(k in r for r in rows)]
-    fig, axes = _figure(width=3.2 * max(1, len(shown)), ncols=max(1, len(shown)))
+    fig, axes = new_figure(width=3.2 * max(1, len(shown)), ncols=max(1, len(shown)))
     for ax, key in zip(np.atleast_1d(axes), shown):
         ax.bar([r["mode"] for r in rows], [r.get(key, float("nan")) for r in rows],
                color=[f"C{i}" for i in range(len(rows))])  # fmt: skip
         ax.set(title=f"held-out {key}")
     return {
         "csv": csv_path,
-        "figures": _save(fig, out_dir / "final_eval"),
+        "figures": save_figure(fig, out_dir / "final_eval"),
         "markdown": md_path,
         "table": rows,
     }

@@ -140,8 +140,9 @@ def pretrain_config(out_dir: str | Path, steps: int, **fields):
 
 
 def ensure_runs(run_dirs: dict[str, str], work_dir: str | Path, **fields) -> dict[str, Path]:
-    """Run directories by mode; an empty entry is trained now as a small run under work_dir/<mode>
-    (PretrainConfig fields from `fields`, e.g. steps=30, preset="tiny"), reused if already finished."""
+    """Run directories by mode; an empty entry is trained now under work_dir/runs/<mode> (PretrainConfig
+    fields from `fields`, e.g. steps=30, preset="tiny"). A finished run there is resumed, not retrained:
+    train() only re-evaluates it (or trains on to a larger `steps`, or refuses a different config)."""
     from lab.pretrain import train
 
     runs = {}
@@ -150,8 +151,7 @@ def ensure_runs(run_dirs: dict[str, str], work_dir: str | Path, **fields) -> dic
             runs[mode] = project_path(path)
             continue
         runs[mode] = project_path(work_dir) / "runs" / mode
-        if not (runs[mode] / "summary.json").exists():
-            train(pretrain_config(runs[mode], sharing=mode, **{"progress": "none", **fields}))
+        train(pretrain_config(runs[mode], sharing=mode, **{"progress": "none", **fields}))
     return runs
 
 
@@ -165,14 +165,14 @@ def resolve_init(init: str | Path) -> str:
 def run_curves(run_dir: str | Path) -> Path:
     """Loss curves of one run from its metrics.jsonl: total, MLM and RTD train loss plus the held-out
     rows; written as figures/curves.{csv,png,svg} in the run directory. Returns the PNG."""
-    from lab.analysis import _figure, _save, _write_csv, load_run
+    from lab.analysis import load_run, new_figure, save_figure, write_csv
 
     run = load_run(project_path(run_dir))
     out = run.path / "figures"
     train, held = run.rows("train"), run.rows("eval")
-    _write_csv(out / "curves.csv", train + held)
+    write_csv(out / "curves.csv", train + held)
     keys = [("loss", "total loss"), ("mlm_loss", "MLM loss"), ("rtd_loss", "RTD loss")]
-    fig, axes = _figure(width=12, height=3.2, ncols=3)
+    fig, axes = new_figure(width=12, height=3.2, ncols=3)
     for ax, (key, title) in zip(axes, keys):
         ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
         pts = [(r["step"], r[key]) for r in held if key in r]
@@ -180,7 +180,7 @@ def run_curves(run_dir: str | Path) -> Path:
             ax.plot(*zip(*pts), "o--", label="held-out")
         ax.set(xlabel="step", title=title)
         ax.legend(fontsize=7)
-    return _save(fig, out / "curves")[0]
+    return save_figure(fig, out / "curves")[0]
 
 
 def show(path: str | Path):

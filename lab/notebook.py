@@ -127,9 +127,9 @@ def pretrain_config(out_dir: str | Path, steps: int, **fields):
 
     scaled = {
         "log_every": max(1, steps // 50),
-        "eval_every": max(1, steps // 8),
-        "probe_every": max(1, steps // 16),
-        "ckpt_every": max(1, steps // 4),
+        "eval_every": max(5, steps // 8),
+        "probe_every": max(2, steps // 16),
+        "ckpt_every": max(10, steps // 4),
         "warmup_steps": min(100, max(1, steps // 10)),
         "eval_batches": 4,
         "progress": "bar",

@@ -70,7 +70,17 @@ def _summary(out_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("nb01")
-    notebook.run_notebook("01_pretrain", {"steps": 6, "batch_size": 4, "seq_len": 32, "sharing": "nes"}, out)
+    notebook.run_notebook(
+        "01_pretrain",
+        {
+            "steps": 6,
+            "batch_size": 4,
+            "seq_len": 32,
+            "sharing": "nes",
+            "corpus": "synthetic:seed=0,words=30000",
+        },
+        out,
+    )
     return out
 
 
@@ -126,6 +136,8 @@ def test_03_downstream_on_the_fixture_glue(pretrained, tmp_path):
 @pytest.mark.slow
 def test_sweep_runs_three_modes_then_the_report(tmp_path, capsys):
     args = [
+        "--corpus",
+        "synthetic:seed=0,words=30000",
         "--preset",
         "tiny",
         "--steps",

@@ -22,8 +22,8 @@ demo: $(STAMP)  ## ES, NES and GDES on the embedded synthetic corpus, then the t
 sweep: $(STAMP)
 	$(PY) -m lab sweep $(ARGS)
 
-test: $(STAMP) lint  ## the full default suite
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: $(STAMP) lint  ## the full default suite: tests/ and the committed notebooks (nbval)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests --nbval-lax notebooks
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -292,7 +292,7 @@ def export_run(model: RTDModel, out_dir: Path, tok) -> None:
     if model.sharing == "gdes":
         tables["delta"] = model.embedding_delta
     save_file(
-        {k: v.detach().float().cpu().contiguous() for k, v in tables.items()},
+        {k: v.detach().float().cpu().clone() for k, v in tables.items()},
         out_dir / "embeddings.safetensors",
     )
     save_pretrained(

@@ -200,8 +200,9 @@ def train_losses(run_dir):
     return [r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["split"] == "train"]
 
 
-def test_train_writes_the_run_directory_and_hf_loads_the_discriminator(tmp_path):
-    summary = train(quick(tmp_path))
+@pytest.mark.parametrize("sharing", ["es", "nes", "gdes"])
+def test_train_writes_the_run_directory_and_hf_loads_the_discriminator(tmp_path, sharing):
+    summary = train(quick(tmp_path, sharing=sharing))
     run = tmp_path / "run"
     for name in [
         "config.json",

@@ -137,8 +137,15 @@ def relative_index(
     """
     pos = torch.arange(T)
     bucket = log_bucket(pos[:, None] - pos[None, :], position_buckets, max_relative_positions)  # [T, T]
-    idx = (bucket + position_buckets).clamp(0, 2 * position_buckets - 1)
-    lo, hi = int(idx.min()), int(idx.max())
+    # the farthest distance, T - 1, has the largest bucket (the same formula in plain Python, so that
+    # tracing under torch.compile needs no data-dependent value)
+    mid, far = position_buckets // 2, min(T - 1, max_relative_positions - 1)
+    if far > mid:
+        far = math.ceil(math.log(far / mid) / math.log((max_relative_positions - 1) / mid) * (mid - 1)) + mid
+    farthest = far
+    lo = max(0, position_buckets - farthest)
+    hi = min(2 * position_buckets - 1, position_buckets + farthest)
+    idx = (bucket + position_buckets).clamp(lo, hi)
     return lo, hi - lo + 1, (idx - lo).contiguous()
 
 

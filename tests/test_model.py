@@ -95,3 +95,12 @@ def test_torch_compile_forward_backward_matches_eager():
     torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 128, 129, 130, 300, 512, 513, 1024])
+def test_relative_index_equals_the_full_bucket_table(T):
+    lo, R, index = relative_index.__wrapped__(T, 256, 512)
+    pos = torch.arange(T)
+    full = (log_bucket(pos[:, None] - pos[None, :], 256, 512) + 256).clamp(0, 511)
+    assert (lo, lo + R - 1) == (full.min().item(), full.max().item())
+    assert torch.equal(index + lo, full)

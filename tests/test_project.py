@@ -38,9 +38,20 @@ def test_environment_yml_is_in_step_with_pyproject():
 
 def test_core_packages_are_declared():
     declared = {re.split(r"[<>=!\[ ]", d)[0].lower() for d in pyproject()["project"]["dependencies"]}
-    core = {"torch", "jupyterlab", "ipywidgets", "matplotlib", "seaborn", "sentencepiece", "papermill", "nbval"}
+    core = {
+        "torch",
+        "jupyterlab",
+        "ipywidgets",
+        "matplotlib",
+        "seaborn",
+        "sentencepiece",
+        "papermill",
+        "nbval",
+    }
     assert core <= declared
-    dev = {re.split(r"[<>=!\[ ]", d)[0].lower() for d in pyproject()["project"]["optional-dependencies"]["dev"]}
+    dev = {
+        re.split(r"[<>=!\[ ]", d)[0].lower() for d in pyproject()["project"]["optional-dependencies"]["dev"]
+    }
     assert {"pytest", "ruff", "transformers", "datasets"} <= dev
 
 

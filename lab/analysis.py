@@ -62,6 +62,23 @@ def gradient_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a.dot(b) / (na * nb))
 
 
+def similarity_pull(table: torch.Tensor, grad: torch.Tensor, skip: int = 4) -> float:
+    """How a gradient step moves the table's average pairwise cosine: the first-order change of
+    `average_pairwise_cosine(table[skip:])` per unit step along -grad (rows before `skip`, the special
+    ids, are left out). > 0: the step pulls rows together; < 0: it pushes them apart. This is the
+    tug-of-war of PAPER.md §1 measured directly: MLM pulls similar tokens together, RTD apart."""
+    E = table.detach().double()[skip:].requires_grad_(True)
+    norms = E.norm(dim=1, keepdim=True)
+    keep = norms.squeeze(1) > 0
+    u = E[keep] / norms[keep]  # [n, D]
+    n = u.shape[0]
+    if n < 2:
+        return float("nan")
+    total = u.sum(dim=0)
+    (ds_dE,) = torch.autograd.grad((total.dot(total) - n) / (n * (n - 1)), E)
+    return float(-(ds_dE * grad.detach().double()[skip:]).sum())
+
+
 def class_separation(E: torch.Tensor, token_classes: dict[int, str]) -> dict[str, float]:
     """Within-class vs between-class average cosine of the rows listed in token_classes.
 
@@ -357,7 +374,8 @@ def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
         for r in run.rows("probe"):
             rows.append({"mode": mode, **{k: v for k, v in r.items() if k != "split"}})
     csv_path = write_csv(out_dir / "grad_conflict.csv", rows)
-    keys = sorted({k for r in rows for k in r if k.startswith("grad_cos") or k == "rtd_grad_on_generator"})
+    plotted = ("grad_cos", "similarity_pull_mlm", "similarity_pull_rtd", "rtd_grad_on_generator")
+    keys = [k for k in plotted if any(k in r for r in rows)]
     fig, axes = new_figure(width=5.0 * max(1, len(keys)), ncols=max(1, len(keys)))
     axes = np.atleast_1d(axes)
     means = {}
@@ -368,11 +386,12 @@ def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
                 ax.plot(*zip(*pts), "o-", ms=3, color=f"C{i}", label=mode)
                 means.setdefault(mode, {})[key] = float(np.mean([v for _, v in pts]))
         ax.axhline(0, color="k", lw=0.5)
-        title = (
-            "RTD gradient norm reaching E_G"
-            if key == "rtd_grad_on_generator"
-            else f"{key}: MLM vs RTD gradient"
-        )
+        title = {
+            "grad_cos": "cosine of the MLM and RTD gradients",
+            "similarity_pull_mlm": "MLM step: change of E_G's avg cosine",
+            "similarity_pull_rtd": "RTD step: change of E_D's avg cosine",
+            "rtd_grad_on_generator": "RTD gradient norm reaching E_G",
+        }[key]
         ax.set(xlabel="step", ylabel=key, title=title)
         ax.legend(fontsize=7)
     return {"csv": csv_path, "figures": save_figure(fig, out_dir / "grad_conflict"), "mean": means}

@@ -247,7 +247,7 @@ def cli_sweep(argv: list[str]) -> int:
     p.add_argument("--corpus", default="synthetic", help="synthetic, a file/folder of text, or hf:NAME")
     p.add_argument("--preset", default="mini", help="model size: tiny, mini, xsmall, small, base, large")
     # defaults sized so `make demo` (three mini runs + the report) stays under ~15 minutes on 2 CPU cores
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)

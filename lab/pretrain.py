@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from lab.analysis import gradient_cosine
+from lab.analysis import gradient_cosine, similarity_pull
 from lab.data import BatchIterator, prepare_corpus
 from lab.hf import save_pretrained
 from lab.model import preset
@@ -227,6 +227,8 @@ def gradient_probe(model: RTDModel, out, rtd_weight: float) -> dict:
     E_D-own is the table the RTD loss trains on D's side: the shared table itself (es), D's own
     table (nes), E_delta (gdes). Under ES both gradients land on one table and the cosine is the
     conflict it must absorb; under NES/GDES it is the conflict that separating the tables avoids.
+    `similarity_pull_*`: how one step of each loss changes the average pairwise cosine of the table it
+    trains (E_G for MLM, E_D as D sees it for RTD) — the paper's "MLM pulls together, RTD pushes apart".
     `rtd_grad_on_generator` is the RTD gradient that reaches E_G: non-zero only under ES.
     """
     gen_table, own = model.generator_table, model.discriminator_own_table()
@@ -237,6 +239,9 @@ def gradient_probe(model: RTDModel, out, rtd_weight: float) -> dict:
     g_rtd_gen = torch.zeros_like(gen_table) if g_rtd_gen is None else g_rtd_gen
     return {
         "grad_cos": gradient_cosine(g_mlm, g_rtd_own),
+        # > 0 pulls the rows of the table together, < 0 pushes them apart (per unit learning rate)
+        "similarity_pull_mlm": similarity_pull(gen_table, g_mlm),
+        "similarity_pull_rtd": similarity_pull(model.discriminator_table(), g_rtd_own),
         "grad_norm_mlm": g_mlm.norm().item(),
         "grad_norm_rtd": g_rtd_own.norm().item(),
         "rtd_grad_on_generator": g_rtd_gen.norm().item(),

@@ -178,3 +178,20 @@ def test_attention_terms_sum_to_the_position_bias():
     torch.testing.assert_close(terms["c2p"] + terms["p2c"], bias)
     torch.testing.assert_close(terms["c2c"], c2c)
     assert terms["c2c"].shape == (2, 2, 7, 7)
+
+
+def test_similarity_pull_signs_and_finite_difference():
+    from lab.analysis import average_pairwise_cosine, similarity_pull
+
+    E = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    together = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])  # -grad moves row 1 towards row 0
+    assert similarity_pull(E, together, skip=0) < 0 < similarity_pull(E, -together, skip=0)
+    E = E.double()
+    grad = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = 1e-6
+    numeric = (average_pairwise_cosine(E - eps * grad) - average_pairwise_cosine(E + eps * grad)) / (2 * eps)
+    assert abs(similarity_pull(E, grad, skip=0) - numeric) < 1e-6
+    # the special rows are left out by default
+    assert similarity_pull(
+        torch.cat([torch.randn(4, 2), E]), torch.cat([torch.randn(4, 2), grad])
+    ) == pytest.approx(similarity_pull(E, grad, skip=0))

@@ -162,6 +162,22 @@ def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | N
 # Evaluation and the gradient-conflict probe
 
 
+def rtd_forward(fn, ids, mask, special, mask_id: int, cfg: PretrainConfig, noise, amp: torch.dtype | None):
+    """One RTD forward of `fn` (the model, its DDP wrapper or its compiled form) under the run's autocast."""
+    with torch.autocast(ids.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return fn(
+            ids,
+            mask,
+            special,
+            mask_id,
+            cfg.rtd_weight,
+            cfg.mask_prob,
+            cfg.mask_strategy,
+            cfg.temperature,
+            noise,
+        )
+
+
 @torch.no_grad()
 def evaluate(model: RTDModel, batches: list[torch.Tensor], tok, cfg: PretrainConfig, device, amp) -> dict:
     """Held-out MLM loss/accuracy, RTD loss/accuracy/AUC and replaced-token rate, with fixed noise."""
@@ -185,18 +201,7 @@ def evaluate(model: RTDModel, batches: list[torch.Tensor], tok, cfg: PretrainCon
         mask = torch.ones_like(ids)
         gen.manual_seed(cfg.seed * 7919 + i)
         noise = draw_noise(ids.shape[0], ids.shape[1], cfg.mask_prob, gen, device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(
-                ids,
-                mask,
-                special,
-                tok.mask_id,
-                cfg.rtd_weight,
-                cfg.mask_prob,
-                cfg.mask_strategy,
-                cfg.temperature,
-                noise,
-            )
+        out = rtd_forward(model, ids, mask, special, tok.mask_id, cfg, noise, amp)
         n_masked = out.valid.sum().item()
         targets = ids.gather(1, out.positions)
         sums["mlm_loss"] += out.mlm_loss.item() * n_masked
@@ -488,18 +493,8 @@ def train(cfg: PretrainConfig) -> dict:
                 )
                 sync = m == cfg.grad_accum - 1 or ddp.world == 1
                 ctx = net.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    out = step_fn(
-                        ids,
-                        mask,
-                        special,
-                        tok.mask_id,
-                        cfg.rtd_weight,
-                        cfg.mask_prob,
-                        cfg.mask_strategy,
-                        cfg.temperature,
-                        noise,
-                    )
+                with ctx:
+                    out = rtd_forward(step_fn, ids, mask, special, tok.mask_id, cfg, noise, amp)
                 if ddp.main and m == 0 and cfg.probe_every and step % cfg.probe_every == 0:
                     append_jsonl(
                         metrics,

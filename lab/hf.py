@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -224,8 +223,3 @@ def save_pretrained(model: Encoder, path: str | Path, tokenizer=None, state: dic
             {"tokenizer_class": "DebertaV2Tokenizer", "do_lower_case": False, "vocab_type": "spm"},
         )
     return path
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    if (src / "spm.model").is_file():
-        shutil.copyfile(src / "spm.model", dst / "spm.model")

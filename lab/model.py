@@ -254,6 +254,14 @@ class Encoder(nn.Module):
         x = self.embedding_norm(x) * attention_mask.unsqueeze(-1).to(x.dtype)
         return self.dropout(x)
 
+    def relative_positions(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer-normed relative-table rows a length-T input reaches [R, D] and the index into
+        them [T, T]; shared by every layer (and the generator's enhanced mask decoder)."""
+        # the cache is for eager mode; under torch.compile the index is traced (and constant-folded)
+        index_fn = relative_index.__wrapped__ if torch.compiler.is_compiling() else relative_index
+        lo, R, index = index_fn(T, self.cfg.position_buckets, self.cfg.max_relative_positions)
+        return self.rel_norm(self.rel_embeddings.weight[lo : lo + R]), index.to(device)
+
     def forward(self, input_ids, attention_mask=None, word_embeds=None, return_all: bool = False):
         """input_ids [B, T] -> last hidden state [B, T, D] (or every layer's output with return_all)."""
         B, T = input_ids.shape
@@ -262,19 +270,20 @@ class Encoder(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         h = self.embed(input_ids, attention_mask, word_embeds)
-        # the cache is for eager mode; under torch.compile the index is traced (and constant-folded)
-        index_fn = relative_index.__wrapped__ if torch.compiler.is_compiling() else relative_index
-        lo, R, index = index_fn(T, self.cfg.position_buckets, self.cfg.max_relative_positions)
-        rel = self.rel_norm(self.rel_embeddings.weight[lo : lo + R])  # [R, D], normalised once per forward
-        index = index.to(input_ids.device)
-        # Padded keys get a large negative score. Padded query rows still attend to real keys; their
-        # outputs are meaningless and every consumer ignores them (HF zeroes or uniformises them).
-        key_mask_bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        rel, index = self.relative_positions(T, input_ids.device)
+        key_mask_bias = key_padding_bias(attention_mask, h.dtype)
         hidden = []
         for layer in self.layers:
             h = layer(h, rel, index, key_mask_bias)
             hidden.append(h)
         return hidden if return_all else h
+
+
+def key_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] mask -> [B, 1, 1, T] additive bias: a large negative score for padded keys. Padded query
+    rows still attend to real keys; their outputs are meaningless and every consumer ignores them
+    (HF zeroes or uniformises them)."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
 def init_weights(module: nn.Module, std: float) -> None:

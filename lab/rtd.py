@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab.model import Encoder, Layer, ModelConfig, init_weights, relative_index
+from lab.model import Encoder, Layer, ModelConfig, init_weights, key_padding_bias
 from lab.util import replace_strict
 
 SHARING_MODES = ("es", "nes", "gdes")
@@ -150,13 +150,12 @@ class EnhancedMaskDecoder(nn.Module):
     def forward(self, encoder: Encoder, hidden: list[torch.Tensor], attention_mask) -> torch.Tensor:
         last: Layer = encoder.layers[-1]
         T = attention_mask.shape[1]
-        lo, R, index = relative_index(T, encoder.cfg.position_buckets, encoder.cfg.max_relative_positions)
-        rel = encoder.rel_norm(encoder.rel_embeddings.weight[lo : lo + R])
-        key_mask_bias = (1.0 - attention_mask[:, None, None, :].to(rel.dtype)) * torch.finfo(rel.dtype).min
+        rel, index = encoder.relative_positions(T, attention_mask.device)
         context = hidden[-2] if len(hidden) > 1 else hidden[-1]  # keys/values: H_{n-1}
+        key_mask_bias = key_padding_bias(attention_mask, context.dtype)
         query = context + self.position_embeddings.weight[:T]  # [B, T, D]
         for _ in range(2):
-            query = last(context, rel, index.to(query.device), key_mask_bias, query=query)
+            query = last(context, rel, index, key_mask_bias, query=query)
         return query
 
 

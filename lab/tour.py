@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lab.analysis import attention_terms
-from lab.model import count_parameters, preset, relative_index
+from lab.model import count_parameters, preset
 from lab.rtd import RTDModel, draw_noise
 from lab.synthetic import SyntheticLanguage
 from lab.tokenizer import Tokenizer, train_tokenizer
@@ -131,9 +131,7 @@ def attention_decomposition(model: RTDModel, tokenizer: Tokenizer, text: str, si
     word_embeds = model.discriminator_word_embeds(ids) if side == "discriminator" else None
     hidden = [encoder.embed(ids, mask, word_embeds)]
     hidden += encoder(ids, mask, word_embeds, return_all=True)  # the input of layer l is hidden[l]
-    T = ids.shape[1]
-    lo, R, index = relative_index(T, encoder.cfg.position_buckets, encoder.cfg.max_relative_positions)
-    rel = encoder.rel_norm(encoder.rel_embeddings.weight[lo : lo + R])  # [R, D]
+    rel, index = encoder.relative_positions(ids.shape[1], ids.device)  # [R, D], [T, T]
     terms = attention_terms(encoder.layers[layer].attention, hidden[layer], rel, index)
     out = {k: v[0].numpy() for k, v in terms.items()}  # [H, T, T]
     out["tokens"] = [tokenizer.id_to_piece(int(i)).replace("▁", "") for i in ids[0]]

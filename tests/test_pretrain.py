@@ -393,3 +393,11 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="empty"):
         train(quick(tmp_path, corpus=str(tmp_path / "empty.txt")))
+
+
+def test_enhanced_mask_decoder_trains_its_position_table():
+    model = tiny_rtd("gdes", emd=True)
+    out = model(*packed_batch(), SPECIAL, 999)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert model.emd.position_embeddings.weight.grad.abs().sum() > 0

@@ -90,7 +90,6 @@ VERBS = {
 }
 CLAUSE_VERBS = ("verb.speak", "verb.think")  # may take `comp` + clause instead of an object
 ADJECTIVES = ["adj.color", "adj.size", "adj.emotion", "adj.taste", "adj.quality"]
-OTHER_CONTENT = ["adv.manner", "num"]
 FUNCTION = {
     "det": 4,
     "pron": 3,

@@ -1,0 +1,58 @@
+"""What every training loop here shares: the AdamW parameter groups, the learning-rate schedule and
+the mixed-precision context. Pre-training (lab/pretrain.py), fine-tuning (lab/finetune.py) and the
+benchmark (lab/bench.py) all use these, so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: decoupled weight decay on matrices (Linear and Embedding weights,
+    GDES's E_delta), none on biases and LayerNorm parameters (every parameter with fewer than two
+    dimensions), as in the official DeBERTa optimiser."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+) -> torch.optim.AdamW:
+    """AdamW over `decay_groups`, with the fused kernel (one pass over all parameters, CPU and CUDA;
+    it also keeps the step count on the device, so `optimizer.step()` needs no host sync)."""
+    return torch.optim.AdamW(
+        decay_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True
+    )
+
+
+def linear_schedule(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor at `step` (0-based): linear warmup to 1 over `warmup` steps, then linear
+    decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """bf16 (or any low-precision) autocast on `device`, or nothing when `dtype` is None / fp32.
+    Losses and softmaxes that must stay in fp32 are cast explicitly by the callers."""
+    device_type = torch.device(device).type
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)

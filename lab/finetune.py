@@ -1,15 +1,25 @@
-"""GLUE fine-tuning of a pre-trained discriminator, and the results table that compares checkpoints.
+"""Fine-tuning of a pre-trained discriminator on GLUE and the synthetic-language tasks (lab/downstream.py),
+and the results table that compares checkpoints.
 
     train(FinetuneConfig(task="mrpc", init="runs/gdes", out_dir="runs/ft/gdes/mrpc"))  -> results dict
     python -m lab finetune --task mrpc --init runs/gdes --out runs/ft/gdes/mrpc --seeds 1,2,3
+    python -m lab finetune --task synth_tag,synth_gram --init runs/gdes --out runs/ft --seeds 1,2,3
     python -m lab finetune --table runs/ft --table-out figures/glue_results
 
-Head (PAPER.md §6): pooled = gelu(Dense(h_CLS)), logits = Linear(dropout(pooled)); cross-entropy,
-or MSE on a single output for STS-B. Inputs are `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, the
-longer side of a pair truncated first. AdamW (no decay on biases and LayerNorm), linear warmup then
-linear decay, grad-norm clip 1.0, dev evaluation after every epoch; each seed reports the epoch with
-the best main metric (and that state is the one kept). Batches are padded to their own longest row;
-evaluation batches are sorted by length so little padding is computed.
+Sentence heads are the official GLUE head (microsoft/DeBERTa `DeBERTa/apps/models/sequence_classification.py`,
+`transformers` `DebertaV2ForSequenceClassification`): pooled = gelu(Dense(h_CLS)), logits =
+Linear(dropout(pooled)); cross-entropy, or MSE on a single output for STS-B. Token tasks use
+`transformers`' `DebertaV2ForTokenClassification` head, logits = Linear(dropout(h)) at every token, the
+label on the first piece of each word. Inputs are `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, pairs
+truncated as `transformers`' fast tokenizers do with `truncation="longest_first"`. AdamW (no decay on
+biases and LayerNorm), linear warmup then linear decay, grad-norm clip 1.0, dev evaluation after
+every epoch. Each seed reports the epoch with the best main dev metric (the paper's convention; that
+state is the one kept) and, labelled `last_<metric>`, the last epoch's, so the selection effect shows.
+
+Speed: every split is tokenised and padded once into tensors that live on the training device; a
+step slices its batch from them (batch width rounded up to a multiple of `length_bucket`, so a
+compiled model sees few shapes), keeps its loss on the device and makes no host sync; evaluation
+collects logits on the device and copies them once per split.
 
 Defaults per task (`TASK_DEFAULTS`) start from the official DeBERTaV3-large recipe and are scaled
 for the small models this workbench trains:
@@ -20,8 +30,10 @@ for the small models this workbench trains:
   * batch size, head dropout and max length as in the paper (max length is capped by the model's).
 Every default can be overridden in `FinetuneConfig`; `results.json` records the values used.
 
-Outputs in `out_dir`: config.json, metrics.jsonl (one row per seed and epoch), results.json
-({task, init, metrics_per_seed, mean, median, std, n_dev_examples, config}).
+Outputs in `out_dir`: config.json, seeds/seed_<n>.json (one per finished seed, written atomically: a
+rerun of an interrupted run trains only the missing seeds), metrics.jsonl (one row per seed and
+epoch), results.json ({task, init, metrics_per_seed, mean, median, std, n_dev_examples,
+official_dev_examples, dev_splits, config}).
 """
 
 from __future__ import annotations
@@ -30,9 +42,11 @@ import argparse
 import copy
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +57,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lab import glue
+from lab import tasks as downstream
 from lab.model import Encoder, init_weights
 from lab.tokenizer import Tokenizer
-from lab.util import append_jsonl, atomic_write_json, pick_device, replace_strict
+from lab.training import adamw, autocast, linear_schedule, set_lr
+from lab.util import atomic_write_bytes, atomic_write_json, pick_device, replace_strict
 
-# Official DeBERTaV3-large recipe (PAPER.md §6): epochs, warmup steps, lr, batch, head dropout, max len.
+# Official DeBERTaV3-large recipe: epochs, warmup steps, lr, batch, head dropout, max len, from the
+# fine-tuning scripts of microsoft/DeBERTa (`experiments/glue/*.sh`) and the paper's appendix (He, Gao,
+# Chen, "DeBERTaV3", ICLR 2023, arXiv 2111.09543).
 PAPER_RECIPE = {
     "mnli": (2, 500, 7e-6, 64, 0.3, 256),
     "qqp": (6, 1000, 1e-5, 64, 0.2, 320),
@@ -65,8 +83,26 @@ TASK_DEFAULTS = {
            "max_seq_len": max_len}
     for task, (epochs, _warmup, lr, batch, dropout, max_len) in PAPER_RECIPE.items()
 }  # fmt: skip
+# The synthetic tasks are small (300 / 2,000 training sentences of ~10 words): more epochs, and the
+# rate of the small-model recipes above.
+TASK_DEFAULTS["synth_tag"] = {
+    "epochs": 10,
+    "lr": 1e-4,
+    "batch_size": 32,
+    "head_dropout": 0.1,
+    "max_seq_len": 128,
+}
+TASK_DEFAULTS["synth_gram"] = {
+    "epochs": 5,
+    "lr": 5e-5,
+    "batch_size": 32,
+    "head_dropout": 0.1,
+    "max_seq_len": 128,
+}
 
-# GLUE dev results from PAPER.md §5, in percent, main metric of each task (MNLI: matched).
+# GLUE dev results, in percent, main metric of each task (MNLI: matched): DeBERTaV3 from the paper
+# (§5.1: the large models' GLUE table, MNLI of base / small / xsmall); ELECTRA-Small as re-implemented
+# in PyTorch by richarddwang/electra_pytorch (README, mean of 10 fine-tuning runs).
 PAPER_RESULTS = {
     "DeBERTaV3-large (paper)": {"cola": 75.3, "sst2": 96.9, "mrpc": 92.2, "stsb": 93.0, "qqp": 93.0,
                                 "mnli": 91.8, "qnli": 96.0, "rte": 92.7},
@@ -76,14 +112,18 @@ PAPER_RESULTS = {
     "ELECTRA-Small re-impl. (paper)": {"cola": 58.7, "sst2": 88.0, "mrpc": 86.0, "stsb": 86.2, "qqp": 88.6,
                                        "mnli": 80.4, "qnli": 87.5, "rte": 67.5},
 }  # fmt: skip
+IGNORE = -100  # label of positions a token task does not score ([CLS], [SEP], non-first pieces, padding)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    task: str = "mrpc"  # GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli
+    task: str = (
+        "mrpc"  # GLUE: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; synthetic: synth_tag, synth_gram
+    )
     glue_dir: str = ""  # GLUE root with <TASK>/train.tsv ...; "" = $LAB_DATA_DIR/glue
     init: str = ""  # pre-training run dir (uses export/discriminator/), HF-format dir, or hub name
-    out_dir: str = "runs/finetune"  # where config.json, metrics.jsonl and results.json go
+    out_dir: str = "runs/finetune"  # where config.json, seeds/, metrics.jsonl and results.json go
+    synthetic_seed: int | None = None  # synthetic tasks' language; None = the init run's corpus seed, else 0
     epochs: int | None = None  # None = task default (TASK_DEFAULTS)
     lr: float | None = None  # peak learning rate; None = task default
     batch_size: int | None = None  # None = task default
@@ -97,14 +137,18 @@ class FinetuneConfig:
     max_eval_examples: int | None = None  # per dev split; None = all
     eval_batch_size: int = 128
     grad_clip: float = 1.0  # global grad-norm clip
+    length_bucket: int = 0  # batch widths rounded up to a multiple of this; 0 = 16 on CUDA, 1 (exact) on CPU
+    compile: bool = False  # torch.compile the model (pays a compile per seed; worth it on long CUDA runs)
     device: str = "auto"  # "auto" = cuda if available, else cpu
     bf16: bool = True  # bf16 autocast on CUDA (losses in fp32); ignored on CPU
 
     def __post_init__(self) -> None:
-        glue.get_task(self.task)  # raises on unknown tasks, listing the known ones
+        downstream.get_task(self.task)  # raises on unknown tasks, listing the known ones
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         if not self.seeds:
             raise ValueError("FinetuneConfig.seeds is empty; give at least one seed, e.g. (1,)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"FinetuneConfig.seeds has duplicates: {self.seeds}")
         positive = ("epochs", "lr", "batch_size", "max_seq_len", "max_train_examples", "max_eval_examples")
         for name in (*positive, "eval_batch_size"):
             value = getattr(self, name)
@@ -112,16 +156,18 @@ class FinetuneConfig:
                 raise ValueError(
                     f"FinetuneConfig.{name} must be positive (or None for the default), got {value}"
                 )
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"FinetuneConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("warmup_steps", "length_bucket"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("warmup_ratio", "head_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"FinetuneConfig.{name} must be in [0, 1), got {value}")
 
     def resolved(self) -> FinetuneConfig:
-        """The config with every None replaced by the task's default."""
-        task = glue.get_task(self.task).name
+        """The config with the task's canonical name and every None default replaced by its value
+        (synthetic_seed is resolved by `train`, which reads the init run)."""
+        task = downstream.get_task(self.task).name
         defaults = {k: v for k, v in TASK_DEFAULTS[task].items() if getattr(self, k) is None}
         return replace_strict(self, task=task, **defaults)
 
@@ -130,7 +176,7 @@ class FinetuneConfig:
 
 
 class Classifier(nn.Module):
-    """Encoder + the official GLUE head on the [CLS] state."""
+    """Encoder + the official GLUE head on the [CLS] state: [B, T] ids -> [B, num_labels]."""
 
     def __init__(self, encoder: Encoder, num_labels: int, head_dropout: float):
         super().__init__()
@@ -146,6 +192,21 @@ class Classifier(nn.Module):
         h = self.encoder(input_ids, attention_mask)[:, 0]  # [B, D], the [CLS] position
         pooled = F.gelu(self.dense(h))
         return self.out(self.dropout(pooled))  # [B, num_labels]
+
+
+class TokenClassifier(nn.Module):
+    """Encoder + a linear tagger at every token (as `transformers`' DebertaV2ForTokenClassification):
+    [B, T] ids -> [B, T, num_labels]."""
+
+    def __init__(self, encoder: Encoder, num_labels: int, head_dropout: float):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(head_dropout)
+        self.out = nn.Linear(encoder.cfg.hidden_size, num_labels)
+        init_weights(self.out, encoder.cfg.initializer_range)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dropout(self.encoder(input_ids, attention_mask)))  # [B, T, num_labels]
 
 
 def resolve_init(init: str) -> tuple[Path, Path]:
@@ -188,127 +249,230 @@ def load_encoder(init: str) -> tuple[Encoder, Tokenizer]:
     return encoder, tokenizer
 
 
+def corpus_seed(init: str) -> int | None:
+    """The synthetic-language seed of a lab pre-training run's corpus (`synthetic:SEED`), else None."""
+    from lab.data import _parse_synthetic
+
+    config = Path(init).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    corpus = str(json.loads(config.read_text()).get("corpus", ""))
+    if corpus == "synthetic" or corpus.startswith("synthetic:"):
+        return _parse_synthetic(corpus)[0]
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
+def _pair_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """Tokens kept of each side of a pair, as `transformers`' fast tokenizers' `longest_first`
+    (tokenizers' `truncate_encodings`): the shorter side is kept whole if it fits in half the budget,
+    the longer side gets the rest; when both exceed half, the shorter (a, on a tie) keeps
+    floor(budget / 2) and the longer ceil(budget / 2)."""
+    if len_a + len_b <= budget:
+        return len_a, len_b
+    if len_a > len_b:
+        keep_b = min(len_b, budget // 2)
+        return budget - keep_b, keep_b
+    keep_a = min(len_a, budget // 2)
+    return keep_a, budget - keep_a
+
+
 def encode_split(split: glue.GlueSplit, tokenizer: Tokenizer, max_len: int) -> list[list[int]]:
-    """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, at most max_len ids; the longer side loses tokens first."""
+    """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, at most max_len ids (pairs: see `_pair_lengths`)."""
     cls, sep = tokenizer.cls_id, tokenizer.sep_id
     texts_a = tokenizer.encode_batch(split.texts_a)
     if split.texts_b is None:
         return [[cls, *a[: max_len - 2], sep] for a in texts_a]
     rows = []
     for a, b in zip(texts_a, tokenizer.encode_batch(split.texts_b)):
-        excess = len(a) + len(b) - (max_len - 3)
-        if excess > 0:  # cut the longer side down to the shorter, then both alternately (HF longest_first)
-            cut_a = min(excess, max(0, len(a) - len(b)))
-            cut_b = min(excess - cut_a, max(0, len(b) - len(a)))
-            rest = excess - cut_a - cut_b
-            cut_a, cut_b = cut_a + (rest + 1) // 2, cut_b + rest // 2
-            a, b = a[: len(a) - cut_a], b[: len(b) - cut_b]
-        rows.append([cls, *a, sep, *b, sep])
+        keep_a, keep_b = _pair_lengths(len(a), len(b), max_len - 3)
+        rows.append([cls, *a[:keep_a], sep, *b[:keep_b], sep])
     return rows
 
 
-def pad_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to the longest row of this batch: input_ids [B, T], attention_mask [B, T]."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
+def encode_words(split: glue.GlueSplit, tokenizer: Tokenizer, max_len: int) -> tuple[list, list]:
+    """Token-task rows `[CLS] pieces [SEP]` and their labels: each word's class on its first piece,
+    IGNORE elsewhere. Words cut by max_len lose their label (counted by the caller)."""
+    sentences = [text.split() for text in split.texts_a]
+    pieces = tokenizer.encode_batch([w for words in sentences for w in words])
+    rows, label_rows, k = [], [], 0
+    for words, classes in zip(sentences, split.labels):
+        if len(words) != len(classes):
+            raise ValueError(
+                f"{split.source}: {len(words)} words but {len(classes)} labels in {' '.join(words)!r}"
+            )
+        ids, labels = [tokenizer.cls_id], [IGNORE]
+        for y in classes:
+            word = pieces[k] or [tokenizer.unk_id]
+            ids += word
+            labels += [y] + [IGNORE] * (len(word) - 1)
+            k += 1
+        rows.append([*ids[: max_len - 1], tokenizer.sep_id])
+        label_rows.append([*labels[: max_len - 1], IGNORE])
+    return rows, label_rows
+
+
+@dataclass
+class Encoded:
+    """A split tokenised and padded once: ids [N, T], lengths [N], labels [N] or (token tasks) [N, T]."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    lengths_host: np.ndarray  # the same lengths on the host, to plan batch widths without a sync
+
+    @classmethod
+    def build(cls, rows: list[list[int]], labels, pad_id: int, dtype=torch.long) -> Encoded:
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        if labels and isinstance(labels[0], list):  # token labels, padded with IGNORE
+            y = torch.full(ids.shape, IGNORE, dtype=torch.long)
+            for i, r in enumerate(labels):
+                y[i, : len(r)] = torch.tensor(r)
+        else:
+            y = torch.tensor(labels, dtype=dtype)
+        return cls(ids, torch.from_numpy(lengths), y, lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths_host)
+
+    def to(self, device: torch.device) -> Encoded:
+        """One copy per split to the device (pinned and asynchronous on CUDA)."""
+        if device.type != "cuda":
+            return self
+        move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+        return Encoded(move(self.ids), move(self.lengths), move(self.labels), self.lengths_host)
+
+    def width(self, idx: np.ndarray, bucket: int) -> int:
+        """Padded width of a batch: its longest row rounded up to a multiple of `bucket`."""
+        longest = int(self.lengths_host[idx].max())
+        return min(-(-longest // bucket) * bucket, self.ids.shape[1])
+
+    def batch(self, idx: torch.Tensor, width: int):
+        """(ids [B, W], attention mask [B, W], labels [B] or [B, W]) of the rows `idx` (on the device)."""
+        ids = self.ids[idx, :width]  # [B, W]
+        mask = (torch.arange(width, device=ids.device) < self.lengths[idx, None]).long()  # [B, W]
+        labels = self.labels[idx] if self.labels.dim() == 1 else self.labels[idx, :width]
+        return ids, mask, labels
+
+
+def _bucket(cfg: FinetuneConfig, device: torch.device) -> int:
+    return cfg.length_bucket or (16 if device.type == "cuda" else 1)
+
+
+def _dtype(cfg: FinetuneConfig, device: torch.device) -> torch.dtype | None:
+    return torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
 
 
 @torch.no_grad()
-def predict(model: Classifier, rows: list[list[int]], cfg: FinetuneConfig, device, pad_id: int) -> np.ndarray:
-    """Logits for every row [N, C], computed in length-sorted batches and returned in input order."""
+def predict(model: nn.Module, data: Encoded, cfg: FinetuneConfig, device: torch.device) -> np.ndarray:
+    """Logits of every row in input order, [N, C] (token tasks: argmax class per token [N, T]),
+    computed in length-sorted batches on the device and copied to the host once."""
     model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = np.zeros((len(rows), model.out.out_features), dtype=np.float32)
+    order = np.argsort(data.lengths_host, kind="stable")
+    order_dev = torch.from_numpy(order).to(device, non_blocking=True)
+    token_level = data.labels.dim() == 2
+    out = None
     for start in range(0, len(order), cfg.eval_batch_size):
-        idx = order[start : start + cfg.eval_batch_size]
-        ids, mask = pad_batch([rows[i] for i in idx], pad_id)
-        with _autocast(device, cfg):
-            logits = model(ids.to(device), mask.to(device))
-        out[idx] = logits.float().cpu().numpy()
-    return out
+        idx = order_dev[start : start + cfg.eval_batch_size]
+        width = data.width(order[start : start + cfg.eval_batch_size], _bucket(cfg, device))
+        ids, mask, _ = data.batch(idx, width)
+        with autocast(device, _dtype(cfg, device)):
+            logits = model(ids, mask).float()  # [B, C] or [B, W, C]
+        if token_level:
+            if out is None:
+                out = torch.full(data.ids.shape, IGNORE, dtype=torch.long, device=device)
+            out[idx, :width] = logits.argmax(-1)
+        else:
+            if out is None:
+                out = torch.zeros(len(data), logits.shape[-1], device=device)
+            out[idx] = logits
+    return out.cpu().numpy()
 
 
-def _autocast(device: torch.device, cfg: FinetuneConfig):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+def _score(task, model, dev: dict[str, Encoded], cfg, device) -> dict:
+    """Dev metrics of every dev split."""
+    per_split = {}
+    for split, data in dev.items():
+        out = predict(model, data, cfg, device)
+        gold = data.labels.cpu().numpy()
+        if downstream.is_token_level(task):  # score the labelled positions: one per word
+            scored = gold != IGNORE
+            per_split[split] = (out[scored], gold[scored])
+        else:
+            per_split[split] = (out[:, 0] if task.is_regression else out.argmax(1), gold)
+    return downstream.dev_metrics(task.name, per_split)
 
 
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            (no_decay if isinstance(module, nn.LayerNorm) or name == "bias" else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
+def _loss(task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()  # losses in fp32 under bf16 autocast
+    if task.is_regression:
+        return F.mse_loss(logits[:, 0], labels)
+    if logits.dim() == 3:  # token task: [B, W, C] against [B, W], unscored positions ignored
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits, labels)
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def finetune_seed(cfg, seed, task, encoder, train_rows, train_labels, dev, pad_id, device):
-    """One fine-tuning run from a copy of `encoder`: (model in its best-dev state, best metrics, history)."""
+def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, Encoded], device):
+    """One fine-tuning run from a copy of `encoder`: (model in its best-dev state, per-seed metrics
+    {best metrics, best_epoch, last_<metric>...}, history of per-epoch rows)."""
     torch.manual_seed(seed)
-    model = Classifier(copy.deepcopy(encoder), task.num_labels, cfg.head_dropout).to(device)
-    opt = _optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    head = TokenClassifier if downstream.is_token_level(task) else Classifier
+    model = head(copy.deepcopy(encoder), task.num_labels, cfg.head_dropout).to(device)
+    step_model = torch.compile(model) if cfg.compile else model
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    bucket = _bucket(cfg, device)
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
-    labels = torch.tensor(train_labels, dtype=torch.float if task.is_regression else torch.long)
-    key = glue.main_metric(task.name)
+    key = downstream.main_metric(task.name)
     generator = torch.Generator().manual_seed(seed)
     best, best_state, best_score, history = None, None, -math.inf, []
-    bar = tqdm(total=total, desc=f"{task.name} seed {seed}", leave=False, disable=None)
-    t0 = time.time()
+    bar = tqdm(total=total, desc=f"{task.name} seed {seed}", leave=False, disable=None, mininterval=1.0)
+    t0, step = time.time(), 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        losses = []
-        for idx in torch.randperm(len(train_rows), generator=generator).split(cfg.batch_size):
-            ids, mask = pad_batch([train_rows[i] for i in idx], pad_id)
-            with _autocast(device, cfg):
-                logits = model(ids.to(device), mask.to(device)).float()  # [B, C]
-            y = labels[idx].to(device)
-            loss = F.mse_loss(logits[:, 0], y) if task.is_regression else F.cross_entropy(logits, y)
+        order = torch.randperm(len(train_data), generator=generator)  # the batch order, planned on the host
+        order_dev = order.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else order
+        loss_sum = torch.zeros((), device=device)
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order_dev[start : start + cfg.batch_size]
+            ids, mask, labels = train_data.batch(
+                idx, train_data.width(order[start : start + cfg.batch_size].numpy(), bucket)
+            )
+            set_lr(opt, cfg.lr * linear_schedule(step, warmup, total))
+            with autocast(device, _dtype(cfg, device)):
+                logits = step_model(ids, mask)
+            loss = _loss(task, logits, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            sched.step()
-            losses.append(loss.item())
+            loss_sum += loss.detach()  # stays on the device: read once per epoch
+            step += 1
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        per_split = {}
-        for split, (rows, gold) in dev.items():
-            logits = predict(model, rows, cfg, device, pad_id)
-            per_split[split] = (logits[:, 0] if task.is_regression else logits.argmax(1), gold)
-        metrics = glue.dev_metrics(task.name, per_split)
-        row = {"seed": seed, "epoch": epoch, "step": epoch * steps_per_epoch,
-               "train_loss": float(np.mean(losses)), "elapsed_s": time.time() - t0, **metrics}  # fmt: skip
+        metrics = _score(task, step_model, dev, cfg, device)
+        row = {"seed": seed, "epoch": epoch, "step": step, "train_loss": (loss_sum / steps_per_epoch).item(),
+               "elapsed_s": time.time() - t0, **metrics}  # fmt: skip
         history.append(row)
         score = metrics[key] if math.isfinite(metrics[key]) else -math.inf  # constant predictions give nan
         if best is None or score > best_score:
             best_score = score
             best = {**metrics, "best_epoch": epoch}
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         bar.write(f"{task.name} seed {seed} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} {shown} "
                   f"(best {key} {best[key]:.4f} @ {best['best_epoch']}) {row['elapsed_s']:.1f}s")  # fmt: skip
     bar.close()
     model.load_state_dict(best_state)
-    return model, best, history
+    return model, {**best, **{f"last_{k}": v for k, v in metrics.items()}}, history
 
 
 def _summary(per_seed: list[dict]) -> tuple[dict, dict, dict]:
@@ -321,49 +485,160 @@ def _summary(per_seed: list[dict]) -> tuple[dict, dict, dict]:
     return mean, median, std
 
 
-def train(cfg: FinetuneConfig) -> dict:
-    """Fine-tune `cfg.init` on `cfg.task` once per seed; writes and returns results.json's content."""
-    cfg = cfg.resolved()
-    task = glue.get_task(cfg.task)
-    glue_dir = cfg.glue_dir or None
-    # Data and checkpoint errors surface before any training starts.
-    splits = glue.load_task(task.name, glue_dir)
-    encoder, tokenizer = load_encoder(cfg.init)
-    max_len = min(cfg.max_seq_len, encoder.cfg.max_seq_len)
-    train_split = splits["train"].take(cfg.max_train_examples)
-    train_rows = encode_split(train_split, tokenizer, max_len)
+def _load_data(cfg: FinetuneConfig, task, tokenizer: Tokenizer, max_len: int):
+    """(train Encoded, {dev split: Encoded}, data record for results.json): tokenised once; the dev
+    splits' sizes checked against the official ones."""
+    splits = downstream.load(task.name, cfg.glue_dir or None, cfg.synthetic_seed or 0)
+    encode = (
+        encode_words if downstream.is_token_level(task) else lambda s, t, n: (encode_split(s, t, n), s.labels)
+    )
+    label_dtype = torch.float if task.is_regression else torch.long
+    train_part = splits["train"].take(cfg.max_train_examples)
+    train_data = Encoded.build(*encode(train_part, tokenizer, max_len), tokenizer.pad_id, label_dtype)
+    record = {"train": _split_record(task, splits["train"], train_part), "dev": {}}
     dev = {}
     for split in task.dev_splits:
         part = splits[split].take(cfg.max_eval_examples)
-        dev[split] = (encode_split(part, tokenizer, max_len), np.asarray(part.labels))
-    device = pick_device(cfg.device)
+        dev[split] = Encoded.build(*encode(part, tokenizer, max_len), tokenizer.pad_id, label_dtype)
+        record["dev"][split] = info = _split_record(task, splits[split], part)
+        if downstream.is_token_level(task):
+            info["words"] = int((dev[split].labels != IGNORE).sum())
+            info["words_in_split"] = sum(len(y) for y in part.labels)  # fewer when max_seq_len cuts words
+        if info["official"] is not None and info["loaded"] != info["official"]:
+            warnings.warn(
+                f"{task.name} {split} ({splits[split].source}) has {info['loaded']} examples, the official split "
+                f"has {info['official']} ({info['malformed']} malformed row(s) skipped): its metrics are over a "
+                "partial dev set, recorded as such in results.json",
+                stacklevel=3,
+            )
+    return train_data, dev, record
 
+
+def _split_record(task, full: glue.GlueSplit, used: glue.GlueSplit) -> dict:
+    """How many examples a split has against its official count, and how many were used."""
+    return {"used": len(used), "loaded": len(full), "official": downstream.official_size(task.name, full.split),
+            "malformed": len(full.malformed), "sliced": len(used) < len(full)}  # fmt: skip
+
+
+def _weights_digest(init: str) -> str:
+    """sha256 over the files of the checkpoint `init` resolves to: a re-exported or replaced
+    checkpoint must not be mixed with seeds fine-tuned from the old one."""
+    model_dir, spm_path = resolve_init(init)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file()) + [spm_path]:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _identity(cfg: FinetuneConfig) -> dict:
+    """What a finished seed's results depend on besides its seed (JSON-normalised for comparison)."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seeds", "out_dir")}
+    return json.loads(json.dumps({"config": config, "init_weights": _weights_digest(cfg.init)}))
+
+
+def _check_same(path: Path, what: str, stored, current) -> None:
+    if stored == current:
+        return
+    if isinstance(stored, dict) and isinstance(current, dict):
+        flat = lambda d, p="": {f"{p}{k}": v for k, v in d.items()}  # noqa: E731
+        stored, current = flat(stored.get("config", stored)), flat(current.get("config", current))
+        changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+        detail = "; ".join(f"{k}: {stored.get(k)!r} then, {current.get(k)!r} now" for k in changed)
+    else:
+        detail = f"{stored!r} then, {current!r} now"
+    raise ValueError(
+        f"{path} was fine-tuned with a different {what} ({detail or 'the init checkpoint changed'}); "
+        f"use another out_dir, or delete {path.parent} to fine-tune these seeds again"
+    )
+
+
+def _seed_path(out: Path, seed: int) -> Path:
+    return out / "seeds" / f"seed_{seed}.json"
+
+
+def train(cfg: FinetuneConfig) -> dict:
+    """Fine-tune `cfg.init` on `cfg.task` once per seed; writes and returns results.json's content.
+
+    Each finished seed is saved on its own (out_dir/seeds/seed_<n>.json, atomically), so a rerun of
+    an interrupted run trains only the missing seeds and ends with the same results.json; seeds saved
+    under another configuration or checkpoint are refused, never mixed in."""
+    cfg = cfg.resolved()
+    task = downstream.get_task(cfg.task)
+    if isinstance(task, downstream.SyntheticTask) and cfg.synthetic_seed is None:
+        seed = corpus_seed(cfg.init)
+        if seed is None:
+            warnings.warn(f"{cfg.init} was not pre-trained on the synthetic language (no synthetic corpus in "
+                          f"its config.json); {task.name} uses SyntheticLanguage(0)", stacklevel=2)  # fmt: skip
+        cfg = replace_strict(cfg, synthetic_seed=seed or 0)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    per_seed = []
+    identity = _identity(cfg)  # also checks that cfg.init exists before anything else happens
+    done = {}
     for seed in cfg.seeds:
-        _, best, history = finetune_seed(cfg, seed, task, encoder, train_rows, train_split.labels, dev,
-                                         tokenizer.pad_id, device)  # fmt: skip
-        for row in history:
-            append_jsonl(out / "metrics.jsonl", row)
-        per_seed.append({"seed": seed, **best})
+        path = _seed_path(out, seed)
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            _check_same(path, "configuration", saved["identity"], identity)
+            done[seed] = saved
+    data_record = next(iter(done.values()))["data"] if done else None
+
+    if len(done) < len(cfg.seeds):
+        # Data and checkpoint errors surface before any training starts.
+        encoder, tokenizer = load_encoder(cfg.init)
+        max_len = min(cfg.max_seq_len, encoder.cfg.max_seq_len)
+        train_data, dev, record = _load_data(cfg, task, tokenizer, max_len)
+        if data_record is not None:
+            _check_same(out / "seeds", "data", data_record, json.loads(json.dumps(record)))
+        data_record = record
+        device = pick_device(cfg.device)
+        train_data, dev = train_data.to(device), {split: d.to(device) for split, d in dev.items()}
+        atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
+        if done:
+            print(
+                f"{task.name}: seed(s) {sorted(done)} already fine-tuned in {out / 'seeds'}; running the rest"
+            )
+        for seed in cfg.seeds:
+            if seed in done:
+                continue
+            _, metrics, history = finetune_seed(cfg, seed, task, encoder, train_data, dev, device)
+            done[seed] = {"seed": seed, "identity": identity, "data": data_record,
+                          "metrics": {"seed": seed, **metrics}, "history": history}  # fmt: skip
+            atomic_write_json(_seed_path(out, seed), done[seed])
+            _write_history(out, [done[s] for s in cfg.seeds if s in done])
+
+    per_seed = [done[s]["metrics"] for s in cfg.seeds]
+    _write_history(out, [done[s] for s in cfg.seeds])
     mean, median, std = _summary(per_seed)
+    dev_splits = data_record["dev"]
+    official = [d["official"] for d in dev_splits.values()]
     results = {
         "task": task.name,
         "init": cfg.init,
-        "main_metric": glue.main_metric(task.name),
+        "main_metric": downstream.main_metric(task.name),
+        "selection": "metrics at each seed's best dev epoch (best_epoch); last_<metric>: at the last epoch",
         "metrics_per_seed": per_seed,
         "mean": mean,
         "median": median,
         "std": std,
-        "n_train_examples": len(train_rows),
-        "n_dev_examples": sum(len(rows) for rows, _ in dev.values()),
+        "n_train_examples": data_record["train"]["used"],
+        "n_dev_examples": sum(d["used"] for d in dev_splits.values()),
+        "official_dev_examples": None if None in official else sum(official),
+        "dev_complete": all(d["official"] in (None, d["loaded"]) for d in dev_splits.values()),
+        "dev_splits": dev_splits,
         "config": dataclasses.asdict(cfg),
     }
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def _write_history(out: Path, finished: list[dict]) -> None:
+    """metrics.jsonl: every finished seed's per-epoch rows, in seed order."""
+    rows = [row for saved in finished for row in saved["history"]]
+    atomic_write_bytes(
+        out / "metrics.jsonl", "".join(json.dumps(r, default=float) + "\n" for r in rows).encode()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- results table
@@ -382,8 +657,12 @@ def results_table(
 ) -> list[dict]:
     """Collect results.json files (or folders searched for them) into one table of main metrics in percent.
 
-    Rows are checkpoints (plus the paper's rows), columns are tasks; writes `<out_stem>.csv` (mean and
-    std per task) and `<out_stem>.png` (grouped bars), and returns the rows.
+    Rows are checkpoints (plus the paper's rows), columns are tasks; writes `<out_stem>.csv` and
+    `<out_stem>.png` (grouped bars), and returns the rows. Per task the CSV has the mean over seeds of
+    the best-epoch score (`<task>`, the paper's convention), its std, the number of seeds, the mean
+    last-epoch score (`<task>_last`), and the dev examples scored next to the official dev size
+    (`<task>_n_dev`, `<task>_dev_official`: they differ for a `max_eval_examples` slice or a split
+    that lost rows; results.json's `dev_splits` says which).
     """
     files = []
     for p in [paths] if isinstance(paths, str | Path) else paths:
@@ -397,14 +676,22 @@ def results_table(
         key = r["main_metric"]
         row = by_label.setdefault(checkpoint_label(r["init"]), {"checkpoint": checkpoint_label(r["init"]),
                                                                 "source": "ours"})  # fmt: skip
-        row[r["task"]] = 100 * r["mean"][key]
-        row[f"{r['task']}_std"] = 100 * r["std"][key]
-        row[f"{r['task']}_seeds"] = len(r["metrics_per_seed"])
+        t = r["task"]
+        row[t] = 100 * r["mean"][key]
+        row[f"{t}_std"] = 100 * r["std"][key]
+        row[f"{t}_seeds"] = len(r["metrics_per_seed"])
+        if f"last_{key}" in r["mean"]:
+            row[f"{t}_last"] = 100 * r["mean"][f"last_{key}"]
+        row[f"{t}_n_dev"] = r["n_dev_examples"]
+        row[f"{t}_dev_official"] = r.get("official_dev_examples")
     rows = list(by_label.values())
     if include_paper:
         rows += [{"checkpoint": name, "source": "paper", **scores} for name, scores in PAPER_RESULTS.items()]
-    tasks = [t for t in glue.TASKS if any(t in r for r in rows if r["source"] == "ours")] or list(glue.TASKS)
-    columns = ["checkpoint", "source"] + [c for t in tasks for c in (t, f"{t}_std", f"{t}_seeds")]
+    known = [*glue.TASKS, *downstream.SYNTHETIC_TASKS]
+    names = [t for t in known if any(t in r for r in rows if r["source"] == "ours")] or list(glue.TASKS)
+    columns = ["checkpoint", "source"] + [
+        f"{t}{suffix}" for t in names for suffix in ("", "_std", "_seeds", "_last", "_n_dev", "_dev_official")
+    ]
 
     out_stem = Path(out_stem)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
@@ -415,7 +702,7 @@ def results_table(
             writer.writerow(
                 {c: (f"{row[c]:.2f}" if isinstance(row.get(c), float) else row.get(c, "")) for c in columns}
             )
-    _plot_table(rows, tasks, out_stem.with_suffix(".png"))
+    _plot_table(rows, names, out_stem.with_suffix(".png"))
     return rows
 
 
@@ -436,8 +723,8 @@ def _plot_table(rows: list[dict], tasks: list[str], path: Path) -> None:
             xs, ys, width, yerr=err, label=row["checkpoint"], hatch="//" if row["source"] == "paper" else None
         )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
-    ax.set_xticklabels([f"{t}\n({glue.main_metric(t)})" for t in tasks])
-    ax.set_ylabel("GLUE dev score (%)")
+    ax.set_xticklabels([f"{t}\n({downstream.main_metric(t)})" for t in tasks])
+    ax.set_ylabel("dev score (%)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -450,7 +737,7 @@ def run_table(
     """Fine-tune every init on every task (results in out_dir/<checkpoint>/<task>/), then `results_table`."""
     for init in inits:
         for task in tasks:
-            name = glue.get_task(task).name
+            name = downstream.get_task(task).name
             run_out = Path(out_dir) / checkpoint_label(init) / name
             train(
                 FinetuneConfig(
@@ -465,7 +752,7 @@ def run_table(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lab finetune", description=__doc__.split("\n")[0])
-    p.add_argument("--task", help="GLUE task, or a comma list (cola,sst2,...) to fine-tune each")
+    p.add_argument("--task", help="task (GLUE or synth_tag / synth_gram), or a comma list to fine-tune each")
     p.add_argument(
         "--init", action="append", help="run dir / HF dir / hub name; repeat to compare checkpoints"
     )
@@ -475,10 +762,11 @@ def _parser() -> argparse.ArgumentParser:
     for flag, kind in [("epochs", int), ("lr", float), ("batch-size", int), ("warmup-steps", int),
                        ("warmup-ratio", float), ("weight-decay", float), ("head-dropout", float),
                        ("max-seq-len", int), ("max-train-examples", int), ("max-eval-examples", int),
-                       ("eval-batch-size", int)]:  # fmt: skip
+                       ("eval-batch-size", int), ("synthetic-seed", int), ("length-bucket", int)]:  # fmt: skip
         p.add_argument(f"--{flag}", type=kind)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-bf16", action="store_true", help="run in fp32 on CUDA too")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument(
         "--table", nargs="+", metavar="DIR", help="only collect results.json under DIR(s) into a table"
     )
@@ -495,9 +783,11 @@ def cli(argv: list[str]) -> int:
     if not args.task or not args.init or not args.out:
         _parser().error("--task, --init and --out are required (or --table DIR to build a table)")
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("task", "init", "out", "glue_dir", "seeds", "device", "no_bf16", "table", "table_out")
+                 if k not in ("task", "init", "out", "glue_dir", "seeds", "device", "no_bf16", "table", "table_out", "compile")
                  and v is not None}  # fmt: skip
-    common = dict(glue_dir=args.glue_dir, device=args.device, bf16=not args.no_bf16, **overrides)
+    common = dict(
+        glue_dir=args.glue_dir, device=args.device, bf16=not args.no_bf16, compile=args.compile, **overrides
+    )
     seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     tasks = [t for t in args.task.split(",") if t.strip()]
     try:

@@ -100,6 +100,21 @@ TASKS: dict[str, GlueTask] = {
     ]
 }  # fmt: skip
 
+# Example counts of the official GLUE files (as written by `download_glue_data.py`, equal to the
+# HuggingFace `glue` dataset's splits). A loaded split of another size (skipped malformed rows, a
+# truncated download) is flagged next to its metric by lab/finetune.py.
+OFFICIAL_SIZES: dict[str, dict[str, int]] = {
+    "cola": {"train": 8551, "dev": 1043},
+    "sst2": {"train": 67349, "dev": 872},
+    "mrpc": {"train": 3668, "dev": 408},
+    "stsb": {"train": 5749, "dev": 1500},
+    "qqp": {"train": 363846, "dev": 40430},
+    "mnli": {"train": 392702, "dev_matched": 9815, "dev_mismatched": 9832},
+    "qnli": {"train": 104743, "dev": 5463},
+    "rte": {"train": 2490, "dev": 277},
+    "wnli": {"train": 635, "dev": 71},
+}
+
 # Prefix of a dev split's metric keys in multi-dev tasks (MNLI reports "m_accuracy", "mm_accuracy").
 _SPLIT_PREFIX = {"dev": "", "dev_matched": "m_", "dev_mismatched": "mm_"}
 _HF_SPLIT = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
@@ -112,6 +127,11 @@ def get_task(name: str) -> GlueTask:
     if key not in TASKS:
         raise ValueError(f"unknown GLUE task {name!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[key]
+
+
+def official_size(task: str, split: str) -> int | None:
+    """Examples in the official `split` of `task` (None where unknown)."""
+    return OFFICIAL_SIZES.get(get_task(task).name, {}).get(split)
 
 
 def main_metric(task: str) -> str:
@@ -134,19 +154,22 @@ def compute_metrics(task: str, predictions: Sequence | np.ndarray, labels: Seque
         raise ValueError(f"{t.name}: {preds.shape[0]} predictions for {gold.shape[0]} labels")
     if len(gold) == 0:
         raise ValueError(f"{t.name}: no examples to score")
-    out = {}
-    for name in t.metrics:
-        if name == "mcc":
-            out[name] = float(matthews_corrcoef(gold, preds))
-        elif name == "accuracy":
-            out[name] = float(accuracy_score(gold, preds))
-        elif name == "f1":
-            out[name] = float(f1_score(gold, preds))
-        elif name == "pearson":
-            out[name] = float(pearsonr(preds.astype(float), gold.astype(float))[0])
-        elif name == "spearman":
-            out[name] = float(spearmanr(preds.astype(float), gold.astype(float))[0])
-    return out
+    return {name: metric(name, preds, gold) for name in t.metrics}
+
+
+def metric(name: str, preds: np.ndarray, gold: np.ndarray) -> float:
+    """One metric of class ids ("mcc", "accuracy", "f1") or scores ("pearson", "spearman")."""
+    if name == "mcc":
+        return float(matthews_corrcoef(gold, preds))
+    if name == "accuracy":
+        return float(accuracy_score(gold, preds))
+    if name == "f1":
+        return float(f1_score(gold, preds))
+    if name == "pearson":
+        return float(pearsonr(preds.astype(float), gold.astype(float))[0])
+    if name == "spearman":
+        return float(spearmanr(preds.astype(float), gold.astype(float))[0])
+    raise ValueError(f"unknown metric {name!r}; known: mcc, accuracy, f1, pearson, spearman")
 
 
 def dev_metrics(task: str, per_split: dict[str, tuple]) -> dict:

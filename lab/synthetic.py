@@ -36,6 +36,7 @@ generate and gives a few thousand steps of 128-token examples before repeating.
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -174,6 +175,16 @@ class SyntheticLanguage:
         prefix of a larger one from the same seed."""
         return _Generator(self, num_words).run()
 
+    def sentences(self, stream: str) -> Iterator[list[str]]:
+        """Endless single sentences (lists of words ending with "."), each under a random topic, from the
+        same grammar and lexicon as `documents` but from draws of their own named by `stream`, so a
+        downstream task's sentences do not repeat the pre-training corpus's sequence of draws."""
+        generator = _Generator(self, 0, stream=stream)
+        while True:
+            words: list[str] = []
+            generator.sentence(generator.rng.randrange(NUM_TOPICS), words)
+            yield words
+
     def token_classes(self, tokenizer) -> TokenClassMap:
         """Map token ids to classes for the words `tokenizer` encodes as a single piece."""
         classes, missing = {}, []
@@ -201,11 +212,15 @@ class SyntheticLanguage:
 class _Generator:
     """One pass of text generation; word draws come from numpy in blocks, structure from `random`."""
 
-    def __init__(self, language: SyntheticLanguage, num_words: int):
+    def __init__(self, language: SyntheticLanguage, num_words: int, stream: str = "corpus"):
         self.lang = language
         self.num_words = num_words
-        self.rng = random.Random(f"corpus:{language.seed}")
-        self.np_rng = np.random.default_rng(language.seed)
+        self.rng = random.Random(f"{stream}:{language.seed}")
+        # The corpus keeps its original numpy seed (cached corpora stay valid); other streams mix in
+        # a checksum of their name.
+        self.np_rng = np.random.default_rng(
+            language.seed if stream == "corpus" else [language.seed, zlib.crc32(stream.encode())]
+        )
         self.buffers: dict[tuple[int, str], list[str]] = {}
 
     def word(self, topic: int, cls: str) -> str:
@@ -252,16 +267,20 @@ class _Generator:
             out.append(self.word(topic, prep))
             self.noun_phrase(topic, self.pick(topic, nouns), out)
 
+    def sentence(self, topic: int, out: list[str]) -> None:
+        """clause [conj clause] ."""
+        self.clause(topic, out)
+        if self.rng.random() < 0.15:
+            out.append(self.word(topic, "conj"))
+            self.clause(topic, out)
+        out.append(STOP)
+
     def run(self) -> Iterator[str]:
         produced = 0
         while produced < self.num_words:
             topic = self.rng.randrange(NUM_TOPICS)
             words: list[str] = []
             for _ in range(self.rng.randint(6, 30)):
-                self.clause(topic, words)
-                if self.rng.random() < 0.15:
-                    words.append(self.word(topic, "conj"))
-                    self.clause(topic, words)
-                words.append(STOP)
+                self.sentence(topic, words)
             produced += len(words)
             yield " ".join(words)

@@ -88,9 +88,13 @@ def test_real_glue_slice_end_to_end(data_root, tmp_path, task, metric):
                          device="cpu")  # fmt: skip
     finetune.train(cfg)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
+    metrics = glue.get_task(task).metrics
     assert results["main_metric"] == metric and results["n_dev_examples"] == 64
-    assert set(results["mean"]) == set(glue.get_task(task).metrics)
-    assert all(np.isfinite(v) for v in results["mean"].values())
+    assert set(results["mean"]) == {*metrics, *(f"last_{m}" for m in metrics)}
+    official = glue.official_size(task, "dev")
+    assert results["official_dev_examples"] == official and results["dev_complete"]
+    assert results["dev_splits"]["dev"] == {"used": 64, "loaded": official, "official": official, "malformed": 0,
+                                            "sliced": True}  # fmt: skip
 
 
 def test_mnli_reports_matched_and_mismatched(synthetic, tmp_path):
@@ -98,7 +102,12 @@ def test_mnli_reports_matched_and_mismatched(synthetic, tmp_path):
     cfg = FinetuneConfig(task="mnli", glue_dir=str(FIXTURES), init=str(ckpt), out_dir=str(tmp_path), epochs=1,
                          seeds=(1, 2), device="cpu")  # fmt: skip
     results = finetune.train(cfg)
-    assert results["main_metric"] == "m_accuracy" and set(results["mean"]) == {"m_accuracy", "mm_accuracy"}
+    assert results["main_metric"] == "m_accuracy" and set(results["mean"]) == {
+        "m_accuracy",
+        "mm_accuracy",
+        "last_m_accuracy",
+        "last_mm_accuracy",
+    }
     assert results["n_dev_examples"] == 4 and results["n_train_examples"] == 3
 
 
@@ -128,7 +137,9 @@ def test_config_defaults_and_validation():
     )
     assert FinetuneConfig(task="mnli").resolved().epochs == 3  # 2 in the large recipe, at least 3 for small
     assert FinetuneConfig(task="cola", lr=1e-4).resolved().lr == 1e-4
-    with pytest.raises(ValueError, match="unknown GLUE task 'squad'; known tasks: cola"):
+    with pytest.raises(
+        ValueError, match="unknown task 'squad'; known tasks: cola, .*, synth_tag, synth_gram"
+    ):
         FinetuneConfig(task="squad")
     with pytest.raises(ValueError, match="FinetuneConfig.batch_size must be positive"):
         FinetuneConfig(batch_size=0)
@@ -186,7 +197,9 @@ def test_cli_trains_and_builds_table(synthetic, tmp_path):
     stem = tmp_path / "figures" / "glue"
     assert finetune.cli(["--table", str(tmp_path / "ft"), "--table-out", str(stem)]) == 0
     lines = stem.with_suffix(".csv").read_text().splitlines()
-    assert lines[0].startswith("checkpoint,source,sst2,sst2_std,sst2_seeds")
+    assert lines[0].startswith(
+        "checkpoint,source,sst2,sst2_std,sst2_seeds,sst2_last,sst2_n_dev,sst2_dev_official"
+    )
     assert lines[1].startswith(f"{ckpt.name},ours,{100 * results['mean']['accuracy']:.2f},")
     assert any(line.startswith("DeBERTaV3-large (paper),paper,96.90") for line in lines)
     assert stem.with_suffix(".png").stat().st_size > 1000

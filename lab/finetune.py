@@ -344,7 +344,7 @@ class Encoded:
         """One copy per split to the device (pinned and asynchronous on CUDA)."""
         if device.type != "cuda":
             return self
-        move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: _to_device(t, device)  # noqa: E731
         return Encoded(move(self.ids), move(self.lengths), move(self.labels), self.lengths_host)
 
     def width(self, idx: np.ndarray, bucket: int) -> int:
@@ -358,6 +358,11 @@ class Encoded:
         mask = (torch.arange(width, device=ids.device) < self.lengths[idx, None]).long()  # [B, W]
         labels = self.labels[idx] if self.labels.dim() == 1 else self.labels[idx, :width]
         return ids, mask, labels
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: through pinned memory and without waiting on CUDA, as is on the CPU."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _bucket(cfg: FinetuneConfig, device: torch.device) -> int:
@@ -374,7 +379,7 @@ def predict(model: nn.Module, data: Encoded, cfg: FinetuneConfig, device: torch.
     computed in length-sorted batches on the device and copied to the host once."""
     model.eval()
     order = np.argsort(data.lengths_host, kind="stable")
-    order_dev = torch.from_numpy(order).to(device, non_blocking=True)
+    order_dev = _to_device(torch.from_numpy(order), device)
     token_level = data.labels.dim() == 2
     out = None
     for start in range(0, len(order), cfg.eval_batch_size):
@@ -440,13 +445,12 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = torch.randperm(len(train_data), generator=generator)  # the batch order, planned on the host
-        order_dev = order.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else order
+        order_dev = _to_device(order, device)  # one copy per epoch; each step slices it
+        order_host = order.numpy()
         loss_sum = torch.zeros((), device=device)
         for start in range(0, len(order), cfg.batch_size):
-            idx = order_dev[start : start + cfg.batch_size]
-            ids, mask, labels = train_data.batch(
-                idx, train_data.width(order[start : start + cfg.batch_size].numpy(), bucket)
-            )
+            rows = slice(start, start + cfg.batch_size)
+            ids, mask, labels = train_data.batch(order_dev[rows], train_data.width(order_host[rows], bucket))
             set_lr(opt, cfg.lr * linear_schedule(step, warmup, total))
             with autocast(device, _dtype(cfg, device)):
                 logits = step_model(ids, mask)

@@ -1,10 +1,13 @@
 import json
 import random
 import shutil
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from lab import finetune, glue
 from lab.finetune import FinetuneConfig
@@ -53,28 +56,53 @@ def test_learns_a_trivial_task_above_90_percent(synthetic, tmp_path):
     cfg = FinetuneConfig(task="sst2", glue_dir=str(root), init=str(ckpt), out_dir=str(tmp_path), epochs=6,
                          lr=1e-3, batch_size=16, head_dropout=0.0, seeds=(1,), device="cpu")  # fmt: skip
     results = finetune.train(cfg)
-    assert results["metrics_per_seed"][0]["accuracy"] > 0.9, results["metrics_per_seed"]
+    seed = results["metrics_per_seed"][0]
+    assert seed["accuracy"] > 0.9, results["metrics_per_seed"]
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, 7))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert results["metrics_per_seed"][0]["accuracy"] == max(
-        h["accuracy"] for h in history
-    )  # best epoch kept
+    # the best epoch's score is reported, and the last epoch's next to it
+    best = max(history, key=lambda h: h["accuracy"])
+    assert seed["best_epoch"] == best["epoch"] and seed["accuracy"] == best["accuracy"]
+    assert seed["last_accuracy"] == history[-1]["accuracy"]
 
 
-def test_seeds_give_mean_median_std_and_results_file(synthetic, tmp_path):
+def test_summary_is_mean_median_and_sample_std_hand_computed():
+    per_seed = [
+        {"seed": 1, "accuracy": 0.5, "best_epoch": 2, "last_accuracy": 0.4},
+        {"seed": 2, "accuracy": 0.9, "best_epoch": 1, "last_accuracy": 0.2},
+        {"seed": 3, "accuracy": 0.7, "best_epoch": 3, "last_accuracy": 0.6},
+    ]
+    mean, median, std = finetune._summary(per_seed)
+    assert set(mean) == {"accuracy", "last_accuracy"}  # seed and best_epoch are not metrics
+    assert mean["accuracy"] == pytest.approx(0.7) and median["accuracy"] == pytest.approx(0.7)
+    assert std["accuracy"] == pytest.approx(0.2)  # sqrt((0.04 + 0.04 + 0) / 2): the sample std
+    assert mean["last_accuracy"] == pytest.approx(0.4) and median["last_accuracy"] == pytest.approx(0.4)
+    assert std["last_accuracy"] == pytest.approx(0.2)
+    one = finetune._summary(per_seed[:1])
+    assert one == ({"accuracy": 0.5, "last_accuracy": 0.4},) * 2 + ({"accuracy": 0.0, "last_accuracy": 0.0},)
+    assert finetune._summary(per_seed[:2])[1]["accuracy"] == pytest.approx(0.7)  # median of two: their mean
+
+
+def test_seeds_and_results_files_agree(synthetic, tmp_path):
     root, ckpt = synthetic
-    cfg = FinetuneConfig(task="sst2", glue_dir=str(root), init=str(ckpt), out_dir=str(tmp_path), epochs=1,
+    cfg = FinetuneConfig(task="sst2", glue_dir=str(root), init=str(ckpt), out_dir=str(tmp_path), epochs=2,
                          batch_size=32, seeds=(1, 2, 3), max_train_examples=64, max_eval_examples=50,
                          device="cpu")  # fmt: skip
     results = finetune.train(cfg)
     on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
     assert on_disk["task"] == "sst2" and on_disk["n_dev_examples"] == 50 and on_disk["n_train_examples"] == 64
-    accs = [m["accuracy"] for m in results["metrics_per_seed"]]
+    assert on_disk["dev_splits"]["dev"] == {"used": 50, "loaded": 128, "official": 872, "malformed": 0,
+                                            "sliced": True}  # fmt: skip
     assert [m["seed"] for m in results["metrics_per_seed"]] == [1, 2, 3]
-    assert results["mean"]["accuracy"] == pytest.approx(np.mean(accs))
-    assert results["median"]["accuracy"] == pytest.approx(np.median(accs))
-    assert results["std"]["accuracy"] == pytest.approx(np.std(accs, ddof=1))
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(h["seed"], h["epoch"]) for h in history] == [(s, e) for s in (1, 2, 3) for e in (1, 2)]
+    for m in results["metrics_per_seed"]:
+        rows = [h for h in history if h["seed"] == m["seed"]]
+        assert m["accuracy"] == rows[m["best_epoch"] - 1]["accuracy"] == max(h["accuracy"] for h in rows)
+        assert m["last_accuracy"] == rows[-1]["accuracy"]
+        assert json.loads((tmp_path / "seeds" / f"seed_{m['seed']}.json").read_text())["metrics"] == m
     assert on_disk["config"]["lr"] == pytest.approx(6e-6 * finetune.LR_SCALE)  # SST-2 default, resolved
 
 
@@ -95,6 +123,11 @@ def test_real_glue_slice_end_to_end(data_root, tmp_path, task, metric):
     assert results["official_dev_examples"] == official and results["dev_complete"]
     assert results["dev_splits"]["dev"] == {"used": 64, "loaded": official, "official": official, "malformed": 0,
                                             "sliced": True}  # fmt: skip
+    history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        results["mean"][metric] == history[0][metric]
+        and results["mean"][f"last_{metric}"] == history[0][metric]
+    )
 
 
 def test_mnli_reports_matched_and_mismatched(synthetic, tmp_path):
@@ -111,19 +144,49 @@ def test_mnli_reports_matched_and_mismatched(synthetic, tmp_path):
     assert results["n_dev_examples"] == 4 and results["n_train_examples"] == 3
 
 
-def test_pair_encoding_truncates_the_longer_side_first():
-    class Words:
-        cls_id, sep_id = 1, 2
+class Words:
+    """A stand-in tokenizer: one id per word, 10 + the word's length."""
 
-        def encode_batch(self, texts):
-            return [[10 + len(w) for w in t.split()] for t in texts]
+    cls_id, sep_id = 1, 2
 
-    split = glue.GlueSplit("rte", "dev", "-", ["a " * 10, "a a"], ["b b", "b " * 3], [0, 1])
-    rows = finetune.encode_split(split, Words(), max_len=9)
-    assert rows[0] == [1, 11, 11, 11, 11, 2, 11, 11, 2]  # a cut from 10 to 4; b kept whole
-    assert rows[1] == [1, 11, 11, 2, 11, 11, 11, 2]  # fits: nothing cut
+    def encode_batch(self, texts):
+        return [[10 + len(w) for w in t.split()] for t in texts]
+
+
+def test_pair_encoding_truncates_like_transformers_longest_first():
+    # (len a, len b, budget for both) -> tokens kept of a and b, worked out by hand from the rule: the
+    # shorter side stays whole if it fits in half the budget; otherwise the shorter (a on a tie) keeps
+    # floor(budget / 2) and the longer ceil(budget / 2).
+    cases = {(10, 3, 7): (4, 3), (3, 10, 7): (3, 4), (6, 5, 7): (4, 3), (5, 6, 7): (3, 4), (5, 5, 7): (3, 4),
+             (4, 4, 5): (2, 3), (10, 2, 7): (5, 2), (6, 5, 8): (4, 4), (2, 3, 7): (2, 3)}  # fmt: skip
+    for (len_a, len_b, budget), kept in cases.items():
+        assert finetune._pair_lengths(len_a, len_b, budget) == kept, (len_a, len_b, budget)
+    split = glue.GlueSplit("rte", "dev", "-", ["a " * 6, "a a"], ["bb " * 5, "bb " * 3], [0, 1])
+    rows = finetune.encode_split(split, Words(), max_len=10)  # budget 7 for the two texts
+    assert rows[0] == [1, 11, 11, 11, 11, 2, 12, 12, 12, 2]  # a keeps 4 of 6, b 3 of 5
+    assert rows[1] == [1, 11, 11, 2, 12, 12, 12, 2]  # fits: nothing cut
     single = glue.GlueSplit("sst2", "dev", "-", ["a " * 10], None, [0])
     assert finetune.encode_split(single, Words(), max_len=5) == [[1, 11, 11, 11, 2]]
+
+
+def test_pair_truncation_equals_a_transformers_fast_tokenizer():
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(40)} | {"[UNK]": 40}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend)
+    for len_a in range(1, 12):
+        for len_b in range(1, 12):
+            for budget in (4, 5, 7, 8):
+                a, b = " ".join(f"w{i}" for i in range(len_a)), " ".join(f"w{20 + i}" for i in range(len_b))
+                ids = hf(a, b, truncation="longest_first", max_length=budget, add_special_tokens=False)[
+                    "input_ids"
+                ]
+                kept = (sum(i < 20 for i in ids), sum(i >= 20 for i in ids))
+                assert finetune._pair_lengths(len_a, len_b, budget) == kept, (len_a, len_b, budget)
 
 
 def test_config_defaults_and_validation():
@@ -207,3 +270,184 @@ def test_cli_trains_and_builds_table(synthetic, tmp_path):
     with pytest.raises(SystemExit):
         finetune.cli(["--task", "sst2", "--bogus-flag", "1"])
     assert finetune.cli(["--task", "squad", "--init", str(ckpt), "--out", str(tmp_path / "x")]) == 1
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_interrupted_seeds_resume_without_redoing_finished_ones(synthetic, tmp_path, monkeypatch):
+    root, ckpt = synthetic
+    base = dict(task="sst2", glue_dir=str(root), init=str(ckpt), epochs=2, batch_size=16, seeds=(1, 2, 3),
+                max_train_examples=48, max_eval_examples=32, device="cpu")  # fmt: skip
+    reference = finetune.train(FinetuneConfig(out_dir=str(tmp_path / "straight"), **base))
+
+    real, trained = finetune.finetune_seed, []
+
+    def interrupted_at_seed_2(cfg, seed, *args):
+        if seed == 2 and not trained.count(2):
+            trained.append(2)
+            raise KeyboardInterrupt  # as a Ctrl-C (or a kill) in the middle of seed 2
+        trained.append(seed)
+        return real(cfg, seed, *args)
+
+    monkeypatch.setattr(finetune, "finetune_seed", interrupted_at_seed_2)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(FinetuneConfig(out_dir=str(out), **base))
+    assert sorted(p.name for p in (out / "seeds").iterdir()) == ["seed_1.json"]  # no partial file
+    assert not (out / "results.json").exists()
+    seed_1_mtime = (out / "seeds" / "seed_1.json").stat().st_mtime_ns
+
+    results = finetune.train(FinetuneConfig(out_dir=str(out), **base))
+    assert trained == [1, 2, 2, 3]  # seed 1 was not trained again
+    assert (out / "seeds" / "seed_1.json").stat().st_mtime_ns == seed_1_mtime
+    without_out = lambda r: {**r, "config": {**r["config"], "out_dir": None}}  # noqa: E731
+    assert without_out(results) == without_out(reference)
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(h["seed"], h["epoch"]) for h in history] == [(s, e) for s in (1, 2, 3) for e in (1, 2)]
+
+    trained.clear()  # a finished run is not trained again, and fewer seeds reuse the saved ones
+    assert finetune.train(FinetuneConfig(out_dir=str(out), **base)) == results and trained == []
+    assert finetune.train(FinetuneConfig(out_dir=str(out), **{**base, "seeds": (3, 1)}))[
+        "metrics_per_seed"
+    ] == [
+        results["metrics_per_seed"][2],
+        results["metrics_per_seed"][0],
+    ]
+    assert trained == []
+
+
+def test_changed_config_or_checkpoint_is_not_mixed_with_saved_seeds(synthetic, tmp_path):
+    root, ckpt = synthetic
+    base = dict(task="sst2", glue_dir=str(root), init=str(ckpt), out_dir=str(tmp_path / "out"), epochs=1,
+                batch_size=16, seeds=(1,), max_train_examples=32, max_eval_examples=16, device="cpu")  # fmt: skip
+    finetune.train(FinetuneConfig(**base))
+    with pytest.raises(ValueError, match=r"seed_1\.json was fine-tuned with a different configuration "
+                                         r"\(lr: 3\.6e-05 then, 0\.001 now\); use another out_dir"):  # fmt: skip
+        finetune.train(FinetuneConfig(**{**base, "seeds": (1, 2), "lr": 1e-3}))
+    assert not (tmp_path / "out" / "seeds" / "seed_2.json").exists()
+
+    moved = tmp_path / "ckpt"
+    shutil.copytree(ckpt, moved)
+    finetune.train(FinetuneConfig(**{**base, "init": str(moved), "out_dir": str(tmp_path / "b")}))
+    weights = next(p for p in moved.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # the checkpoint was replaced
+    with pytest.raises(
+        ValueError,
+        match=r"seed_1\.json was fine-tuned with a different configuration \(the init checkpoint changed\)",
+    ):
+        finetune.train(FinetuneConfig(**{**base, "init": str(moved), "out_dir": str(tmp_path / "b")}))
+
+
+# ---------------------------------------------------------------------------------------------- dev sizes
+
+
+def test_dev_split_with_skipped_rows_is_flagged_with_both_counts(synthetic, tmp_path):
+    root, ckpt = synthetic
+    glue_dir = tmp_path / "glue"
+    shutil.copytree(root, glue_dir)
+    lines = ["sentence\tlabel"] + [f"{' '.join(WORDS[: 3 + i % 5])}\t{i % 2}" for i in range(872)]
+    lines[10], lines[20] = "a row without a label", "a film\tpositive"  # 2 rows the loader must skip
+    (glue_dir / "SST-2" / "dev.tsv").write_text("\n".join(lines) + "\n")
+    cfg = FinetuneConfig(task="sst2", glue_dir=str(glue_dir), init=str(ckpt), out_dir=str(tmp_path / "out"),
+                         epochs=1, batch_size=32, max_train_examples=32, seeds=(1,), device="cpu")  # fmt: skip
+    with pytest.warns(
+        UserWarning, match=r"sst2 dev .* has 870 examples, the official split has 872 \(2 malformed"
+    ):
+        results = finetune.train(cfg)
+    assert results["n_dev_examples"] == 870 and results["official_dev_examples"] == 872
+    assert results["dev_splits"]["dev"] == {"used": 870, "loaded": 870, "official": 872, "malformed": 2,
+                                            "sliced": False}  # fmt: skip
+    assert results["dev_complete"] is False
+
+    rows = finetune.results_table(tmp_path / "out", tmp_path / "table", include_paper=False)
+    assert (rows[0]["sst2_n_dev"], rows[0]["sst2_dev_official"]) == (870, 872)
+    header, row = (tmp_path / "table.csv").read_text().splitlines()
+    assert dict(zip(header.split(","), row.split(",")))["sst2_n_dev"] == "870"
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def test_batch_widths_round_up_to_the_bucket():
+    data = finetune.Encoded.build([[1] * 3, [1] * 17, [1] * 40], [0, 1, 0], pad_id=0)
+    assert data.ids.shape == (3, 40)
+    assert data.width(np.array([0]), 1) == 3 and data.width(np.array([0]), 16) == 16
+    assert data.width(np.array([0, 1]), 16) == 32 and data.width(np.array([2]), 16) == 40  # capped at T
+    ids, mask, labels = data.batch(torch.tensor([1, 0]), 32)
+    assert ids.shape == (2, 32) and mask.sum(1).tolist() == [17, 3] and labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("token_level", [False, True])
+def test_padding_to_a_bucket_does_not_change_a_batch_loss(token_level):
+    cfg = preset("tiny", vocab_size=50, hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    head = finetune.TokenClassifier if token_level else finetune.Classifier
+    model = head(Encoder(cfg), 3, head_dropout=0.0).eval()
+    with torch.no_grad():
+        model.out.weight.mul_(300.0)  # logits of order 1, so that a wrong mask shows in the loss
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(4, 50, n).tolist() for n in (5, 9, 12)]
+    labels = [rng.integers(0, 3, len(r)).tolist() for r in rows] if token_level else [0, 2, 1]
+    data = finetune.Encoded.build(rows, labels, pad_id=0)
+    task = SimpleNamespace(is_regression=False)
+    losses = []
+    for width in (12, 16, 29):
+        wide = finetune.Encoded.build(rows, labels, pad_id=0)
+        wide.ids = torch.nn.functional.pad(data.ids, (0, width - 12))
+        if token_level:
+            wide.labels = torch.nn.functional.pad(data.labels, (0, width - 12), value=finetune.IGNORE)
+        ids, mask, y = wide.batch(torch.arange(3), width)
+        assert ids.shape == (3, width) and int(mask.sum()) == 26
+        losses.append(finetune._loss(task, model(ids, mask), y).item())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[2] == pytest.approx(losses[0], abs=1e-5)
+    # the comparison can fail: unmasked padding changes the loss
+    ids, mask, y = wide.batch(torch.arange(3), 29)
+    assert abs(finetune._loss(task, model(ids, torch.ones_like(mask)), y).item() - losses[0]) > 1e-3
+
+
+def test_bucketed_fine_tuning_equals_unbucketed(synthetic, tmp_path):
+    root, ckpt = synthetic
+    base = dict(task="sst2", glue_dir=str(root), init=str(ckpt), epochs=2, lr=1e-3, batch_size=16, seeds=(1,),
+                max_train_examples=64, max_eval_examples=64, eval_batch_size=16, device="cpu")  # fmt: skip
+    runs = {}
+    for bucket in (1, 16):
+        out = tmp_path / f"bucket{bucket}"
+        finetune.train(FinetuneConfig(out_dir=str(out), length_bucket=bucket, **base))
+        runs[bucket] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for exact, bucketed in zip(runs[1], runs[16]):
+        assert bucketed["train_loss"] == pytest.approx(exact["train_loss"], rel=1e-5)
+        assert bucketed["accuracy"] == exact["accuracy"]
+    assert runs[1][-1]["train_loss"] < runs[1][0]["train_loss"]  # it did learn: the comparison is not vacuous
+
+
+def test_training_steps_make_no_host_sync(synthetic, tmp_path, monkeypatch):
+    """Host reads (.item(), .cpu(), .tolist(), .numpy(), bool/float of a tensor) happen per epoch and per
+    evaluation, never per step: halving the batch size (twice the steps) must not add any."""
+    root, ckpt = synthetic
+    counts = Counter()
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    seen = {}
+    for batch_size in (16, 8):
+        counts.clear()
+        cfg = FinetuneConfig(task="sst2", glue_dir=str(root), init=str(ckpt), out_dir=str(tmp_path / str(batch_size)),
+                             epochs=2, batch_size=batch_size, max_train_examples=64, max_eval_examples=32,
+                             seeds=(1,), device="cpu")  # fmt: skip
+        finetune.finetune_seed(cfg.resolved(), 1, glue.get_task("sst2"), *_prepared(cfg))
+        seen[batch_size] = dict(counts)
+    assert seen[16] == seen[8], seen
+
+
+def _prepared(cfg):
+    cfg = cfg.resolved()
+    encoder, tokenizer = finetune.load_encoder(cfg.init)
+    train_data, dev, _ = finetune._load_data(cfg, glue.get_task(cfg.task), tokenizer, 64)
+    return encoder, train_data, dev, torch.device("cpu")

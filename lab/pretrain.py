@@ -1,15 +1,24 @@
 """RTD pre-training: `train(cfg) -> summary`, callable from notebooks, the CLI and torchrun alike.
 
-The loop, in nanoGPT order: lr -> eval / checkpoint -> forward / backward -> clip -> step -> log.
+`train` reads top to bottom in nanoGPT order: setup, then per step lr -> eval -> forward / backward
+(with the gradient-conflict probe when due) -> clip -> step -> log -> checkpoint, then the final
+evaluation and export. Each phase is a function below it: `setup`, `train_step`, `evaluate` /
+`gradient_probe`, `save_checkpoint`, `log_window`, `finish`.
+
+A steady-state step never waits for the device: losses and the non-finite flag are summed on the
+device (`Meter`) and read at log steps only; batches go to the GPU from pinned memory without
+blocking. Evaluation, the probe and checkpoints read values back, so they are timed apart from
+training: the log's ms/step and tokens/s are training alone, their cost is the row's `overhead_s`.
 
 Randomness is a function of (seed, step): every step re-seeds dropout and draws its masking and
 sampling noise for the whole global batch from a generator seeded by (seed, step, micro-step), and
 each rank takes its rows. So a resumed run repeats an uninterrupted one exactly, and N processes
 compute the same losses as one process with the same global batch (with dropout off).
 
-Run directory (cfg.out_dir): config.json, metrics.jsonl, summary.json, checkpoints/last.pt,
-tokenizer/spm.model, token_counts.npy, token_classes.json (synthetic corpus), embeddings.safetensors
-(generator / discriminator / delta tables), export/discriminator and export/generator (HF format).
+Run directory (cfg.out_dir): config.json, metrics.jsonl, summary.json, checkpoints/ (a ring of
+checksummed checkpoints, see lab/checkpoint.py), tokenizer/spm.model, token_counts.npy,
+token_classes.json (synthetic corpus), embeddings.safetensors (generator / discriminator / delta
+tables), export/discriminator and export/generator (HF format).
 """
 
 from __future__ import annotations
@@ -27,20 +36,24 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from lab import checkpoint
 from lab.analysis import gradient_cosine, similarity_pull
-from lab.data import BatchIterator, prepare_corpus
+from lab.checkpoint import CheckpointError
+from lab.data import BatchIterator, PreparedCorpus, prepare_corpus
 from lab.hf import save_pretrained
 from lab.model import preset
 from lab.rtd import MASK_STRATEGIES, SHARING_MODES, RTDModel, draw_noise
+from lab.training import adamw, autocast, linear_schedule, set_lr
 from lab.util import (
     append_jsonl,
-    atomic_torch_save,
+    atomic_write_bytes,
     atomic_write_json,
     config_parser,
     parse_config,
     pick_device,
-    read_jsonl,
 )
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -80,21 +93,32 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
-    compile: bool = False  # torch.compile the RTD model
+    compile: str = "auto"  # auto (on for CUDA, off for CPU) | on | off: torch.compile the RTD model
+    # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs.
+    # "default" is provisional: the fastest mode measured on a GPU (lab gpucheck times them) replaces it.
+    compile_mode: str = "default"  # torch.compile mode (default is provisional until timed on a GPU)
     log_every: int = 20
     eval_every: int = 200
     eval_batches: int = 8
     probe_every: int = 50  # gradient-conflict probe (0 = off)
     ckpt_every: int = 200
+    keep_checkpoints: int = 2  # checkpoints kept in checkpoints/ (the newest; a damaged one falls back)
+    discard_bad_checkpoints: bool = (
+        False  # if no checkpoint is usable: move them to checkpoints/bad/, start over
+    )
     stop_after: int = 0  # end this invocation after this step (0 = run to `steps`); a rerun resumes
     progress: str = "line"  # line (a log line per interval) | bar (tqdm, for notebooks) | none
 
     def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):  # config.json files written before compile took auto/on/off
+            object.__setattr__(self, "compile", "on" if self.compile else "off")
         choices = {
             "sharing": SHARING_MODES,
             "mask_strategy": MASK_STRATEGIES,
             "optimization": ("joint", "decoupled"),
             "dtype": ("auto", "fp32", "bf16"),
+            "compile": ("auto", "on", "off"),
+            "compile_mode": COMPILE_MODES,
             "progress": ("line", "bar", "none"),
         }
         for name, allowed in choices.items():
@@ -103,11 +127,57 @@ class PretrainConfig:
         preset(self.preset)  # raises on an unknown preset
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"PretrainConfig.mask_prob={self.mask_prob} must be in (0, 1)")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "ckpt_every"):
+        positive = ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "ckpt_every")
+        for name in (*positive, "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PretrainConfig.{name} must be positive, got {getattr(self, name)}")
         if self.seq_len < 8:
             raise ValueError(f"PretrainConfig.seq_len={self.seq_len} is too short; use at least 8")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: PretrainConfig) -> dict:
+    """Pre-train a generator + discriminator with the chosen sharing mode; returns summary.json."""
+    run = setup(cfg)
+    model, optimizer = run.model, run.optimizer
+    step, end = run.start, min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+    meter = Meter(run.device, step, warmup=3 if run.compiled else 1)
+    progress = Progress(cfg, step, run.ddp.main)
+    if run.ddp.main and step:
+        progress.message(f"resuming {run.out_dir} at step {step} from {run.resumed_from}")
+    try:
+        while step < end:
+            set_lr(optimizer, cfg.lr * linear_schedule(step, cfg.warmup_steps, cfg.steps))
+            # eval (before the step, so step 0 records the untrained model)
+            if run.ddp.main and step % cfg.eval_every == 0 and run.eval_batches:
+                with meter.overhead("eval"):
+                    row = evaluate(model, run.eval_batches, run.tok, cfg, run.device, run.amp)
+                    append_jsonl(run.metrics, {"split": "eval", "step": step, **row})
+            # forward / backward over the micro-batches, the probe on the first when due
+            probe = run.ddp.main and cfg.probe_every > 0 and step % cfg.probe_every == 0
+            train_step(run, step, meter, probe)
+            # clip, step
+            clip(model, cfg)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            meter.step_done(step)
+            # log (the only place a steady-state step reads values from the device)
+            if step % cfg.log_every == 0 or step == end:
+                log_window(run, meter, step, end, progress)
+            if step % cfg.ckpt_every == 0 or step == end:
+                with meter.overhead("checkpoint"):
+                    save_checkpoint(run, step, meter.nonfinite)
+    except KeyboardInterrupt:
+        save_checkpoint(run, step, meter.nonfinite)
+        progress.message(f"interrupted at step {step}; checkpoint saved in {run.ckpt_dir}; rerun to resume")
+        progress.close()
+        raise
+    progress.close()
+    return finish(run, step, meter)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,36 +205,245 @@ def setup_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (one pass over all parameters, CPU and CUDA) and no weight decay
-    on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=True)
-
-
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup to cfg.lr, then linear decay to zero at cfg.steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
-
-
 def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
 
 
+@dataclass
+class Run:
+    """What `setup` builds for the loop."""
+
+    cfg: PretrainConfig
+    device: torch.device
+    ddp: Dist
+    amp: torch.dtype | None  # autocast dtype, None = fp32
+    out_dir: Path
+    corpus: PreparedCorpus
+    model: RTDModel  # the module itself: evaluation, the probe, checkpoints and export use it
+    net: torch.nn.Module  # the model or its DDP wrapper
+    step_fn: torch.nn.Module  # `net`, compiled when cfg.compile says so: the training forward
+    compiled: bool
+    optimizer: torch.optim.Optimizer
+    batches: BatchIterator
+    eval_batches: list[torch.Tensor]
+    micro: int  # examples per process per micro-step
+    start: int  # the step this invocation starts at
+    resumed_from: Path | None
+
+    @property
+    def tok(self):
+        return self.corpus.tokenizer
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def __post_init__(self) -> None:
+        self.special = torch.tensor(sorted(self.tok.special_ids), device=self.device)
+        self.noise_gen = torch.Generator(device=self.device)
+        self.rows = slice(self.ddp.rank * self.micro, (self.ddp.rank + 1) * self.micro)  # this rank's rows
+
+
+def setup(cfg: PretrainConfig) -> Run:
+    """Device and processes, data, model and optimizer, and the resumed state if there is one."""
+    device = pick_device(cfg.device)
+    ddp = setup_distributed(device)
+    if ddp.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)
+    micro = cfg.batch_size // (ddp.world * cfg.grad_accum)
+    if micro * ddp.world * cfg.grad_accum != cfg.batch_size:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is not divisible by processes ({ddp.world}) x grad_accum "
+            f"({cfg.grad_accum}); choose a multiple of {ddp.world * cfg.grad_accum}"
+        )
+    out_dir = Path(cfg.out_dir)
+
+    # -- data (rank 0 tokenises and caches first; the others then read the cache)
+    if not ddp.main:
+        dist.barrier()
+    corpus = prepare_corpus(
+        cfg.corpus,
+        tokenizer=cfg.tokenizer or None,
+        vocab_size=cfg.vocab_size,
+        seq_len=cfg.seq_len,
+        heldout_fraction=cfg.heldout_fraction,
+    )
+    if ddp.main and ddp.world > 1:
+        dist.barrier()
+    tok = corpus.tokenizer
+
+    # -- model and optimizer
+    model_cfg = preset(
+        cfg.preset,
+        vocab_size=tok.vocab_size,
+        max_seq_len=max(cfg.seq_len, 512),
+        hidden_dropout=cfg.dropout,
+        attention_dropout=cfg.dropout,
+    )
+    torch.manual_seed(cfg.seed)
+    model = RTDModel(model_cfg, cfg.sharing, cfg.gen_depth_ratio, cfg.gen_width_ratio, cfg.emd).to(device)
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps)
+
+    # -- resume, or start the run directory
+    found = resume_point(cfg, out_dir / "checkpoints", device, ddp)
+    start, position = 0, 0
+    if found is not None:
+        check_resumable(found.state["config"], cfg, found.path)
+        rows = found.state["model"]["generator.word_embeddings.weight"].shape[0]
+        if rows != tok.vocab_size:
+            raise ValueError(
+                f"{found.path} has a vocabulary of {rows} rows but the tokenizer has {tok.vocab_size} ids; "
+                "resume with the tokenizer the run started with (its tokenizer/spm.model), or use a new out_dir"
+            )
+        model.load_state_dict(found.state["model"])
+        optimizer.load_state_dict(found.state["optimizer"])
+        start, position = found.state["step"], found.state["data"]["position"]
+    elif ddp.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        atomic_write_json(out_dir / "config.json", asdict(cfg))
+        tok.save(out_dir / "tokenizer")
+        np.save(out_dir / "token_counts.npy", corpus.token_counts)
+        if corpus.token_classes is not None:
+            atomic_write_json(
+                out_dir / "token_classes.json", {str(k): v for k, v in corpus.token_classes.items()}
+            )
+    if ddp.main:
+        _truncate_metrics(out_dir / "metrics.jsonl", start)
+
+    # -- the training forward: DDP wrapper, then torch.compile
+    net = model
+    if ddp.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    step_fn = torch.compile(net, mode=cfg.compile_mode) if compiled else net
+
+    eval_set = [corpus.heldout[i] for i in range(min(len(corpus.heldout), cfg.eval_batches * micro))]
+    return Run(
+        cfg=cfg,
+        device=device,
+        ddp=ddp,
+        amp=autocast_dtype(cfg, device),
+        out_dir=out_dir,
+        corpus=corpus,
+        model=model,
+        net=net,
+        step_fn=step_fn,
+        compiled=compiled,
+        optimizer=optimizer,
+        batches=BatchIterator(corpus.train, micro, cfg.seed, ddp.rank, ddp.world, position),
+        eval_batches=[torch.stack(eval_set[i : i + micro]) for i in range(0, len(eval_set), micro)],
+        micro=micro,
+        start=start,
+        resumed_from=None if found is None else found.path,
+    )
+
+
+def resume_point(cfg: PretrainConfig, folder: Path, device, ddp: Dist) -> checkpoint.Found | None:
+    """The newest usable checkpoint (damaged newer ones are moved to checkpoints/bad/ with a warning),
+    or None for a fresh run. With no usable one at all, CheckpointError says what to do, unless
+    cfg.discard_bad_checkpoints moves them aside and starts over."""
+    try:
+        found = checkpoint.latest(folder, map_location=device, warn=ddp.main)
+    except CheckpointError as err:
+        if not cfg.discard_bad_checkpoints:
+            raise
+        found, bad = None, err.bad
+    else:
+        bad = [] if found is None else [path for path, _ in found.bad]
+    if ddp.world > 1:
+        dist.barrier()  # every rank has chosen before rank 0 moves files
+    if bad and ddp.main:
+        where = checkpoint.set_aside(bad, folder)
+        print(f"moved {len(bad)} unusable checkpoint(s) to {where}", file=sys.stderr, flush=True)
+    return found
+
+
 # ----------------------------------------------------------------------------------------------
-# Evaluation and the gradient-conflict probe
+# The step
+
+
+def to_device(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto `device`; on CUDA through pinned memory, so the copy does not block the host."""
+    if device.type == "cuda":
+        ids = ids.pin_memory()  # page-locked: the copy below then runs without blocking the host
+    return ids.to(device, non_blocking=True)
+
+
+def train_step(run: Run, step: int, meter: Meter, probe: bool) -> None:
+    """Forward and backward of one optimizer step, over cfg.grad_accum micro-batches; gradients are
+    left in .grad (all-reduced across processes on the last micro-batch)."""
+    cfg, ddp = run.cfg, run.ddp
+    run.model.train()
+    for m in range(cfg.grad_accum):
+        ids = to_device(next(run.batches), run.device)
+        mask = torch.ones_like(ids)
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 131 + m * 7 + ddp.rank)  # dropout
+        run.noise_gen.manual_seed(cfg.seed * 1_000_003 + step * 131 + m)  # same on every rank
+        noise = draw_noise(run.micro * ddp.world, cfg.seq_len, cfg.mask_prob, run.noise_gen, run.device)
+        noise = noise.rows(run.rows)  # this rank's share of the global batch's noise
+        synced = ddp.world > 1 and m == cfg.grad_accum - 1  # DDP all-reduces in this backward
+        ctx = run.net.no_sync() if ddp.world > 1 and not synced else contextlib.nullcontext()
+        with ctx:
+            out = rtd_forward(run.step_fn, ids, mask, run.special, run.tok.mask_id, cfg, noise, run.amp)
+        if probe and m == 0:
+            with meter.overhead("probe"):
+                row = gradient_probe(run.model, out, cfg.rtd_weight)
+                append_jsonl(run.metrics, {"split": "probe", "step": step, **row})
+        with ctx:
+            backward(run.model, out, cfg, cfg.grad_accum, all_reduce=synced)
+        meter.add(out, cfg.grad_accum)
+
+
+def backward(model: RTDModel, out, cfg: PretrainConfig, accum: int, all_reduce: bool = False) -> None:
+    """Joint: one backward of L_MLM + lambda L_RTD. Decoupled (the official two-optimizer loop): under
+    ES the shared table keeps only its MLM gradient — which is why decoupled ES is not ES.
+
+    Decoupled ES takes the table's MLM gradient with autograd.grad (which leaves .grad and DDP's
+    hooks alone), then runs the one joint backward for every other parameter and puts the MLM-only
+    gradient back on the table; `all_reduce` (the micro-batch on which DDP synchronises) averages it
+    across processes as DDP did the others. Calling backward twice instead breaks under DDP, whose
+    reducer expects one backward per forward."""
+    if cfg.optimization == "decoupled" and cfg.sharing == "es":
+        table = model.generator_table
+        (mlm_grad,) = torch.autograd.grad(out.mlm_loss / accum, table, retain_graph=True)
+        if table.grad is not None:  # earlier micro-batches' MLM-only gradient (local)
+            mlm_grad = mlm_grad + table.grad
+        (out.loss / accum).backward()
+        if all_reduce:
+            dist.all_reduce(mlm_grad)
+            mlm_grad /= dist.get_world_size()
+        table.grad.copy_(mlm_grad)
+    else:
+        (out.loss / accum).backward()
+
+
+def clip(model: RTDModel, cfg: PretrainConfig) -> None:
+    """Global norm clip; the decoupled mode clips generator and discriminator sides separately."""
+    if cfg.optimization == "joint":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+        return
+    d_side = set(map(id, [*model.discriminator.parameters(), *model.rtd_head.parameters()]))
+    if model.sharing == "gdes":
+        d_side.add(id(model.embedding_delta))
+    gen = [p for p in model.parameters() if id(p) not in d_side]
+    disc = [p for p in model.parameters() if id(p) in d_side]
+    for params in (gen, disc):
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
 
 
 def rtd_forward(fn, ids, mask, special, mask_id: int, cfg: PretrainConfig, noise, amp: torch.dtype | None):
     """One RTD forward of `fn` (the model, its DDP wrapper or its compiled form) under the run's autocast."""
-    with torch.autocast(ids.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with autocast(ids.device, amp):
         return fn(
             ids,
             mask,
@@ -178,51 +457,56 @@ def rtd_forward(fn, ids, mask, special, mask_id: int, cfg: PretrainConfig, noise
         )
 
 
+# ----------------------------------------------------------------------------------------------
+# Evaluation and the gradient-conflict probe
+
+
 @torch.no_grad()
 def evaluate(model: RTDModel, batches: list[torch.Tensor], tok, cfg: PretrainConfig, device, amp) -> dict:
-    """Held-out MLM loss/accuracy, RTD loss/accuracy/AUC and replaced-token rate, with fixed noise."""
+    """Held-out MLM loss/accuracy, RTD loss/accuracy/AUC and replaced-token rate, with fixed noise.
+    Sums stay on the device; they are read back once, at the end."""
     from sklearn.metrics import roc_auc_score
 
     was_training = model.training
     model.eval()
     special = torch.tensor(sorted(tok.special_ids), device=device)
-    sums = {
-        "mlm_loss": 0.0,
-        "mlm_correct": 0.0,
-        "masked": 0.0,
-        "rtd_loss": 0.0,
-        "rtd_correct": 0.0,
-        "tokens": 0.0,
-    }
+    names = ("mlm_loss", "mlm_correct", "masked", "rtd_loss", "rtd_correct", "tokens")
+    sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     labels, scores = [], []
     gen = torch.Generator(device=device)
     for i, ids in enumerate(batches):
-        ids = ids.to(device)
+        ids = to_device(ids, device)
         mask = torch.ones_like(ids)
         gen.manual_seed(cfg.seed * 7919 + i)
         noise = draw_noise(ids.shape[0], ids.shape[1], cfg.mask_prob, gen, device)
         out = rtd_forward(model, ids, mask, special, tok.mask_id, cfg, noise, amp)
-        n_masked = out.valid.sum().item()
-        targets = ids.gather(1, out.positions)
-        sums["mlm_loss"] += out.mlm_loss.item() * n_masked
-        sums["mlm_correct"] += ((out.mlm_logits.argmax(-1) == targets) & out.valid).sum().item()
-        sums["masked"] += n_masked
-        sums["rtd_loss"] += out.rtd_loss.item() * mask.sum().item()
-        sums["rtd_correct"] += ((out.rtd_logits > 0).float() == out.labels).sum().item()
-        sums["tokens"] += mask.sum().item()
-        labels.append(out.labels.flatten().cpu())
-        scores.append(out.rtd_logits.flatten().cpu())
+        n_masked, n_tokens = out.valid.sum(), mask.sum()
+        targets = ids.gather(1, out.positions)  # [B, K]
+        sums += torch.stack(
+            [
+                out.mlm_loss * n_masked,
+                ((out.mlm_logits.argmax(-1) == targets) & out.valid).sum(),
+                n_masked,
+                out.rtd_loss * n_tokens,
+                ((out.rtd_logits > 0).float() == out.labels).sum(),
+                n_tokens,
+            ]
+        ).double()
+        labels.append(out.labels.flatten())
+        scores.append(out.rtd_logits.flatten())
     model.train(was_training)
-    labels, scores = torch.cat(labels).numpy(), torch.cat(scores).numpy()
+    total = dict(zip(names, sums.tolist()))
+    labels, scores = torch.cat(labels).cpu().numpy(), torch.cat(scores).float().cpu().numpy()
     replaced = float(labels.sum())
+    masked, tokens = max(total["masked"], 1), max(total["tokens"], 1)
     return {
-        "mlm_loss": sums["mlm_loss"] / max(sums["masked"], 1),
-        "mlm_acc": sums["mlm_correct"] / max(sums["masked"], 1),
-        "rtd_loss": sums["rtd_loss"] / max(sums["tokens"], 1),
-        "rtd_acc": sums["rtd_correct"] / max(sums["tokens"], 1),
+        "mlm_loss": total["mlm_loss"] / masked,
+        "mlm_acc": total["mlm_correct"] / masked,
+        "rtd_loss": total["rtd_loss"] / tokens,
+        "rtd_acc": total["rtd_correct"] / tokens,
         "rtd_auc": float(roc_auc_score(labels, scores)) if 0 < replaced < len(labels) else float("nan"),
-        "replaced_rate": replaced / max(sums["tokens"], 1),
-        "replaced_of_masked": replaced / max(sums["masked"], 1),
+        "replaced_rate": replaced / tokens,
+        "replaced_of_masked": replaced / masked,
     }
 
 
@@ -257,17 +541,20 @@ def gradient_probe(model: RTDModel, out, rtd_weight: float) -> dict:
 # Checkpoints and exports
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, data_state: dict, cfg: PretrainConfig) -> None:
-    atomic_torch_save(
-        {
+def save_checkpoint(run: Run, step: int, nonfinite: torch.Tensor) -> None:
+    """The main process writes the checkpoint of `step` into the ring (see lab/checkpoint.py)."""
+    if bool(nonfinite):  # a device read: on checkpoint steps only
+        return  # never save a diverged state over the good ones
+    if run.ddp.main:
+        # the data position of the completed steps (an interrupted step may have drawn a batch already)
+        state = {
             "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "data": data_state,
-            "config": asdict(cfg),
-        },
-        path,
-    )
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "data": {**run.batches.state(), "position": step * run.cfg.grad_accum},
+            "config": asdict(run.cfg),
+        }
+        checkpoint.save(state, run.ckpt_dir, step, keep=run.cfg.keep_checkpoints)
 
 
 # fields that may differ between a run and its resumption
@@ -280,8 +567,11 @@ _RESUMABLE_CHANGES = {
     "eval_batches",
     "probe_every",
     "ckpt_every",
+    "keep_checkpoints",
+    "discard_bad_checkpoints",
     "device",
     "compile",
+    "compile_mode",
     "progress",
 }
 
@@ -314,8 +604,186 @@ def export_run(model: RTDModel, out_dir: Path, tok) -> None:
     save_file(head, gen_dir / "mlm_head.safetensors")
 
 
+def finish(run: Run, step: int, meter: Meter) -> dict:
+    """Final evaluation, export and summary.json (main process); returns the summary."""
+    cfg, summary = run.cfg, {}
+    if run.ddp.main:
+        final_eval = (
+            evaluate(run.model, run.eval_batches, run.tok, cfg, run.device, run.amp)
+            if run.eval_batches
+            else {}
+        )
+        append_jsonl(run.metrics, {"split": "eval", "step": step, **final_eval})
+        wall = time.perf_counter() - meter.t_start
+        train_s = wall - sum(meter.total_overhead.values())
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        summary = {
+            "sharing": cfg.sharing,
+            "preset": cfg.preset,
+            "corpus": cfg.corpus,
+            "rtd_weight": cfg.rtd_weight,
+            "steps": step,
+            "completed": step >= cfg.steps,
+            "tokens_seen": step * tokens_per_step,
+            "wall_s_this_invocation": wall,
+            # training alone: the warm-up (compilation) steps, evaluation, probe and checkpoints are
+            # in overhead_s
+            "tokens_per_s": meter.steady_steps_total * tokens_per_step / train_s
+            if meter.steady_steps_total
+            else None,
+            "overhead_s": dict(meter.total_overhead),
+            "compile_s": meter.compile_s if run.compiled else None,
+            "world_size": run.ddp.world,
+            "device": str(run.device),
+            "dtype": str(run.amp or torch.float32),
+            "compiled": run.compiled,
+            "compile_mode": cfg.compile_mode if run.compiled else None,
+            "vocab_size": run.tok.vocab_size,
+            "final_eval": final_eval,
+            "corpus_info": run.corpus.describe(),
+        }
+        try:
+            export_run(run.model, run.out_dir, run.tok)
+            atomic_write_json(run.out_dir / "summary.json", summary)
+        except OSError as err:
+            newest = checkpoint.candidates(run.ckpt_dir)
+            raise CheckpointError(
+                f"could not write the export of {run.out_dir} ({type(err).__name__}: {err}); the checkpoint "
+                f"{newest[0] if newest else '(none)'} is intact. Free disk space and rerun the same command: "
+                "a finished run only re-evaluates and re-exports"
+            ) from err
+    if run.ddp.world > 1:
+        dist.barrier()
+    return summary
+
+
 # ----------------------------------------------------------------------------------------------
-# The loop
+# Logging
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Meter:
+    """Training losses summed on the device between log steps (read there only), and where the
+    wall-clock time went: training, or overhead — the warm-up steps (compilation, CUDA-graph capture,
+    first allocations), evaluation, the probe and checkpoints. Overhead is timed between device
+    synchronisations, which those steps need anyway, so ms/step and tokens/s count training alone."""
+
+    KINDS = ("warmup", "eval", "probe", "checkpoint")
+
+    def __init__(self, device: torch.device, start: int, warmup: int):
+        self.device, self.start, self.warmup = device, start, warmup
+        self.sums = {k: torch.zeros((), device=device) for k in ("loss", "mlm_loss", "rtd_loss")}
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.steps = self.steady_steps = self.steady_steps_total = 0  # the first two: since the last log
+        self.overhead_in_window = dict.fromkeys(self.KINDS, 0.0)
+        self.total_overhead = dict.fromkeys(self.KINDS, 0.0)
+        self.t_start = self.t_window = self.t_step = time.perf_counter()
+        self.overhead_in_step = 0.0
+        self.compile_s: float | None = None  # the warm-up steps' time beyond steady steps
+
+    def add(self, out, accum: int) -> None:
+        self.nonfinite |= ~torch.isfinite(out.loss.detach())
+        for key, value in self.sums.items():
+            value += getattr(out, key).detach() / accum
+
+    @contextlib.contextmanager
+    def overhead(self, kind: str):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self._charge(kind, time.perf_counter() - t0)
+
+    def _charge(self, kind: str, seconds: float) -> None:
+        self.overhead_in_window[kind] += seconds
+        self.total_overhead[kind] += seconds
+        self.overhead_in_step += seconds
+
+    def step_done(self, step: int) -> None:
+        self.steps += 1
+        if step - self.start <= self.warmup:  # a warm-up step: synchronise and charge its time
+            _sync(self.device)
+            now = time.perf_counter()
+            self._charge("warmup", now - self.t_step - self.overhead_in_step)
+            self.t_step = now
+        else:
+            self.steady_steps += 1
+            self.steady_steps_total += 1
+        self.overhead_in_step = 0.0
+
+    def window(self, now: float) -> dict:
+        """Timing of the steps since the last log (call after the losses are read: the device is idle)."""
+        train_s = now - self.t_window - sum(self.overhead_in_window.values())
+        ms = 1000 * train_s / self.steady_steps if self.steady_steps else None
+        if ms is not None and self.compile_s is None:
+            self.compile_s = max(0.0, self.total_overhead["warmup"] - self.warmup * ms / 1000)
+        row = {
+            "ms_per_step": ms,
+            "train_s": train_s if self.steady_steps else 0.0,
+            "overhead_s": sum(self.overhead_in_window.values()),
+            **{f"{kind}_s": seconds for kind, seconds in self.overhead_in_window.items()},
+            "elapsed_s": now - self.t_start,
+        }
+        self.overhead_in_window = dict.fromkeys(self.KINDS, 0.0)
+        self.steps = self.steady_steps = 0
+        self.t_window = now
+        return row
+
+    def reset_sums(self) -> None:
+        for value in self.sums.values():
+            value.zero_()
+
+
+def log_window(run: Run, meter: Meter, step: int, end: int, progress: Progress) -> None:
+    """Average the window's losses across processes, stop on a non-finite loss, write the train row."""
+    cfg, ddp = run.cfg, run.ddp
+    if ddp.world > 1:
+        for value in meter.sums.values():
+            dist.all_reduce(value)
+            value /= ddp.world
+        dist.all_reduce(meter.nonfinite, op=dist.ReduceOp.MAX)
+    if bool(meter.nonfinite):
+        newest = checkpoint.candidates(run.ckpt_dir)
+        raise FloatingPointError(
+            f"non-finite loss by step {step}; the last good checkpoint "
+            f"{newest[0] if newest else '(none yet)'} is intact. Lower lr, raise warmup_steps, or use dtype=fp32"
+        )
+    n = meter.steps
+    losses = {k: v.item() / n for k, v in meter.sums.items()}
+    first_compile = meter.compile_s is None
+    timing = meter.window(time.perf_counter())
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    ms = timing["ms_per_step"]
+    row = {
+        "split": "train",
+        "step": step,
+        **losses,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "tokens": step * tokens_per_step,
+        # training throughput alone; the window's evaluation / probe / checkpoint / warm-up time is
+        # in overhead_s and its parts
+        "tokens_per_s": None if ms is None else 1000 * tokens_per_step / ms,
+        **timing,
+    }
+    meter.reset_sums()
+    if not ddp.main:
+        return
+    append_jsonl(run.metrics, row)
+    if first_compile and meter.compile_s is not None and run.compiled:
+        progress.message(
+            f"compiled in {meter.compile_s:.1f} s (torch.compile mode {cfg.compile_mode}: the extra time of "
+            f"the first {meter.warmup} steps)"
+        )
+    done = step - meter.start
+    spent = timing["elapsed_s"] - meter.total_overhead["warmup"]
+    eta = (end - step) * spent / max(1, done - min(done, meter.warmup)) if done > meter.warmup else None
+    progress.update(row, eta, n)
 
 
 class Progress:
@@ -329,22 +797,24 @@ class Progress:
                 total=cfg.steps, initial=start, desc=f"pretrain {cfg.sharing}", dynamic_ncols=True
             )
 
-    def update(self, row: dict, eta_s: float, n: int) -> None:
+    def update(self, row: dict, eta_s: float | None, n: int) -> None:
         if not self.enabled:
             return
+        speed = "warm-up" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:,.0f} tok/s"
         if self.bar is not None:
             self.bar.update(n)
             self.bar.set_postfix(
                 loss=f"{row['loss']:.3f}",
                 mlm=f"{row['mlm_loss']:.3f}",
                 rtd=f"{row['rtd_loss']:.4f}",
-                tok_s=f"{row['tokens_per_s']:.0f}",
+                speed=speed,
             )
             return
+        ms = "" if row["ms_per_step"] is None else f"{row['ms_per_step']:.0f} ms/step | "
         print(
             f"step {row['step']:>6}/{self.cfg.steps} | loss {row['loss']:.4f} | mlm {row['mlm_loss']:.4f} "
-            f"| rtd {row['rtd_loss']:.4f} | lr {row['lr']:.2e} | {row['ms_per_step']:.0f} ms/step "
-            f"| {row['tokens_per_s']:,.0f} tok/s | ETA {_duration(eta_s)}",
+            f"| rtd {row['rtd_loss']:.4f} | lr {row['lr']:.2e} | {ms}{speed} "
+            f"| +{row['overhead_s']:.1f} s eval/probe/ckpt/warm-up | ETA {_duration(eta_s)}",
             flush=True,
         )
 
@@ -357,7 +827,9 @@ class Progress:
             self.bar.close()
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
     seconds = int(max(0, seconds))
     return (
         f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
@@ -366,254 +838,21 @@ def _duration(seconds: float) -> str:
     )
 
 
-def train(cfg: PretrainConfig) -> dict:
-    """Pre-train a generator + discriminator with the chosen sharing mode; returns summary.json."""
-    device = pick_device(cfg.device)
-    ddp = setup_distributed(device)
-    if ddp.world > 1 and device.type == "cuda":
-        device = torch.device("cuda", ddp.local_rank)
-        torch.cuda.set_device(device)
-    micro = cfg.batch_size // (ddp.world * cfg.grad_accum)
-    if micro * ddp.world * cfg.grad_accum != cfg.batch_size:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} is not divisible by processes ({ddp.world}) x grad_accum "
-            f"({cfg.grad_accum}); choose a multiple of {ddp.world * cfg.grad_accum}"
-        )
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "checkpoints" / "last.pt"
-    amp = autocast_dtype(cfg, device)
-
-    # -- data (rank 0 tokenises and caches first; the others then read the cache)
-    if not ddp.main:
-        dist.barrier()
-    corpus = prepare_corpus(
-        cfg.corpus,
-        tokenizer=cfg.tokenizer or None,
-        vocab_size=cfg.vocab_size,
-        seq_len=cfg.seq_len,
-        heldout_fraction=cfg.heldout_fraction,
-    )
-    if ddp.main and ddp.world > 1:
-        dist.barrier()
-    tok = corpus.tokenizer
-
-    # -- model
-    model_cfg = preset(
-        cfg.preset,
-        vocab_size=tok.vocab_size,
-        max_seq_len=max(cfg.seq_len, 512),
-        hidden_dropout=cfg.dropout,
-        attention_dropout=cfg.dropout,
-    )
-    torch.manual_seed(cfg.seed)
-    model = RTDModel(model_cfg, cfg.sharing, cfg.gen_depth_ratio, cfg.gen_width_ratio, cfg.emd).to(device)
-    optimizer = make_optimizer(model, cfg)
-    start, position = 0, 0
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        check_resumable(state["config"], cfg, ckpt_path)
-        rows = state["model"]["generator.word_embeddings.weight"].shape[0]
-        if rows != tok.vocab_size:
-            raise ValueError(
-                f"{ckpt_path} has a vocabulary of {rows} rows but the tokenizer has {tok.vocab_size} ids; "
-                "resume with the tokenizer the run started with (its tokenizer/spm.model), or use a new out_dir"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, position = state["step"], state["data"]["position"]
-    elif ddp.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        atomic_write_json(out_dir / "config.json", asdict(cfg))
-        tok.save(out_dir / "tokenizer")
-        np.save(out_dir / "token_counts.npy", corpus.token_counts)
-        if corpus.token_classes is not None:
-            atomic_write_json(
-                out_dir / "token_classes.json", {str(k): v for k, v in corpus.token_classes.items()}
-            )
-    if ddp.main:
-        _truncate_metrics(out_dir / "metrics.jsonl", start)
-    net = model
-    if ddp.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
-    step_fn = torch.compile(net) if cfg.compile else net
-
-    batches = BatchIterator(corpus.train, micro, cfg.seed, ddp.rank, ddp.world, position)
-    eval_set = [corpus.heldout[i] for i in range(min(len(corpus.heldout), cfg.eval_batches * micro))]
-    eval_batches = [torch.stack(eval_set[i : i + micro]) for i in range(0, len(eval_set), micro)]
-    special = torch.tensor(sorted(tok.special_ids), device=device)
-    noise_gen = torch.Generator(device=device)
-    rows = slice(ddp.rank * micro, (ddp.rank + 1) * micro)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
-    progress = Progress(cfg, start, ddp.main)
-    if ddp.main and start:
-        progress.message(f"resuming {out_dir} at step {start}")
-    metrics = out_dir / "metrics.jsonl"
-    window = {
-        "loss": torch.zeros((), device=device),
-        "mlm_loss": torch.zeros((), device=device),
-        "rtd_loss": torch.zeros((), device=device),
-    }
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    t_start = t_log = time.perf_counter()
-    n_window, step = 0, start
-
-    def checkpoint(at: int) -> None:
-        if bool(nonfinite):
-            return  # never overwrite the last good checkpoint with a diverged state
-        if ddp.main:
-            # the data position of the completed steps (an interrupted step may have drawn a batch already)
-            save_checkpoint(
-                ckpt_path, model, optimizer, at, {**batches.state(), "position": at * cfg.grad_accum}, cfg
-            )
-
-    try:
-        while step < end:
-            # lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            # eval (before the step, so step 0 records the untrained model)
-            if ddp.main and (step % cfg.eval_every == 0) and eval_batches:
-                append_jsonl(
-                    metrics,
-                    {"split": "eval", "step": step, **evaluate(model, eval_batches, tok, cfg, device, amp)},
-                )
-            # forward / backward, with gradient accumulation
-            model.train()
-            for m in range(cfg.grad_accum):
-                ids = next(batches).to(device, non_blocking=True)
-                mask = torch.ones_like(ids)
-                torch.manual_seed(cfg.seed * 1_000_003 + step * 131 + m * 7 + ddp.rank)  # dropout
-                noise_gen.manual_seed(cfg.seed * 1_000_003 + step * 131 + m)  # same on every rank
-                noise = draw_noise(micro * ddp.world, cfg.seq_len, cfg.mask_prob, noise_gen, device).rows(
-                    rows
-                )
-                sync = m == cfg.grad_accum - 1 or ddp.world == 1
-                ctx = net.no_sync() if not sync else contextlib.nullcontext()
-                with ctx:
-                    out = rtd_forward(step_fn, ids, mask, special, tok.mask_id, cfg, noise, amp)
-                if ddp.main and m == 0 and cfg.probe_every and step % cfg.probe_every == 0:
-                    append_jsonl(
-                        metrics,
-                        {"split": "probe", "step": step, **gradient_probe(model, out, cfg.rtd_weight)},
-                    )
-                with ctx:
-                    backward(model, out, cfg, cfg.grad_accum)
-                nonfinite |= ~torch.isfinite(out.loss.detach())
-                for key in window:
-                    window[key] += getattr(out, key).detach() / cfg.grad_accum
-            # clip, step
-            clip(model, cfg)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            n_window += 1
-            # log
-            if step % cfg.log_every == 0 or step == end:
-                if ddp.world > 1:
-                    for value in window.values():
-                        dist.all_reduce(value)
-                        value /= ddp.world
-                    dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
-                if bool(nonfinite):
-                    raise FloatingPointError(
-                        f"non-finite loss by step {step}; the last good checkpoint {ckpt_path} is intact. "
-                        "Lower lr, raise warmup_steps, or use dtype=fp32"
-                    )
-                now = time.perf_counter()
-                row = {
-                    "split": "train",
-                    "step": step,
-                    **{k: v.item() / n_window for k, v in window.items()},
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "tokens": step * tokens_per_step,
-                    "tokens_per_s": n_window * tokens_per_step / (now - t_log),
-                    "elapsed_s": now - t_start,
-                    "ms_per_step": 1000 * (now - t_log) / n_window,
-                }
-                if ddp.main:
-                    append_jsonl(metrics, row)
-                    progress.update(row, (end - step) * (now - t_start) / max(1, step - start), n_window)
-                for value in window.values():
-                    value.zero_()
-                t_log, n_window = now, 0
-            if step % cfg.ckpt_every == 0 or step == end:
-                checkpoint(step)
-    except KeyboardInterrupt:
-        checkpoint(step)
-        progress.message(f"interrupted at step {step}; checkpoint saved to {ckpt_path}; rerun to resume")
-        progress.close()
-        raise
-    progress.close()
-
-    summary = {}
-    if ddp.main:
-        final_eval = evaluate(model, eval_batches, tok, cfg, device, amp) if eval_batches else {}
-        append_jsonl(metrics, {"split": "eval", "step": step, **final_eval})
-        export_run(model, out_dir, tok)
-        wall = time.perf_counter() - t_start
-        summary = {
-            "sharing": cfg.sharing,
-            "preset": cfg.preset,
-            "corpus": cfg.corpus,
-            "rtd_weight": cfg.rtd_weight,
-            "steps": step,
-            "completed": step >= cfg.steps,
-            "tokens_seen": step * tokens_per_step,
-            "wall_s_this_invocation": wall,
-            "tokens_per_s": (step - start) * tokens_per_step / max(wall, 1e-9),
-            "world_size": ddp.world,
-            "device": str(device),
-            "dtype": str(amp or torch.float32),
-            "vocab_size": tok.vocab_size,
-            "final_eval": final_eval,
-            "corpus_info": corpus.describe(),
-        }
-        atomic_write_json(out_dir / "summary.json", summary)
-        progress.message(f"done: {out_dir} (summary.json, metrics.jsonl, export/)")
-    if ddp.world > 1:
-        dist.barrier()
-    return summary
-
-
-def backward(model: RTDModel, out, cfg: PretrainConfig, accum: int) -> None:
-    """Joint: one backward of L_MLM + lambda L_RTD. Decoupled (official loop): under ES the shared
-    table keeps only its MLM gradient — which is why decoupled ES is not ES."""
-    if cfg.optimization == "decoupled" and cfg.sharing == "es":
-        (out.mlm_loss / accum).backward(retain_graph=True)
-        table = model.generator_table
-        mlm_grad = table.grad.clone()
-        (cfg.rtd_weight * out.rtd_loss / accum).backward()
-        table.grad.copy_(mlm_grad)
-    else:
-        (out.loss / accum).backward()
-
-
-def clip(model: RTDModel, cfg: PretrainConfig) -> None:
-    """Global norm clip; the decoupled mode clips generator and discriminator sides separately."""
-    if cfg.optimization == "joint":
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
-        return
-    d_side = set(map(id, [*model.discriminator.parameters(), *model.rtd_head.parameters()]))
-    if model.sharing == "gdes":
-        d_side.add(id(model.embedding_delta))
-    gen = [p for p in model.parameters() if id(p) not in d_side]
-    disc = [p for p in model.parameters() if id(p) in d_side]
-    for params in (gen, disc):
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop rows logged after the checkpoint (and the eval/probe rows of the step it
-    resumes at, which are logged again) so metrics.jsonl reads as one uninterrupted run."""
+    resumes at, which are logged again) so metrics.jsonl reads as one uninterrupted run. A line torn
+    by a kill mid-write is dropped too."""
     if not path.is_file():
         return
-    rows = read_jsonl(path)
-    keep = [r for r in rows if r["step"] < step or (r["step"] == step and r["split"] == "train")]
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["step"] < step or (row["step"] == step and row["split"] == "train"):
+            keep.append(line + "\n")
+    atomic_write_bytes(path, "".join(keep).encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,7 +871,7 @@ def cli(argv: list[str] | None = None) -> int:
         train(cfg)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FloatingPointError) as err:
+    except (ValueError, FloatingPointError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

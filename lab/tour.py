@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lab.analysis import attention_terms
+from lab.checkpoint import load_state
 from lab.model import count_parameters, preset
 from lab.rtd import RTDModel, draw_noise
 from lab.synthetic import SyntheticLanguage
@@ -19,16 +20,11 @@ from lab.tokenizer import Tokenizer, train_tokenizer
 
 
 def load_model(run_dir: str | Path = "", preset_name: str = "tiny", sharing: str = "gdes", seed: int = 0):
-    """(RTDModel, Tokenizer): from a run directory's checkpoints/last.pt, or, with run_dir "", a randomly
-    initialised `preset_name` model with a tokenizer trained on the synthetic corpus."""
+    """(RTDModel, Tokenizer): from a run directory's newest good checkpoint, or, with run_dir "", a
+    randomly initialised `preset_name` model with a tokenizer trained on the synthetic corpus."""
     if run_dir:
         run_dir = Path(run_dir)
-        ckpt = run_dir / "checkpoints" / "last.pt"
-        if not ckpt.is_file():
-            raise FileNotFoundError(
-                f"{ckpt} not found; pass a finished run directory or run_dir='' for a fresh model"
-            )
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_state(run_dir)
         cfg = state["config"]
         tokenizer = Tokenizer.load(run_dir / "tokenizer" / "spm.model")
         model_cfg = preset(

@@ -3,8 +3,11 @@ torchrun equivalence, export, and bad input."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ import torch
 from transformers import DebertaV2Model
 
 import lab
-from lab import pretrain
+from lab import checkpoint, pretrain
+from lab.data import prepare_corpus
 from lab.model import preset
 from lab.pretrain import PretrainConfig, train
 from lab.rtd import RTDModel, draw_noise, mask_tokens, sample
@@ -61,10 +65,15 @@ def test_bert_strategy_mixes_mask_random_and_unchanged():
     masked, positions, valid = mask_tokens(ids, mask, SPECIAL, 999, noise, 0.15, "bert")
     chosen = masked.gather(1, positions)[valid]
     original = ids.gather(1, positions)[valid]
-    frac_mask = (chosen == 999).float().mean().item()
-    frac_same = (chosen == original).float().mean().item()
-    assert abs(frac_mask - 0.8) < 0.03 and abs(frac_same - 0.1) < 0.03
-    assert ((chosen > 3) & (chosen < 999)).all() | (chosen == 999).any()
+    is_mask, is_same = chosen == 999, chosen == original
+    is_random = ~is_mask & ~is_same
+    assert abs(is_mask.float().mean().item() - 0.8) < 0.03
+    # "unchanged" is the 10 % kept plus the ~0.1 % of random draws that hit the original token
+    assert abs(is_same.float().mean().item() - 0.1) < 0.03
+    assert abs(is_random.float().mean().item() - 0.1) < 0.03
+    # a random replacement is an ordinary token of the vocabulary: never a special id, never [MASK]
+    random_tokens = chosen[is_random]
+    assert not torch.isin(random_tokens, SPECIAL).any() and (random_tokens < 999).all()
 
 
 def test_inverse_cdf_sampling_follows_the_distribution():
@@ -147,6 +156,28 @@ def test_decoupled_es_keeps_the_rtd_gradient_off_the_shared_table():
     assert model.rtd_head.dense.weight.grad.abs().sum() > 0
 
 
+def test_the_probe_measures_the_same_conflict_under_es_and_gdes_at_initialisation():
+    """With E_delta = 0, GDES's discriminator reads exactly ES's table, so at step 0 (same weights,
+    batch and noise) both probes see the same two gradients; only ES passes RTD's onto E_G."""
+    ids, mask = packed_batch()
+    noise = draw_noise(*ids.shape, 0.15, torch.Generator().manual_seed(0), "cpu")
+    rows = {}
+    for sharing in ("es", "gdes"):
+        model = tiny_rtd(sharing)
+        out = model(ids, mask, SPECIAL, 999, noise=noise)
+        rows[sharing] = pretrain.gradient_probe(model, out, 50.0)
+        if sharing == "gdes":  # the cosine, from torch's own cosine_similarity
+            (g_mlm,) = grads(model, out.mlm_loss, [model.generator_table])
+            (g_rtd,) = grads(model, 50.0 * out.rtd_loss, [model.embedding_delta])
+            expected = torch.nn.functional.cosine_similarity(g_mlm.flatten(), g_rtd.flatten(), dim=0)
+    es, gdes = rows["es"], rows["gdes"]
+    assert gdes["grad_cos"] == pytest.approx(expected.item(), abs=1e-6)
+    assert es["grad_cos"] == pytest.approx(gdes["grad_cos"], abs=1e-6)
+    assert es["grad_norm_rtd"] == pytest.approx(gdes["grad_norm_rtd"], rel=1e-5)
+    assert es["rtd_grad_on_generator"] == pytest.approx(es["grad_norm_rtd"], rel=1e-6)
+    assert gdes["rtd_grad_on_generator"] == 0.0
+
+
 def test_gdes_export_writes_the_merged_table_under_the_normal_name():
     model = tiny_rtd("gdes")
     with torch.no_grad():
@@ -208,7 +239,8 @@ def test_train_writes_the_run_directory_and_hf_loads_the_discriminator(tmp_path,
         "config.json",
         "metrics.jsonl",
         "summary.json",
-        "checkpoints/last.pt",
+        "checkpoints/step-00000008.pt",
+        "checkpoints/step-00000008.pt.sha256",
         "tokenizer/spm.model",
         "token_counts.npy",
         "token_classes.json",
@@ -220,8 +252,21 @@ def test_train_writes_the_run_directory_and_hf_loads_the_discriminator(tmp_path,
     assert summary["steps"] == 8 and summary["completed"]
     rows = read_jsonl(run / "metrics.jsonl")
     assert {r["split"] for r in rows} == {"train", "eval", "probe"}
-    assert all(-1 <= r["grad_cos"] <= 1 for r in rows if r["split"] == "probe")
-    assert json.loads((run / "summary.json").read_text())["final_eval"]["rtd_auc"] > 0
+    probes = [r for r in rows if r["split"] == "probe"]
+    assert [r["step"] for r in probes] == [0, 2, 4, 6]
+    for r in probes:
+        assert -1 < r["grad_cos"] < 1 and r["grad_norm_mlm"] > 0 and r["grad_norm_rtd"] > 0
+        # only ES lets the RTD gradient reach E_G, and then E_G is D's own table: the same gradient
+        if sharing == "es":
+            assert r["rtd_grad_on_generator"] == pytest.approx(r["grad_norm_rtd"], rel=1e-6)
+        else:
+            assert r["rtd_grad_on_generator"] == 0.0
+    # 8 steps teach the discriminator something: its AUC rises above chance and above step 0's
+    evals = [r for r in rows if r["split"] == "eval"]
+    final = json.loads((run / "summary.json").read_text())["final_eval"]
+    assert final == {k: v for k, v in evals[-1].items() if k not in ("split", "step")}
+    assert final["rtd_auc"] > max(0.65, evals[0]["rtd_auc"] + 0.1)
+    assert final["replaced_of_masked"] <= 1 and final["replaced_rate"] > 0.1
     # the merged discriminator loads in transformers and matches our own loader
     hf = DebertaV2Model.from_pretrained(run / "export" / "discriminator").eval()
     ours = lab.from_pretrained(run / "export" / "discriminator")
@@ -254,7 +299,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "clip", interrupting_clip)
     with pytest.raises(KeyboardInterrupt):
         train(quick(tmp_path, "interrupted"))
-    state = torch.load(tmp_path / "interrupted" / "checkpoints" / "last.pt", weights_only=False)
+    state = checkpoint.load_state(tmp_path / "interrupted")
     assert state["step"] == 5  # five completed steps were saved on the way out
     monkeypatch.setattr(pretrain, "clip", real_clip)
     train(quick(tmp_path, "interrupted"))
@@ -268,22 +313,170 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(t
     real_backward = pretrain.backward
     calls = {"n": 0}
 
-    def poisoned(model, out, cfg, accum):
+    def poisoned(model, out, cfg, accum, **kw):
         calls["n"] += 1
         if calls["n"] == 4:
             out.loss = out.loss * float("nan")
-        real_backward(model, out, cfg, accum)
+        real_backward(model, out, cfg, accum, **kw)
 
     monkeypatch.setattr(pretrain, "backward", poisoned)
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train(cfg)
-    state = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=False)
+    state = checkpoint.load_state(tmp_path / "nan")
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_two_process_torchrun_matches_one_process(tmp_path):
+# Tensor methods that read a value back to the host: on CUDA each waits for the device to finish.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero")
+LAB = Path(lab.__file__).parent
+HOST_SIDE = {LAB / "data.py", LAB / "tokenizer.py"}  # the data pipeline works on CPU tensors by design
+LOOP = {LAB / "pretrain.py", LAB / "training.py", LAB / "checkpoint.py"}
+
+
+def count_host_reads(monkeypatch, cfg) -> Counter:
+    """Run train(cfg) and count, by call site, the host reads of tensors (and the blocking copies the
+    loop itself makes) outside torch and outside the data pipeline."""
+    torch_dir = Path(torch.__file__).parent
+    counts = Counter()
+
+    def call_site():
+        frame = sys._getframe(2)
+        while frame is not None and Path(frame.f_code.co_filename).is_relative_to(torch_dir):
+            frame = frame.f_back
+        return (Path(frame.f_code.co_filename), frame.f_lineno) if frame is not None else (None, 0)
+
+    def counting(name, real):
+        def method(self, *args, **kwargs):
+            path, line = call_site()
+            if path is not None and path not in HOST_SIDE:
+                counts[f"{path.name}:{line} .{name}"] += 1
+            return real(self, *args, **kwargs)
+
+        return method
+
+    def counting_to(real):
+        def to(self, *args, **kwargs):
+            frame = sys._getframe(1)  # the loop's own calls (torch's internal same-device .to are free)
+            path, line = Path(frame.f_code.co_filename), frame.f_lineno
+            moves = any(isinstance(a, (str, torch.device)) for a in args) or "device" in kwargs
+            if path in LOOP and moves and not kwargs.get("non_blocking", False):
+                counts[f"{path.name}:{line} blocking .to"] += 1
+            return real(self, *args, **kwargs)
+
+        return to
+
+    with monkeypatch.context() as patch:
+        for name in HOST_READS:
+            patch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+        patch.setattr(torch.Tensor, "to", counting_to(torch.Tensor.to))
+        train(cfg)
+    return counts
+
+
+def steady_state_host_reads(tmp_path, monkeypatch) -> Counter:
+    """Host reads of 4 steady-state steps: a 7-step run minus a 3-step run, both with one eval (step 0),
+    one log and one checkpoint (the last step) and no probe, so everything else cancels."""
+    prepare_corpus(CORPUS, vocab_size=600, seq_len=32, heldout_fraction=0.02)  # tokenizer cached first
+    rare = dict(log_every=1000, eval_every=1000, ckpt_every=1000, probe_every=0)
+    short = count_host_reads(monkeypatch, quick(tmp_path, "short", steps=3, **rare))
+    long = count_host_reads(monkeypatch, quick(tmp_path, "long", steps=7, **rare))
+    assert sum(short.values()) > 0  # the counter sees the eval / log / checkpoint reads
+    return long - short
+
+
+def test_a_steady_state_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    assert steady_state_host_reads(tmp_path, monkeypatch) == Counter()
+
+
+def test_the_host_read_count_catches_one_item_per_step(tmp_path, monkeypatch):
+    real_clip = pretrain.clip
+
+    def clip_and_read(model, cfg):
+        real_clip(model, cfg)
+        model.generator_table.grad.norm().item()  # the kind of read a steady step must not do
+
+    monkeypatch.setattr(pretrain, "clip", clip_and_read)
+    extra = steady_state_host_reads(tmp_path, monkeypatch)
+    assert sum(extra.values()) == 4 and all(".item" in site for site in extra)
+
+
+@pytest.mark.slow  # inductor's first CPU compile takes minutes with a cold cache
+def test_compile_on_runs_on_cpu_and_reports_its_compile_time(tmp_path, capsys):
+    cfg = quick(tmp_path, "compiled", steps=5, compile="on", probe_every=2, eval_every=100, progress="line")
+    summary = train(cfg)
+    assert summary["compiled"] and summary["compile_mode"] == "default"
+    assert summary["compile_s"] > 0 and summary["overhead_s"]["warmup"] >= summary["compile_s"]
+    assert "compiled in" in capsys.readouterr().out
+    train(quick(tmp_path, "eager", steps=5, compile="off"))
+    a, b = train_losses(tmp_path / "compiled"), train_losses(tmp_path / "eager")
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+
+
+def test_compile_modes_reach_torch_compile_and_auto_is_off_on_cpu(tmp_path, monkeypatch, capsys):
+    modes = []
+
+    def fake_compile(module, mode=None):  # the wiring only: the module runs eagerly
+        modes.append(mode)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    summary = train(
+        quick(tmp_path, "on", steps=5, compile="on", compile_mode="max-autotune", progress="line")
+    )
+    assert modes == ["max-autotune"] and summary["compiled"] and summary["compile_s"] >= 0
+    # the first three steps are the warm-up: timed apart from the steady ones
+    rows = [r for r in read_jsonl(tmp_path / "on" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["ms_per_step"] is None for r in rows] == [True, True, True, False, False]
+    assert all(r["warmup_s"] > 0 for r in rows[:3]) and all(r["warmup_s"] == 0 for r in rows[3:])
+    assert "compiled in" in capsys.readouterr().out
+    assert not train(quick(tmp_path, "auto", steps=2))["compiled"] and modes == ["max-autotune"]
+
+
+def test_compile_accepts_the_old_boolean_and_rejects_unknown_modes():
+    assert PretrainConfig(compile=True).compile == "on" and PretrainConfig(compile=False).compile == "off"
+    with pytest.raises(ValueError, match="compile_mode"):
+        PretrainConfig(compile_mode="fastest")
+
+
+def test_throughput_counts_training_alone(tmp_path, monkeypatch):
+    """A slow evaluation shows up as overhead, not in ms/step or tokens/s."""
+    real_evaluate = pretrain.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.5)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "evaluate", slow_evaluate)
+    train(quick(tmp_path, "slow-eval", steps=6, log_every=3, eval_every=3, probe_every=0))
+    rows = [r for r in read_jsonl(tmp_path / "slow-eval" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [3, 6]
+    second = rows[1]  # steps 4-6: the step-3 evaluation (with its 0.5 s sleep) falls in this window
+    assert second["eval_s"] >= 0.5 and second["overhead_s"] >= second["eval_s"]
+    # the window's wall time is training + overhead, and ms/step is the training part alone
+    assert second["train_s"] == pytest.approx(3 * second["ms_per_step"] / 1000)
+    assert second["tokens_per_s"] == pytest.approx(8 * 32 * 1000 / second["ms_per_step"])
+    assert second["elapsed_s"] - rows[0]["elapsed_s"] >= second["train_s"] + second["overhead_s"] - 1e-6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "sharing, optimization",
+    # decoupled ES takes an extra gradient of the MLM loss alone: under DDP it must not upset the
+    # one-backward-per-forward reducer and must be averaged like every other gradient
+    [("gdes", "joint"), ("es", "decoupled")],
+)
+def test_two_process_torchrun_matches_one_process(tmp_path, sharing, optimization):
     common = [
+        "--sharing",
+        sharing,
+        "--optimization",
+        optimization,
         "--preset",
         "tiny",
         "--corpus",
@@ -324,7 +517,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29517",
+            str(free_port()),
             "-m",
             "lab",
             "pretrain",
@@ -373,10 +566,9 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
 
 def test_checkpoint_whose_vocabulary_does_not_fit_the_tokenizer_is_refused(tmp_path):
     train(quick(tmp_path, "v", stop_after=2))
-    path = tmp_path / "v" / "checkpoints" / "last.pt"
-    state = torch.load(path, weights_only=False)
+    state = checkpoint.load_state(tmp_path / "v")
     state["model"]["generator.word_embeddings.weight"] = torch.zeros(50, 64)
-    torch.save(state, path)
+    checkpoint.save(state, tmp_path / "v" / "checkpoints", state["step"])
     with pytest.raises(ValueError, match="vocabulary"):
         train(quick(tmp_path, "v"))
 

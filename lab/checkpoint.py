@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from lab.util import atomic_write_bytes
+
 LEGACY_NAME = "last.pt"
 REQUIRED_KEYS = ("step", "model", "optimizer", "data", "config")
 # Test hook for the fault-injection tests: "kill-before-rename" (optionally ":<file name>") makes the
@@ -99,7 +101,7 @@ def save(state: dict[str, Any], folder: str | os.PathLike, step: int, keep: int 
         torch.save(state, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        _write_text_atomically(sidecar(path), f"{sha256_file(Path(tmp))}  {path.name}\n")
+        atomic_write_bytes(sidecar(path), f"{sha256_file(Path(tmp))}  {path.name}\n".encode())
         _fault_point("kill-before-rename", path)
         os.replace(tmp, path)
         tmp = None
@@ -132,19 +134,6 @@ def _remove_stale_temporaries(folder: Path) -> None:
     """Temporary files left by a killed write (only the main process writes checkpoints)."""
     for path in folder.glob(".step-*.tmp"):
         path.unlink(missing_ok=True)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -41,6 +41,7 @@ from lab.analysis import gradient_cosine, similarity_pull
 from lab.checkpoint import CheckpointError
 from lab.data import BatchIterator, PreparedCorpus, prepare_corpus
 from lab.hf import save_pretrained
+from lab.meter import Meter, Progress
 from lab.model import preset
 from lab.rtd import MASK_STRATEGIES, SHARING_MODES, RTDModel, draw_noise
 from lab.training import adamw, autocast, linear_schedule, set_lr
@@ -144,8 +145,9 @@ def train(cfg: PretrainConfig) -> dict:
     run = setup(cfg)
     model, optimizer = run.model, run.optimizer
     step, end = run.start, min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+    # the first steps (compilation, CUDA-graph capture, first allocations) are timed as overhead
     meter = Meter(run.device, step, warmup=3 if run.compiled else 1)
-    progress = Progress(cfg, step, run.ddp.main)
+    progress = Progress(cfg.steps, step, f"pretrain {cfg.sharing}", cfg.progress, run.ddp.main)
     if run.ddp.main and step:
         progress.message(f"resuming {run.out_dir} at step {step} from {run.resumed_from}")
     try:
@@ -661,85 +663,6 @@ def finish(run: Run, step: int, meter: Meter) -> dict:
 # Logging
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Meter:
-    """Training losses summed on the device between log steps (read there only), and where the
-    wall-clock time went: training, or overhead — the warm-up steps (compilation, CUDA-graph capture,
-    first allocations), evaluation, the probe and checkpoints. Overhead is timed between device
-    synchronisations, which those steps need anyway, so ms/step and tokens/s count training alone."""
-
-    KINDS = ("warmup", "eval", "probe", "checkpoint")
-
-    def __init__(self, device: torch.device, start: int, warmup: int):
-        self.device, self.start, self.warmup = device, start, warmup
-        self.sums = {k: torch.zeros((), device=device) for k in ("loss", "mlm_loss", "rtd_loss")}
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        self.steps = self.steady_steps = self.steady_steps_total = 0  # the first two: since the last log
-        self.overhead_in_window = dict.fromkeys(self.KINDS, 0.0)
-        self.total_overhead = dict.fromkeys(self.KINDS, 0.0)
-        self.t_start = self.t_window = self.t_step = time.perf_counter()
-        self.overhead_in_step = 0.0
-        self.compile_s: float | None = None  # the warm-up steps' time beyond steady steps
-
-    def add(self, out, accum: int) -> None:
-        self.nonfinite |= ~torch.isfinite(out.loss.detach())
-        for key, value in self.sums.items():
-            value += getattr(out, key).detach() / accum
-
-    @contextlib.contextmanager
-    def overhead(self, kind: str):
-        _sync(self.device)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            _sync(self.device)
-            self._charge(kind, time.perf_counter() - t0)
-
-    def _charge(self, kind: str, seconds: float) -> None:
-        self.overhead_in_window[kind] += seconds
-        self.total_overhead[kind] += seconds
-        self.overhead_in_step += seconds
-
-    def step_done(self, step: int) -> None:
-        self.steps += 1
-        if step - self.start <= self.warmup:  # a warm-up step: synchronise and charge its time
-            _sync(self.device)
-            now = time.perf_counter()
-            self._charge("warmup", now - self.t_step - self.overhead_in_step)
-            self.t_step = now
-        else:
-            self.steady_steps += 1
-            self.steady_steps_total += 1
-        self.overhead_in_step = 0.0
-
-    def window(self, now: float) -> dict:
-        """Timing of the steps since the last log (call after the losses are read: the device is idle)."""
-        train_s = now - self.t_window - sum(self.overhead_in_window.values())
-        ms = 1000 * train_s / self.steady_steps if self.steady_steps else None
-        if ms is not None and self.compile_s is None:
-            self.compile_s = max(0.0, self.total_overhead["warmup"] - self.warmup * ms / 1000)
-        row = {
-            "ms_per_step": ms,
-            "train_s": train_s if self.steady_steps else 0.0,
-            "overhead_s": sum(self.overhead_in_window.values()),
-            **{f"{kind}_s": seconds for kind, seconds in self.overhead_in_window.items()},
-            "elapsed_s": now - self.t_start,
-        }
-        self.overhead_in_window = dict.fromkeys(self.KINDS, 0.0)
-        self.steps = self.steady_steps = 0
-        self.t_window = now
-        return row
-
-    def reset_sums(self) -> None:
-        for value in self.sums.values():
-            value.zero_()
-
-
 def log_window(run: Run, meter: Meter, step: int, end: int, progress: Progress) -> None:
     """Average the window's losses across processes, stop on a non-finite loss, write the train row."""
     cfg, ddp = run.cfg, run.ddp
@@ -782,60 +705,8 @@ def log_window(run: Run, meter: Meter, step: int, end: int, progress: Progress) 
         )
     done = step - meter.start
     spent = timing["elapsed_s"] - meter.total_overhead["warmup"]
-    eta = (end - step) * spent / max(1, done - min(done, meter.warmup)) if done > meter.warmup else None
+    eta = (end - step) * spent / (done - meter.warmup) if done > meter.warmup else None
     progress.update(row, eta, n)
-
-
-class Progress:
-    def __init__(self, cfg: PretrainConfig, start: int, enabled: bool):
-        self.cfg, self.enabled = cfg, enabled and cfg.progress != "none"
-        self.bar = None
-        if self.enabled and cfg.progress == "bar":
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=cfg.steps, initial=start, desc=f"pretrain {cfg.sharing}", dynamic_ncols=True
-            )
-
-    def update(self, row: dict, eta_s: float | None, n: int) -> None:
-        if not self.enabled:
-            return
-        speed = "warm-up" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:,.0f} tok/s"
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(
-                loss=f"{row['loss']:.3f}",
-                mlm=f"{row['mlm_loss']:.3f}",
-                rtd=f"{row['rtd_loss']:.4f}",
-                speed=speed,
-            )
-            return
-        ms = "" if row["ms_per_step"] is None else f"{row['ms_per_step']:.0f} ms/step | "
-        print(
-            f"step {row['step']:>6}/{self.cfg.steps} | loss {row['loss']:.4f} | mlm {row['mlm_loss']:.4f} "
-            f"| rtd {row['rtd_loss']:.4f} | lr {row['lr']:.2e} | {ms}{speed} "
-            f"| +{row['overhead_s']:.1f} s eval/probe/ckpt/warm-up | ETA {_duration(eta_s)}",
-            flush=True,
-        )
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(max(0, seconds))
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-        if seconds >= 3600
-        else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -331,7 +331,7 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(t
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero")
 LAB = Path(lab.__file__).parent
 HOST_SIDE = {LAB / "data.py", LAB / "tokenizer.py"}  # the data pipeline works on CPU tensors by design
-LOOP = {LAB / "pretrain.py", LAB / "training.py", LAB / "checkpoint.py"}
+LOOP = {LAB / "pretrain.py", LAB / "meter.py", LAB / "training.py", LAB / "checkpoint.py"}
 
 
 def count_host_reads(monkeypatch, cfg) -> Counter:

@@ -1,11 +1,14 @@
 """Helpers for notebooks/00_tour.ipynb: one model, one sentence, and what each part of RTD does to it.
 
 Every view is a plain matplotlib Figure (no pyplot state), so it renders the same in Jupyter, in a
-headless papermill run and in a saved PNG; the ipywidgets front end only re-draws these figures.
+headless papermill run and in a saved PNG. Without pyplot no inline backend registers a PNG formatter
+for Figure, so a Figure passed to `display` shows as its text repr (`<Figure size 630x180 with 1 Axes>`);
+the widgets therefore show each view as PNG bytes (`figure_png`), never as a Figure.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -156,27 +159,46 @@ def plot_attention(terms: dict, max_heads: int = 4):
     return fig
 
 
+def figure_png(fig, path: str | Path | None = None, dpi: int = 100) -> bytes:
+    """The figure rendered once as PNG bytes (written to `path` too, when given)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    png = buffer.getvalue()
+    if path is not None:
+        Path(path).write_bytes(png)
+    return png
+
+
 def interactive(model: RTDModel, tokenizer: Tokenizer, text: str, out_dir: Path):
     """Text box + sliders that redraw the RTD and attention views (and save them as PNGs in out_dir)."""
     import ipywidgets as widgets
-    from IPython.display import display
+    from IPython.display import Image, display
 
-    box = widgets.Text(value=text, description="sentence", layout=widgets.Layout(width="90%"))
-    prob = widgets.FloatSlider(value=0.3, min=0.05, max=0.8, step=0.05, description="mask prob")
-    layer = widgets.IntSlider(
-        value=0, min=0, max=model.discriminator.cfg.num_layers - 1, description="D layer"
+    # continuous_update=False: one redraw when the sentence is submitted (Enter) or a slider is let go,
+    # not one per keystroke or slider pixel, each of which would queue a model forward and two figures
+    box = widgets.Text(
+        value=text, description="sentence", continuous_update=False, layout=widgets.Layout(width="90%")
     )
-    seed = widgets.IntSlider(value=0, min=0, max=20, description="seed")
+    prob = widgets.FloatSlider(
+        value=0.3, min=0.05, max=0.8, step=0.05, description="mask prob", continuous_update=False
+    )
+    layer = widgets.IntSlider(
+        value=0,
+        min=0,
+        max=model.discriminator.cfg.num_layers - 1,
+        description="D layer",
+        continuous_update=False,
+    )
+    seed = widgets.IntSlider(value=0, min=0, max=20, description="seed", continuous_update=False)
     view = widgets.Output()
 
     def redraw(_=None):
         view.clear_output(wait=True)
-        with view:
+        with view:  # an exception here is shown in the output area, not lost in the kernel log
             rtd = plot_replaced(replaced_token_detection(model, tokenizer, box.value, prob.value, seed.value))
             att = plot_attention(attention_decomposition(model, tokenizer, box.value, layer=layer.value))
             for fig, name in ((rtd, "widget_rtd.png"), (att, "widget_attention.png")):
-                fig.savefig(Path(out_dir) / name, dpi=100)
-                display(fig)
+                display(Image(data=figure_png(fig, Path(out_dir) / name)))
 
     for w in (box, prob, layer, seed):
         w.observe(redraw, names="value")

@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench sweep lab clean
+.PHONY: demo test test-slow test-browser lint bench sweep lab clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP) lint  ## the full default suite: tests/ and the committed noteboo
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# JupyterLab in headless Chromium: every notebook run from the browser, the tour's widgets used
+# (tests/browser/). Needs a Chromium executable: Debian's `chromium` package, or LAB_CHROMIUM=PATH.
+test-browser: $(STAMP)
+	$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q -e ".[dev,browser]"
+	$(PY) -m pytest -q -m browser $(PYTEST_ARGS) tests/browser
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lab tests

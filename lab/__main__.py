@@ -11,13 +11,14 @@ COMMANDS = {
     "run": ("lab.notebook", "cli_run", "run a notebook with papermill parameters"),
     "sweep": ("lab.notebook", "cli_sweep", "pre-train ES, NES and GDES, then the tug-of-war analysis"),
     "bench": ("lab.bench", "cli", "speed and memory against a transformers-built peer"),
+    "experiment": ("lab.experiment", "cli", "ES / NES / GDES over seeds, fine-tuned, with paired statistics"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+        lines = [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
         print("usage: python -m lab <command> [options]\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)

@@ -32,22 +32,30 @@ def _rows(E: torch.Tensor, ids: Sequence[int] | torch.Tensor | None) -> torch.Te
     return E[ids]  # [n, D]
 
 
-def average_pairwise_cosine(E: torch.Tensor, ids: Sequence[int] | torch.Tensor | None = None) -> float:
-    """Mean cosine similarity over distinct pairs (i != j) of the rows of E (or of E[ids]).
+def _mean_pairwise_cosine(rows: torch.Tensor) -> torch.Tensor:
+    """Mean cosine over distinct pairs (i != j) of the non-zero rows [n, D], as a differentiable scalar
+    (nan for fewer than two rows).
 
     With unit rows u_i, sum_{i,j} u_i.u_j = |sum_i u_i|^2 and the n diagonal terms are 1 each, so the
     off-diagonal mean is (|sum u_i|^2 - n) / (n (n - 1)): O(n D) memory instead of an n x n matrix,
-    which matters for a 128k-row table. All-zero rows (never-updated padding) are dropped.
+    which matters for a 128k-row table. All-zero rows (never-updated padding) have no direction and
+    are dropped.
     """
-    rows = _rows(E, ids)
-    norms = rows.norm(dim=1)
-    rows = rows[norms > 0]
-    n = rows.shape[0]
+    norms = rows.norm(dim=1, keepdim=True)  # [n, 1]
+    keep = norms.squeeze(1) > 0
+    u = rows[keep] / norms[keep]  # [n, D]
+    n = u.shape[0]
     if n < 2:
-        return float("nan")
-    u = rows / rows.norm(dim=1, keepdim=True)  # [n, D]
-    total = u.double().sum(dim=0)  # [D]
-    return float((total.dot(total) - n) / (n * (n - 1)))
+        return torch.tensor(float("nan"), dtype=rows.dtype)
+    total = u.sum(dim=0)  # [D]
+    return (total.dot(total) - n) / (n * (n - 1))
+
+
+def average_pairwise_cosine(E: torch.Tensor, ids: Sequence[int] | torch.Tensor | None = None) -> float:
+    """Mean cosine similarity over distinct pairs (i != j) of the rows of E (or of E[ids]): the
+    embedding-similarity measure of the DeBERTaV3 paper (He et al. 2023, §3.3). All-zero rows are
+    dropped."""
+    return float(_mean_pairwise_cosine(_rows(E, ids).double()))
 
 
 def gradient_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,17 +73,14 @@ def gradient_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def similarity_pull(table: torch.Tensor, grad: torch.Tensor, skip: int = 4) -> float:
     """How a gradient step moves the table's average pairwise cosine: the first-order change of
     `average_pairwise_cosine(table[skip:])` per unit step along -grad (rows before `skip`, the special
-    ids, are left out). > 0: the step pulls rows together; < 0: it pushes them apart. This is the
-    tug-of-war of PAPER.md §1 measured directly: MLM pulls similar tokens together, RTD apart."""
+    ids, are left out). > 0: the step pulls rows together; < 0: it pushes them apart. This measures the
+    tug-of-war the DeBERTaV3 paper describes (He et al. 2023, §3.2): MLM pulls semantically similar
+    tokens together, RTD pushes them apart."""
     E = table.detach().double()[skip:].requires_grad_(True)
-    norms = E.norm(dim=1, keepdim=True)
-    keep = norms.squeeze(1) > 0
-    u = E[keep] / norms[keep]  # [n, D]
-    n = u.shape[0]
-    if n < 2:
+    mean = _mean_pairwise_cosine(E)
+    if not torch.isfinite(mean):
         return float("nan")
-    total = u.sum(dim=0)
-    (ds_dE,) = torch.autograd.grad((total.dot(total) - n) / (n * (n - 1)), E)
+    (ds_dE,) = torch.autograd.grad(mean, E)
     return float(-(ds_dE * grad.detach().double()[skip:]).sum())
 
 
@@ -278,6 +283,17 @@ def save_figure(fig, stem: Path) -> list[Path]:
     return paths
 
 
+def figure(stem: Path, draw, width: float = 6.0, height: float = 3.6, ncols: int = 1) -> list[Path]:
+    """Draw with `draw(axes)` on a new figure and save it as PNG + SVG at `stem`; [] where matplotlib is
+    not installed (a bare GPU box): the CSV written beside it holds every number."""
+    try:
+        fig, axes = new_figure(width, height, ncols)
+    except ImportError:
+        return []
+    draw(axes)
+    return save_figure(fig, stem)
+
+
 def _rolling_mean(values: list[float], window: int) -> list[float]:
     """Trailing mean over `window` rows (fewer at the start): less lag than an EMA of the same smoothness."""
     sums = np.cumsum([0.0, *values])
@@ -304,34 +320,25 @@ def mlm_loss_curves(runs: dict[str, Run], out_dir: Path, window: int | None = No
             for r in run.rows("eval")
         ]
     csv_path = write_csv(out_dir / "mlm_loss.csv", rows)
-    fig, ax = new_figure()
-    for i, mode in enumerate(runs):
-        color = f"C{i}"
-        train = [r for r in rows if r["mode"] == mode and r["split"] == "train"]
-        ax.plot([r["step"] for r in train], [r["mlm_loss"] for r in train], color=color, alpha=0.2, lw=0.8)
-        ax.plot(
-            [r["step"] for r in train], [r["smoothed"] for r in train], color=color, label=f"{mode} train"
-        )
-        held = [r for r in rows if r["mode"] == mode and r["split"] == "eval"]
-        ax.plot(
-            [r["step"] for r in held],
-            [r["mlm_loss"] for r in held],
-            "o--",
-            color=color,
-            ms=4,
-            label=f"{mode} held-out",
-        )
-    ax.set(xlabel="step", ylabel="generator MLM loss", title="MLM loss under each sharing mode")
-    ax.legend(fontsize=7)
+
+    def draw(ax):
+        for i, mode in enumerate(runs):
+            color = f"C{i}"
+            train = [r for r in rows if r["mode"] == mode and r["split"] == "train"]
+            steps = [r["step"] for r in train]
+            ax.plot(steps, [r["mlm_loss"] for r in train], color=color, alpha=0.2, lw=0.8)
+            ax.plot(steps, [r["smoothed"] for r in train], color=color, label=f"{mode} train")
+            held = [r for r in rows if r["mode"] == mode and r["split"] == "eval"]
+            ax.plot([r["step"] for r in held], [r["mlm_loss"] for r in held], "o--", color=color, ms=4,
+                    label=f"{mode} held-out")  # fmt: skip
+        ax.set(xlabel="step", ylabel="generator MLM loss", title="MLM loss under each sharing mode")
+        ax.legend(fontsize=7)
+
     final = {}
     for mode in runs:
         train = [r for r in rows if r["mode"] == mode and r["split"] == "train"]
         final[mode] = train[-1]["smoothed"] if train else float("nan")
-    return {
-        "csv": csv_path,
-        "figures": save_figure(fig, out_dir / "mlm_loss"),
-        "final_smoothed_mlm_loss": final,
-    }
+    return {"csv": csv_path, "figures": figure(out_dir / "mlm_loss", draw), "final_smoothed_mlm_loss": final}
 
 
 def embedding_similarity(runs: dict[str, Run], out_dir: Path) -> dict:
@@ -341,29 +348,37 @@ def embedding_similarity(runs: dict[str, Run], out_dir: Path) -> dict:
     for mode, run in runs.items():
         tables = run.embeddings()
         ids = seen_token_ids(run, tables["generator"].shape[0])
-        row = {"mode": mode, "tokens": len(ids)}
-        for key, name in (("generator", "E_G"), ("discriminator", "E_D"), ("delta", "E_delta")):
-            if key in tables:
-                row[name] = average_pairwise_cosine(tables[key], ids)
-        rows.append(row)
+        rows.append({"mode": mode, "tokens": len(ids), **table_cosines(tables, ids)})
     csv_path = write_csv(out_dir / "embedding_cosine.csv", rows)
     md_path = write_markdown(out_dir / "embedding_cosine.md", rows)
-    fig, ax = new_figure()
     names = ["E_G", "E_D", "E_delta"]
     width = 0.8 / len(names)
-    for j, name in enumerate(names):
-        xs = [i + j * width for i, r in enumerate(rows) if name in r]
-        ax.bar(xs, [r[name] for r in rows if name in r], width, label=name, color=f"C{j}")
-    ax.set_xticks([i + width for i in range(len(rows))], [r["mode"] for r in rows])
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set(ylabel="average pairwise cosine", title="Word-embedding similarity (seen tokens)")
-    ax.legend(fontsize=7)
-    return {
-        "csv": csv_path,
-        "figures": save_figure(fig, out_dir / "embedding_cosine"),
-        "markdown": md_path,
-        "table": rows,
-    }
+
+    def draw(ax):
+        for j, name in enumerate(names):
+            xs = [i + j * width for i, r in enumerate(rows) if name in r]
+            ax.bar(xs, [r[name] for r in rows if name in r], width, label=name, color=f"C{j}")
+        ax.set_xticks([i + width for i in range(len(rows))], [r["mode"] for r in rows])
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set(ylabel="average pairwise cosine", title="Word-embedding similarity (seen tokens)")
+        ax.legend(fontsize=7)
+
+    return {"csv": csv_path, "figures": figure(out_dir / "embedding_cosine", draw), "markdown": md_path,
+            "table": rows}  # fmt: skip
+
+
+def table_cosines(tables: dict[str, torch.Tensor], ids: Sequence[int]) -> dict[str, float]:
+    """Average pairwise cosine of the rows `ids` of each table a run exported: E_G, E_D and (GDES) E_delta."""
+    names = (("generator", "E_G"), ("discriminator", "E_D"), ("delta", "E_delta"))
+    return {name: average_pairwise_cosine(tables[key], ids) for key, name in names if key in tables}
+
+
+PROBE_TITLES = {
+    "grad_cos": "cosine of the MLM and RTD gradients",
+    "similarity_pull_mlm": "MLM step: change of E_G's avg cosine",
+    "similarity_pull_rtd": "RTD step: change of E_D's avg cosine",
+    "rtd_grad_on_generator": "RTD gradient norm reaching E_G",
+}
 
 
 def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
@@ -374,31 +389,41 @@ def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
         for r in run.rows("probe"):
             rows.append({"mode": mode, **{k: v for k, v in r.items() if k != "split"}})
     csv_path = write_csv(out_dir / "grad_conflict.csv", rows)
-    plotted = ("grad_cos", "similarity_pull_mlm", "similarity_pull_rtd", "rtd_grad_on_generator")
-    keys = [k for k in plotted if any(k in r for r in rows)]
-    fig, axes = new_figure(width=5.0 * max(1, len(keys)), ncols=max(1, len(keys)))
-    axes = np.atleast_1d(axes)
+    keys = [k for k in PROBE_TITLES if any(k in r for r in rows)] or ["grad_cos"]
     means = {}
-    for ax, key in zip(axes, keys or ["grad_cos"]):
-        for i, mode in enumerate(runs):
-            pts = [(r["step"], r[key]) for r in rows if r["mode"] == mode and _finite(r.get(key))]
-            if pts:
-                ax.plot(*zip(*pts), "o-", ms=3, color=f"C{i}", label=mode)
-                means.setdefault(mode, {})[key] = float(np.mean([v for _, v in pts]))
-        ax.axhline(0, color="k", lw=0.5)
-        title = {
-            "grad_cos": "cosine of the MLM and RTD gradients",
-            "similarity_pull_mlm": "MLM step: change of E_G's avg cosine",
-            "similarity_pull_rtd": "RTD step: change of E_D's avg cosine",
-            "rtd_grad_on_generator": "RTD gradient norm reaching E_G",
-        }[key]
-        ax.set(xlabel="step", ylabel=key, title=title)
-        ax.legend(fontsize=7)
-    return {"csv": csv_path, "figures": save_figure(fig, out_dir / "grad_conflict"), "mean": means}
+    for mode in runs:
+        for key in keys:
+            values = [r[key] for r in rows if r["mode"] == mode and _finite(r.get(key))]
+            if values:
+                means.setdefault(mode, {})[key] = float(np.mean(values))
+
+    def draw(axes):
+        for ax, key in zip(np.atleast_1d(axes), keys):
+            for i, mode in enumerate(runs):
+                pts = [(r["step"], r[key]) for r in rows if r["mode"] == mode and _finite(r.get(key))]
+                if pts:
+                    ax.plot(*zip(*pts), "o-", ms=3, color=f"C{i}", label=mode)
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set(xlabel="step", ylabel=key, title=PROBE_TITLES[key])
+            ax.legend(fontsize=7)
+
+    figures = figure(out_dir / "grad_conflict", draw, width=5.0 * len(keys), ncols=len(keys))
+    return {"csv": csv_path, "figures": figures, "mean": means}
 
 
 def _finite(v) -> bool:
     return isinstance(v, int | float) and math.isfinite(v)
+
+
+def seen_classes(run: Run) -> dict[int, str] | None:
+    """The ground-truth classes (synthetic corpus) of the tokens that occurred in training; None without."""
+    classes = run.token_classes()
+    if not classes:
+        return None
+    counts = run.token_counts()
+    if counts is not None:
+        classes = {i: c for i, c in classes.items() if i < len(counts) and counts[i] > 0}
+    return classes
 
 
 def class_structure(runs: dict[str, Run], out_dir: Path) -> dict | None:
@@ -406,13 +431,10 @@ def class_structure(runs: dict[str, Run], out_dir: Path) -> dict | None:
     against the ground-truth classes of token_classes.json. None when no run has them."""
     rows = []
     for mode, run in runs.items():
-        classes = run.token_classes()
+        classes = seen_classes(run)
         if not classes:
             continue
         tables = run.embeddings()
-        counts = run.token_counts()
-        if counts is not None:
-            classes = {i: c for i, c in classes.items() if i < len(counts) and counts[i] > 0}
         for key, name in (("generator", "E_G"), ("discriminator", "E_D")):
             sep = class_separation(tables[key], classes)
             rows.append({"mode": mode, "table": name, **sep, "tokens": len(classes)})
@@ -420,21 +442,21 @@ def class_structure(runs: dict[str, Run], out_dir: Path) -> dict | None:
         return None
     csv_path = write_csv(out_dir / "class_separation.csv", rows)
     md_path = write_markdown(out_dir / "class_separation.md", rows)
-    fig, ax = new_figure()
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    for j, name in enumerate(("E_G", "E_D")):
-        gaps = [next((r["gap"] for r in rows if r["mode"] == m and r["table"] == name), 0.0) for m in modes]
-        ax.bar([i + j * 0.4 for i in range(len(modes))], gaps, 0.4, label=name, color=f"C{j}")
-    ax.set_xticks([i + 0.2 for i in range(len(modes))], modes)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set(ylabel="within - between class cosine", title="Embedding structure vs ground-truth classes")
-    ax.legend(fontsize=7)
-    return {
-        "csv": csv_path,
-        "figures": save_figure(fig, out_dir / "class_separation"),
-        "markdown": md_path,
-        "table": rows,
-    }
+
+    def draw(ax):
+        for j, name in enumerate(("E_G", "E_D")):
+            gaps = [
+                next((r["gap"] for r in rows if r["mode"] == m and r["table"] == name), 0.0) for m in modes
+            ]
+            ax.bar([i + j * 0.4 for i in range(len(modes))], gaps, 0.4, label=name, color=f"C{j}")
+        ax.set_xticks([i + 0.2 for i in range(len(modes))], modes)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set(ylabel="within - between class cosine", title="Embedding structure vs ground-truth classes")
+        ax.legend(fontsize=7)
+
+    return {"csv": csv_path, "figures": figure(out_dir / "class_separation", draw), "markdown": md_path,
+            "table": rows}  # fmt: skip
 
 
 def neighbour_tables(runs: dict[str, Run], out_dir: Path, queries: int = 8, k: int = 5) -> dict:
@@ -483,17 +505,15 @@ def final_eval(runs: dict[str, Run], out_dir: Path) -> dict:
     csv_path = write_csv(out_dir / "final_eval.csv", rows)
     md_path = write_markdown(out_dir / "final_eval.md", rows)
     shown = [k for k in ("mlm_loss", "rtd_acc", "rtd_auc") if any(k in r for r in rows)]
-    fig, axes = new_figure(width=3.2 * max(1, len(shown)), ncols=max(1, len(shown)))
-    for ax, key in zip(np.atleast_1d(axes), shown):
-        ax.bar([r["mode"] for r in rows], [r.get(key, float("nan")) for r in rows],
-               color=[f"C{i}" for i in range(len(rows))])  # fmt: skip
-        ax.set(title=f"held-out {key}")
-    return {
-        "csv": csv_path,
-        "figures": save_figure(fig, out_dir / "final_eval"),
-        "markdown": md_path,
-        "table": rows,
-    }
+
+    def draw(axes):
+        for ax, key in zip(np.atleast_1d(axes), shown):
+            ax.bar([r["mode"] for r in rows], [r.get(key, float("nan")) for r in rows],
+                   color=[f"C{i}" for i in range(len(rows))])  # fmt: skip
+            ax.set(title=f"held-out {key}")
+
+    figures = figure(out_dir / "final_eval", draw, width=3.2 * max(1, len(shown)), ncols=max(1, len(shown)))
+    return {"csv": csv_path, "figures": figures, "markdown": md_path, "table": rows}
 
 
 def tug_of_war_report(run_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
@@ -543,7 +563,10 @@ def _paths(obj) -> list[Path]:
 
 
 def _paper_claims(summary: dict) -> dict:
-    """PAPER.md §4 claims 1 and 2 as observed in these runs (True / False; absent when a mode is missing)."""
+    """The DeBERTaV3 paper's claims about sharing (He et al. 2023, §3.2-3.3), as observed in these runs:
+    ES's generator MLM loss ends highest (its MLM converges more slowly), and the embedding geometry
+    (NES: E_G more self-similar than E_D; ES's shared table below NES's E_G). True / False; absent
+    when a mode is missing."""
     mlm, cos = summary["final_smoothed_mlm_loss"], summary["embedding_cosine"]
     claims = {}
     if {"es", "nes", "gdes"} <= mlm.keys():
@@ -553,3 +576,99 @@ def _paper_claims(summary: dict) -> dict:
     if {"es", "nes"} <= cos.keys():
         claims["es_table_below_nes_generator"] = bool(cos["es"]["E_G"] < cos["nes"]["E_G"])
     return claims
+
+
+# ----------------------------------------------------------------------------------------------
+# Over seeds: each quantity per run, mean ± std per mode, paired differences between modes
+
+
+def run_quantities(run: Run) -> dict[str, float]:
+    """The tug-of-war figures of one run as scalars: final held-out MLM loss and RTD AUC, the mean train
+    MLM loss over the run (the area under its curve: lower = converged faster), the average pairwise
+    cosine of each table and E_G's minus E_D's, the class-separation gap of E_G and E_D (synthetic
+    corpus) and the probe means (similarity pull of each loss, gradient cosine)."""
+    out: dict[str, float] = {}
+    evals = [r for r in run.rows("eval") if _finite(r.get("mlm_loss"))]
+    if evals:
+        out["final_mlm_loss"] = evals[-1]["mlm_loss"]
+        if _finite(evals[-1].get("rtd_auc")):
+            out["final_rtd_auc"] = evals[-1]["rtd_auc"]
+    train = [r["mlm_loss"] for r in run.rows("train") if _finite(r.get("mlm_loss"))]
+    if train:
+        out["mean_train_mlm_loss"] = float(np.mean(train))
+    tables = run.embeddings()
+    cos = table_cosines(tables, seen_token_ids(run, tables["generator"].shape[0]))
+    out.update({f"cos_{name}": value for name, value in cos.items()})
+    out["cos_E_G_minus_E_D"] = cos["E_G"] - cos["E_D"]
+    classes = seen_classes(run)
+    if classes:
+        for key, name in (("generator", "E_G"), ("discriminator", "E_D")):
+            out[f"class_gap_{name}"] = class_separation(tables[key], classes)["gap"]
+    for key in ("similarity_pull_mlm", "similarity_pull_rtd", "grad_cos"):
+        values = [r[key] for r in run.rows("probe") if _finite(r.get(key))]
+        if values:
+            out[key] = float(np.mean(values))
+    return out
+
+
+def seeded_report(
+    run_dirs: dict[tuple[str, int], str | Path],
+    out_dir: str | Path,
+    comparisons=(("gdes", "es"), ("gdes", "nes")),
+) -> dict:
+    """The tug-of-war over pre-training seeds, for runs keyed by (mode, seed).
+
+    Writes into out_dir: tug_of_war_runs.csv (every quantity of every run), tug_of_war_summary.{csv,md}
+    (mean ± std over seeds, bootstrap and Student-t 95 % intervals of the mean, per mode), tug_of_war_differences.{csv,md}
+    (paired differences between modes over the seeds both have, bootstrap 95 % CI, resolved or not),
+    curves with error bands over seeds (MLM loss train and held-out, the similarity pulls), each next
+    to its CSV, and the single-seed views of `tug_of_war_report` for the first seed in seed-<s>/.
+    """
+    from lab import stats
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = {key: load_run(path) for key, path in run_dirs.items()}
+    per_run, records = [], []
+    for (mode, seed), run in runs.items():
+        values = run_quantities(run)
+        per_run.append({"mode": mode, "pretrain_seed": seed, **values})
+        records += [
+            {"mode": mode, "pretrain_seed": seed, "quantity": k, "value": v} for k, v in values.items()
+        ]
+    write_csv(out_dir / "tug_of_war_runs.csv", per_run)
+    summary = stats.summarize(records, ("quantity", "mode"))
+    for row in summary:
+        values = [
+            r["value"] for r in records if r["quantity"] == row["quantity"] and r["mode"] == row["mode"]
+        ]
+        row["ci_low"], row["ci_high"] = stats.bootstrap_ci(values)
+        row["t_low"], row["t_high"] = stats.t_interval(values)
+    write_csv(out_dir / "tug_of_war_summary.csv", summary)
+    write_markdown(out_dir / "tug_of_war_summary.md", summary)
+    diffs = stats.compare_modes(records, ("quantity",), comparisons, pair_keys=("pretrain_seed",))
+    write_csv(out_dir / "tug_of_war_differences.csv", diffs)
+    write_markdown(out_dir / "tug_of_war_differences.md", diffs)
+    figures = [stats.differences_plot(diffs, ("quantity",), out_dir / "tug_of_war_differences",
+                                      "Paired differences over pre-training seeds")]  # fmt: skip
+    for name, split, key, title in (
+        ("mlm_loss_train", "train", "mlm_loss", "generator MLM loss (train), mean ± std over seeds"),
+        ("mlm_loss_heldout", "eval", "mlm_loss", "generator MLM loss (held out), mean ± std over seeds"),
+        ("similarity_pull_mlm", "probe", "similarity_pull_mlm", PROBE_TITLES["similarity_pull_mlm"]),
+        ("similarity_pull_rtd", "probe", "similarity_pull_rtd", PROBE_TITLES["similarity_pull_rtd"]),
+    ):
+        rows = [{"mode": mode, "pretrain_seed": seed, "step": r["step"], key: r[key]}
+                for (mode, seed), run in runs.items() for r in run.rows(split) if _finite(r.get(key))]  # fmt: skip
+        if rows:
+            write_csv(out_dir / f"{name}.csv", rows)
+            figures.append(stats.curves_with_bands(rows, "step", key, "mode", out_dir / name, title))
+    first_seed = min(seed for _, seed in runs)
+    detail = {mode: run.path for (mode, seed), run in runs.items() if seed == first_seed}
+    single = tug_of_war_report(detail, out_dir / f"seed-{first_seed}")
+    return {
+        "runs": {f"{mode}-s{seed}": str(path) for (mode, seed), path in run_dirs.items()},
+        "summary": summary,
+        "differences": diffs,
+        "single_seed_claims": single["paper_claims"],
+        "figures": [str(p) for paths in figures if paths for p in paths],
+    }

@@ -1,0 +1,166 @@
+"""The sharing experiment on tiny sizes: end to end, interrupted and resumed, planned, refused."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab import experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("sst2", "cola")
+GLUE_FIXTURE = str(ROOT / "tests" / "fixtures" / "glue")
+
+
+def tiny(out_dir, **changes) -> experiment.ExperimentConfig:
+    """The smoke recipe: tiny preset, 8 steps, 2 pre-training x 2 fine-tuning seeds, 2 tasks."""
+    fields = {"out_dir": str(out_dir), "tasks": TASKS, "glue_dir": GLUE_FIXTURE, "progress": "none"}
+    return experiment.recipe("smoke", **{**fields, **changes})
+
+
+def log_rows(cfg) -> list[dict]:
+    return [json.loads(line) for line in (Path(cfg.out_dir) / "experiment.jsonl").read_text().splitlines()]
+
+
+def invocations(cfg) -> list[list[dict]]:
+    """The run log split at each invocation."""
+    groups = []
+    for row in log_rows(cfg):
+        if row["event"] == "invocation":
+            groups.append([])
+        groups[-1].append(row)
+    return groups
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """An experiment interrupted in the middle of a pre-training run (after seed 0's runs all finished),
+    then rerun with the same settings."""
+    cfg = tiny(tmp_path_factory.mktemp("experiment") / "exp")
+    real = experiment.execute
+
+    def interrupted(run, cfg):
+        if run == experiment.Run("pretrain", "es", 1):
+            from lab import pretrain
+
+            pretrain.train(dataclasses.replace(experiment.pretrain_config(cfg, run), stop_after=4))
+            raise KeyboardInterrupt  # as if Ctrl-C came right after the step-4 checkpoint
+        real(run, cfg)
+
+    experiment.execute = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            experiment.run(cfg)
+    finally:
+        experiment.execute = real
+    finished = {
+        p: p.stat().st_mtime_ns
+        for p in Path(cfg.out_dir).rglob("*-s0/**/*")
+        if p.name in ("summary.json", "results.json")
+    }
+    summary = experiment.run(cfg)
+    return cfg, summary, finished
+
+
+def test_interrupted_experiment_resumes_without_redoing_finished_runs(resumed):
+    cfg, _, finished = resumed
+    first, second = invocations(cfg)
+    seed0 = [r.name for r in experiment.planned_runs(cfg) if r.pretrain_seed == 0]
+    assert [r["run"] for r in first if r["event"] == "finished"] == seed0
+    assert [r["run"] for r in first if r["event"] == "interrupted"] == ["pretrain es s1"]
+    # the rerun reuses every finished run, resumes the interrupted one from its checkpoint, runs the rest
+    assert sorted(r["run"] for r in second if r["event"] == "reused") == sorted(seed0)
+    assert [r["run"] for r in second if r["event"] == "resumed"] == ["pretrain es s1"]
+    started = [r["run"] for r in second if r["event"] == "started"]
+    assert (
+        not set(started) & set(seed0) and len(started) == len(experiment.planned_runs(cfg)) - len(seed0) - 1
+    )
+    # their files were not rewritten
+    assert len(finished) == 3 + 3 * 2 * 2  # seed 0: 3 pre-training summaries, 12 fine-tuning results
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished.items())
+    # the resumed run continued at step 4 instead of starting over: one train row per step, in order
+    rows = [json.loads(line) for line in (Path(cfg.out_dir) / "pretrain" / "es-s1" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, cfg.steps + 1))
+
+
+def test_experiment_writes_the_report_end_to_end(resumed):
+    cfg, summary, _ = resumed
+    report = Path(cfg.out_dir) / "report"
+    for name in ("tug_of_war_summary", "tug_of_war_differences", "downstream", "downstream_differences"):
+        assert (report / f"{name}.csv").stat().st_size > 0 and (report / f"{name}.md").is_file()
+    for name in ("mlm_loss_train", "mlm_loss_heldout", "similarity_pull_mlm", "downstream"):
+        assert (report / f"{name}.csv").is_file() and (report / f"{name}.png").is_file()
+    assert (report / "seed-0" / "embedding_cosine.csv").is_file()
+    assert json.loads((report / "summary.json").read_text())["experiment"] == cfg.out_dir
+    # every mode x task x metric has 2 x 2 paired seeds; every comparison is listed with its verdict
+    table = summary["downstream"]["table"]
+    assert {(r["task"], r["mode"]) for r in table} == {(t, m) for t in TASKS for m in experiment.MODES}
+    assert all(r["n"] == 4 for r in table)
+    diffs = summary["downstream"]["differences"]
+    assert {r["comparison"] for r in diffs} == {"gdes - es", "gdes - nes", "nes - es"}
+    assert all(r["pairs"] == 4 and r["pretrain_seeds"] == 2 and r["resolved"] in ("yes", "no") for r in diffs)
+    # the tug-of-war quantities of every pre-training run, two seeds per mode
+    rows = summary["tug_of_war"]["summary"]
+    cos = {r["mode"]: r for r in rows if r["quantity"] == "cos_E_G"}
+    assert set(cos) == set(experiment.MODES) and all(r["n"] == 2 for r in cos.values())
+    assert {r["quantity"] for r in rows} >= {
+        "final_mlm_loss",
+        "cos_E_D",
+        "class_gap_E_G",
+        "similarity_pull_rtd",
+    }
+
+
+def test_a_rerun_of_a_finished_experiment_trains_nothing(resumed):
+    cfg, _, _ = resumed
+    result = experiment.plan(cfg)
+    assert {r["status"] for r in result["runs"]} == {"done"} and result["total_estimate_s"] == 0
+
+
+def test_other_settings_in_the_same_directory_are_refused(resumed):
+    cfg, _, _ = resumed
+    with pytest.raises(ValueError, match="steps: 8 -> 9"):
+        experiment.run(dataclasses.replace(cfg, steps=9))
+
+
+def test_report_without_matplotlib_writes_the_numbers(resumed, tmp_path, monkeypatch):
+    cfg, _, _ = resumed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "seaborn", None)
+    summary = experiment.report(dataclasses.replace(cfg, report_dir=str(tmp_path)), TASKS)
+    assert (tmp_path / "downstream.csv").is_file() and (tmp_path / "tug_of_war_differences.csv").is_file()
+    assert not list(tmp_path.rglob("*.png"))
+    assert any("figures skipped" in note for note in summary["notes"])
+
+
+def test_plan_lists_every_run_with_an_estimate_and_trains_nothing(tmp_path, capsys):
+    cfg = tiny(tmp_path / "exp", pretrain_seeds=(0,), finetune_seeds=(1,))
+    result = experiment.plan(cfg)
+    names = [r["run"] for r in result["runs"]]
+    assert names[:3] == ["pretrain es s0", "pretrain nes s0", "pretrain gdes s0"]
+    assert len(names) == 3 + 3 * len(TASKS)
+    assert all(r["status"] == "todo" and r["estimate_s"] > 0 for r in result["runs"])
+    assert result["total_estimate_s"] == pytest.approx(sum(r["estimate_s"] for r in result["runs"]))
+    # only the calibration ran, and it left nothing but its measurements
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["calibration.json"]
+    experiment.print_plan(result)
+    out = capsys.readouterr().out
+    assert "finetune gdes s0 cola f1" in out and "estimated" in out
+
+
+def test_missing_glue_data_is_reported_and_skipped(tmp_path):
+    cfg = tiny(tmp_path / "exp", tasks=("sst2", "rte"))
+    reason = experiment.missing_data("rte", cfg)
+    assert "RTE" in reason and "train.tsv" in reason
+    assert experiment.missing_data("sst2", cfg) == ""
+
+
+def test_unknown_recipe_and_bad_lists_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown recipe 'cpu'"):
+        experiment.recipe("cpu")
+    with pytest.raises(ValueError, match="modes has \\['bert'\\]"):
+        experiment.ExperimentConfig(modes=("es", "bert"))
+    with pytest.raises(ValueError, match="repeats"):
+        experiment.ExperimentConfig(pretrain_seeds=(0, 0))

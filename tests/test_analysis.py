@@ -65,9 +65,10 @@ def test_nearest_neighbours_finds_the_closest_row():
 # ---------------------------------------------------------------------------------------------- report
 
 
-def fabricate_run(path, sharing: str, seed: int = 0, steps: int = 40):
+def fabricate_run(path, sharing: str, seed: int = 0, steps: int = 40, slow: float | None = None):
     """A run directory with the contract's files, from a tiny synthetic corpus and made-up curves: the
-    generator table clusters by class (strongly), the discriminator's less so, as the paper describes."""
+    generator table clusters by class (strongly), the discriminator's less so, as the paper describes.
+    The MLM curve is 6 * slow / (1 + 0.1 step), slow = 1.5 for ES and 1 otherwise unless given."""
     import json
 
     import numpy as np
@@ -97,7 +98,7 @@ def fabricate_run(path, sharing: str, seed: int = 0, steps: int = 40):
     if sharing == "gdes":
         tables["delta"] = delta
     save_file({k: v.clone().contiguous() for k, v in tables.items()}, str(path / "embeddings.safetensors"))
-    slow = 1.5 if sharing == "es" else 1.0
+    slow = slow if slow is not None else (1.5 if sharing == "es" else 1.0)
     rows = []
     for step in range(1, steps + 1):
         mlm = 6.0 * slow / (1 + 0.1 * step)
@@ -195,3 +196,66 @@ def test_similarity_pull_signs_and_finite_difference():
     assert similarity_pull(
         torch.cat([torch.randn(4, 2), E]), torch.cat([torch.randn(4, 2), grad])
     ) == pytest.approx(similarity_pull(E, grad, skip=0))
+
+
+def test_es_mlm_loss_highest_is_false_when_another_mode_is_slower(tmp_path):
+    # the same fabricated runs, but NES's curve is the slow one: the claim must read False
+    runs = {mode: fabricate_run(tmp_path / mode, mode, seed=i, slow=1.5 if mode == "nes" else 1.0)
+            for i, mode in enumerate(("es", "nes", "gdes"))}  # fmt: skip
+    summary = analysis.tug_of_war_report(runs, tmp_path / "report")
+    assert summary["paper_claims"]["es_mlm_loss_highest"] is False
+    # strict: a tie with the slowest other mode is not "highest"
+    cos = {"nes": {"E_G": 0.3, "E_D": 0.1}, "es": {"E_G": 0.1}}
+    tie = analysis._paper_claims(
+        {"final_smoothed_mlm_loss": {"es": 3.0, "nes": 3.0, "gdes": 2.0}, "embedding_cosine": cos}
+    )
+    assert tie["es_mlm_loss_highest"] is False
+    above = analysis._paper_claims(
+        {"final_smoothed_mlm_loss": {"es": 3.1, "nes": 3.0, "gdes": 2.0}, "embedding_cosine": cos}
+    )
+    assert above["es_mlm_loss_highest"] is True
+    assert above["nes_generator_more_similar_than_discriminator"] is True
+    swapped = {"nes": {"E_G": 0.1, "E_D": 0.3}, "es": {"E_G": 0.2}}
+    below = analysis._paper_claims({"final_smoothed_mlm_loss": {}, "embedding_cosine": swapped})
+    assert below == {
+        "nes_generator_more_similar_than_discriminator": False,
+        "es_table_below_nes_generator": False,
+    }
+
+
+def test_report_without_matplotlib_writes_every_csv(fake_runs, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a GPU box without it
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    summary = analysis.tug_of_war_report(fake_runs, tmp_path)
+    for stem in ("mlm_loss", "embedding_cosine", "grad_conflict", "class_separation", "final_eval"):
+        assert (tmp_path / f"{stem}.csv").stat().st_size > 0
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.svg"))
+    assert summary["paper_claims"]["es_mlm_loss_highest"] is True
+
+
+def test_seeded_report_pairs_runs_by_seed(tmp_path):
+    import csv
+
+    runs = {(mode, seed): fabricate_run(tmp_path / f"{mode}-{seed}", mode, seed=seed)
+            for seed in (0, 1) for mode in ("es", "nes")}  # fmt: skip
+    out = analysis.seeded_report(runs, tmp_path / "report", comparisons=(("nes", "es"),))
+    diffs = {r["quantity"]: r for r in out["differences"]}
+    # mean train MLM loss: ES's curve is 1.5 x NES's at every step, in both seeds
+    nes_mean = sum(6.0 / (1 + 0.1 * s) for s in range(1, 41)) / 40
+    assert diffs["mean_train_mlm_loss"]["difference"] == pytest.approx(-0.5 * nes_mean)
+    # held-out MLM loss at step 40: 6 / 5 + 0.1 (NES) vs 1.5 * 6 / 5 + 0.1 (ES)
+    assert diffs["final_mlm_loss"]["difference"] == pytest.approx(-0.6)
+    assert diffs["final_mlm_loss"]["resolved"] == "yes" and diffs["final_mlm_loss"]["pairs"] == 2
+    # ES's discriminator table is its generator table
+    per_run = list(csv.DictReader((tmp_path / "report" / "tug_of_war_runs.csv").open()))
+    es = [r for r in per_run if r["mode"] == "es"]
+    assert all(float(r["cos_E_G_minus_E_D"]) == 0 for r in es)
+    for name in (
+        "tug_of_war_summary.md",
+        "tug_of_war_differences.md",
+        "mlm_loss_train.csv",
+        "seed-0/embedding_cosine.csv",
+    ):
+        assert (tmp_path / "report" / name).is_file()

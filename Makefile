@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test test-slow test-browser lint bench sweep lab clean
+.PHONY: demo results gpu-recipe test test-slow test-browser lint bench sweep lab clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,16 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)  ## ES, NES and GDES on the embedded synthetic corpus, then the tug-of-war analysis
 	$(PY) -m lab sweep --corpus synthetic --name demo
+
+results: $(STAMP)  ## ES/NES/GDES x 3 pre-training seeds, fine-tuned on the synthetic tasks; figures/experiment_synthetic
+	$(PY) -m lab experiment --recipe cpu-results $(ARGS)
+
+# On a GPU box with system python3 (CUDA torch, transformers, sentencepiece, safetensors, scikit-learn,
+# scipy, tqdm) and no venv: `make gpu-recipe DATA=/path/with/wikitext-2/and/glue`.
+GPU_PYTHON ?= python3
+DATA ?= $(LAB_DATA_DIR)
+gpu-recipe:  ## xsmall on WikiText-2, ES/NES/GDES, five GLUE tasks x 3 fine-tuning seeds (~10 min, one H100)
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m lab experiment --recipe gpu --data-dir "$(DATA)" $(ARGS)
 
 sweep: $(STAMP)
 	$(PY) -m lab sweep $(ARGS)

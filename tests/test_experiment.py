@@ -164,3 +164,26 @@ def test_unknown_recipe_and_bad_lists_are_clear_errors():
         experiment.ExperimentConfig(modes=("es", "bert"))
     with pytest.raises(ValueError, match="repeats"):
         experiment.ExperimentConfig(pretrain_seeds=(0, 0))
+
+
+def test_the_experiment_imports_without_plotting_or_notebook_packages():
+    # a bare GPU box has CUDA torch, transformers, sentencepiece, safetensors, scikit-learn, scipy, tqdm
+    import subprocess
+
+    absent = ("matplotlib", "seaborn", "pandas", "papermill", "datasets", "IPython")
+    code = (
+        f"import sys; sys.modules.update(dict.fromkeys({absent!r}))\n"
+        "import lab.experiment, lab.pretrain, lab.finetune, lab.analysis, lab.stats\n"
+        "from lab import stats; assert stats.plotting_available() is False\n"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_gpu_recipe_reads_the_data_folder_it_is_given(tmp_path):
+    cfg = experiment.recipe("gpu", tmp_path)
+    assert cfg.corpus == f"{tmp_path}/wikitext-2/wiki.train.tokens" and cfg.glue_dir == f"{tmp_path}/glue"
+    assert cfg.preset == "xsmall" and cfg.modes == experiment.MODES and cfg.finetune_seeds == (1, 2, 3)
+    assert set(cfg.tasks) == {"cola", "sst2", "mrpc", "stsb", "rte"}
+    assert "MRPC" in experiment.missing_data("mrpc", cfg)

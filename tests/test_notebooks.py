@@ -10,8 +10,14 @@ from lab import notebook
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_four_notebooks_exist():
-    assert [p.stem for p in NOTEBOOKS] == ["00_tour", "01_pretrain", "02_tug_of_war", "03_downstream"]
+def test_the_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS] == [
+        "00_tour",
+        "01_pretrain",
+        "02_tug_of_war",
+        "03_downstream",
+        "04_experiment",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

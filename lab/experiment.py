@@ -108,9 +108,10 @@ RECIPES: dict[str, dict] = {
         max_eval_examples=48, eval_batches=2, calibration_steps=3,
     ),
     # `make results`: 3 modes x 3 pre-training seeds x 2 fine-tuning seeds on the two synthetic tasks,
-    # sized for ~30-40 min on a 2-core CPU (the pre-training is `make demo`'s at 2/3 of its steps)
+    # sized to finish within ~40 min on a 2-core CPU shared with other jobs: `make demo`'s pre-training
+    # at 120 steps instead of 300, 1,000 training sentences of synth_gram (synth_tag has 300)
     "cpu-results": dict(
-        preset="mini", corpus="synthetic", steps=200, batch_size=16, seq_len=64, lr=1e-3,
+        preset="mini", corpus="synthetic", steps=120, batch_size=16, seq_len=64, lr=1e-3,
         pretrain_seeds=(0, 1, 2), finetune_seeds=(1, 2), tasks=("synth_tag", "synth_gram"),
         max_train_examples=1000, report_dir="figures/experiment_synthetic",
     ),
@@ -239,11 +240,13 @@ def is_glue(task: str) -> bool:
 
 
 def missing_data(task: str, cfg: ExperimentConfig) -> str:
-    """Why `task` cannot run here ("" when it can): a GLUE task needs its train and dev files."""
-    if not is_glue(task):
-        return ""  # synthetic tasks are generated, never missing
-    from lab import glue
+    """Why `task` cannot run here ("" when it can): a GLUE task needs its train and dev files; the
+    synthetic tasks (lab/tasks.py) are generated, never missing. An unknown name raises."""
+    from lab import glue, tasks
 
+    tasks.get_task(task)  # raises on an unknown task, listing the known ones
+    if not is_glue(task):
+        return ""
     t = glue.get_task(task)
     root = cfg.glue_dir or None
     missing = [str(glue.split_path(t.name, s, root)) for s in ("train", *t.dev_splits)]
@@ -252,21 +255,13 @@ def missing_data(task: str, cfg: ExperimentConfig) -> str:
 
 
 def task_sizes(task: str, cfg: ExperimentConfig) -> tuple[int, int]:
-    """(training examples used, dev examples used) per fine-tuning run, for the time estimate."""
-    from lab import finetune
+    """(training examples, dev examples) one fine-tuning run uses, for the time estimate."""
+    from lab import tasks
 
-    loader = getattr(finetune, "load_splits", None)
-    if loader is not None:  # a loader that knows every task (GLUE and synthetic)
-        splits = loader(finetune_config(cfg, Run("finetune", cfg.modes[0], 0, task, 0)).resolved())
-        train, dev = len(splits["train"]), sum(len(v) for k, v in splits.items() if k != "train")
-    else:
-        from lab import glue
-
-        loaded = glue.load_task(task, cfg.glue_dir or None)
-        train = len(loaded["train"].labels)
-        dev = sum(len(loaded[s].labels) for s in glue.get_task(task).dev_splits)
+    splits = tasks.load(task, cfg.glue_dir or None)
+    dev = sum(len(split) for name, split in splits.items() if name != "train")
     cap = lambda n, limit: min(n, limit) if limit else n  # noqa: E731
-    return cap(train, cfg.max_train_examples), cap(dev, cfg.max_eval_examples)
+    return cap(len(splits["train"]), cfg.max_train_examples), cap(dev, cfg.max_eval_examples)
 
 
 # ---------------------------------------------------------------------------------------------- estimates

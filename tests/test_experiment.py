@@ -10,7 +10,7 @@ import pytest
 from lab import experiment
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = ("sst2", "cola")
+TASKS = ("synth_tag", "synth_gram")
 GLUE_FIXTURE = str(ROOT / "tests" / "fixtures" / "glue")
 
 
@@ -147,7 +147,7 @@ def test_plan_lists_every_run_with_an_estimate_and_trains_nothing(tmp_path, caps
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["calibration.json"]
     experiment.print_plan(result)
     out = capsys.readouterr().out
-    assert "finetune gdes s0 cola f1" in out and "estimated" in out
+    assert "finetune gdes s0 synth_gram f1" in out and "estimated" in out
 
 
 def test_missing_glue_data_is_reported_and_skipped(tmp_path):
@@ -157,7 +157,9 @@ def test_missing_glue_data_is_reported_and_skipped(tmp_path):
     assert experiment.missing_data("sst2", cfg) == ""
 
 
-def test_unknown_recipe_and_bad_lists_are_clear_errors():
+def test_unknown_recipe_task_and_bad_lists_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="synth_tagg"):
+        experiment.plan(tiny(tmp_path, tasks=("synth_tagg",)), calibrate_now=False)
     with pytest.raises(ValueError, match="unknown recipe 'cpu'"):
         experiment.recipe("cpu")
     with pytest.raises(ValueError, match="modes has \\['bert'\\]"):

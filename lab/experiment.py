@@ -272,15 +272,16 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
 
     Pre-training: `calibration_steps` steps of the experiment's GDES configuration (the costliest mode)
     after the corpus is prepared (cached, so tokenising is not timed); the median step time plus the
-    fixed cost of a run (model build, two evaluations, export). Fine-tuning: one epoch on a slice of
-    each task from that run's discriminator, as seconds per training example (dev examples count a
-    third: forward only). Cached in calibration.json, so a rerun does not re-measure.
+    fixed cost of a run (model build, two evaluations, export). Fine-tuning: two epochs on a slice of
+    each task from that run's discriminator; the second epoch gives seconds per training example (dev
+    examples count a third: forward only), the rest the fixed cost of a run. Cached in
+    calibration.json, so a rerun does not re-measure.
     """
     cache = Path(cfg.out_dir) / "calibration.json"
     known = _read_json(cache)
     key = {k: getattr(cfg, k) for k in ("preset", "corpus", "vocab_size", "batch_size", "seq_len", "device",
                                          "dtype", "eval_batches", "calibration_steps")}  # fmt: skip
-    if known.get("key") == key and set(tasks) <= set(known.get("finetune_s_per_example", {})):
+    if known.get("key") == key and set(tasks) <= set(known.get("finetune_fixed_s", {})):
         return known
     from lab import finetune, pretrain
     from lab.data import prepare_corpus
@@ -300,17 +301,21 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
     step_times = sorted(r["ms_per_step"] / 1000 for r in rows[1:]) or [wall / cfg.calibration_steps]
     step_s = step_times[len(step_times) // 2]
     result = {"key": key, "pretrain_step_s": step_s, "pretrain_fixed_s": max(0.0, wall - step_s * len(rows)),
-              "finetune_s_per_example": {}}  # fmt: skip
+              "finetune_s_per_example": {}, "finetune_fixed_s": {}}  # fmt: skip
     for task in tasks:
+        # two epochs on a slice: the second epoch's time is the per-example rate, the rest is the fixed
+        # cost of a run (loading the model, generating or reading and tokenising the task)
         ft = Run("finetune", "gdes", 0, task, 0)
-        fcfg = finetune_config(cfg, ft, init=work / "pretrain", epochs=1, max_train_examples=64,
-                               max_eval_examples=64).resolved()  # fmt: skip
-        fcfg = replace_strict(fcfg, out_dir=str(work / "finetune" / task))
+        fcfg = finetune_config(cfg, ft, init=work / "pretrain", epochs=2, max_train_examples=64,
+                               max_eval_examples=64, out_dir=str(work / "finetune" / task))  # fmt: skip
         t0 = time.perf_counter()
         results = finetune.train(fcfg)
         seconds = time.perf_counter() - t0
+        epochs = [r["elapsed_s"] for r in _jsonl(work / "finetune" / task / "metrics.jsonl")]
+        epoch_s = epochs[1] - epochs[0] if len(epochs) == 2 else seconds / 2
         weight = results["n_train_examples"] + results["n_dev_examples"] / 3
-        result["finetune_s_per_example"][task] = seconds / max(1.0, weight)
+        result["finetune_s_per_example"][task] = epoch_s / max(1.0, weight)
+        result["finetune_fixed_s"][task] = max(0.0, seconds - 2 * epoch_s)
     atomic_write_json(cache, result)
     shutil.rmtree(work, ignore_errors=True)
     return result
@@ -328,7 +333,8 @@ def estimate(run: Run, cfg: ExperimentConfig, calibration: dict, sizes: dict[str
 
     epochs = finetune_config(cfg, run).resolved().epochs
     train, dev = sizes[run.task]
-    return epochs * (train + dev / 3) * calibration["finetune_s_per_example"][run.task]
+    rate, fixed = calibration["finetune_s_per_example"][run.task], calibration["finetune_fixed_s"][run.task]
+    return fixed + epochs * (train + dev / 3) * rate
 
 
 def _duration(seconds: float) -> str:

@@ -134,6 +134,12 @@ class PretrainConfig:
                 raise ValueError(f"PretrainConfig.{name} must be positive, got {getattr(self, name)}")
         if self.seq_len < 8:
             raise ValueError(f"PretrainConfig.seq_len={self.seq_len} is too short; use at least 8")
+        if self.compile == "on" and self.optimization == "decoupled" and self.sharing == "es":
+            raise ValueError(
+                "PretrainConfig(compile='on', optimization='decoupled', sharing='es'): decoupled ES "
+                "differentiates each step's graph twice, which a compiled backward refuses; use compile='off' "
+                "(or 'auto', which keeps this combination eager)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,6 +333,7 @@ def setup(cfg: PretrainConfig) -> Run:
             model, device_ids=[device] if device.type == "cuda" else None
         )
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    compiled &= not (cfg.optimization == "decoupled" and cfg.sharing == "es")  # see __post_init__
     step_fn = torch.compile(net, mode=cfg.compile_mode) if compiled else net
 
     eval_set = [corpus.heldout[i] for i in range(min(len(corpus.heldout), cfg.eval_batches * micro))]
@@ -395,8 +402,11 @@ def train_step(run: Run, step: int, meter: Meter, probe: bool) -> None:
         noise = noise.rows(run.rows)  # this rank's share of the global batch's noise
         synced = ddp.world > 1 and m == cfg.grad_accum - 1  # DDP all-reduces in this backward
         ctx = run.net.no_sync() if ddp.world > 1 and not synced else contextlib.nullcontext()
+        # the probe differentiates the graph twice (retain_graph), which a compiled backward refuses
+        # (its buffers are donated): a probe step's forward runs eagerly
+        fn = run.net if probe and m == 0 else run.step_fn
         with ctx:
-            out = rtd_forward(run.step_fn, ids, mask, run.special, run.tok.mask_id, cfg, noise, run.amp)
+            out = rtd_forward(fn, ids, mask, run.special, run.tok.mask_id, cfg, noise, run.amp)
         if probe and m == 0:
             with meter.overhead("probe"):
                 row = gradient_probe(run.model, out, cfg.rtd_weight)

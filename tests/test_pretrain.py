@@ -403,14 +403,15 @@ def test_the_host_read_count_catches_one_item_per_step(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # inductor's first CPU compile takes minutes with a cold cache
 def test_compile_on_runs_on_cpu_and_reports_its_compile_time(tmp_path, capsys):
-    cfg = quick(tmp_path, "compiled", steps=5, compile="on", probe_every=2, eval_every=100, progress="line")
-    summary = train(cfg)
+    # no dropout: compiled code draws its dropout masks from another generator
+    common = dict(steps=5, probe_every=2, eval_every=100, dropout=0.0)
+    summary = train(quick(tmp_path, "compiled", compile="on", progress="line", **common))
     assert summary["compiled"] and summary["compile_mode"] == "default"
     assert summary["compile_s"] > 0 and summary["overhead_s"]["warmup"] >= summary["compile_s"]
     assert "compiled in" in capsys.readouterr().out
-    train(quick(tmp_path, "eager", steps=5, compile="off"))
+    train(quick(tmp_path, "eager", compile="off", **common))
     a, b = train_losses(tmp_path / "compiled"), train_losses(tmp_path / "eager")
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3  # losses ~40: fused kernels round differently
 
 
 def test_compile_modes_reach_torch_compile_and_auto_is_off_on_cpu(tmp_path, monkeypatch, capsys):
@@ -437,6 +438,8 @@ def test_compile_accepts_the_old_boolean_and_rejects_unknown_modes():
     assert PretrainConfig(compile=True).compile == "on" and PretrainConfig(compile=False).compile == "off"
     with pytest.raises(ValueError, match="compile_mode"):
         PretrainConfig(compile_mode="fastest")
+    with pytest.raises(ValueError, match="compile='off'"):
+        PretrainConfig(compile="on", optimization="decoupled", sharing="es")
 
 
 def test_throughput_counts_training_alone(tmp_path, monkeypatch):

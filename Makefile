@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo results gpu-recipe test test-slow test-browser lint bench sweep lab clean
+.PHONY: demo results gpu-recipe test test-slow test-browser lint bench gpu-check sweep lab clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m lab bench $(ARGS)
+
+# On a lent GPU machine, with its system python3 and nothing installed (no $(STAMP)): the prepared
+# check, at most 8 minutes. First, here: `python -m lab gpucheck --prepare-data` copies the data it
+# reads from $$LAB_DATA_DIR into the git-ignored .gpudata/, which the device call carries; there:
+# `make gpu-check OUT=$$OUT` = PYTHONPATH=. python3 -m lab gpucheck --out $$OUT --data .gpudata
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m lab gpucheck --out $(or $(OUT),runs/gpucheck) --data .gpudata
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

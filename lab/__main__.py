@@ -12,6 +12,11 @@ COMMANDS = {
     "sweep": ("lab.notebook", "cli_sweep", "pre-train ES, NES and GDES, then the tug-of-war analysis"),
     "bench": ("lab.bench", "cli", "speed and memory against a transformers-built peer"),
     "experiment": ("lab.experiment", "cli", "ES / NES / GDES over seeds, fine-tuned, with paired statistics"),
+    "gpucheck": (
+        "lab.gpucheck",
+        "cli",
+        "the prepared GPU run: benchmark, CUDA checks, syncs, torchrun, GLUE",
+    ),
 }
 
 

@@ -1,0 +1,195 @@
+"""The prepared GPU run: its smoke mode end to end on the CPU (every part, the files it writes), and the
+pieces it is built from — the sync counter, the correctness checks (shown to catch planted bugs), the
+budget, the data preparation."""
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lab import bench, gpucheck
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fake_data(root: Path) -> Path:
+    """A WikiText-shaped corpus of random words and an SST-2-shaped task: what --prepare-data copies."""
+    words = bench.random_words(400)
+    rng = random.Random(0)
+    lines = []
+    for d in range(40):
+        lines += [" ", f" = Title {d} = ", " "]
+        lines += [" " + " ".join(rng.choices(words, k=60)) + " " for _ in range(5)]
+    (root / "wikitext-2").mkdir(parents=True)
+    (root / "wikitext-2" / "wiki.train.tokens").write_text("\n".join(lines) + "\n")
+    bench.write_sst2_like(root / "glue", words, 64, 32)
+    return root
+
+
+def test_smoke_run_writes_every_part_and_plausible_figures(tmp_path):
+    data, out = fake_data(tmp_path / "data"), tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "lab", "gpucheck", "--smoke", "--out", str(out), "--data", str(data)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    result = json.loads((out / "gpucheck.json").read_text())
+    parts = result["parts"]
+    assert list(parts) == [p.name for p in gpucheck.PARTS]
+    for part in gpucheck.PARTS:
+        expected = "ok" if part.smoke else "skipped"
+        assert parts[part.name]["status"] == expected, (part.name, parts[part.name].get("error"))
+    env_info = parts["env"]["result"]
+    assert env_info["matmul_peak_n"] == gpucheck.SMOKE.peak_n and env_info["matmul_peak_tflops"]["fp32"] > 0
+
+    checks = parts["correctness"]["result"]["checks"]
+    assert "rtd_loss/fp32" in checks and any(k.startswith("encoder[") for k in checks)
+    for key, check in checks.items():
+        assert check["ok"], (key, check)
+    assert checks["encoder[default]/fp32"]["forward"]["max_abs"] < 1e-5
+    assert checks["rtd_loss/fp32"]["loss"]["max_rel"] < 1e-5
+
+    rows = result["rows"]
+    kinds = {(r["kind"], r["impl"]) for r in rows}
+    for kind, impl in [("step", "lab-es"), ("step", "lab-gdes"), ("step", "hf"), ("step", "lab-es+default"),
+                       ("attention", "lab"), ("attention", "hf"), ("pretrain", "lab-gdes"), ("finetune", "lab")]:  # fmt: skip
+        assert (kind, impl) in kinds, (kind, impl)
+    for r in rows:
+        assert r["ms"] > 0 and (r["tokens_per_s"] is None or r["tokens_per_s"] > 0), r
+    compiled = next(r for r in rows if r["impl"] == "lab-es+default")
+    assert compiled["compile_s"] > 0 and compiled["speedup_vs_hf"] > 0
+
+    # the short run: a smoke-sized WikiText pre-training, syncs counted per step by the CPU stand-in
+    syncs = parts["short_run"]["result"]["syncs"]
+    size = gpucheck.SMOKE.short_run
+    assert syncs["optimizer_steps"] == size.steps
+    assert syncs["steady_steps"] == len([k for k in range(2, size.steps) if k % size.log_every])
+    assert syncs["syncs_in_steady_steps"] == 0, syncs["steady_sites"]
+    assert syncs["syncs_elsewhere"] > 0  # logging and evaluation do read values: the counter sees them
+
+    run = parts["torchrun"]["result"]
+    assert run["returncode"] == 0 and run["world_size"] == 1 and run["backend"] == "gloo"
+    assert run["steps"] == gpucheck.SMOKE.torchrun.steps and run["ok"]
+    finetune = parts["finetune"]["result"]
+    assert finetune["task"] == "sst2" and 0.0 <= finetune["dev"]["accuracy"] <= 1.0
+
+    assert result["optional_modules_imported"] == []  # nothing beyond what the GPU machine has
+    with open(out / "gpucheck.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and list(table[0]) == list(bench.COLUMNS)
+    summary = (out / "summary.txt").read_text()
+    assert summary == proc.stdout[-len(summary) :]  # the summary is also the end of stdout
+    assert len(summary.splitlines()) <= 45
+    for text in ("targets:", "correctness", "host syncs per steady-state step", "torchrun", "fine-tune sst2",
+                 "compile sweep", "optional packages imported: none"):  # fmt: skip
+        assert text in summary, text
+    assert (out / "gpucheck.log").stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpucheck.csv",
+        "gpucheck.json",
+        "gpucheck.log",
+        "summary.txt",
+    ]
+
+
+def test_sync_counter_puts_each_sync_in_the_step_that_made_it():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    with gpucheck.SyncCounter(torch.device("cpu")) as counter:
+        for step in range(6):
+            loss = (weight * torch.arange(3.0)).sum()
+            if step in (2, 4):
+                loss.item()  # a sync inside steps 2 and 4
+            loss.backward()
+            optimizer.step()
+            if step == 2:
+                weight.detach().tolist()  # after step 2's update: counted with step 3 (bucket 3)
+    assert [len(b) for b in counter.buckets] == [0, 0, 1, 1, 1, 0, 0]
+    assert counter.buckets[2][0].startswith("test_gpucheck.py:") and "(item)" in counter.buckets[2][0]
+    # steady = steps 2..5 without multiples of 3: 2, 4, 5
+    report = counter.report(steps=6, log_every=3, eval_every=100, ckpt_every=100)
+    assert (
+        report["steady_steps"] == 3
+        and report["syncs_in_steady_steps"] == 2
+        and report["syncs_elsewhere"] == 1
+    )
+    assert all(getattr(torch.Tensor, name).__name__ != "counted" for name in counter.CPU_METHODS)  # restored
+
+
+def test_correctness_checks_pass_on_the_code_and_catch_planted_bugs(monkeypatch):
+    sizes = gpucheck.SMOKE
+    assert gpucheck.check_rtd_loss(torch.device("cpu"), sizes, "fp32")["ok"]
+    assert gpucheck.check_encoder(None, "fp32", torch.device("cpu"), sizes)["ok"]
+
+    import lab.model
+    import lab.rtd
+
+    # an RTD loss averaged over padding too, and an encoder that ignores the padding mask
+    monkeypatch.setattr(lab.rtd, "_masked_mean", lambda values, mask: values.mean())
+    assert not gpucheck.check_rtd_loss(torch.device("cpu"), sizes, "fp32")["ok"]
+    monkeypatch.setattr(
+        lab.model, "key_padding_bias", lambda mask, dtype: torch.zeros(mask.shape[0], 1, 1, mask.shape[1])
+    )
+    assert not gpucheck.check_encoder(None, "fp32", torch.device("cpu"), sizes)["ok"]
+
+
+def test_parts_run_within_the_budget_and_failures_do_not_stop_the_rest():
+    c = gpucheck.Check(
+        torch.device("cpu"), gpucheck.SMOKE, Path("."), Path("."), smoke=False, log=lambda s: None
+    )
+
+    def broken(c):
+        raise ValueError("planted")
+
+    parts = [
+        gpucheck.Part("first", 1, lambda c: {"rows": []}),
+        gpucheck.Part("broken", 1, broken),
+        gpucheck.Part("slow", 1, lambda c: time.sleep(10)),
+        gpucheck.Part("too_big", 1000, lambda c: {}),
+        gpucheck.Part("last", 1, lambda c: {"x": 1}),
+    ]
+    written = []
+    records = gpucheck.run_parts(c, parts, budget_s=60, write=lambda r: written.append(dict(r)))
+    status = {name: r["status"] for name, r in records.items()}
+    assert status == {"first": "ok", "broken": "error", "slow": "timeout", "too_big": "skipped", "last": "ok"}
+    assert (
+        "planted" in records["broken"]["error"] and records["slow"]["seconds"] < 5
+    )  # stopped at 1.5x budget
+    assert [len(w) for w in written] == [1, 2, 3, 4, 5]  # results written after every part
+
+
+def test_prepare_data_copies_what_the_device_needs(tmp_path, monkeypatch):
+    source = fake_data(tmp_path / "source")
+    monkeypatch.setenv("LAB_DATA_DIR", str(source))
+    assert gpucheck.cli(["--prepare-data", "--data", str(tmp_path / "dest")]) == 0
+    copied = sorted(
+        str(p.relative_to(tmp_path / "dest")) for p in (tmp_path / "dest").rglob("*") if p.is_file()
+    )
+    assert copied == ["glue/SST-2/dev.tsv", "glue/SST-2/train.tsv", "wikitext-2/wiki.train.tokens"]
+    assert (tmp_path / "dest" / "wikitext-2" / "wiki.train.tokens").read_bytes() == (
+        source / "wikitext-2" / "wiki.train.tokens"
+    ).read_bytes()
+    with pytest.raises(FileNotFoundError, match="LAB_DATA_DIR"):
+        gpucheck.prepare_data(tmp_path / "empty", tmp_path / "dest2")
+    assert ".gpudata/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_device_slug_names_the_figures():
+    assert gpucheck.device_slug("NVIDIA H200") == "h200"
+    assert gpucheck.device_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpucheck.device_slug("NVIDIA A100-SXM4-80GB") == "a100"
+
+
+def test_without_a_gpu_the_check_says_to_use_smoke(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        gpucheck.cli(["--out", str(tmp_path)])
+    assert "--smoke" in capsys.readouterr().err

@@ -818,6 +818,7 @@ def finetune_row(fb: FinetuneBench, device, work: Path, init: str = "", glue_dir
         init = str(random_init_checkpoint(work / "init", fb.preset, fb.vocab, words))
         glue_dir = str(write_sst2_like(work / "glue", words, fb.examples, fb.eval_examples))
     out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)  # finished seeds there would be skipped, not timed
     cfg = finetune.FinetuneConfig(
         task=task, glue_dir=glue_dir, init=init, out_dir=str(out), epochs=fb.epochs, batch_size=fb.batch,
         max_seq_len=fb.seq_len, max_train_examples=fb.examples, max_eval_examples=fb.eval_examples, seeds=(1,),

@@ -718,7 +718,12 @@ def run_parts(c: Check, parts, budget_s: float, write: Callable[[dict], None]) -
         # on the CPU smoke run the GPU budgets mean nothing; there every part runs until the total is spent
         need = part.budget_s if not c.smoke else 1.0
         record = {"budget_s": part.budget_s, "started_at_s": round(elapsed, 1)}
-        if need > left:
+        if c.smoke and not part.smoke:
+            record.update(
+                status="skipped", note="not in the smoke run: the same code path as compile:default"
+            )
+            c.log(f"== {part.name}: skipped ({record['note']})")
+        elif need > left:
             record.update(
                 status="skipped", note=f"needs ~{part.budget_s:.0f} s, {left:.0f} s left of {budget_s:.0f} s"
             )
@@ -906,6 +911,7 @@ def write_outputs(out: Path, records: dict, meta: dict, start: float) -> dict:
         **meta,
         "elapsed_s": time.perf_counter() - start,
         "device_slug": device_slug(name) if not meta["smoke"] else "smoke",
+        "part_order": list(records),  # the JSON's keys are sorted; this is the order they ran in
         "parts": _jsonable(records),
         "rows": _rows(records),
         "targets": targets(records, name),

@@ -42,7 +42,9 @@ def test_smoke_run_writes_every_part_and_plausible_figures(tmp_path):
 
     result = json.loads((out / "gpucheck.json").read_text())
     parts = result["parts"]
-    assert list(parts) == [p.name for p in gpucheck.PARTS]
+    assert result["part_order"] == [p.name for p in gpucheck.PARTS] and set(parts) == set(
+        result["part_order"]
+    )
     for part in gpucheck.PARTS:
         expected = "ok" if part.smoke else "skipped"
         assert parts[part.name]["status"] == expected, (part.name, parts[part.name].get("error"))

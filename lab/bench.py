@@ -62,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -743,11 +744,12 @@ def train_windows(run_dir: Path) -> list[dict]:
 
 
 def steady_ms_per_step(windows: list[dict]) -> float:
-    """Median ms/step over the logged windows after the first (warm-up, compilation)."""
-    steady = windows[1:] or windows
+    """Median ms/step over the logged windows after the first (which holds the warm-up: compilation,
+    first allocations); windows of warm-up steps only log no ms/step and are left out."""
+    steady = [w["ms_per_step"] for w in windows[1:] or windows if w.get("ms_per_step") is not None]
     if not steady:
-        raise ValueError("the run logged no training window; raise steps or lower log_every")
-    return statistics.median(w["ms_per_step"] for w in steady)
+        raise ValueError("the run logged no steady training window; raise steps or lower log_every")
+    return statistics.median(steady)
 
 
 def pretrain_row(pb: PretrainBench, device, work: Path, peaks: dict | None = None, corpus: str = "",
@@ -772,7 +774,7 @@ def pretrain_row(pb: PretrainBench, device, work: Path, peaks: dict | None = Non
     ms = steady_ms_per_step(train_windows(out_dir))
     dtype = "bf16" if "bfloat16" in summary["dtype"] else "fp32"
     row = Row("pretrain", pb.preset, dtype, pb.seq_len, pb.batch, f"lab-{cfg.sharing}", ms,
-              pb.batch * pb.seq_len / (ms / 1e3), vocab=summary["vocab_size"],
+              pb.batch * pb.seq_len / (ms / 1e3), vocab=summary["vocab_size"], compile_s=summary.get("compile_s"),
               note=f"train(); compile={getattr(cfg, 'compile', None)}" + (f"; no field {missing}" if missing else ""))  # fmt: skip
     if peaks and dtype in peaks:
         flops = rtd_step_flops(_config(pb.preset, pb.seq_len, summary["vocab_size"]), pb.batch, pb.seq_len)
@@ -813,7 +815,8 @@ def finetune_row(fb: FinetuneBench, device, work: Path, init: str = "", glue_dir
     from lab import finetune
 
     work = Path(work)
-    if not init:
+    synthetic = not init
+    if synthetic:
         words = random_words(max(64, int(1.4 * fb.vocab)))
         init = str(random_init_checkpoint(work / "init", fb.preset, fb.vocab, words))
         glue_dir = str(write_sst2_like(work / "glue", words, fb.examples, fb.eval_examples))
@@ -828,7 +831,10 @@ def finetune_row(fb: FinetuneBench, device, work: Path, init: str = "", glue_dir
         f"finetune: train() {task} from {init}, {fb.examples} examples x {fb.epochs} epochs, batch {fb.batch}"
     )
     start = time.perf_counter()
-    results = finetune.train(cfg)
+    with warnings.catch_warnings():
+        if synthetic:  # its small dev split is on purpose, not a partial download
+            warnings.filterwarnings("ignore", message=".*the official split has")
+        results = finetune.train(cfg)
     wall = time.perf_counter() - start
     history = read_jsonl(out / "metrics.jsonl")
     n = results["n_train_examples"]

@@ -26,6 +26,8 @@ failing part records its error while the rest continue:
                gradient), fp32 and bf16, padded batch, T = 512
   step         `base`, T=512, bf16, batch 32 RTD step: lab-es, lab-gdes, the transformers peer; MFU
   attention    the attention alone at T = 512, 1024, 2048 per lab implementation, against HF's layer
+               (and, when the `disentangled-flash` package is importable, the encoder at T = 512 with
+               that package's attention as a peer)
   pretrain     `xsmall` pre-training tokens/s (T=128, batch 128, vocab 32k) through train() itself
   short_run    `xsmall` on WikiText-2 with torch.cuda.set_sync_debug_mode("warn"): host syncs counted
                per optimizer step, steady-state steps (not the first two, not log / eval / checkpoint
@@ -111,7 +113,7 @@ GPU = Sizes(
     finetune=bench.FinetuneBench("xsmall", 32000, examples=1024, eval_examples=872, batch=32, seq_len=128),
     compile_backend="inductor",
     warmup=2,
-    repeats=10,
+    repeats=8,
     memory=True,
 )
 SMOKE = Sizes(
@@ -140,6 +142,7 @@ class Check:
     log: Callable[[str], None] = print
     peaks: dict[str, float] = field(default_factory=dict)  # dtype -> FLOP/s
     state: dict = field(default_factory=dict)  # what one part hands to a later one
+    partial: dict = field(default_factory=dict)  # what the running part has so far (kept if it stops)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +215,8 @@ class SyncCounter:
         self.buckets.append([])
 
     def report(self, steps: int, log_every: int, eval_every: int, ckpt_every: int, warmup: int = 2) -> dict:
+        """Totals over steady buckets (from `warmup` on, not multiples of the log / eval / checkpoint
+        intervals, not the last) and over the rest, with the most frequent call sites of each."""
         steady = [
             k
             for k in range(warmup, min(steps, len(self.buckets)))
@@ -224,6 +229,7 @@ class SyncCounter:
             if self.device.type == "cuda"
             else "CPU stand-in: " + ", ".join(self.CPU_METHODS),
             "optimizer_steps": len(self.buckets) - 1,
+            "warmup_buckets": warmup,
             "steady_steps": len(steady),
             "syncs_in_steady_steps": len(steady_events),
             "syncs_per_steady_step": len(steady_events) / max(1, len(steady)),
@@ -454,7 +460,7 @@ def _version(module: str) -> str | None:
 
 
 def part_correctness(c: Check) -> dict:
-    checks = {}
+    checks = c.partial.setdefault("checks", {})
     dtypes = ("fp32", "bf16") if c.device.type == "cuda" else ("fp32",)
     with _exact_fp32():
         for dtype in dtypes:
@@ -502,9 +508,12 @@ def part_attention(c: Check) -> dict:
     name, lengths, tokens, dtype = c.sizes.attention
     bc = _bench_config(c, presets=(name,), dtypes=(dtype,), tokens_per_step=tokens, kinds=("attention",))
     c.log(bench.HEADER)
-    rows = []
+    rows = c.partial.setdefault("rows", [])
     for T in lengths:
         rows += bench.compare("attention", name, dtype, T, bc, c.device, c.peaks[dtype], c.log)
+    if c.device.type == "cuda" and _version("disentangled_flash"):
+        # the package patches transformers' model, so its peer row is the whole encoder (T <= 512)
+        rows += bench.compare("encoder", name, dtype, lengths[0], bc, c.device, c.peaks[dtype], c.log)
     return {"rows": rows}
 
 
@@ -539,7 +548,10 @@ def part_short_run(c: Check) -> dict:
     )  # fmt: skip
     with SyncCounter(c.device) as counter:
         summary = train(cfg)
-    syncs = counter.report(size.steps, size.log_every, eval_every, ckpt_every)
+    # the loop's warm-up steps (3 when compiled, else 1) synchronise on purpose to time themselves;
+    # bucket k holds step k's end, so steady buckets start after the last warm-up step
+    warmup = (3 if summary.get("compiled") else 1) + 1
+    syncs = counter.report(size.steps, size.log_every, eval_every, ckpt_every, warmup=warmup)
     c.state["short_run"] = out_dir
     windows = bench.train_windows(out_dir)
     ms = bench.steady_ms_per_step(windows)
@@ -661,9 +673,9 @@ class Part:
 
 PARTS = (
     Part("env", 20, part_env),
-    Part("correctness", 60, part_correctness),
+    Part("correctness", 90, part_correctness),  # flex attention compiles its kernels here
     Part("step", 60, part_step),
-    Part("attention", 60, part_attention),
+    Part("attention", 90, part_attention),
     Part("pretrain", 100, part_pretrain, cleanup_compile=True),
     Part("short_run", 80, part_short_run, cleanup_compile=True),
     Part("torchrun", 60, part_torchrun),
@@ -731,6 +743,7 @@ def run_parts(c: Check, parts, budget_s: float, write: Callable[[dict], None]) -
         else:
             c.log(f"== {part.name} (budget {part.budget_s:.0f} s, {left:.0f} s left)")
             t0 = time.perf_counter()
+            c.partial = {}
             try:
                 with _time_limit(min(1.5 * part.budget_s if not c.smoke else left, left)):
                     result = part.run(c)
@@ -738,12 +751,13 @@ def run_parts(c: Check, parts, budget_s: float, write: Callable[[dict], None]) -
                 if isinstance(result, dict) and result.get("ok") is False:
                     record["status"] = "failed-check"
             except PartTimeout as err:
-                record.update(status="timeout", error=str(err))
+                record.update(status="timeout", error=str(err), result=c.partial or None)
             except Exception as err:
                 record.update(
                     status="error",
                     error=f"{type(err).__name__}: {err}",
                     traceback=traceback.format_exc()[-4000:],
+                    result=c.partial or None,
                 )
             finally:
                 record["seconds"] = round(time.perf_counter() - t0, 1)

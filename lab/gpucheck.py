@@ -9,7 +9,7 @@ The GPU machine has the system `python3` with CUDA torch, transformers, sentence
 scikit-learn, scipy and tqdm, and no network: nothing here (or in the lab modules it runs) imports
 anything else at module level, and the run records which optional packages got imported at all. The
 data does not travel by itself: `--prepare-data` copies WikiText-2's training file and the GLUE tasks
-it uses into the git-ignored `.gpudata/`, which the device call carries (`carry: [".gpudata"]`).
+it uses into the git-ignored `.gpudata/`, which goes to the GPU machine together with the checkout.
 Outputs: DIR/gpucheck.json (every part's result), DIR/gpucheck.csv (the benchmark's rows, lab.bench's
 format), DIR/summary.txt (one screen, also printed) and DIR/gpucheck.log; they are rewritten after
 every part, so an interrupted run still leaves what it measured. Commit them as
@@ -528,7 +528,7 @@ def wikitext(c: Check) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing; run `python -m lab gpucheck --prepare-data --data {c.data}` where "
-            "$LAB_DATA_DIR holds wikitext-2/, and carry that folder to the device"
+            "$LAB_DATA_DIR holds wikitext-2/, and copy that folder to the GPU machine with the checkout"
         )
     return path
 

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab import analysis, stats
+from lab import analysis, checkpoint, stats
 from lab.util import append_jsonl, atomic_write_json, data_dir, replace_strict
 
 MODES = ("es", "nes", "gdes")
@@ -180,7 +180,7 @@ def status(run: Run, cfg: ExperimentConfig) -> str:
         summary = _read_json(path / "summary.json")
         if summary.get("completed") and summary.get("steps") == cfg.steps:
             return "done"
-        return "resume" if (path / "checkpoints" / "last.pt").is_file() else "todo"
+        return "resume" if checkpoint.candidates(path / "checkpoints") else "todo"
     results = _read_json(path / "results.json")
     seeds = [m.get("seed") for m in results.get("metrics_per_seed", [])]
     return "done" if run.finetune_seed in seeds else "todo"

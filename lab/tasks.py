@@ -9,8 +9,10 @@ ground truth is exact. Both are generated from `SyntheticLanguage(seed)`, the gr
 the `synthetic:SEED` pre-training corpus, from draws of their own (`SyntheticLanguage.sentences`):
 
 * `synth_tag` (token level): tag every word with its latent class (35 word classes + the full stop).
-  Few labelled sentences (300), so a model must bring the class structure from pre-training: words
-  of the Zipf tail seen in dev but never in train can only be tagged from their embedding.
+  Few labelled sentences (300), none of which contains a third of each content class's words
+  (`held_out_words`); dev sentences do. Those words, and the rare ones of the Zipf tail, can only be
+  tagged from what pre-training put in their embeddings (and from their contexts), so the task
+  measures the class structure the embeddings hold rather than what 300 sentences can teach.
 * `synth_gram` (sentence level, CoLA-like): grammatical sentence (label 1) vs a corrupted one
   (label 0), balanced. A corruption either replaces a content word by a word of another content
   class or transposes two adjacent words, and is kept only if the result is outside the grammar
@@ -219,20 +221,33 @@ def _corrupt(words: list[str], lang: SyntheticLanguage, rng: random.Random) -> l
 # ---------------------------------------------------------------------------------------------- generation
 
 
+def held_out_words(seed: int = 0) -> frozenset[str]:
+    """A third of the words of every content class (a seeded choice) that synth_tag's training
+    sentences never contain: dev tags them only from what pre-training put in their embeddings and
+    from their contexts."""
+    lang = SyntheticLanguage(seed)
+    rng = random.Random(f"synth_tag:{seed}:held-out")
+    return frozenset(
+        w for c in CONTENT_CLASSES for w in rng.sample(lang.classes[c], len(lang.classes[c]) // 3)
+    )
+
+
 def generate(task: str, seed: int = 0) -> dict[str, glue.GlueSplit]:
     """The train and dev splits of a synthetic task for `SyntheticLanguage(seed)`; deterministic."""
     t = get_task(task)
     if not isinstance(t, SyntheticTask):
         raise ValueError(f"{t.name} is a GLUE task; load it with glue.load_task")
     lang = SyntheticLanguage(seed)
-    stream, seen, sentences = lang.sentences(f"task:{t.name}"), set(), []
-    while len(sentences) < t.n_train + t.n_dev:
-        words = next(stream)
-        key = " ".join(words)
-        if key not in seen:  # distinct sentences, so train and dev cannot share one
-            seen.add(key)
-            sentences.append(words)
-    parts = {"train": sentences[: t.n_train], "dev": sentences[t.n_train :]}
+    unseen = held_out_words(seed) if t.is_token_level else frozenset()
+    stream, seen, parts = lang.sentences(f"task:{t.name}"), set(), {"train": [], "dev": []}
+    for split, size in (("train", t.n_train), ("dev", t.n_dev)):
+        while len(parts[split]) < size:
+            words = next(stream)
+            key = " ".join(words)
+            if key in seen or (split == "train" and unseen.intersection(words)):
+                continue
+            seen.add(key)  # distinct sentences, so train and dev cannot share one
+            parts[split].append(words)
     source = f"synthetic:{seed}/{t.name}"
     out = {}
     for split, part in parts.items():

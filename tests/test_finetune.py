@@ -451,3 +451,47 @@ def _prepared(cfg):
     encoder, tokenizer = finetune.load_encoder(cfg.init)
     train_data, dev, _ = finetune._load_data(cfg, glue.get_task(cfg.task), tokenizer, 64)
     return encoder, train_data, dev, torch.device("cpu")
+
+
+def test_interrupted_task_table_resumes_finished_tasks(synthetic, tmp_path, monkeypatch):
+    _, ckpt = synthetic
+    real, trained = finetune.finetune_seed, []
+
+    def interrupted_in_mrpc(cfg, seed, task, *args):
+        if task.name == "mrpc" and not trained.count("mrpc"):
+            trained.append("mrpc")
+            raise KeyboardInterrupt
+        trained.append(task.name)
+        return real(cfg, seed, task, *args)
+
+    monkeypatch.setattr(finetune, "finetune_seed", interrupted_in_mrpc)
+    common = dict(out_dir=tmp_path / "runs", out_stem=tmp_path / "table", glue_dir=str(FIXTURES), epochs=1,
+                  device="cpu")  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_table(["cola", "mrpc"], [str(ckpt)], seeds=(1,), **common)
+    rows = finetune.run_table(["cola", "mrpc"], [str(ckpt)], seeds=(1,), **common)
+    assert trained == ["cola", "mrpc", "mrpc"]  # cola was not fine-tuned again
+    assert {"cola", "mrpc"} <= set(rows[0])
+
+
+def test_synthetic_task_reads_the_language_seed_of_the_init_run(tmp_path):
+    from lab.synthetic import SyntheticLanguage
+
+    lang = SyntheticLanguage(5)
+    texts = [*lang.documents(3_000), " ".join(lang.word_class)]
+    run = tmp_path / "run"
+    make_checkpoint(run / "export" / "discriminator", texts, vocab_size=1000)
+    (run / "config.json").write_text(json.dumps({"corpus": "synthetic:seed=5,words=1000"}))
+    assert finetune.corpus_seed(str(run)) == 5
+    base = dict(task="synth_gram", init=str(run), epochs=1, max_train_examples=16, max_eval_examples=16,
+                device="cpu")  # fmt: skip
+    results = finetune.train(FinetuneConfig(out_dir=str(tmp_path / "a"), **base))
+    assert results["config"]["synthetic_seed"] == 5
+    assert results["dev_splits"]["dev"] == {"used": 16, "loaded": 1000, "official": 1000, "malformed": 0,
+                                            "sliced": True}  # fmt: skip
+    overridden = finetune.train(FinetuneConfig(out_dir=str(tmp_path / "b"), synthetic_seed=2, **base))
+    assert overridden["config"]["synthetic_seed"] == 2
+
+    (run / "config.json").write_text(json.dumps({"corpus": "wiki.train.tokens"}))
+    with pytest.warns(UserWarning, match="was not pre-trained on the synthetic language"):
+        finetune.train(FinetuneConfig(out_dir=str(tmp_path / "c"), **base))

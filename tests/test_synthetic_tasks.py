@@ -39,11 +39,15 @@ def test_tag_labels_are_the_generators_word_classes():
         for text, labels in zip(split.texts_a, split.labels):
             assert [tasks.WORD_CLASSES[y] for y in labels] == classes_of(lang, text)
             assert text.endswith(" .") and tasks.is_grammatical(classes_of(lang, text))
-    # Every word class occurs, and dev holds words train never shows (the Zipf tail).
+    # Every word class occurs in dev; a third of each content class's words never occurs in train.
     dev_words = {w for t in splits["dev"].texts_a for w in t.split()}
     train_words = {w for t in splits["train"].texts_a for w in t.split()}
     assert {y for row in splits["dev"].labels for y in row} == set(range(len(tasks.WORD_CLASSES)))
-    assert len(dev_words - train_words) > 50
+    held_out = tasks.held_out_words(3)
+    for cls in tasks.CONTENT_CLASSES:
+        assert len(held_out & set(lang.classes[cls])) == len(lang.classes[cls]) // 3, cls
+    assert not train_words & held_out and len(dev_words & held_out) > 100
+    assert held_out != tasks.held_out_words(4)
 
 
 def test_splits_are_deterministic_disjoint_and_seeded():

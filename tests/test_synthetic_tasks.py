@@ -164,6 +164,5 @@ def test_class_embedding_solves_tagging_and_random_does_not(synthetic_tokenizer,
         scores[one_hot] = results["metrics_per_seed"][0]
         assert results["dev_splits"]["dev"]["words"] == results["dev_splits"]["dev"]["words_in_split"]
     assert scores[True]["accuracy"] > 0.95, scores
-    assert scores[False]["accuracy"] < 0.95 and scores[False]["content_accuracy"] < 0.9, (
-        scores
-    )  # memorised words only
+    # a random table tags the words training showed, not the held-out ones
+    assert scores[False]["accuracy"] < 0.9 and scores[False]["content_accuracy"] < 0.75, scores

@@ -165,7 +165,7 @@ def train(cfg: PretrainConfig) -> dict:
                     row = evaluate(model, run.eval_batches, run.tok, cfg, run.device, run.amp)
                     append_jsonl(run.metrics, {"split": "eval", "step": step, **row})
             # forward / backward over the micro-batches, the probe on the first when due
-            probe = run.ddp.main and cfg.probe_every > 0 and step % cfg.probe_every == 0
+            probe = cfg.probe_every > 0 and step % cfg.probe_every == 0
             train_step(run, step, meter, probe)
             # clip, step
             clip(model, cfg)
@@ -403,11 +403,11 @@ def train_step(run: Run, step: int, meter: Meter, probe: bool) -> None:
         synced = ddp.world > 1 and m == cfg.grad_accum - 1  # DDP all-reduces in this backward
         ctx = run.net.no_sync() if ddp.world > 1 and not synced else contextlib.nullcontext()
         # the probe differentiates the graph twice (retain_graph), which a compiled backward refuses
-        # (its buffers are donated): a probe step's forward runs eagerly
+        # (its buffers are donated): a probe step's forward runs eagerly, on every rank alike
         fn = run.net if probe and m == 0 else run.step_fn
         with ctx:
             out = rtd_forward(fn, ids, mask, run.special, run.tok.mask_id, cfg, noise, run.amp)
-        if probe and m == 0:
+        if probe and m == 0 and ddp.main:
             with meter.overhead("probe"):
                 row = gradient_probe(run.model, out, cfg.rtd_weight)
                 append_jsonl(run.metrics, {"split": "probe", "step": step, **row})

@@ -75,7 +75,7 @@ def _tiny_run(work: Path) -> dict:
     return {"init": str(notebook.ensure_runs({"gdes": ""}, work, **fields)["gdes"])}
 
 
-# One row per notebook: tiny parameters so that all of them run in about three minutes on 2 CPU cores.
+# One row per notebook: tiny parameters, so that all of them run in a few minutes on 2 CPU cores.
 # A notebook without a row runs with its defaults (each notebook's defaults are a fast CPU size).
 CASES = {
     "00_tour": Case(min_images=4),  # rtd + attention, then the same two views in the widget area
@@ -84,6 +84,9 @@ CASES = {
     ),
     "02_tug_of_war": Case(setup=_fabricated_runs, min_images=4),
     "03_downstream": Case({"max_train_examples": 8}, setup=_tiny_run, min_images=1),
+    "04_experiment": Case(
+        {"tasks": ["synth_gram"], "steps": 4, "pretrain_seeds": [0], "finetune_seeds": [1]}, min_images=2
+    ),
 }
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 

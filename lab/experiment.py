@@ -108,12 +108,12 @@ RECIPES: dict[str, dict] = {
         max_eval_examples=48, eval_batches=2, calibration_steps=3,
     ),
     # `make results`: 3 modes x 3 pre-training seeds x 2 fine-tuning seeds on the two synthetic tasks,
-    # sized to finish within ~40 min on a 2-core CPU shared with other jobs: `make demo`'s pre-training
-    # at 120 steps instead of 300, 1,000 training sentences of synth_gram (synth_tag has 300)
+    # sized for a 2-core CPU shared with other jobs: `make demo`'s pre-training at 120 steps instead
+    # of 300; fine-tuning 5 epochs on at most 500 training and 300 dev sentences per task
     "cpu-results": dict(
         preset="mini", corpus="synthetic", steps=120, batch_size=16, seq_len=64, lr=1e-3,
         pretrain_seeds=(0, 1, 2), finetune_seeds=(1, 2), tasks=("synth_tag", "synth_gram"),
-        max_train_examples=1000, report_dir="figures/experiment_synthetic",
+        epochs=5, max_train_examples=500, max_eval_examples=300, report_dir="figures/experiment_synthetic",
     ),
     # `make gpu-recipe`: xsmall on WikiText-2 (8.2M tokens per run) and five GLUE tasks (4,000 training
     # examples, 3 epochs) x 3 fine-tuning seeds, sized for <= 10 min on one H100 / H200; `--plan` there

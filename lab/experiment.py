@@ -391,7 +391,7 @@ class Progress:
         if run.kind == "pretrain":
             step = max((r["step"] for r in rows if r.get("split") == "train"), default=0)
             return min(1.0, step / self.cfg.steps), f"{run.name} step {step}/{self.cfg.steps}"
-        return (0.5 if rows else 0.0), run.name
+        return 0.0, run.name  # a fine-tuning run writes its rows when it ends: no partial progress to read
 
     def show(self) -> None:
         if self.cfg.progress == "none":

@@ -156,28 +156,16 @@ def attention_terms(
 ) -> dict[str, torch.Tensor]:
     """The three score terms of one DisentangledSelfAttention, per head, before the softmax.
 
-    h [B, T, D] the layer input, rel [R, D] the normalised relative rows, index [T, T] (as the Encoder
-    builds them). Returns c2c, c2p, p2c, each [B, H, T, T] and divided by the shared sqrt(3 * Dh), so
-    c2c + c2p + p2c is the score matrix the softmax sees (before the pad mask).
+    h [B, T, D] the layer input, rel [R, D] the normalised relative rows, index [2, T, T] (as
+    Encoder.relative_positions builds them). Returns c2c, c2p, p2c, each [B, H, T, T] and divided by
+    the shared sqrt(3 * Dh), so c2c + c2p + p2c is the score matrix the softmax sees (before the pad
+    mask). The position terms come from the attention module's own `position_terms`.
     """
     with torch.no_grad():
         q = attention.split_heads(attention.query(h))  # [B, H, T, Dh]
         k = attention.split_heads(attention.key(h))  # [B, H, T, Dh]
-        scale = 1.0 / math.sqrt(3 * attention.head_size)
-        q_rel = attention.split_heads(attention.query(rel))  # [H, R, Dh]
-        k_rel = attention.split_heads(attention.key(rel))  # [H, R, Dh]
-        B, H, T, _ = q.shape
-        gather_index = index.expand(B, H, T, T)
-        # same gathers as DisentangledSelfAttention.position_bias, kept apart instead of summed
-        c2p = torch.gather(q @ k_rel.transpose(-1, -2), -1, gather_index)  # [B, H, T, T]
-        p2c = torch.gather(
-            k @ q_rel.transpose(-1, -2), -1, gather_index.transpose(-1, -2)
-        )  # [B, H, T(j), T(i)]
-        return {
-            "c2c": (q @ k.transpose(-1, -2)) * scale,
-            "c2p": c2p * scale,
-            "p2c": p2c.transpose(-1, -2) * scale,
-        }
+        c2p, p2c = attention.position_terms(q, k, rel, index)  # [B, H, T, T] each
+        return {"c2c": (q @ k.transpose(-1, -2)) * attention.scale, "c2p": c2p, "p2c": p2c.contiguous()}
 
 
 # ----------------------------------------------------------------------------------------------

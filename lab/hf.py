@@ -107,8 +107,9 @@ def to_hf_config(cfg: ModelConfig) -> dict:
     }
 
 
-def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
-    """Read a DebertaV2Config dict, refusing anything that is not the v3 architecture."""
+def from_hf_config(hf: dict, source: str = "config.json", attention_impl: str = "sdpa") -> ModelConfig:
+    """Read a DebertaV2Config dict, refusing anything that is not the v3 architecture. The attention
+    implementation is a runtime choice, not part of the checkpoint: `attention_impl` sets it."""
     pos_att = hf.get("pos_att_type", [])
     if isinstance(pos_att, str):
         pos_att = [p.strip() for p in pos_att.lower().split("|")]
@@ -144,6 +145,7 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
         initializer_range=hf.get("initializer_range", 0.02),
         pad_token_id=hf.get("pad_token_id", 0) or 0,
+        attention_impl=attention_impl,
     )
 
 
@@ -185,10 +187,12 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
 
 
-def from_pretrained(path_or_name: str | Path) -> Encoder:
-    """Load a DeBERTa-v3 encoder from an HF-format directory or hub name (weights in fp32, eval mode)."""
+def from_pretrained(path_or_name: str | Path, attention_impl: str = "sdpa") -> Encoder:
+    """Load a DeBERTa-v3 encoder from an HF-format directory or hub name (weights in fp32, eval mode),
+    computing attention with `attention_impl` (see lab.model.available_attention_impls)."""
     directory = resolve(path_or_name)
-    cfg = from_hf_config(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
+    config_file = directory / "config.json"
+    cfg = from_hf_config(json.loads(config_file.read_text()), str(config_file), attention_impl)
     state, _ignored = from_hf_state_dict(read_weights(directory))
     model = Encoder(cfg)
     missing = sorted(set(model.state_dict()) - set(state))

@@ -6,11 +6,19 @@ Dimension legend used in the shape comments:
 
 Parameter names differ from HuggingFace's `DebertaV2Model`; `lab/hf.py` maps between the two, and
 tests/test_hf_parity.py checks that both produce the same hidden states.
+
+Attention implementation: `ModelConfig.attention_impl` picks how the disentangled scores are
+computed ("sdpa" or "flex", see DisentangledSelfAttention); `available_attention_impls(device)` lists
+the ones that train on a device, e.g. to time each:
+    for impl in available_attention_impls("cuda"):
+        model = Encoder(preset("base", attention_impl=impl)).cuda()
+The choice changes speed and memory, never the weights: checkpoints and config.json do not record it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -21,6 +29,7 @@ from torch import nn
 from lab.util import replace_strict
 
 NUM_SPECIAL_IDS = 4  # [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3 come first in every DeBERTa-v3 vocabulary
+ATTENTION_IMPLS = ("sdpa", "flex")
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,11 @@ class ModelConfig:
     attention_dropout: float = 0.1
     initializer_range: float = 0.02  # std of the normal init of every Linear / Embedding weight
     pad_token_id: int = 0
+    # how the scores are computed: "sdpa" (an additive [B, H, T, T] bias into scaled_dot_product_attention)
+    # or "flex" (FlexAttention, no [B, H, T, T] bias; training needs CUDA). Same results, different
+    # speed, so it is not written into checkpoints. "sdpa" stays the default until a GPU measurement
+    # (`python -m lab bench`) shows another one faster; see available_attention_impls.
+    attention_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
         positive = (
@@ -70,6 +84,10 @@ class ModelConfig:
                 f"ModelConfig.max_relative_positions={self.max_relative_positions} must exceed "
                 f"position_buckets/2={self.position_buckets // 2}"
             )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention_impl={self.attention_impl!r} is unknown; choose one of {ATTENTION_IMPLS}"
+            )
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -89,7 +107,7 @@ PRESETS: dict[str, ModelConfig] = {
     "mini": replace_strict(
         _BASE, vocab_size=8000, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024
     ),
-    # the official sizes (PAPER.md §2)
+    # the released sizes (config.json of microsoft/deberta-v3-{xsmall,small,base,large})
     "xsmall": replace_strict(_BASE, hidden_size=384, num_layers=12, num_heads=6, intermediate_size=1536),
     "small": replace_strict(_BASE, hidden_size=768, num_layers=6, num_heads=12, intermediate_size=3072),
     "base": _BASE,
@@ -109,14 +127,15 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 def log_bucket(rel: torch.Tensor, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
-    """Map signed distances i - j to buckets: exact up to B/2, log-spaced up to M, then saturating.
+    """Map signed distances i - j to buckets: exact up to B/2, log-spaced beyond.
 
     bucket = rel                                                      if |rel| <= B/2
            = sign(rel) * (ceil(ln(|rel|/mid) / ln((M-1)/mid) * (mid-1)) + mid)   otherwise
-    Distances are clamped to ±(M-1) first, as in the official code (HF differs only for T > 512).
+    Distances are not clamped: past M - 1 the bucket keeps growing beyond B - 1 and only the table
+    index saturates (at 0 and 2B - 1, in relative_index). This is `make_log_bucket_position` of the
+    official code (DeBERTa/deberta/da_utils.py) and of transformers' DebertaV2.
     """
     mid = position_buckets // 2
-    rel = rel.clamp(-(max_relative_positions - 1), max_relative_positions - 1)
     # |rel| below mid is replaced by mid - 1 only to keep the log finite; those entries are not used
     magnitude = torch.where(rel.abs() < mid, torch.full_like(rel, mid - 1), rel.abs()).to(torch.float64)
     log_scaled = torch.ceil(
@@ -125,28 +144,64 @@ def log_bucket(rel: torch.Tensor, position_buckets: int, max_relative_positions:
     return torch.where(rel.abs() <= mid, rel, torch.sign(rel) * (log_scaled.to(rel.dtype) + mid))
 
 
-@lru_cache(maxsize=64)
+def _bucket_of(distance: int, position_buckets: int, max_relative_positions: int) -> int:
+    """log_bucket of one distance >= 0, in plain Python (static under torch.compile)."""
+    mid = position_buckets // 2
+    if distance <= mid:
+        return distance
+    return (
+        math.ceil(math.log(distance / mid) / math.log((max_relative_positions - 1) / mid) * (mid - 1)) + mid
+    )
+
+
+def _relative_index(T: int, position_buckets: int, max_relative_positions: int, device) -> tuple:
+    pos = torch.arange(T, device=device)
+    bucket = log_bucket(pos[:, None] - pos[None, :], position_buckets, max_relative_positions)  # [T, T]
+    # buckets grow with the distance, so the farthest pair (T - 1 apart) bounds the rows a sequence
+    # reaches; the index saturates at the table's ends, 0 and 2B - 1
+    farthest = _bucket_of(T - 1, position_buckets, max_relative_positions)
+    lo = max(0, position_buckets - farthest)
+    hi = min(2 * position_buckets - 1, position_buckets + farthest)
+    index = (bucket + position_buckets).clamp(lo, hi) - lo  # [T, T], rows of the slice lo .. hi
+    # the p2c gather reads the index transposed; a contiguous copy keeps that gather a plain row walk
+    return lo, hi - lo + 1, torch.stack([index, index.t()]).contiguous()  # [2, T, T]
+
+
+_relative_index_cached = lru_cache(maxsize=32)(_relative_index)
+
+
 def relative_index(
-    T: int, position_buckets: int, max_relative_positions: int
+    T: int, position_buckets: int, max_relative_positions: int, device: torch.device | str = "cpu"
 ) -> tuple[int, int, torch.Tensor]:
     """Rows of the relative table that a length-T sequence uses, and the index into them.
 
-    Returns (lo, R, index) where table rows lo .. lo+R-1 are the ones reachable and
-    index[i, j] = bucket(i - j) + B - lo (shape [T, T]); the official idx(i, j) is index + lo.
+    Returns (lo, R, index): table rows lo .. lo+R-1 are the ones reachable, and index [2, T, T] holds
+    index[0][i, j] = idx(i, j) - lo (the official idx(i, j) = clamp(bucket(i - j) + B, 0, 2B - 1)) for
+    c2p, and index[1] = index[0] transposed (entry [j, i] = idx(i, j) - lo) for p2c, both contiguous.
     Slicing to R rows instead of all 2B saves most of the position projections for short inputs.
+    The index is built on `device` and cached per (T, device) in eager mode, so an encoder forward
+    copies nothing between host and device; under torch.compile it is traced (plain tensor ops).
     """
-    pos = torch.arange(T)
-    bucket = log_bucket(pos[:, None] - pos[None, :], position_buckets, max_relative_positions)  # [T, T]
-    # the farthest distance, T - 1, has the largest bucket (the same formula in plain Python, so that
-    # tracing under torch.compile needs no data-dependent value)
-    mid, far = position_buckets // 2, min(T - 1, max_relative_positions - 1)
-    if far > mid:
-        far = math.ceil(math.log(far / mid) / math.log((max_relative_positions - 1) / mid) * (mid - 1)) + mid
-    farthest = far
-    lo = max(0, position_buckets - farthest)
-    hi = min(2 * position_buckets - 1, position_buckets + farthest)
-    idx = (bucket + position_buckets).clamp(lo, hi)
-    return lo, hi - lo + 1, (idx - lo).contiguous()
+    if torch.compiler.is_compiling():
+        return _relative_index(T, position_buckets, max_relative_positions, device)
+    return _relative_index_cached(T, position_buckets, max_relative_positions, torch.device(device))
+
+
+def key_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] mask -> [B, 1, 1, T] additive bias in `dtype`: 0 for real keys, a large finite negative
+    for padded ones. Half the dtype's lowest value: exp() of it underflows to exactly 0, adding scores
+    to it cannot overflow to -inf, and a row whose keys are all padding stays finite (uniform) instead
+    of NaN. Padded query rows still attend to real keys; their outputs are meaningless and every
+    consumer ignores them (transformers zeroes or uniformises them)."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * (torch.finfo(dtype).min / 2)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x's device produce: the autocast dtype inside autocast, else x's own."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,8 +212,12 @@ class DisentangledSelfAttention(nn.Module):
     """Content-to-content + content-to-position + position-to-content attention (share_att_key).
 
     S_ij = (Qc_i·Kc_j + Qc_i·Kr[idx(i,j)] + Kc_j·Qr[idx(i,j)]) / sqrt(3 * Dh)
-    The two position terms are built into one additive bias and passed, with the content scores, to
-    `scaled_dot_product_attention`; no custom autograd, so torch.compile and export work.
+    Two interchangeable implementations (ModelConfig.attention_impl), equal to the float64 reference
+    in tests/test_reference.py; neither uses custom autograd, so torch.compile and export work:
+      sdpa  the position terms as one additive [B, H, T, T] bias into scaled_dot_product_attention
+      flex  FlexAttention with a score_mod that looks the position terms up in the [B, H, T, R]
+            position scores, so no [B, H, T, T] tensor is materialised (compiled kernels on CUDA;
+            on the CPU, torch 2.13 runs it forward only)
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -168,45 +227,117 @@ class DisentangledSelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_dropout
+        self.impl = cfg.attention_impl
+        self.scale = 1.0 / math.sqrt(3 * self.head_size)  # one shared scale for all three terms
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         *lead, T, _ = x.shape
         return x.view(*lead, T, self.num_heads, self.head_size).transpose(-2, -3)  # [..., H, T, Dh]
 
-    def position_bias(self, q, k, rel: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """c2p + p2c as one [B, H, T, T] tensor, already divided by sqrt(3 * Dh)."""
-        scale = 1.0 / math.sqrt(3 * self.head_size)
+    def position_scores(self, q, k, rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every query and every key scored against every reachable table row: ([B, H, T, R], same)."""
         # the position projections reuse the content Q/K layers, biases included (share_att_key)
         q_rel = self.split_heads(self.query(rel))  # [H, R, Dh]
         k_rel = self.split_heads(self.key(rel))  # [H, R, Dh]
+        return q @ k_rel.transpose(-1, -2), k @ q_rel.transpose(-1, -2)  # Qc·Kr^T, Kc·Qr^T [B, H, T, R]
+
+    def position_terms(self, q, k, rel, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """c2p and p2c, each [B, H, T, T] and divided by sqrt(3 * Dh); p2c is a transposed view."""
+        c2p_scores, p2c_scores = self.position_scores(q, k, rel)  # [B, H, T, R] each
         B, H, T, _ = q.shape
-        gather_index = index.expand(B, H, T, T)
-        # c2p[i, j] = Qc_i · Kr[idx(i, j)]: score query i against every table row, then pick, for
-        # each key j, the row of the distance i - j.
-        c2p = torch.gather(q @ k_rel.transpose(-1, -2), -1, gather_index)  # [B, H, T, R] -> [B, H, T, T]
-        # p2c[i, j] = Kc_j · Qr[idx(i, j)]: the SAME index as c2p (not idx(j, i)). Score key j against
-        # every row, gather along rows with index^T (entry [j, i] = idx(i, j)), then transpose back.
-        p2c = torch.gather(
-            k @ q_rel.transpose(-1, -2), -1, gather_index.transpose(-1, -2)
-        )  # [B, H, T(j), T(i)]
-        return (c2p + p2c.transpose(-1, -2)) * scale  # [B, H, T, T]
+        # c2p[i, j] = Qc_i · Kr[idx(i, j)]: query i's row of scores, picked at the row of distance i - j
+        c2p = torch.gather(c2p_scores, -1, index[0].expand(B, H, T, T))  # [B, H, T(i), T(j)]
+        # p2c[i, j] = Kc_j · Qr[idx(i, j)]: the SAME index as c2p (not idx(j, i)). Key j's row of
+        # scores, picked with index[1] (entry [j, i] = idx(i, j)), then transposed back.
+        p2c = torch.gather(p2c_scores, -1, index[1].expand(B, H, T, T))  # [B, H, T(j), T(i)]
+        return c2p * self.scale, p2c.transpose(-1, -2) * self.scale  # [B, H, T(i), T(j)] each
+
+    def position_bias(self, q, k, rel: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """c2p + p2c as one [B, H, T, T] tensor, already divided by sqrt(3 * Dh)."""
+        c2p, p2c = self.position_terms(q, k, rel, index)
+        return c2p + p2c  # [B, H, T, T]
 
     def forward(self, h, rel, index, key_mask_bias, query=None) -> torch.Tensor:
         """h [B, T, D] keys/values (and queries unless `query` [B, T, D] is given, as in the generator's
-        enhanced mask decoder); rel [R, D] normalised table rows; index [T, T]; key_mask_bias [B, 1, 1, T]."""
+        enhanced mask decoder); rel [R, D] normalised table rows; index [2, T, T] from relative_index;
+        key_mask_bias [B, 1, 1, T] from key_padding_bias."""
         q = self.split_heads(self.query(h if query is None else query))  # [B, H, T, Dh]
         k, v = self.split_heads(self.key(h)), self.split_heads(self.value(h))  # [B, H, T, Dh]
-        bias = self.position_bias(q, k, rel, index) + key_mask_bias  # [B, H, T, T]
-        context = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=bias.to(q.dtype),
-            dropout_p=self.dropout_p if self.training else 0.0,
-            scale=1.0 / math.sqrt(3 * self.head_size),
-        )  # [B, H, T, Dh]
+        if self.impl == "flex":
+            context = self.flex_context(q, k, v, rel, index, key_mask_bias)
+        else:
+            bias = self.position_bias(q, k, rel, index) + key_mask_bias  # [B, H, T, T]
+            context = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=bias.to(q.dtype),  # a no-op when the caller built the bias in the compute dtype
+                dropout_p=self.dropout_p if self.training else 0.0,
+                scale=self.scale,
+            )  # [B, H, T, Dh]
         B, H, T, Dh = context.shape
         return context.transpose(1, 2).reshape(B, T, H * Dh)  # [B, T, D]
+
+    def flex_context(self, q, k, v, rel, index, key_mask_bias) -> torch.Tensor:
+        """The same attention through FlexAttention: score_mod adds the position terms entry by entry."""
+        if self.training and self.dropout_p > 0:
+            raise ValueError(
+                f"attention_impl='flex' has no attention dropout (attention_dropout={self.dropout_p}); "
+                "train with attention_dropout=0.0 or attention_impl='sdpa'"
+            )
+        if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+            raise ValueError(
+                f"attention_impl='flex' has no backward pass on the CPU in torch {torch.__version__}; "
+                "train on the CPU with attention_impl='sdpa' (flex runs CPU forward passes under no_grad)"
+            )
+        c2p_scores, p2c_scores = self.position_scores(q, k, rel)  # [B, H, T, R] each
+        c2p_index = index[0]  # [T, T], idx(i, j) - lo
+        key_bias = key_mask_bias[:, 0, 0, :]  # [B, T]
+        scale = self.scale
+
+        def score_mod(score, b, h, i, j):
+            # score is Qc_i·Kc_j already scaled; c2p and p2c read the same idx(i, j)
+            row = c2p_index[i, j]
+            return score + (c2p_scores[b, h, i, row] + p2c_scores[b, h, j, row]) * scale + key_bias[b, j]
+
+        if torch.compiler.is_compiling() or q.device.type != "cpu":
+            return _flex_attention(q.device)(q, k, v, score_mod=score_mod, scale=scale)  # [B, H, T, Dh]
+        with warnings.catch_warnings():  # the CPU runs the unfused reference on purpose (see _flex_attention)
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return _flex_attention(q.device)(q, k, v, score_mod=score_mod, scale=scale)  # [B, H, T, Dh]
+
+
+def _flex_attention(device: torch.device):
+    """flex_attention itself under torch.compile (the model is being compiled and fuses it); in eager
+    mode a compiled copy on CUDA (the uncompiled one materialises every score) and the plain one on
+    the CPU, whose compile takes longer than the forward passes it serves."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling() or device.type == "cpu":
+        return flex_attention
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+_compiled_flex = None
+
+
+def available_attention_impls(device: torch.device | str) -> list[str]:
+    """The attention_impl values that run forward and backward on `device` with the installed torch:
+    what a benchmark should time. Select one with `preset(..., attention_impl=NAME)` (or
+    `ModelConfig(attention_impl=NAME)`, `lab.from_pretrained(path, attention_impl=NAME)`); the
+    weights and results do not depend on it."""
+    impls = ["sdpa"]
+    if torch.device(device).type == "cuda":
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            impls.append("flex")
+    return impls
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,11 +387,10 @@ class Encoder(nn.Module):
 
     def relative_positions(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer-normed relative-table rows a length-T input reaches [R, D] and the index into
-        them [T, T]; shared by every layer (and the generator's enhanced mask decoder)."""
-        # the cache is for eager mode; under torch.compile the index is traced (and constant-folded)
-        index_fn = relative_index.__wrapped__ if torch.compiler.is_compiling() else relative_index
-        lo, R, index = index_fn(T, self.cfg.position_buckets, self.cfg.max_relative_positions)
-        return self.rel_norm(self.rel_embeddings.weight[lo : lo + R]), index.to(device)
+        them [2, T, T] (relative_index, already on `device`); shared by every layer (and the
+        generator's enhanced mask decoder)."""
+        lo, R, index = relative_index(T, self.cfg.position_buckets, self.cfg.max_relative_positions, device)
+        return self.rel_norm(self.rel_embeddings.weight[lo : lo + R]), index
 
     def forward(self, input_ids, attention_mask=None, word_embeds=None, return_all: bool = False):
         """input_ids [B, T] -> last hidden state [B, T, D] (or every layer's output with return_all)."""
@@ -269,21 +399,19 @@ class Encoder(nn.Module):
             raise ValueError(f"input length {T} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        h = self.embed(input_ids, attention_mask, word_embeds)
-        rel, index = self.relative_positions(T, input_ids.device)
-        key_mask_bias = key_padding_bias(attention_mask, h.dtype)
+        hidden = self.encode(self.embed(input_ids, attention_mask, word_embeds), attention_mask)
+        return hidden if return_all else hidden[-1]
+
+    def encode(self, h: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """The layers on an embedded input h [B, T, D]: every layer's output, [B, T, D] each."""
+        rel, index = self.relative_positions(h.shape[1], h.device)
+        # built once per forward, in the dtype the attention scores have (bf16 under bf16 autocast)
+        key_mask_bias = key_padding_bias(attention_mask, compute_dtype(h))
         hidden = []
         for layer in self.layers:
             h = layer(h, rel, index, key_mask_bias)
             hidden.append(h)
-        return hidden if return_all else h
-
-
-def key_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T] mask -> [B, 1, 1, T] additive bias: a large negative score for padded keys. Padded query
-    rows still attend to real keys; their outputs are meaningless and every consumer ignores them
-    (HF zeroes or uniformises them)."""
-    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        return hidden
 
 
 def init_weights(module: nn.Module, std: float) -> None:

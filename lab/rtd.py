@@ -1,6 +1,7 @@
 """ELECTRA-style replaced-token detection with DeBERTa-v3 encoders and three ways to share embeddings.
 
-One `forward` is the whole RTD step (PAPER.md §3):
+One `forward` is the whole RTD step (DeBERTaV3, He, Gao, Chen, ICLR 2023, arXiv 2111.09543, §2-3; the
+official recipe is DeBERTa/apps/tasks/rtd_task.py of microsoft/DeBERTa):
     mask 15% -> generator -> MLM loss at masked rows -> sample (no grad) -> replace -> labels
     -> discriminator -> BCE over non-pad tokens -> L_MLM + rtd_weight * L_RTD
 
@@ -20,11 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab.model import Encoder, Layer, ModelConfig, init_weights, key_padding_bias
+from lab.model import Encoder, Layer, ModelConfig, compute_dtype, init_weights, key_padding_bias
 from lab.util import replace_strict
 
 SHARING_MODES = ("es", "nes", "gdes")
-MASK_STRATEGIES = ("mask", "bert")  # all [MASK] (DeBERTaV3/ELECTRA RTD) or BERT's 80/10/10
+# "mask": every selected token becomes [MASK], DeBERTa's RTD setting (rtd_task.py builds its
+# NGramMaskGenerator with mask_prob=1, keep_prob=0); "bert": BERT's 80 % [MASK] / 10 % random / 10 %
+# unchanged (ELECTRA too keeps some selected tokens unchanged)
+MASK_STRATEGIES = ("mask", "bert")
 
 
 def generator_config(cfg: ModelConfig, depth_ratio: float, width_ratio: float) -> ModelConfig:
@@ -77,15 +81,21 @@ def mask_tokens(
     noise: Noise,
     mask_prob: float = 0.15,
     strategy: str = "mask",
+    vocab_size: int | None = None,
 ):
-    """Choose round(mask_prob * n) of a row's n non-special tokens (token level, as released).
+    """Choose max(1, round(mask_prob * n)) of a row's n non-special tokens (token level, as released).
 
+    A row with at least one eligible token gets at least one masked slot, as in BERT's
+    create_pretraining_data.py and DeBERTa's NGramMaskGenerator (DeBERTa/apps/tasks/mlm_task.py):
+    `num_to_predict = max(1, int(round(len(tokens) * prob)))`; rows without any keep none.
     Returns (masked_ids [B, T], positions [B, K], valid [B, K]): K = ceil(mask_prob * T) slots per
     row; `valid` is False for the unused slots of rows with fewer eligible tokens. Special tokens
-    and padding are never chosen.
+    and padding are never chosen. The "bert" strategy's random tokens are drawn uniformly from the
+    ids in [0, vocab_size) that are not in `special_ids` (vocab_size defaults to mask_id + 1).
     """
     eligible = attention_mask.bool() & ~torch.isin(input_ids, special_ids)  # [B, T]
-    n_chosen = torch.round(eligible.sum(1) * mask_prob).long()  # [B]
+    n_eligible = eligible.sum(1)  # [B]
+    n_chosen = torch.round(n_eligible * mask_prob).long().clamp(min=1).minimum(n_eligible)  # [B]
     K = noise.mix.shape[1]
     # ineligible tokens get keys above every eligible one: the K smallest keys are a uniform sample
     positions = (noise.keys + (~eligible) * 2.0).topk(K, dim=1, largest=False).indices  # [B, K]
@@ -93,9 +103,8 @@ def mask_tokens(
     original = input_ids.gather(1, positions)  # [B, K]
     replacement = torch.full_like(original, mask_id)
     if strategy == "bert":  # 80% [MASK], 10% a random non-special token, 10% unchanged
-        first_word = special_ids.numel() - 1  # the specials are 0..3 and [MASK] = the last piece id
-        random_tokens = first_word + (noise.pick * (mask_id - first_word)).long().clamp(
-            max=mask_id - 1 - first_word
+        random_tokens = _random_words(
+            special_ids, mask_id + 1 if vocab_size is None else vocab_size, noise.pick
         )
         replacement = torch.where(
             noise.mix < 0.8, replacement, torch.where(noise.mix < 0.9, random_tokens, original)
@@ -104,6 +113,17 @@ def mask_tokens(
         raise ValueError(f"mask_strategy={strategy!r}; choose one of {MASK_STRATEGIES}")
     masked_ids = input_ids.scatter(1, positions, torch.where(valid, replacement, original))
     return masked_ids, positions, valid
+
+
+def _random_words(special_ids: torch.Tensor, vocab_size: int, pick: torch.Tensor) -> torch.Tensor:
+    """Uniform draws from the ids in [0, vocab_size) outside special_ids, by rank: the draw is the
+    (floor(pick * W) + 1)-th non-special id, W their count. Fixed shapes and no host sync, wherever
+    the special ids sit in the vocabulary."""
+    is_word = ~torch.isin(torch.arange(vocab_size, device=pick.device), special_ids)  # [V]
+    words_up_to = is_word.cumsum(0)  # [V], the number of non-special ids <= each id
+    W = words_up_to[-1]
+    rank = (pick * W).long().minimum(W - 1)  # [B, K], 0-based rank among the non-special ids
+    return torch.searchsorted(words_up_to, rank + 1)  # [B, K], the first id with rank + 1 words up to it
 
 
 def sample(logits: torch.Tensor, quantile: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -140,7 +160,8 @@ class RTDHead(nn.Module):
 
 
 class EnhancedMaskDecoder(nn.Module):
-    """DeBERTa's EMD for the generator: the last layer applied twice more, with query H_{n-1} + P_abs."""
+    """DeBERTa's EMD for the generator: the last layer applied twice more, with query H_{n-1} + P_abs
+    and keys/values H_{n-1} (H_0 is the embedding output, so a one-layer generator decodes from it)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -148,11 +169,17 @@ class EnhancedMaskDecoder(nn.Module):
         init_weights(self.position_embeddings, cfg.initializer_range)
 
     def forward(self, encoder: Encoder, hidden: list[torch.Tensor], attention_mask) -> torch.Tensor:
+        """hidden = [H_0 (embedding output), H_1, ..., H_n], each [B, T, D] -> the decoded [B, T, D]."""
+        if len(hidden) != len(encoder.layers) + 1:
+            raise ValueError(
+                f"the enhanced mask decoder needs the embedding output and every layer's output "
+                f"({len(encoder.layers) + 1} tensors), got {len(hidden)}"
+            )
         last: Layer = encoder.layers[-1]
         T = attention_mask.shape[1]
         rel, index = encoder.relative_positions(T, attention_mask.device)
-        context = hidden[-2] if len(hidden) > 1 else hidden[-1]  # keys/values: H_{n-1}
-        key_mask_bias = key_padding_bias(attention_mask, context.dtype)
+        context = hidden[-2]  # keys/values: H_{n-1}
+        key_mask_bias = key_padding_bias(attention_mask, compute_dtype(context))
         query = context + self.position_embeddings.weight[:T]  # [B, T, D]
         for _ in range(2):
             query = last(context, rel, index, key_mask_bias, query=query)
@@ -252,25 +279,37 @@ class RTDModel(nn.Module):
         temperature: float = 1.0,
         noise: Noise | None = None,
     ) -> RTDOutput:
-        """input_ids [B, T] with [CLS]/[SEP] in place; `noise` from draw_noise (drawn here if None)."""
+        """input_ids [B, T] with [CLS]/[SEP] in place; `noise` from draw_noise (drawn here if None).
+
+        Fixed shapes throughout and no value read back to the host (no .item(), no data-dependent
+        branch), so a training step never waits on the device and torch.compile / CUDA graphs apply.
+        """
         if noise is None:
             noise = draw_noise(*input_ids.shape, mask_prob, None, input_ids.device)
         # 1. mask
         masked_ids, positions, valid = mask_tokens(
-            input_ids, attention_mask, special_ids, mask_id, noise, mask_prob, mask_strategy
+            input_ids,
+            attention_mask,
+            special_ids,
+            mask_id,
+            noise,
+            mask_prob,
+            mask_strategy,
+            vocab_size=self.generator.cfg.vocab_size,
         )
         # 2. generator, MLM loss only at the masked positions (no [B, T, V] logits)
         if self.emd is None:
             gen_hidden = self.generator(masked_ids, attention_mask)  # [B, T, D]
         else:
-            layers = self.generator(masked_ids, attention_mask, return_all=True)
-            gen_hidden = self.emd(self.generator, layers, attention_mask)
+            embedded = self.generator.embed(masked_ids, attention_mask)  # H_0 [B, T, D]
+            hidden = [embedded, *self.generator.encode(embedded, attention_mask)]  # H_0 .. H_n
+            gen_hidden = self.emd(self.generator, hidden, attention_mask)
         masked_hidden = gen_hidden.gather(
             1, positions[..., None].expand(-1, -1, gen_hidden.shape[-1])
         )  # [B, K, D]
         mlm_logits = self.mlm_head(masked_hidden, self.generator_table).float()  # [B, K, V]
         targets = input_ids.gather(1, positions)  # [B, K]
-        mlm_loss = _masked_mean(F.cross_entropy(mlm_logits.transpose(1, 2), targets, reduction="none"), valid)
+        mlm_loss = masked_lm_loss(mlm_logits, targets, valid)
         # 3. sample replacements, no gradient through the sample
         with torch.no_grad():
             sampled = sample(mlm_logits, noise.quantile, temperature)  # [B, K]
@@ -294,6 +333,16 @@ class RTDModel(nn.Module):
             labels=labels,
             rtd_logits=rtd_logits,
         )
+
+
+def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, K, V] against targets [B, K] over the valid [B, K] slots.
+
+    The cross-entropy sees a flat [B * K, V] input, so its softmax runs along the last, contiguous
+    dimension; the [B, V, K] layout F.cross_entropy wants for 3-d input puts it on a strided middle
+    one, which made it half of a GPU step's time."""
+    per_slot = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # [B * K]
+    return _masked_mean(per_slot.view_as(targets), valid)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

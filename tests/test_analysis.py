@@ -162,23 +162,48 @@ def test_load_run_names_the_missing_file(tmp_path):
         analysis.load_run(tmp_path)
 
 
-def test_attention_terms_sum_to_the_position_bias():
-    from lab.model import Encoder, preset, relative_index
+def test_attention_terms_equal_a_literal_computation():
+    """Each term entry by entry from its definition, with idx(i, j) from the official bucket formula
+    (tests/test_reference.py); small buckets (B=8, M=16) so T=20 reaches log buckets and the index clamp."""
+    from test_reference import reference_index
 
-    enc = Encoder(preset("tiny")).eval()
-    ids = torch.randint(4, 1000, (2, 7))
+    from lab.model import Encoder, preset
+
+    enc = Encoder(preset("tiny", position_buckets=8, max_relative_positions=16)).eval()
+    T = 20
+    ids = torch.randint(4, 1000, (2, T))
     h = enc.embed(ids, torch.ones_like(ids))
-    lo, R, index = relative_index(7, enc.cfg.position_buckets, enc.cfg.max_relative_positions)
-    rel = enc.rel_norm(enc.rel_embeddings.weight[lo : lo + R])
+    rel, index = enc.relative_positions(T, ids.device)
     att = enc.layers[0].attention
     terms = analysis.attention_terms(att, h, rel, index)
+
     with torch.no_grad():
-        q, k = att.split_heads(att.query(h)), att.split_heads(att.key(h))
-        bias = att.position_bias(q, k, rel, index)
-        c2c = q @ k.transpose(-1, -2) / (3 * att.head_size) ** 0.5
-    torch.testing.assert_close(terms["c2p"] + terms["p2c"], bias)
-    torch.testing.assert_close(terms["c2c"], c2c)
-    assert terms["c2c"].shape == (2, 2, 7, 7)
+        W = {n: p.double() for n, p in att.named_parameters()}
+        H, Dh = att.num_heads, att.head_size
+        P = enc.rel_norm(enc.rel_embeddings.weight).double()  # all 2B rows
+        idx = reference_index(T, 8, 16)  # [T, T] into the full table
+
+        def project(x, name):  # [N, D] -> [H, N, Dh]
+            return (x @ W[name + ".weight"].T + W[name + ".bias"]).view(-1, H, Dh).transpose(0, 1)
+
+        for b in range(2):
+            Qc, Kc = project(h[b].double(), "query"), project(h[b].double(), "key")
+            Qr, Kr = project(P, "query"), project(P, "key")
+            for head in range(H):
+                c2c = torch.empty(T, T, dtype=torch.float64)
+                c2p, p2c = torch.empty_like(c2c), torch.empty_like(c2c)
+                for i in range(T):
+                    for j in range(T):
+                        c2c[i, j] = Qc[head, i] @ Kc[head, j]
+                        c2p[i, j] = Qc[head, i] @ Kr[head, idx[i, j]]
+                        p2c[i, j] = Kc[head, j] @ Qr[head, idx[i, j]]
+                scale = (3 * Dh) ** -0.5
+                for name, want in (("c2c", c2c), ("c2p", c2p), ("p2c", p2c)):
+                    got = terms[name][b, head].double()
+                    assert (got - want * scale).abs().max() < 1e-5, (
+                        f"{name} differs at batch {b}, head {head}"
+                    )
+    assert terms["c2c"].shape == (2, 2, T, T)
 
 
 def test_similarity_pull_signs_and_finite_difference():

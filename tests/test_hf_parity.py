@@ -14,6 +14,9 @@ from lab.hf import from_hf_state_dict, to_hf_config, to_hf_state_dict
 from lab.model import Encoder, preset
 
 CONFIGS = {"tiny": preset("tiny"), "xsmall-shaped": preset("xsmall", vocab_size=1000, num_layers=3)}
+# a long-input config: distances past max_relative_positions fall into buckets beyond B - 1, whose
+# table index saturates (transformers and the official code do not clamp the distance itself)
+LONG = preset("tiny", max_seq_len=2048, max_relative_positions=512)
 
 
 def batch(cfg, T, seed=0):
@@ -42,6 +45,22 @@ def test_ours_equals_hf_on_non_pad_rows(name, T):
         b = hf(input_ids=ids, attention_mask=mask).last_hidden_state
     keep = mask.bool()
     assert (a[keep] - b[keep]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("T", [700, 1024])
+def test_ours_equals_hf_past_max_relative_positions(T):
+    torch.manual_seed(3)
+    ours = Encoder(LONG).eval()
+    hf = hf_model(LONG)
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=True)
+    ids, mask = batch(LONG, T)
+    with torch.no_grad():
+        a = ours(ids, mask)
+        b = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()
+    err = (a[keep] - b[keep]).abs().max().item()
+    print(f"T={T}: max abs difference to transformers {err:.2e}")  # shown with pytest -s
+    assert err < 1e-5
 
 
 def test_hf_weights_convert_back_into_ours():

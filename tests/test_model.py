@@ -2,10 +2,25 @@
 
 import pytest
 import torch
+from test_reference import reference_index
+from transformers.models.deberta_v2.modeling_deberta_v2 import (
+    build_relative_position,
+    make_log_bucket_position,
+)
 
-from lab.model import Encoder, ModelConfig, count_parameters, log_bucket, preset, relative_index
+from lab.model import (
+    Encoder,
+    ModelConfig,
+    available_attention_impls,
+    count_parameters,
+    key_padding_bias,
+    log_bucket,
+    preset,
+    relative_index,
+)
 
-# PAPER.md §2 spot values for B=256, M=512
+# bucket(rel) for B=256, M=512 worked out by hand from the formula of `make_log_bucket_position`
+# (DeBERTa/deberta/da_utils.py): ceil(ln(|rel|/128) / ln(511/128) * 127) + 128 beyond 128
 SPOT = {0: 0, 1: 1, 127: 127, 128: 128, 129: 129, 200: 169, 256: 192, 300: 207, 400: 233, 500: 254, 511: 255}
 
 
@@ -15,16 +30,75 @@ def test_log_bucket_matches_hand_values_both_signs(rel, bucket):
     assert got.tolist() == [bucket, -bucket]
 
 
-def test_bucket_saturates_beyond_max_relative_positions():
-    assert log_bucket(torch.tensor([511, 600, 5000, -5000]), 256, 512).tolist() == [255, 255, 255, -255]
+def test_bucket_keeps_growing_beyond_max_relative_positions():
+    """Distances are not clamped (only the table index is): 600 -> ceil(ln(600/128)/ln(511/128)*127) + 128
+    = 270, 5000 -> 465; the same values as transformers' make_log_bucket_position."""
+    rel = torch.tensor([511, 512, 600, 5000, -5000])
+    assert log_bucket(rel, 256, 512).tolist() == [255, 256, 270, 465, -465]
+    assert make_log_bucket_position(rel, 256, 512).long().tolist() == [255, 256, 270, 465, -465]
 
 
 def test_relative_index_slices_the_reachable_rows():
     lo, R, index = relative_index(7, 256, 512)
     assert (lo, R) == (256 - 6, 13)  # distances -6..6
-    assert index[0, 0] + lo == 256 and index[6, 0] + lo == 262 and index[0, 6] + lo == 250
+    assert index[0, 0, 0] + lo == 256 and index[0, 6, 0] + lo == 262 and index[0, 0, 6] + lo == 250
     lo, R, index = relative_index(512, 256, 512)
     assert (lo, R) == (1, 511) and index.max() == R - 1 and index.min() == 0
+    # past M the farthest buckets exceed B - 1 and the index saturates: every row 0 .. 2B-1 is reachable
+    lo, R, index = relative_index(700, 256, 512)
+    assert (lo, R) == (0, 512) and index.max() == 511 and index.min() == 0
+
+
+@pytest.mark.parametrize(
+    ("T", "B", "M"),
+    [(1, 256, 512), (2, 256, 512), (7, 256, 512), (130, 256, 512), (300, 256, 512), (513, 256, 512),
+     (700, 256, 512), (1024, 256, 512), (40, 8, 16), (40, 16, 100)],
+)  # fmt: skip
+def test_relative_index_equals_the_official_formula_and_transformers(T, B, M):
+    lo, R, index = relative_index(T, B, M)
+    assert index.shape == (2, T, T) and index.is_contiguous()
+    # transformers: build_relative_position gives bucket(i - j) [1, T, T]; DebertaV2's c2p index is
+    # clamp(bucket + B, 0, 2B - 1) (modeling_deberta_v2.DisentangledSelfAttention.disentangled_attention_bias)
+    x = torch.zeros(1, T, 1)
+    hf = (build_relative_position(x, x, bucket_size=B, max_position=M)[0] + B).clamp(0, 2 * B - 1)
+    official = reference_index(T, B, M)  # the formula written out in Python, tests/test_reference.py
+    assert torch.equal(hf, official)
+    assert (lo, lo + R - 1) == (int(official.min()), int(official.max()))
+    assert torch.equal(index[0] + lo, official)
+    assert torch.equal(index[1] + lo, official.t())  # p2c's index: entry [j, i] = idx(i, j)
+
+
+def test_relative_index_is_built_on_the_requested_device_and_cached_there():
+    lo, R, index = relative_index(9, 256, 512, "meta")
+    assert index.device.type == "meta" and index.shape == (2, 9, 9)
+    assert relative_index(9, 256, 512, torch.device("meta"))[2] is index  # cached: no rebuild, no copy
+
+
+def test_key_padding_bias_is_finite_and_masks_in_bf16():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    bias = key_padding_bias(mask, torch.bfloat16)
+    assert bias.dtype == torch.bfloat16 and bias.shape == (2, 1, 1, 3) and torch.isfinite(bias).all()
+    scores = torch.randn(2, 1, 3, 3).bfloat16() * 30 + bias  # adding scores cannot overflow to -inf
+    probs = scores.float().softmax(-1)
+    assert torch.isfinite(probs).all()
+    assert (probs[0, ..., 2] == 0).all()  # a padded key gets exactly zero probability
+    torch.testing.assert_close(probs[1], torch.full_like(probs[1], 1 / 3), atol=0.02, rtol=0)  # all-pad row
+
+
+def test_encoder_runs_in_bf16_autocast_with_a_bf16_bias():
+    cfg = preset("tiny", hidden_dropout=0.0, attention_dropout=0.0)
+    model = Encoder(cfg).eval()
+    ids = torch.randint(4, cfg.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    seen = []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[3].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, mask)
+    hook.remove()
+    assert seen == [torch.bfloat16]  # the [B, 1, 1, T] bias is built in the compute dtype
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float()[mask.bool()], model(ids, mask)[mask.bool()], atol=0.1, rtol=0.05)
 
 
 def test_encoder_shapes_and_padding_rows_do_not_leak():
@@ -65,6 +139,7 @@ def test_preset_parameter_counts_match_the_official_table(name, backbone_m, embe
         (lambda: preset("tiny", hidden=3), "hidden"),
         (lambda: ModelConfig(vocab_size=3), "vocab_size"),
         (lambda: ModelConfig(hidden_dropout=1.5), "hidden_dropout"),
+        (lambda: preset("tiny", attention_impl="flash"), "attention_impl"),
     ],
 )
 def test_bad_config_raises_one_clear_value_error(make, field):
@@ -97,10 +172,6 @@ def test_torch_compile_forward_backward_matches_eager():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-3)
 
 
-@pytest.mark.parametrize("T", [1, 2, 7, 128, 129, 130, 300, 512, 513, 1024])
-def test_relative_index_equals_the_full_bucket_table(T):
-    lo, R, index = relative_index.__wrapped__(T, 256, 512)
-    pos = torch.arange(T)
-    full = (log_bucket(pos[:, None] - pos[None, :], 256, 512) + 256).clamp(0, 511)
-    assert (lo, lo + R - 1) == (full.min().item(), full.max().item())
-    assert torch.equal(index + lo, full)
+def test_attention_impls_offered_per_device():
+    assert available_attention_impls("cpu") == ["sdpa"]  # flex has no CPU backward in torch 2.13
+    assert available_attention_impls("cuda")[0] == "sdpa"

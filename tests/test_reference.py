@@ -1,4 +1,9 @@
-"""Every optimised attention path equals a plain reference written literally from PAPER.md §2.
+"""Every optimised attention path equals a plain reference written literally from the model's definition.
+
+DeBERTa (He et al., ICLR 2021, arXiv 2006.03654, §3.1) with DeBERTa-v3's settings (share_att_key,
+log buckets), as the official code computes it (DeBERTa/deberta/disentangled_attention.py,
+DeBERTa/deberta/da_utils.py): S_ij = (Qc_i·Kc_j + Qc_i·Kr[idx(i,j)] + Kc_j·Qr[idx(i,j)]) / sqrt(3 Dh)
+with the same idx(i, j) in both position terms.
 
 The reference builds the three score tensors (c2c, c2p, p2c) with explicit [T, T] indices, adds them,
 applies the pair mask m_i·m_j and an explicit softmax, all in float64. The optimised code runs in
@@ -13,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lab.model import DisentangledSelfAttention, Encoder, preset, relative_index
+from lab.model import DisentangledSelfAttention, Encoder, key_padding_bias, preset, relative_index
 from lab.util import replace_strict
 
 CFG = preset("tiny", hidden_dropout=0.0, attention_dropout=0.0)
@@ -21,9 +26,9 @@ TOL = 1e-5
 
 
 def reference_bucket(rel: int, buckets: int = 256, max_rel: int = 512) -> int:
-    """PAPER.md §2: exact up to B/2, log-spaced to M (distances clamped to ±(M-1) as in the code)."""
+    """make_log_bucket_position of DeBERTa/deberta/da_utils.py, one distance at a time: exact up to B/2,
+    log-spaced beyond, and no clamp of rel (past M - 1 the bucket keeps growing)."""
     mid = buckets // 2
-    rel = max(-(max_rel - 1), min(max_rel - 1, rel))
     if abs(rel) <= mid:
         return rel
     sign = 1 if rel > 0 else -1
@@ -34,7 +39,8 @@ def reference_bucket(rel: int, buckets: int = 256, max_rel: int = 512) -> int:
 def reference_index(T: int, buckets: int = 256, max_rel: int = 512) -> torch.Tensor:
     """idx(i, j) = clamp(bucket(i - j) + B, 0, 2B - 1), a [T, T] LongTensor into the full table."""
     rows = [
-        [min(2 * buckets - 1, max(0, reference_bucket(i - j) + buckets)) for j in range(T)] for i in range(T)
+        [min(2 * buckets - 1, max(0, reference_bucket(i - j, buckets, max_rel) + buckets)) for j in range(T)]
+        for i in range(T)
     ]
     return torch.tensor(rows)
 
@@ -64,7 +70,8 @@ def reference_attention(h, P, p: dict, num_heads: int, key_mask: torch.Tensor) -
 
 
 def reference_encoder(ids, mask, p: dict, cfg) -> torch.Tensor:
-    """The whole backbone of PAPER.md §2 with reference_attention, from a parameter dict."""
+    """The whole DeBERTa-v3 backbone (post-LN layers, normalised relative table) with
+    reference_attention, from a parameter dict."""
 
     def ln(x, name):
         return F.layer_norm(x, x.shape[-1:], p[name + ".weight"], p[name + ".bias"], cfg.layer_norm_eps)
@@ -102,6 +109,7 @@ def assert_close(name, ours, ref):
     of a float32 model grow with the number of terms, and so does their rounding)."""
     err = (ours.double() - ref).abs().max().item()
     scale = max(1.0, ref.abs().max().item())
+    print(f"{name}: max abs difference {err:.2e} (scale {scale:.1f})")  # shown with pytest -s
     assert err < TOL * scale, f"{name}: max abs difference {err:.2e} >= {TOL} * {scale:.1f}"
 
 
@@ -111,41 +119,94 @@ def test_bucket_spot_values_from_the_paper():
         assert reference_bucket(rel) == bucket and reference_bucket(-rel) == -bucket
     for T in (7, 300):
         lo, R, index = relative_index(T, 256, 512)
-        assert torch.equal(index + lo, reference_index(T)), f"relative_index differs from idx(i, j) at T={T}"
+        assert torch.equal(index[0] + lo, reference_index(T)), (
+            f"relative_index differs from idx(i, j) at T={T}"
+        )
 
 
-def attention_paths():
-    """(name, wrap) for each way the model can run attention; wrap(module) -> callable."""
-    yield "eager", lambda module: module
-    yield "compiled", lambda module: torch.compile(module, backend="aot_eager", fullgraph=True)
+CUDA = torch.cuda.is_available()
+ON_CUDA = pytest.mark.skipif(not CUDA, reason="needs CUDA (FlexAttention has no CPU backward in torch 2.13)")
 
 
-# compiling takes seconds, so the compiled path runs once, at the length that exercises the log buckets
-@pytest.mark.parametrize(("path", "T"), [("eager", 7), ("eager", 300), ("compiled", 300)])
-def test_attention_equals_reference_forward_and_gradients(path, T):
+def wrap(module, compiled: bool):
+    # aot_eager traces exactly what inductor would compile (fullgraph: no graph break allowed) in a
+    # fraction of its compile time; flex_attention needs the real inductor kernels
+    if not compiled:
+        return module
+    backend = "inductor" if module.impl == "flex" else "aot_eager"
+    return torch.compile(module, backend=backend, fullgraph=True)
+
+
+# compiling takes seconds, so each compiled path runs once, at a length that exercises the log buckets;
+# FlexAttention has no CPU backward, so on the CPU it is checked forward only (grads=False)
+@pytest.mark.parametrize(
+    ("impl", "compiled", "T", "device", "grads"),
+    [
+        ("sdpa", False, 7, "cpu", True),
+        ("sdpa", False, 300, "cpu", True),
+        ("sdpa", True, 300, "cpu", True),
+        ("flex", False, 300, "cpu", False),
+        pytest.param("sdpa", False, 300, "cuda", True, marks=ON_CUDA),
+        pytest.param("flex", True, 300, "cuda", True, marks=ON_CUDA),
+        pytest.param("flex", False, 300, "cuda", True, marks=ON_CUDA),
+    ],
+)
+def test_attention_equals_reference_forward_and_gradients(impl, compiled, T, device, grads):
     torch.manual_seed(0)
-    attention = DisentangledSelfAttention(CFG).eval()
-    call = dict(attention_paths())[path](attention)
+    attention = DisentangledSelfAttention(replace_strict(CFG, attention_impl=impl)).eval().to(device)
+    call = wrap(attention, compiled)
     _, mask = padded_batch(T)
-    h = torch.randn(3, T, CFG.hidden_size, requires_grad=True)
-    P = torch.nn.functional.layer_norm(torch.randn(512, CFG.hidden_size), (CFG.hidden_size,)).requires_grad_()
-    lo, R, index = relative_index(T, CFG.position_buckets, CFG.max_relative_positions)
-    key_mask_bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    h = torch.randn(3, T, CFG.hidden_size, requires_grad=grads)
+    P = torch.nn.functional.layer_norm(torch.randn(512, CFG.hidden_size), (CFG.hidden_size,)).requires_grad_(
+        grads
+    )
+    lo, R, index = relative_index(T, CFG.position_buckets, CFG.max_relative_positions, device)
+    key_mask_bias = key_padding_bias(mask.to(device), torch.float32)
     weight = torch.randn(3, T, CFG.hidden_size) * mask[..., None]  # the loss reads non-pad query rows only
 
     params = dict(attention.named_parameters())
-    out = call(h, P[lo : lo + R], index, key_mask_bias)
-    grads = torch.autograd.grad((out * weight).sum(), [h, P, *params.values()])
+    with torch.set_grad_enabled(grads):
+        out = call(h.to(device), P.to(device)[lo : lo + R], index, key_mask_bias).cpu()
 
-    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in params.items()}
+    ref_inputs = {k: v.detach().double().cpu().requires_grad_() for k, v in params.items()}
     h64, P64 = h.detach().double().requires_grad_(), P.detach().double().requires_grad_()
     ref = reference_attention(h64, P64, ref_inputs, CFG.num_heads, mask.double())
-    ref_grads = torch.autograd.grad((ref * weight.double()).sum(), [h64, P64, *ref_inputs.values()])
-
     keep = mask.bool()
-    assert_close("output", out[keep], ref[keep])
-    for name, g, rg in zip(["h", "rel table", *params], grads, ref_grads):
-        assert_close(f"grad {name}", g, rg)
+    assert_close(f"{impl} output", out[keep], ref[keep])
+    if grads:
+        grads = torch.autograd.grad((out * weight).sum(), [h, P, *params.values()])
+        ref_grads = torch.autograd.grad((ref * weight.double()).sum(), [h64, P64, *ref_inputs.values()])
+        for name, g, rg in zip(["h", "rel table", *params], grads, ref_grads):
+            assert_close(f"{impl} grad {name}", g.cpu(), rg)
+
+
+def test_flex_encoder_equals_reference_forward_on_the_cpu():
+    """The whole encoder with attention_impl="flex" (CPU: forward only), padded rows, T > 256."""
+    torch.manual_seed(1)
+    cfg = replace_strict(CFG, num_layers=1, attention_impl="flex")
+    encoder = Encoder(cfg).eval()
+    ids, mask = padded_batch(300, seed=1)
+    with torch.no_grad():
+        out = encoder(ids, mask)
+    params = {k: v.detach().double() for k, v in encoder.named_parameters()}
+    ref = reference_encoder(ids, mask.double(), params, cfg)
+    assert_close("flex encoder last hidden state", out[mask.bool()], ref[mask.bool()])
+
+
+def test_flex_refuses_to_train_where_it_cannot():
+    attention = DisentangledSelfAttention(replace_strict(CFG, attention_impl="flex", attention_dropout=0.1))
+    lo, R, index = relative_index(5, CFG.position_buckets, CFG.max_relative_positions)
+    args = (
+        torch.randn(1, 5, CFG.hidden_size),
+        torch.randn(R, CFG.hidden_size),
+        index,
+        torch.zeros(1, 1, 1, 5),
+    )
+    with pytest.raises(ValueError, match="attention_dropout"):
+        attention.train()(*args)
+    if not CUDA:
+        with pytest.raises(ValueError, match="backward"):
+            attention.eval()(*args)
 
 
 @pytest.mark.parametrize(("T", "num_layers"), [(7, 2), (300, 1)])

@@ -1,0 +1,149 @@
+"""The RTD step's pieces on their own: the MLM loss, masking edge cases, the enhanced mask decoder, and
+a step that never reads a value back to the host."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lab.model import preset
+from lab.rtd import RTDModel, draw_noise, mask_tokens, masked_lm_loss
+
+CFG = preset("tiny", hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def test_masked_lm_loss_equals_a_float64_literal_forward_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    B, K, V = 3, 5, 1000
+    logits = (torch.randn(B, K, V, generator=g) * 4).requires_grad_()
+    targets = torch.randint(0, V, (B, K), generator=g)
+    valid = torch.rand(B, K, generator=g) < 0.7
+    loss = masked_lm_loss(logits, targets, valid)
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    x = logits.detach().double().requires_grad_()
+    per_slot = [
+        torch.logsumexp(x[b, k], 0) - x[b, k, targets[b, k]]
+        for b in range(B)
+        for k in range(K)
+        if valid[b, k]
+    ]
+    ref = torch.stack(per_slot).mean()
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert (grad.double() - ref_grad).abs().max() < 1e-5
+    assert (grad[~valid] == 0).all()  # unused slots contribute nothing
+
+
+# -- masking --------------------------------------------------------------------------------------
+
+
+def test_bert_random_tokens_come_from_the_non_special_ids_wherever_the_specials_sit():
+    """A vocabulary whose [MASK] (id 4) is not the last id, and one with specials scattered inside."""
+    for special, mask_id in (([0, 1, 2, 3, 4], 4), ([0, 1, 2, 3, 10, 20], 10)):
+        special_ids = torch.tensor(special)
+        V = 50
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, V, (400, 64), generator=g)
+        ids[torch.isin(ids, special_ids)] = 30
+        mask = torch.ones_like(ids)
+        noise = draw_noise(*ids.shape, 0.15, g, "cpu")
+        noise.mix.fill_(0.85)  # every chosen slot takes the "random token" branch
+        masked, positions, valid = mask_tokens(ids, mask, special_ids, mask_id, noise, 0.15, "bert", V)
+        drawn = masked.gather(1, positions)[valid]
+        words = sorted(set(range(V)) - set(special))
+        assert not torch.isin(drawn, special_ids).any(), f"a special id was drawn ({special})"
+        counts = torch.bincount(drawn, minlength=V)[words].float()
+        assert (counts > 0).all(), "some non-special ids are never drawn"
+        assert counts.max() / counts.mean() < 1.6  # roughly uniform over the words (~90 draws each)
+
+
+def test_short_rows_get_one_masked_token_and_rows_without_words_none():
+    """round(0.15 * n) is 0 for n <= 3; BERT and DeBERTa mask max(1, round(.)) of them."""
+    special = torch.tensor([0, 1, 2, 3, 99])
+    ids = torch.tensor(
+        [
+            [1, 10, 2, 0, 0, 0, 0, 0],  # one word
+            [1, 10, 11, 12, 2, 0, 0, 0],  # three words
+            [1, 3, 3, 2, 0, 0, 0, 0],  # no word at all ([UNK] is special)
+            [1, 10, 11, 12, 13, 14, 15, 2],  # six words: round(0.9) = 1
+        ]
+    )
+    mask = (ids != 0).long()
+    noise = draw_noise(*ids.shape, 0.15, torch.Generator().manual_seed(0), "cpu")
+    masked, positions, valid = mask_tokens(ids, mask, special, 99, noise, 0.15)
+    assert valid.sum(1).tolist() == [1, 1, 0, 1]
+    assert ((masked == 99).sum(1)).tolist() == [1, 1, 0, 1]
+    assert torch.equal(masked[2], ids[2])
+
+
+# -- the enhanced mask decoder --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gen_layers", [1, 2])
+def test_enhanced_mask_decoder_reads_h_n_minus_1(gen_layers):
+    """EMD: the generator's last layer applied twice with keys/values H_{n-1} and query H_{n-1} + P_abs,
+    where H_0 is the embedding output (so a one-layer generator decodes from the embeddings)."""
+    cfg = preset("tiny", num_layers=2 * gen_layers, hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = RTDModel(cfg, "nes", gen_depth_ratio=0.5, emd=True).eval()
+    assert len(model.generator.layers) == gen_layers
+    ids = torch.randint(4, cfg.vocab_size - 1, (2, 12))
+    ids[:, 0], ids[:, -1] = 1, 2
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, 9:] = 0
+    special, mask_id = torch.tensor([0, 1, 2, 3, cfg.vocab_size - 1]), cfg.vocab_size - 1
+    noise = draw_noise(*ids.shape, 0.15, torch.Generator().manual_seed(1), "cpu")
+    with torch.no_grad():
+        out = model(ids, attention_mask, special, mask_id, noise=noise)
+        # the decoder written out, layer by layer
+        masked_ids, _, _ = mask_tokens(ids, attention_mask, special, mask_id, noise, 0.15)
+        gen = model.generator
+        states = [gen.embed(masked_ids, attention_mask)]
+        for _ in gen.layers:
+            states.append(gen(masked_ids, attention_mask, return_all=True)[len(states) - 1])
+        context = states[gen_layers - 1]  # H_{n-1}
+        rel, index = gen.relative_positions(12, ids.device)
+        bias = (1.0 - attention_mask[:, None, None, :].float()) * -1e30
+        query = context + model.emd.position_embeddings.weight[:12]
+        for _ in range(2):
+            query = gen.layers[-1](context, rel, index, bias, query=query)
+        picked = query.gather(1, out.positions[..., None].expand(-1, -1, cfg.hidden_size))
+        expected = model.mlm_head(picked, model.generator_table)
+    torch.testing.assert_close(out.mlm_logits, expected, atol=1e-5, rtol=1e-5)
+
+
+# -- no host synchronisation ----------------------------------------------------------------------
+
+
+class HostReads(TorchDispatchMode):
+    """Records every operation that would make the host wait on the device: a value read back
+    (.item(), .tolist(), bool(t): aten._local_scalar_dense), or a host tensor entering a device op
+    (a host-to-device copy, e.g. an index built on the CPU and moved every forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.found.append(str(func))
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if any(t.device.type == "cpu" and t.dim() > 0 for t in tensors):
+            self.found.append(f"{func} with a host tensor")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("emd", [False, True])
+def test_an_rtd_step_reads_nothing_back_to_the_host(emd):
+    """Forward and backward on the meta device (a stand-in for an accelerator: no values, so any read
+    back or host-built tensor shows up), for the plain generator and the enhanced mask decoder."""
+    model = RTDModel(CFG, "gdes", emd=emd).to("meta")
+    ids = torch.randint(4, 900, (2, 40)).to("meta")
+    attention_mask = torch.ones(2, 40, dtype=torch.long, device="meta")
+    special = torch.tensor([0, 1, 2, 3, 999], device="meta")
+    with HostReads() as reads:
+        out = model(ids, attention_mask, special, 999, mask_strategy="bert")
+        out.loss.backward()
+    assert reads.found == []
+    assert out.mlm_logits.shape == (2, 6, CFG.vocab_size) and out.rtd_logits.shape == (2, 40)

@@ -130,7 +130,7 @@ def attention_decomposition(model: RTDModel, tokenizer: Tokenizer, text: str, si
     word_embeds = model.discriminator_word_embeds(ids) if side == "discriminator" else None
     hidden = [encoder.embed(ids, mask, word_embeds)]
     hidden += encoder(ids, mask, word_embeds, return_all=True)  # the input of layer l is hidden[l]
-    rel, index = encoder.relative_positions(ids.shape[1], ids.device)  # [R, D], [T, T]
+    rel, index = encoder.relative_positions(ids.shape[1], ids.device)  # [R, D], [2, T, T]
     terms = attention_terms(encoder.layers[layer].attention, hidden[layer], rel, index)
     out = {k: v[0].numpy() for k, v in terms.items()}  # [H, T, T]
     out["tokens"] = [tokenizer.id_to_piece(int(i)).replace("▁", "") for i in ids[0]]

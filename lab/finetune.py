@@ -448,7 +448,7 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
     bar = tqdm(total=total, desc=f"{task.name} seed {seed}", leave=False, disable=None, mininterval=1.0)
     t0, step = time.time(), 0
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
+        step_model.train()  # the compiled wrapper too, whose flag evaluation turned off
         order = torch.randperm(len(train_data), generator=generator)  # the batch order, planned on the host
         order_dev = _to_device(order, device)  # one copy per epoch; each step slices it
         order_host = order.numpy()

@@ -317,7 +317,9 @@ def _flex_attention(device: torch.device):
         return flex_attention
     global _compiled_flex
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        # default dynamic: a second sequence length recompiles once with a symbolic length instead of
+        # once per length (bucketed fine-tuning batches would otherwise hit the recompile limit)
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
 

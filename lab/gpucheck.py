@@ -438,6 +438,12 @@ def part_env(c: Check) -> dict:
     info["attention_impls"] = [i or "default" for i in bench.attention_impls(c.device)]
     info["default_attention_impl"] = bench.default_attention_impl()
     info["disentangled_flash"] = _version("disentangled_flash")
+    from lab.pretrain import PretrainConfig
+
+    defaults = PretrainConfig()
+    info["pretrain_compile_default"] = (
+        f"{getattr(defaults, 'compile', '?')}/{getattr(defaults, 'compile_mode', '?')}"
+    )
     c.log(f"{info['device_name']}: bf16 {_rate(c.peaks['bf16'])}, fp32 {_rate(c.peaks['fp32'])} at {c.sizes.peak_n}^3; "
           f"attention {info['attention_impls']}")  # fmt: skip
     return info
@@ -903,7 +909,8 @@ def summary_text(result: dict) -> str:
         ]
         best = min(compiled, key=lambda item: item[1]["rows"][0]["ms"])[1]["mode"]
         lines.append("compile sweep (step part's shape; later modes reuse earlier compilation where they can): "
-                     + "; ".join(cells) + f"; fastest: {best}")  # fmt: skip
+                     + "; ".join(cells) + f"; fastest: {best} (pre-training default compile/mode: "
+                     f"{env.get('pretrain_compile_default')})")  # fmt: skip
     for name, record in parts.items():
         if record["status"] in ("error", "timeout", "skipped"):
             lines.append(

@@ -19,7 +19,8 @@ What is measured, all in one process (CPU memory aside, see below):
   encoder    Encoder / DebertaV2Model forward + backward of a scalar loss (and `disentangled-flash`,
              transformers' model with that package's fused attention, when it is importable).
   attention  one DisentangledSelfAttention forward + backward, once per lab attention implementation
-             (`lab` is the default one, `lab-<name>` the others), against transformers' layer.
+             (`lab` is the default one, `lab-<name>` the others), against transformers' layer; all
+             without attention dropout (FlexAttention has none).
   pretrain   tokens/s of `lab.pretrain.train()` itself (data loading, masking, the whole loop with its
              defaults, compilation included where the default compiles) on a random-word corpus with a
              SentencePiece vocabulary of `pretrain.vocab` pieces: the median ms/step of the logged
@@ -333,16 +334,16 @@ def build_encoder(impl: str, name: str, T: int, B: int, dtype: str, device: torc
 
 
 def build_attention(impl: str, name: str, T: int, B: int, dtype: str, device: torch.device):
-    """impl: "hf", "lab" (the model's default implementation) or "lab-<attention_impl>"."""
+    """impl: "hf", "lab" (the model's default implementation) or "lab-<attention_impl>". Every
+    candidate runs without attention dropout, since FlexAttention has none (like for like)."""
     attention_impl = impl.removeprefix("lab-") if impl.startswith("lab-") else None
-    cfg = _config(name, T, attention_impl=attention_impl)
+    cfg = dataclasses.replace(_config(name, T, attention_impl=attention_impl), attention_dropout=0.0)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(B, T, cfg.hidden_size, generator=g).to(device).requires_grad_()
     table = torch.randn(2 * cfg.position_buckets, cfg.hidden_size, generator=g).to(device).requires_grad_()
     if impl != "hf":
         attention = DisentangledSelfAttention(cfg).to(device).train()
-        lo, R, index = relative_index(T, cfg.position_buckets, cfg.max_relative_positions)
-        index = index.to(device)
+        lo, R, index = relative_index(T, cfg.position_buckets, cfg.max_relative_positions, device)
         key_mask_bias = torch.zeros(B, 1, 1, T, device=device)
 
         def run():

@@ -55,7 +55,7 @@ def test_smoke_run_writes_every_part_and_plausible_figures(tmp_path):
     assert "rtd_loss/fp32" in checks and any(k.startswith("encoder[") for k in checks)
     for key, check in checks.items():
         assert check["ok"], (key, check)
-    assert checks["encoder[default]/fp32"]["forward"]["max_abs"] < 1e-5
+    assert checks[f"encoder[{bench.default_attention_impl() or 'default'}]/fp32"]["forward"]["max_abs"] < 1e-5
     assert checks["rtd_loss/fp32"]["loss"]["max_rel"] < 1e-5
 
     rows = result["rows"]

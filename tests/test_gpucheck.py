@@ -198,3 +198,12 @@ def test_without_a_gpu_the_check_says_to_use_smoke(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpucheck.cli(["--out", str(tmp_path)])
     assert "--smoke" in capsys.readouterr().err
+
+
+def test_finetune_part_needs_a_discriminator_and_says_so(tmp_path):
+    c = gpucheck.Check(
+        torch.device("cpu"), gpucheck.SMOKE, fake_data(tmp_path / "data"), tmp_path, smoke=True
+    )
+    c.state["short_run"] = tmp_path / "no-run"  # a short run that never exported
+    with pytest.raises(RuntimeError, match="short_run or pretrain"):
+        gpucheck.part_finetune(c)

@@ -67,6 +67,7 @@ class PretrainConfig:
     gen_depth_ratio: float = 0.5  # generator layers / discriminator layers
     gen_width_ratio: float = 1.0  # generator width / discriminator width (< 1 only with sharing=nes)
     emd: bool = False  # generator's enhanced mask decoder; off: HF's DebertaV2ForMaskedLM has none
+    attention_impl: str = "sdpa"  # sdpa | flex (CUDA: FlexAttention, no [B,H,T,T] bias; CPU: forward only)
     # data
     corpus: str = "synthetic"  # synthetic[:SEED] | .txt/.jsonl/wiki.*.tokens file, folder or glob | hf:NAME
     tokenizer: str = ""  # spm.model path; empty: train one on the corpus
@@ -125,7 +126,7 @@ class PretrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PretrainConfig.{name}={getattr(self, name)!r}; choose one of {allowed}")
-        preset(self.preset)  # raises on an unknown preset
+        preset(self.preset, attention_impl=self.attention_impl)  # raises on an unknown preset / impl
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"PretrainConfig.mask_prob={self.mask_prob} must be in (0, 1)")
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "ckpt_every")
@@ -294,6 +295,7 @@ def setup(cfg: PretrainConfig) -> Run:
         max_seq_len=max(cfg.seq_len, 512),
         hidden_dropout=cfg.dropout,
         attention_dropout=cfg.dropout,
+        attention_impl=cfg.attention_impl,
     )
     torch.manual_seed(cfg.seed)
     model = RTDModel(model_cfg, cfg.sharing, cfg.gen_depth_ratio, cfg.gen_width_ratio, cfg.emd).to(device)
@@ -584,6 +586,7 @@ _RESUMABLE_CHANGES = {
     "device",
     "compile",
     "compile_mode",
+    "attention_impl",  # the implementations agree to float rounding (tests/test_reference.py)
     "progress",
 }
 

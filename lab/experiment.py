@@ -175,16 +175,41 @@ def planned_runs(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
 
 
 def status(run: Run, cfg: ExperimentConfig) -> str:
-    """'done' (reused as is), 'resume' (a checkpoint to continue from) or 'todo'."""
+    """'done' (reused as is), 'resume' (a checkpoint to continue from) or 'todo'. A finished run whose
+    saved configuration differs from the one this experiment would use now (e.g. a task default that
+    changed in the code since) raises instead of being mixed into the statistics."""
     path = run.path(cfg)
     if run.kind == "pretrain":
         summary = _read_json(path / "summary.json")
         if summary.get("completed") and summary.get("steps") == cfg.steps:
+            _check_same(run, path / "config.json", dataclasses.asdict(pretrain_config(cfg, run)))
             return "done"
         return "resume" if checkpoint.candidates(path / "checkpoints") else "todo"
     results = _read_json(path / "results.json")
     seeds = [m.get("seed") for m in results.get("metrics_per_seed", [])]
-    return "done" if run.finetune_seed in seeds else "todo"
+    if run.finetune_seed not in seeds:
+        return "todo"
+    _check_same(
+        run, path / "results.json", dataclasses.asdict(finetune_config(cfg, run).resolved()), "config"
+    )
+    return "done"
+
+
+# settings a finished run may differ in without changing its result
+_RUNTIME_FIELDS = {"out_dir", "init", "device", "progress", "compile", "stop_after", "length_bucket"}
+
+
+def _check_same(run: Run, file: Path, now: dict, key: str | None = None) -> None:
+    saved = _read_json(file)
+    saved = saved.get(key, {}) if key else saved
+    now = json.loads(json.dumps(now))  # tuples as lists, like the saved file
+    changed = sorted(k for k in now if k in saved and k not in _RUNTIME_FIELDS and saved[k] != now[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(
+            f"{run.name} in {file.parent} was run with other settings ({detail}); move that folder away "
+            "to rerun it, or use a new out_dir"
+        )
 
 
 def pretrain_config(cfg: ExperimentConfig, run: Run):

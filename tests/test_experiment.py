@@ -189,3 +189,23 @@ def test_gpu_recipe_reads_the_data_folder_it_is_given(tmp_path):
     assert cfg.preset == "xsmall" and cfg.modes == experiment.MODES and cfg.finetune_seeds == (1, 2, 3)
     assert set(cfg.tasks) == {"cola", "sst2", "mrpc", "stsb", "rte"}
     assert "MRPC" in experiment.missing_data("mrpc", cfg)
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
+    # a fine-tuning result saved under an older task default (lr) must not enter the statistics
+    cfg = tiny(tmp_path / "exp")
+    run = experiment.Run("finetune", "es", 0, "synth_tag", 1)
+    saved = dataclasses.asdict(experiment.finetune_config(cfg, run).resolved())
+    saved["lr"] = saved["lr"] / 10
+    run.path(cfg).mkdir(parents=True)
+    (run.path(cfg) / "results.json").write_text(
+        json.dumps({"metrics_per_seed": [{"seed": 1}], "config": saved})
+    )
+    with pytest.raises(ValueError, match=r"finetune es s0 synth_tag f1 .* \(lr: "):
+        experiment.status(run, cfg)
+    saved["lr"] *= 10
+    saved["device"] = "cuda"  # where it ran does not matter
+    (run.path(cfg) / "results.json").write_text(
+        json.dumps({"metrics_per_seed": [{"seed": 1}], "config": saved})
+    )
+    assert experiment.status(run, cfg) == "done"

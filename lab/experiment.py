@@ -203,7 +203,9 @@ def _check_same(run: Run, file: Path, now: dict, key: str | None = None) -> None
     saved = _read_json(file)
     saved = saved.get(key, {}) if key else saved
     now = json.loads(json.dumps(now))  # tuples as lists, like the saved file
-    changed = sorted(k for k in now if k in saved and k not in _RUNTIME_FIELDS and saved[k] != now[k])
+    # None is "resolved when the run starts" (e.g. a synthetic task's seed comes from the init run)
+    fixed = [k for k in now if k in saved and k not in _RUNTIME_FIELDS and now[k] is not None]
+    changed = sorted(k for k in fixed if saved[k] != now[k])
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         raise ValueError(

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lab.model import preset
-from lab.rtd import RTDModel, draw_noise, mask_tokens, masked_lm_loss
+from lab.rtd import RTDHead, RTDModel, draw_noise, mask_tokens, masked_lm_loss
 
 CFG = preset("tiny", hidden_dropout=0.0, attention_dropout=0.0)
 
@@ -165,3 +165,40 @@ def test_the_rtd_step_compiles_as_one_graph():
     out = compiled(ids, attention_mask, special, 999, mask_strategy="bert", noise=noise)
     torch.testing.assert_close(out.loss, eager.loss, atol=1e-5, rtol=1e-5)
     assert torch.equal(out.corrupted_ids, eager.corrupted_ids)
+
+
+def test_rtd_head_adds_the_cls_state_layer_norm_first():
+    """logit_i = w · gelu(W · LN(h_i + h_CLS) + b) + c, written out by hand in float64."""
+    torch.manual_seed(0)
+    head = RTDHead(CFG).double()
+    for p in head.parameters():  # non-trivial LayerNorm and biases, so a dropped term shows
+        torch.nn.init.normal_(p, std=0.5)
+    h = torch.randn(2, 6, CFG.hidden_size, dtype=torch.float64)
+    x = h + h[:, :1]  # every token sees the [CLS] state
+    x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(
+        x.var(-1, unbiased=False, keepdim=True) + CFG.layer_norm_eps
+    )
+    x = x * head.norm.weight + head.norm.bias
+    z = x @ head.dense.weight.T + head.dense.bias
+    gelu = 0.5 * z * (1 + torch.erf(z / 2**0.5))
+    expected = (gelu @ head.classifier.weight.T + head.classifier.bias).squeeze(-1)
+    assert torch.allclose(head(h), expected, atol=1e-10)
+    assert not torch.allclose(head(h), head(h - h[:, :1] + h[:, 1:2]), atol=1e-3)  # h_CLS matters
+
+
+def test_rtd_loss_is_the_bce_mean_over_every_non_pad_token():
+    torch.manual_seed(1)
+    model = RTDModel(CFG, sharing="gdes").eval()
+    ids = torch.randint(4, CFG.vocab_size - 1, (3, 12))
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # padded tail, with [SEP] before it
+    ids[1, 7], ids[1, 8:] = 2, 0
+    ids[[0, 2], -1] = 2
+    special = torch.tensor([0, 1, 2, 3])
+    out = model(ids, mask, special, mask_id=CFG.vocab_size - 1, rtd_weight=50.0)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out.rtd_logits, out.labels, reduction="none")
+    keep = mask.bool()  # [CLS] and [SEP] included, padding excluded
+    assert torch.allclose(out.rtd_loss, bce[keep].mean(), atol=1e-6)
+    assert not torch.allclose(out.rtd_loss, bce.mean(), atol=1e-6)  # padding would change it
+    assert torch.allclose(out.loss, out.mlm_loss + 50.0 * out.rtd_loss)

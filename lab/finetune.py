@@ -1,4 +1,4 @@
-"""Fine-tuning of a pre-trained discriminator on GLUE and the synthetic-language tasks (lab/downstream.py),
+"""Fine-tuning of a pre-trained discriminator on GLUE and the synthetic-language tasks (lab/tasks.py),
 and the results table that compares checkpoints.
 
     train(FinetuneConfig(task="mrpc", init="runs/gdes", out_dir="runs/ft/gdes/mrpc"))  -> results dict

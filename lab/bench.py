@@ -74,7 +74,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lab.model import DisentangledSelfAttention, Encoder, preset, relative_index
 from lab.rtd import RTDModel, generator_config, masked_count
-from lab.training import adamw
+from lab.training import adamw, autocast
 from lab.util import atomic_write_json, read_jsonl
 
 SPECIAL_IDS = (0, 1, 2, 3)  # [PAD] [CLS] [SEP] [UNK]
@@ -179,7 +179,7 @@ HF_MAX_T = 512  # the peer's step and encoder are benchmarked up to the released
 
 
 def _autocast(device: torch.device, dtype: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    return autocast(device, torch.bfloat16 if dtype == "bf16" else None)  # the loops' own context
 
 
 def _config(name: str, T: int, vocab: int | None = None, attention_impl: str | None = None):

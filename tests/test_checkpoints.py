@@ -1,7 +1,6 @@
 """Faults survived, nothing lost: the checkpoint ring and its checksums, fallback from damaged files,
 one clear message when none is usable, failing writes, and kills at any moment (lab/checkpoint.py)."""
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -68,23 +67,21 @@ def assert_same_run(run_dir, reference):
     assert all(abs(fa[k] - fb[k]) < 1e-6 for k in ("mlm_loss", "rtd_loss", "rtd_auc"))
 
 
-@contextlib.contextmanager
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The killed runs are subprocesses with OMP_NUM_THREADS=1; their reference must use one thread
-    too, since the number of threads changes the order of float reductions (a last-bit difference)."""
+    """Every run here, in this process or in a killed subprocess (OMP_NUM_THREADS=1), uses one thread:
+    the number of threads changes the order of float reductions, and so the last bit of a loss."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """An uninterrupted 8-step run: what every interrupted one must end up equal to."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    with pytest.MonkeyPatch.context() as patch, one_thread():
+    with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LAB_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lab-cache"))
         train(quick(run_dir))
     return run_dir
@@ -271,8 +268,7 @@ def newest_step(run_dir) -> int:
 def test_sigkill_at_random_moments_resumes_to_the_same_final_losses(tmp_path):
     settings = dict(steps=40, ckpt_every=3, eval_every=10, probe_every=5)
     reference = tmp_path / "reference"
-    with one_thread():
-        train(quick(reference, **settings))
+    train(quick(reference, **settings))
     run_dir, rng = tmp_path / "run", random.Random(13)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     resumed_at = []

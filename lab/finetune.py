@@ -61,7 +61,7 @@ from lab import tasks as downstream
 from lab.model import Encoder, init_weights
 from lab.tokenizer import Tokenizer
 from lab.training import adamw, autocast, linear_schedule, set_lr
-from lab.util import atomic_write_bytes, atomic_write_json, pick_device, replace_strict
+from lab.util import atomic_write_bytes, atomic_write_json, pick_device, replace_strict, to_device
 
 # Official DeBERTaV3-large recipe: epochs, warmup steps, lr, batch, head dropout, max len, from the
 # fine-tuning scripts of microsoft/DeBERTa (`experiments/glue/*.sh`) and the paper's appendix (He, Gao,
@@ -347,7 +347,7 @@ class Encoded:
         """One copy per split to the device (pinned and asynchronous on CUDA)."""
         if device.type != "cuda":
             return self
-        move = lambda t: _to_device(t, device)  # noqa: E731
+        move = lambda t: to_device(t, device)  # noqa: E731
         return Encoded(
             move(self.ids), move(self.lengths), move(self.labels), self.lengths_host, self.labels_host
         )
@@ -365,11 +365,6 @@ class Encoded:
         return ids, mask, labels
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`: through pinned memory and without waiting on CUDA, as is on the CPU."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
 def _bucket(cfg: FinetuneConfig, device: torch.device) -> int:
     return cfg.length_bucket or (16 if device.type == "cuda" else 1)
 
@@ -384,7 +379,7 @@ def predict(model: nn.Module, data: Encoded, cfg: FinetuneConfig, device: torch.
     computed in length-sorted batches on the device and copied to the host once."""
     model.eval()
     order = np.argsort(data.lengths_host, kind="stable")
-    order_dev = _to_device(torch.from_numpy(order), device)
+    order_dev = to_device(torch.from_numpy(order), device)
     token_level = data.labels.dim() == 2
     out = None
     for start in range(0, len(order), cfg.eval_batch_size):
@@ -450,7 +445,7 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
     for epoch in range(1, cfg.epochs + 1):
         step_model.train()  # the compiled wrapper too, whose flag evaluation turned off
         order = torch.randperm(len(train_data), generator=generator)  # the batch order, planned on the host
-        order_dev = _to_device(order, device)  # one copy per epoch; each step slices it
+        order_dev = to_device(order, device)  # one copy per epoch; each step slices it
         order_host = order.numpy()
         loss_sum = torch.zeros((), device=device)
         for start in range(0, len(order), cfg.batch_size):

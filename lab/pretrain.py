@@ -52,6 +52,7 @@ from lab.util import (
     config_parser,
     parse_config,
     pick_device,
+    to_device,
 )
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -381,13 +382,6 @@ def resume_point(cfg: PretrainConfig, folder: Path, device, ddp: Dist) -> checkp
 
 # ----------------------------------------------------------------------------------------------
 # The step
-
-
-def to_device(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU batch onto `device`; on CUDA through pinned memory, so the copy does not block the host."""
-    if device.type == "cuda":
-        ids = ids.pin_memory()  # page-locked: the copy below then runs without blocking the host
-    return ids.to(device, non_blocking=True)
 
 
 def train_step(run: Run, step: int, meter: Meter, probe: bool) -> None:

@@ -75,6 +75,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device`; on CUDA through pinned (page-locked) memory, so the copy does not
+    block the host. On the CPU the tensor itself."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """'auto' → cuda if present, else cpu; anything else is passed to torch.device as given."""
     if device == "auto":

@@ -150,6 +150,17 @@ class PretrainConfig:
 
 def train(cfg: PretrainConfig) -> dict:
     """Pre-train a generator + discriminator with the chosen sharing mode; returns summary.json."""
+    launched = "RANK" in os.environ and not dist.is_initialized()  # under torchrun setup() makes the group
+    try:
+        return _train(cfg)
+    finally:
+        if launched and dist.is_initialized():
+            # left to interpreter exit, gloo's worker threads can still hold finished work whose
+            # release needs the GIL: the process then aborts (SIGABRT) after a successful run
+            dist.destroy_process_group()
+
+
+def _train(cfg: PretrainConfig) -> dict:
     run = setup(cfg)
     model, optimizer = run.model, run.optimizer
     step, end = run.start, min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps

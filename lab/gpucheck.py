@@ -40,39 +40,37 @@ failing part records its error while the rest continue:
 The smoke mode runs every part on the CPU at tiny sizes; there the sync counter wraps the Tensor
 methods that synchronise on a GPU (item, tolist, cpu, __bool__, __float__, __int__, __index__), and
 torchrun uses gloo.
+
+This module holds the sizes, the parts and the command line; beside it are lab/syncs.py (the host-sync
+counter), lab/devicecheck.py (the float64 correctness checks), lab/budget.py (running the parts within
+the budget) and lab/gpureport.py (gpucheck.json, gpucheck.csv, summary.txt).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import gc
 import json
 import math
 import os
 import platform
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
-import warnings
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lab import bench
-from lab.util import atomic_write_bytes, atomic_write_json, data_dir, pick_device, read_jsonl
+from lab.budget import Part, remaining_s, run_parts
+from lab.devicecheck import Shape, check_encoder, check_rtd_loss, describe_check, exact_fp32
+from lab.gpureport import rate, summary_text, write_outputs
+from lab.syncs import SyncCounter
+from lab.util import data_dir, pick_device, read_jsonl
 
-OPTIONAL_MODULES = ("matplotlib", "seaborn", "papermill", "IPython", "ipywidgets", "jupyter", "datasets")
 DATA_FILES = {  # what the device needs, relative to $LAB_DATA_DIR; glue tasks are optional one by one
     "wikitext-2/wiki.train.tokens": True,
     "glue/SST-2/train.tsv": False,
@@ -90,7 +88,7 @@ GLUE_TASKS = (("sst2", "SST-2"), ("cola", "CoLA"))  # fine-tune the first one pr
 @dataclass(frozen=True)
 class Sizes:
     peak_n: int  # matmul size of the peak measurement
-    correctness: tuple[str, int, int, int]  # preset, layers, T, batch (one row padded by a quarter)
+    correctness: Shape  # preset, layers, T, batch (one row padded by a quarter)
     step: tuple[str, int, int, str]  # preset, T, batch, dtype
     attention: tuple[str, tuple[int, ...], int, str]  # preset, T values, tokens per call, dtype
     pretrain: bench.PretrainBench
@@ -135,6 +133,8 @@ SMOKE = Sizes(
 
 @dataclass
 class Check:
+    """What every part gets, and what the parts hand on."""
+
     device: torch.device
     sizes: Sizes
     data: Path
@@ -144,273 +144,6 @@ class Check:
     peaks: dict[str, float] = field(default_factory=dict)  # dtype -> FLOP/s
     state: dict = field(default_factory=dict)  # what one part hands to a later one
     partial: dict = field(default_factory=dict)  # what the running part has so far (kept if it stops)
-
-
-# ----------------------------------------------------------------------------------------------
-# Host-sync counting
-
-
-class SyncCounter:
-    """Host-device synchronisations per optimizer step, with the Python line that caused each.
-
-    CUDA: torch.cuda.set_sync_debug_mode("warn") makes every synchronising call warn; the warnings are
-    recorded (their filename:lineno is the calling line). CPU stand-in: the Tensor methods that
-    synchronise when the tensor is on a GPU are wrapped and counted the same way. A global optimizer
-    step hook splits the record into buckets: bucket k holds what ran between the k-th and the
-    (k+1)-th optimizer.step() returning — step k's logging / checkpoint, step k's evaluation, and the
-    forward, backward and update of the next step.
-    """
-
-    CPU_METHODS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "__index__")
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.buckets: list[list[str]] = [[]]
-        self._stack = contextlib.ExitStack()
-        self._caught: list = []
-        self._seen = 0
-
-    def __enter__(self) -> SyncCounter:
-        handle = register_optimizer_step_post_hook(self._on_step)
-        self._stack.callback(handle.remove)
-        if self.device.type == "cuda":
-            self._caught = self._stack.enter_context(warnings.catch_warnings(record=True))
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            self._stack.callback(torch.cuda.set_sync_debug_mode, 0)
-        else:
-            for name in self.CPU_METHODS:
-                original = getattr(torch.Tensor, name)
-                own = name in vars(torch.Tensor)  # else inherited from the C base class: delete to restore
-                setattr(torch.Tensor, name, self._counting(name, original))
-                if own:
-                    self._stack.callback(setattr, torch.Tensor, name, original)
-                else:
-                    self._stack.callback(delattr, torch.Tensor, name)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._flush()
-        self._stack.close()
-
-    def _counting(self, name: str, original):
-        buckets = self.buckets
-
-        def counted(tensor, *args, **kwargs):
-            caller = sys._getframe(1)
-            buckets[-1].append(f"{_short(caller.f_code.co_filename)}:{caller.f_lineno} ({name})")
-            return original(tensor, *args, **kwargs)
-
-        return counted
-
-    def _flush(self) -> None:
-        if self.device.type == "cuda":
-            new = self._caught[self._seen :]
-            self._seen = len(self._caught)
-            self.buckets[-1] += [
-                f"{_short(w.filename)}:{w.lineno}" for w in new if "synchronizing" in str(w.message)
-            ]
-
-    def _on_step(self, optimizer, args, kwargs) -> None:
-        self._flush()
-        self.buckets.append([])
-
-    def report(self, steps: int, log_every: int, eval_every: int, ckpt_every: int, warmup: int = 2) -> dict:
-        """Totals over steady buckets (from `warmup` on, not multiples of the log / eval / checkpoint
-        intervals, not the last) and over the rest, with the most frequent call sites of each."""
-        steady = [
-            k
-            for k in range(warmup, min(steps, len(self.buckets)))
-            if k % log_every and k % eval_every and k % ckpt_every
-        ]
-        steady_events = [e for k in steady for e in self.buckets[k]]
-        other_events = [e for k, b in enumerate(self.buckets) if k not in steady for e in b]
-        return {
-            "method": "set_sync_debug_mode('warn')"
-            if self.device.type == "cuda"
-            else "CPU stand-in: " + ", ".join(self.CPU_METHODS),
-            "optimizer_steps": len(self.buckets) - 1,
-            "warmup_buckets": warmup,
-            "steady_steps": len(steady),
-            "syncs_in_steady_steps": len(steady_events),
-            "syncs_per_steady_step": len(steady_events) / max(1, len(steady)),
-            "steady_sites": Counter(steady_events).most_common(8),
-            "syncs_elsewhere": len(other_events),
-            "other_sites": Counter(other_events).most_common(8),
-        }
-
-
-def _short(filename: str) -> str:
-    """lab/x.py, torch/y.py, ... instead of the absolute path."""
-    parts = Path(filename).parts
-    for anchor in ("lab", "torch", "transformers"):
-        if anchor in parts:
-            return "/".join(parts[len(parts) - 1 - parts[::-1].index(anchor) :])
-    return Path(filename).name
-
-
-# ----------------------------------------------------------------------------------------------
-# Correctness on the device
-
-
-def _padded_batch(vocab: int, B: int, T: int, device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, vocab - 1, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1 % B, T - T // 4 :] = 0  # one row a quarter padding
-    lengths = mask.sum(1)
-    ids[:, 0] = 1  # [CLS]
-    ids[torch.arange(B), lengths - 1] = 2  # [SEP]
-    ids[mask == 0] = 0  # [PAD]
-    return ids.to(device), mask.to(device)
-
-
-def _errors(ours: torch.Tensor, reference: torch.Tensor) -> dict:
-    """max |ours - ref|, that over max |ref|, and ||ours - ref|| / ||ref||, in float64."""
-    diff = ours.double() - reference.double()
-    scale = reference.double().abs().max().clamp(min=1e-30)
-    return {
-        "max_abs": diff.abs().max().item(),
-        "max_rel": (diff.abs().max() / scale).item(),
-        "norm_rel": (diff.norm() / reference.double().norm().clamp(min=1e-30)).item(),
-        "finite": bool(torch.isfinite(ours).all()),
-    }
-
-
-# Tolerances of the checks. fp32 against float64: 1e-5 on the losses and the encoder's hidden
-# states (what the CPU tests hold the reference path to), 1e-5 relative on the gradients' norm.
-# bf16 operands keep ~3 significant digits, and errors grow through the layers: 3e-2.
-TOLERANCE = {"fp32": {"forward": 1e-5, "grad": 1e-5}, "bf16": {"forward": 3e-2, "grad": 3e-2}}
-
-
-def check_rtd_loss(device, sizes: Sizes, dtype: str) -> dict:
-    """The RTD step's losses (and their gradients w.r.t. the logits) against the textbook formulas in
-    float64 on the same logits: MLM = mean over real masked slots of logsumexp - target logit; RTD =
-    mean over non-pad tokens of the binary cross-entropy with logits."""
-    from lab.model import preset
-    from lab.rtd import RTDModel, draw_noise
-
-    name, layers, T, B = sizes.correctness
-    cfg = preset(name, vocab_size=1000, num_layers=layers, hidden_dropout=0.0, attention_dropout=0.0,
-                 max_seq_len=max(512, T))  # fmt: skip
-    torch.manual_seed(0)
-    model = RTDModel(cfg, "gdes").to(device)
-    ids, mask = _padded_batch(cfg.vocab_size, B, T, device)
-    special = torch.tensor([0, 1, 2, 3], device=device)
-    noise = draw_noise(B, T, 0.15, torch.Generator(device=device).manual_seed(0), device)
-    with bench._autocast(device, dtype):
-        out = model(ids, mask, special, cfg.vocab_size - 1, rtd_weight=bench.RTD_WEIGHT, noise=noise)
-    grads = torch.autograd.grad(out.loss, [out.mlm_logits, out.rtd_logits])
-
-    logits = out.mlm_logits.detach().double().requires_grad_()
-    rtd_logits = out.rtd_logits.detach().double().requires_grad_()
-    targets = ids.gather(1, out.positions)  # [B, K]
-    valid = out.valid.double()
-    nll = logits.logsumexp(-1) - logits.gather(-1, targets[..., None]).squeeze(-1)  # [B, K]
-    mlm = (nll * valid).sum() / valid.sum()
-    y, x, keep = out.labels.double(), rtd_logits, mask.double()
-    bce = x.clamp(min=0) - x * y + torch.log1p(torch.exp(-x.abs()))  # [B, T]
-    rtd = (bce * keep).sum() / keep.sum()
-    total = mlm + bench.RTD_WEIGHT * rtd
-    ref_grads = torch.autograd.grad(total, [logits, rtd_logits])
-    result = {
-        "T": T,
-        "masked": int(out.valid.sum()),
-        "mlm_loss": _errors(out.mlm_loss.detach(), mlm.detach()),
-        "rtd_loss": _errors(out.rtd_loss.detach(), rtd.detach()),
-        "loss": _errors(out.loss.detach(), total.detach()),
-        "grad_mlm_logits": _errors(grads[0], ref_grads[0]),
-        "grad_rtd_logits": _errors(grads[1], ref_grads[1]),
-    }
-    # the formulas act on fp32 logits in both dtypes (the step casts them up), so fp32 tolerances hold
-    tol = TOLERANCE["fp32"]
-    result["ok"] = all(
-        v["finite"] and v["max_rel"] < tol["forward" if "loss" in k else "grad"]
-        for k, v in result.items()
-        if isinstance(v, dict)
-    )
-    return result
-
-
-def check_encoder(impl: str | None, dtype: str, device, sizes: Sizes) -> dict:
-    """lab's Encoder with one attention implementation against transformers' DebertaV2Model in
-    float64 with the same weights: hidden states on non-pad rows, and the gradient of every parameter
-    of a loss over non-pad rows (pad-query rows differ between implementations by design and feed
-    nothing else). impl "disentangled-flash": transformers' model with that package's attention."""
-    from transformers import DebertaV2Config, DebertaV2Model
-
-    from lab.hf import to_hf_config, to_hf_state_dict
-    from lab.model import Encoder, preset
-
-    name, layers, T, B = sizes.correctness
-    overrides = {"attention_impl": impl} if impl not in (None, "disentangled-flash") else {}
-    cfg = preset(name, vocab_size=1000, num_layers=layers, hidden_dropout=0.0, attention_dropout=0.0,
-                 max_seq_len=max(512, T), **overrides)  # fmt: skip
-    torch.manual_seed(0)
-    ours = Encoder(cfg).eval()
-    reference = DebertaV2Model(DebertaV2Config(**to_hf_config(cfg))).eval()
-    weights = to_hf_state_dict(dict(ours.named_parameters()))
-    missing, unexpected = reference.load_state_dict(weights, strict=False)
-    if unexpected or any(n in dict(reference.named_parameters()) for n in missing):
-        raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
-    reference = reference.double().to(device)
-    if impl == "disentangled-flash":
-        from disentangled_flash import optimize_deberta  # optional, CUDA only
-
-        ours = DebertaV2Model(DebertaV2Config(**to_hf_config(cfg))).eval()
-        ours.load_state_dict(weights, strict=False)
-        optimize_deberta(ours, sequence_lengths=[T])
-    ours = ours.to(device)
-    ids, mask = _padded_batch(cfg.vocab_size, B, T, device)
-    projection = torch.randn(B, T, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).to(device)
-    keep = mask.bool()
-
-    def run(model, cast):
-        with cast:
-            h = (
-                model(ids, mask)
-                if isinstance(model, Encoder)
-                else model(input_ids=ids, attention_mask=mask)[0]
-            )
-        loss = (h.double() * projection.double())[keep].sum()
-        loss.backward()
-        return h.detach()[keep]  # [non-pad tokens, D]
-
-    hidden = run(ours, bench._autocast(device, dtype))
-    ref_hidden = run(reference, contextlib.nullcontext())
-    ref_params = dict(reference.named_parameters())
-    if isinstance(ours, Encoder):
-        pairs = [
-            (p.grad, ref_params[n].grad) for n, p in to_hf_state_dict(dict(ours.named_parameters())).items()
-        ]
-    else:
-        pairs = [(p.grad, ref_params[n].grad) for n, p in ours.named_parameters() if n in ref_params]
-    pairs = [(a, b) for a, b in pairs if b is not None]
-    grads = torch.cat(
-        [a.flatten().double() if a is not None else torch.zeros_like(b).flatten() for a, b in pairs]
-    )
-    ref_grads = torch.cat([b.flatten() for _, b in pairs])
-    tol = TOLERANCE[dtype]
-    result = {"impl": impl or "default", "dtype": dtype, "T": T, "forward": _errors(hidden, ref_hidden),
-              "grad": _errors(grads, ref_grads), "parameters": len(pairs)}  # fmt: skip
-    result["ok"] = (
-        result["forward"]["finite"]
-        and result["grad"]["finite"]
-        and result["forward"]["max_abs" if dtype == "fp32" else "norm_rel"] < tol["forward"]
-        and result["grad"]["norm_rel"] < tol["grad"]
-    )
-    return result
-
-
-@contextlib.contextmanager
-def _exact_fp32():
-    """fp32 matmuls without TF32 while checking against float64 (a loop may have enabled TF32)."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,7 +165,7 @@ def part_env(c: Check) -> dict:
         props = torch.cuda.get_device_properties(c.device)
         info["capability"] = f"sm_{props.major}{props.minor}"
         info["memory_gib"] = round(props.total_memory / 2**30, 1)
-    with _exact_fp32():
+    with exact_fp32():
         c.peaks = {dtype: bench.matmul_peak(dtype, c.device, c.sizes.peak_n) for dtype in ("bf16", "fp32")}
     info["matmul_peak_n"] = c.sizes.peak_n
     info["matmul_peak_tflops"] = {d: p / 1e12 for d, p in c.peaks.items()}
@@ -442,16 +175,10 @@ def part_env(c: Check) -> dict:
     from lab.pretrain import PretrainConfig
 
     defaults = PretrainConfig()
-    info["pretrain_compile_default"] = (
-        f"{getattr(defaults, 'compile', '?')}/{getattr(defaults, 'compile_mode', '?')}"
-    )
-    c.log(f"{info['device_name']}: bf16 {_rate(c.peaks['bf16'])}, fp32 {_rate(c.peaks['fp32'])} at {c.sizes.peak_n}^3; "
+    info["pretrain_compile_default"] = f"{defaults.compile}/{defaults.compile_mode}"
+    c.log(f"{info['device_name']}: bf16 {rate(c.peaks['bf16'])}, fp32 {rate(c.peaks['fp32'])} at {c.sizes.peak_n}^3; "
           f"attention {info['attention_impls']}")  # fmt: skip
     return info
-
-
-def _rate(flops_per_s: float) -> str:
-    return f"{flops_per_s / 1e12:.1f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.1f} GFLOP/s"
 
 
 def _version(module: str) -> str | None:
@@ -469,9 +196,9 @@ def _version(module: str) -> str | None:
 def part_correctness(c: Check) -> dict:
     checks = c.partial.setdefault("checks", {})
     dtypes = ("fp32", "bf16") if c.device.type == "cuda" else ("fp32",)
-    with _exact_fp32():
+    with exact_fp32():
         for dtype in dtypes:
-            checks[f"rtd_loss/{dtype}"] = check_rtd_loss(c.device, c.sizes, dtype)
+            checks[f"rtd_loss/{dtype}"] = check_rtd_loss(c.device, c.sizes.correctness, dtype)
         impls = bench.attention_impls(c.device)
         if c.device.type == "cuda" and _version("disentangled_flash"):
             impls.append("disentangled-flash")
@@ -479,22 +206,12 @@ def part_correctness(c: Check) -> dict:
             for dtype in dtypes if impl != "disentangled-flash" else ("bf16",):
                 key = f"encoder[{impl or 'default'}]/{dtype}"
                 try:
-                    checks[key] = check_encoder(impl, dtype, c.device, c.sizes)
+                    checks[key] = check_encoder(impl, dtype, c.device, c.sizes.correctness)
                 except Exception as err:  # one implementation failing must not hide the others
                     checks[key] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
     for key, value in checks.items():
-        c.log(f"  {key:<32} {_describe_check(value)}")
+        c.log(f"  {key:<32} {describe_check(value)}")
     return {"checks": checks, "ok": all(v["ok"] for v in checks.values())}
-
-
-def _describe_check(v: dict) -> str:
-    if "error" in v:
-        return f"ERROR {v['error'][:80]}"
-    if "forward" in v:
-        return (f"fwd max {v['forward']['max_abs']:.1e} rel {v['forward']['norm_rel']:.1e}, "
-                f"grad rel {v['grad']['norm_rel']:.1e} {'ok' if v['ok'] else 'FAIL'}")  # fmt: skip
-    return (f"loss {v['loss']['max_rel']:.1e}, grads {max(v['grad_mlm_logits']['max_rel'], v['grad_rtd_logits']['max_rel']):.1e} "
-            f"{'ok' if v['ok'] else 'FAIL'}")  # fmt: skip
 
 
 def _bench_config(c: Check, **kw) -> bench.BenchConfig:
@@ -558,14 +275,14 @@ def part_short_run(c: Check) -> dict:
         summary = train(cfg)
     # the loop's warm-up steps (3 when compiled, else 1) synchronise on purpose to time themselves;
     # bucket k holds step k's end, so steady buckets start after the last warm-up step
-    warmup = (3 if summary.get("compiled") else 1) + 1
+    warmup = (3 if summary["compiled"] else 1) + 1
     syncs = counter.report(size.steps, size.log_every, eval_every, ckpt_every, warmup=warmup)
     c.state["short_run"] = out_dir
     windows = bench.train_windows(out_dir)
     ms = bench.steady_ms_per_step(windows)
     row = bench.Row("pretrain", size.preset, "bf16" if "bfloat16" in summary["dtype"] else "fp32", size.seq_len,
                     size.batch, f"lab-{cfg.sharing}", ms, size.batch * size.seq_len / (ms / 1e3),
-                    vocab=summary["vocab_size"], note=f"WikiText-2, under sync counting; compile={getattr(cfg, 'compile', None)}")  # fmt: skip
+                    vocab=summary["vocab_size"], note=f"WikiText-2, under sync counting; compile={cfg.compile}")  # fmt: skip
     c.log(f"  syncs per steady-state step: {syncs['syncs_per_steady_step']:.2f} over {syncs['steady_steps']} steps "
           f"({syncs['method']}); elsewhere {syncs['syncs_elsewhere']}")  # fmt: skip
     for site, n in syncs["steady_sites"]:
@@ -582,8 +299,6 @@ def part_short_run(c: Check) -> dict:
 
 
 def part_torchrun(c: Check) -> dict:
-    from lab.pretrain import PretrainConfig
-
     size = c.sizes.torchrun
     out_dir = c.work / "torchrun"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -592,15 +307,9 @@ def part_torchrun(c: Check) -> dict:
         "seq-len": size.seq_len, "batch-size": size.batch, "steps": size.steps, "log-every": size.log_every,
         "eval-every": size.steps, "eval-batches": 1, "probe-every": 0, "ckpt-every": size.steps,
         "progress": "line", "device": c.device.type,
+        "compile": "off",  # this part is about the process group, so it runs eagerly
     }  # fmt: skip
     argv = [f"--{k}={v}" for k, v in flags.items()]
-    # the loop's compile switch is a bool or auto/on/off depending on its version; this part is about
-    # the process group, so it runs eagerly
-    compile_default = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}.get("compile")
-    if isinstance(compile_default, bool):
-        argv.append("--no-compile")
-    elif compile_default is not None:
-        argv.append("--compile=off")
     repo = str(Path(__file__).resolve().parent.parent)
     env = {
         **os.environ,
@@ -612,7 +321,7 @@ def part_torchrun(c: Check) -> dict:
                "-m", "lab", "pretrain", *argv]  # fmt: skip
     c.log("  " + " ".join(command[1:]))
     start = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=_remaining_s())
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=remaining_s())
     wall = time.perf_counter() - start
     output = proc.stdout + proc.stderr
     result = {
@@ -675,15 +384,6 @@ def part_compile(mode: str) -> Callable[[Check], dict]:
     return run
 
 
-@dataclass(frozen=True)
-class Part:
-    name: str
-    budget_s: float  # expected seconds on an H100 / H200, generous; the part is skipped if it does not fit
-    run: Callable[[Check], dict]
-    cleanup_compile: bool = False  # drop compiled code afterwards (frees CUDA graphs' memory pools)
-    smoke: bool = True  # run in the smoke mode too (the other compile modes add no new code path)
-
-
 PARTS = (
     Part("env", 20, part_env),
     Part("correctness", 90, part_correctness),  # flex attention compiles its kernels here
@@ -698,258 +398,6 @@ PARTS = (
     Part("compile:max-autotune-no-cudagraphs", 150, part_compile("max-autotune-no-cudagraphs"), cleanup_compile=True,
          smoke=False),
 )  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------
-# Running the parts within the budget
-
-
-class PartTimeout(Exception):
-    pass
-
-
-_DEADLINE = [math.inf]  # perf_counter time at which the whole run must end
-
-
-def _remaining_s() -> float:
-    return max(1.0, _DEADLINE[0] - time.perf_counter())
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float):
-    """Raise PartTimeout in this (main) thread after `seconds`: Python regains control between
-    kernel launches and inside compilation, which is where an overrunning part spends its time."""
-
-    def expire(signum, frame):
-        raise PartTimeout(f"stopped after {seconds:.0f} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def run_parts(c: Check, parts, budget_s: float, write: Callable[[dict], None]) -> dict:
-    """Run `parts` in order within `budget_s`; returns {name: record} and calls write() after each."""
-    start = time.perf_counter()
-    _DEADLINE[0] = start + budget_s
-    records: dict[str, dict] = {}
-    for part in parts:
-        elapsed = time.perf_counter() - start
-        left = budget_s - elapsed
-        # on the CPU smoke run the GPU budgets mean nothing; there every part runs until the total is spent
-        need = part.budget_s if not c.smoke else 1.0
-        record = {"budget_s": part.budget_s, "started_at_s": round(elapsed, 1)}
-        if c.smoke and not part.smoke:
-            record.update(
-                status="skipped", note="not in the smoke run: the same code path as compile:default"
-            )
-            c.log(f"== {part.name}: skipped ({record['note']})")
-        elif need > left:
-            record.update(
-                status="skipped", note=f"needs ~{part.budget_s:.0f} s, {left:.0f} s left of {budget_s:.0f} s"
-            )
-            c.log(f"== {part.name}: skipped ({record['note']})")
-        else:
-            c.log(f"== {part.name} (budget {part.budget_s:.0f} s, {left:.0f} s left)")
-            t0 = time.perf_counter()
-            c.partial = {}
-            try:
-                with _time_limit(min(1.5 * part.budget_s if not c.smoke else left, left)):
-                    result = part.run(c)
-                record.update(status="ok", result=result)
-                if isinstance(result, dict) and result.get("ok") is False:
-                    record["status"] = "failed-check"
-            except PartTimeout as err:
-                record.update(status="timeout", error=str(err), result=c.partial or None)
-            except Exception as err:
-                record.update(
-                    status="error",
-                    error=f"{type(err).__name__}: {err}",
-                    traceback=traceback.format_exc()[-4000:],
-                    result=c.partial or None,
-                )
-            finally:
-                record["seconds"] = round(time.perf_counter() - t0, 1)
-                _cleanup(c, part)
-            c.log(f"== {part.name}: {record['status']} in {record['seconds']:.0f} s"
-                  + (f" — {record['error'].splitlines()[0][:200]}" if "error" in record else ""))  # fmt: skip
-        records[part.name] = record
-        write(records)
-    return records
-
-
-def _cleanup(c: Check, part: Part) -> None:
-    if c.device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.set_sync_debug_mode(0)
-    if part.cleanup_compile:
-        torch._dynamo.reset()
-    gc.collect()
-    if c.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------
-# Results: JSON, CSV (lab.bench's rows), one-screen summary
-
-
-def _rows(records: dict) -> list[dict]:
-    rows = []
-    for record in records.values():
-        for row in (record.get("result") or {}).get("rows", []):
-            rows.append(dataclasses.asdict(row) if isinstance(row, bench.Row) else row)
-    return rows
-
-
-def _jsonable(records: dict) -> dict:
-    def convert(value):
-        if isinstance(value, bench.Row):
-            return dataclasses.asdict(value)
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [convert(v) for v in value]
-        return value
-
-    return convert(records)
-
-
-def device_slug(name: str) -> str:
-    """'NVIDIA H200' -> 'h200'; other names lower-cased with non-alphanumerics as '-'."""
-    match = re.search(r"\b([HABL]\d{2,3})\b", name.upper())
-    return match.group(1).lower() if match else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cpu"
-
-
-def targets(records: dict, device_name: str) -> list[dict]:
-    """The GPU targets, each with the value measured here (None where its part did not run)."""
-
-    def rows(part: str) -> list[dict]:
-        return _rows({part: records[part]}) if part in records else []
-
-    def target(text, value, minimum, unit):
-        return {"target": text, "value": value, "min": minimum, "unit": unit,
-                "met": None if value is None else value >= minimum}  # fmt: skip
-
-    out = []
-    steps = rows("step") + [r for n in records if n.startswith("compile:") for r in rows(n)]
-    eager = next((r for r in steps if r["impl"] == "lab-es"), None)
-    fastest = max(
-        (r for r in steps if r["impl"].startswith("lab")), key=lambda r: r["tokens_per_s"], default=None
-    )
-    for row in [eager] + ([fastest] if fastest is not eager else []):
-        label = "eager lab-es" if row is eager else f"fastest: {row['impl']}"
-        out.append(target(f"RTD step vs transformers peer ({label})", row and row["speedup_vs_hf"], 2.0, "x"))
-        out.append(target(f"RTD step MFU ({label})", row and row["mfu"], 0.35, "%"))
-    pre = next(iter(rows("pretrain")), None)
-    need = 1_000_000 if "H200" in device_name.upper() else 700_000  # H100 and others: the H100 target
-    out.append(
-        target(
-            "xsmall pre-training tokens/s (train(), vocab 32k)", pre and pre["tokens_per_s"], need, "tok/s"
-        )
-    )
-    ft = next(iter(rows("finetune")), None)
-    out.append(target("GLUE fine-tuning training examples/s", ft and ft["examples_per_s"], 5000, "ex/s"))
-    for r in rows("attention"):
-        if r["impl"] != "hf":
-            out.append(target(f"attention {r['impl']} vs HF layer, T={r['T']}", r["speedup_vs_hf"], 1.5, "x"))
-    return out  # fmt: skip
-
-
-def summary_text(result: dict) -> str:
-    env = (result["parts"].get("env") or {}).get("result") or {}
-    parts = result["parts"]
-    lines = [
-        f"gpucheck{' --smoke' if result['smoke'] else ''} on {env.get('device_name', '?')} "
-        f"({env.get('capability', env.get('device', '?'))}), torch {env.get('torch', '?')}, "
-        f"transformers {env.get('transformers', '?')}: {result['elapsed_s']:.0f} s of {result['budget_s']:.0f} s",
-    ]
-    if env.get("matmul_peak_tflops"):
-        peaks = env["matmul_peak_tflops"]
-        lines.append(f"matmul peak at {env['matmul_peak_n']}^3: bf16 {_rate(1e12 * peaks['bf16'])}, fp32 {_rate(1e12 * peaks['fp32'])}; "
-                     f"attention impls {env.get('attention_impls')}, disentangled-flash {env.get('disentangled_flash') or 'absent'}")  # fmt: skip
-    lines.append("parts: " + ", ".join(f"{n} {r['status']}" + (f" {r['seconds']:.0f}s" if "seconds" in r else "") for n, r in parts.items()))  # fmt: skip
-    lines.append("targets:")
-    for t in result["targets"]:
-        value = (
-            "not measured"
-            if t["value"] is None
-            else (
-                f"{100 * t['value']:.1f} %"
-                if t["unit"] == "%"
-                else f"{t['value']:,.2f} {t['unit']}"
-                if t["unit"] == "x"
-                else f"{t['value']:,.0f} {t['unit']}"
-            )
-        )
-        goal = f"{100 * t['min']:.0f} %" if t["unit"] == "%" else f"{t['min']:,} {t['unit']}"
-        verdict = "" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        lines.append(f"  {t['target']:<58} {value:>16}  (>= {goal}) {verdict}")  # fmt: skip
-    corr = (parts.get("correctness") or {}).get("result")
-    if corr:
-        lines.append("correctness on the device (vs float64 reference):")
-        for key, value in corr["checks"].items():
-            lines.append(f"  {key:<32} {_describe_check(value)}")
-    short = (parts.get("short_run") or {}).get("result")
-    if short:
-        s = short["syncs"]
-        sites = "; ".join(f"{n}x {site}" for site, n in s["steady_sites"][:3]) or "none"
-        lines.append(f"host syncs per steady-state step: {s['syncs_per_steady_step']:.2f} ({s['steady_steps']} steps; {sites}); "
-                     f"{s['syncs_elsewhere']} at log/eval/ckpt/warm-up steps. Final eval {short['final_eval']}")  # fmt: skip
-    tr = (parts.get("torchrun") or {}).get("result")
-    if tr:
-        lines.append(f"torchrun 1 process ({tr['backend']}): {tr['steps']} steps on {tr['device_used']}, world {tr['world_size']}, "
-                     f"{tr['tokens_per_s']:,.0f} tok/s, {tr['nccl_log_lines']} NCCL INFO lines")  # fmt: skip
-    ft = (parts.get("finetune") or {}).get("result")
-    if ft:
-        dev = {k: round(v, 4) for k, v in ft["dev"].items() if isinstance(v, float)}
-        source = "the short run" if Path(ft.get("init", "")).name == "short-run" else ft.get("init")
-        lines.append(f"fine-tune {ft['task']} from {source}: dev {dev}")
-    compiled = [(n, r["result"]) for n, r in parts.items() if n.startswith("compile:") and r.get("result")]
-    if compiled:
-        cells = [
-            f"{res['mode']} {res['rows'][0]['ms']:.1f} ms (compile {res['rows'][0]['compile_s']:.0f} s)"
-            for _, res in compiled
-        ]
-        best = min(compiled, key=lambda item: item[1]["rows"][0]["ms"])[1]["mode"]
-        lines.append("compile sweep (step part's shape; later modes reuse earlier compilation where they can): "
-                     + "; ".join(cells) + f"; fastest: {best} (pre-training default compile/mode: "
-                     f"{env.get('pretrain_compile_default')})")  # fmt: skip
-    for name, record in parts.items():
-        if record["status"] in ("error", "timeout", "skipped"):
-            lines.append(
-                f"{record['status']}: {name}: {(record.get('error') or record.get('note', '')).splitlines()[0][:150]}"
-            )
-    offenders = result["optional_modules_imported"]
-    lines.append("optional packages imported: " + (", ".join(offenders) if offenders else "none"))
-    slug = result["device_slug"]
-    lines.append(
-        f"to commit: cp DIR/gpucheck.json figures/bench/gpu_{slug}.json; gpucheck.csv -> gpu_{slug}.csv; summary.txt -> gpu_{slug}.txt"
-    )
-    return "\n".join(lines) + "\n"  # fmt: skip
-
-
-def write_outputs(out: Path, records: dict, meta: dict, start: float) -> dict:
-    env = (records.get("env") or {}).get("result") or {}
-    name = env.get("device_name") or "cpu"
-    result = {
-        **meta,
-        "elapsed_s": time.perf_counter() - start,
-        "device_slug": device_slug(name) if not meta["smoke"] else "smoke",
-        "part_order": list(records),  # the JSON's keys are sorted; this is the order they ran in
-        "parts": _jsonable(records),
-        "rows": _rows(records),
-        "targets": targets(records, name),
-        "optional_modules_imported": sorted(m for m in OPTIONAL_MODULES if m in sys.modules),
-    }
-    atomic_write_json(out / "gpucheck.json", result)
-    bench.write_csv(out / "gpucheck.csv", result["rows"])
-    atomic_write_bytes(out / "summary.txt", summary_text(result).encode())
-    return result
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The prepared GPU run: its smoke mode end to end on the CPU (every part, the files it writes), and the
-pieces it is built from — the sync counter, the correctness checks (shown to catch planted bugs), the
-budget, the data preparation."""
+pieces it is built from — the sync counter (lab.syncs), the correctness checks (lab.devicecheck, shown
+to catch planted bugs), the budget (lab.budget), the figures' names (lab.gpureport), the data
+preparation, and an import chain that needs nothing the GPU machine lacks."""
 
 import csv
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab import bench, gpucheck
+from lab import bench, budget, devicecheck, gpucheck, gpureport, syncs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +108,7 @@ def test_smoke_run_writes_every_part_and_plausible_figures(tmp_path):
 def test_sync_counter_puts_each_sync_in_the_step_that_made_it():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
-    with gpucheck.SyncCounter(torch.device("cpu")) as counter:
+    with syncs.SyncCounter(torch.device("cpu")) as counter:
         for step in range(6):
             loss = (weight * torch.arange(3.0)).sum()
             if step in (2, 4):
@@ -129,20 +130,20 @@ def test_sync_counter_puts_each_sync_in_the_step_that_made_it():
 
 
 def test_correctness_checks_pass_on_the_code_and_catch_planted_bugs(monkeypatch):
-    sizes = gpucheck.SMOKE
-    assert gpucheck.check_rtd_loss(torch.device("cpu"), sizes, "fp32")["ok"]
-    assert gpucheck.check_encoder(None, "fp32", torch.device("cpu"), sizes)["ok"]
+    shape = gpucheck.SMOKE.correctness
+    assert devicecheck.check_rtd_loss(torch.device("cpu"), shape, "fp32")["ok"]
+    assert devicecheck.check_encoder(None, "fp32", torch.device("cpu"), shape)["ok"]
 
     import lab.model
     import lab.rtd
 
     # an RTD loss averaged over padding too, and an encoder that ignores the padding mask
     monkeypatch.setattr(lab.rtd, "_masked_mean", lambda values, mask: values.mean())
-    assert not gpucheck.check_rtd_loss(torch.device("cpu"), sizes, "fp32")["ok"]
+    assert not devicecheck.check_rtd_loss(torch.device("cpu"), shape, "fp32")["ok"]
     monkeypatch.setattr(
         lab.model, "key_padding_bias", lambda mask, dtype: torch.zeros(mask.shape[0], 1, 1, mask.shape[1])
     )
-    assert not gpucheck.check_encoder(None, "fp32", torch.device("cpu"), sizes)["ok"]
+    assert not devicecheck.check_encoder(None, "fp32", torch.device("cpu"), shape)["ok"]
 
 
 def test_parts_run_within_the_budget_and_failures_do_not_stop_the_rest():
@@ -154,14 +155,14 @@ def test_parts_run_within_the_budget_and_failures_do_not_stop_the_rest():
         raise ValueError("planted")
 
     parts = [
-        gpucheck.Part("first", 1, lambda c: {"rows": []}),
-        gpucheck.Part("broken", 1, broken),
-        gpucheck.Part("slow", 1, lambda c: time.sleep(10)),
-        gpucheck.Part("too_big", 1000, lambda c: {}),
-        gpucheck.Part("last", 1, lambda c: {"x": 1}),
+        budget.Part("first", 1, lambda c: {"rows": []}),
+        budget.Part("broken", 1, broken),
+        budget.Part("slow", 1, lambda c: time.sleep(10)),
+        budget.Part("too_big", 1000, lambda c: {}),
+        budget.Part("last", 1, lambda c: {"x": 1}),
     ]
     written = []
-    records = gpucheck.run_parts(c, parts, budget_s=60, write=lambda r: written.append(dict(r)))
+    records = budget.run_parts(c, parts, budget_s=60, write=lambda r: written.append(dict(r)))
     status = {name: r["status"] for name, r in records.items()}
     assert status == {"first": "ok", "broken": "error", "slow": "timeout", "too_big": "skipped", "last": "ok"}
     assert (
@@ -187,9 +188,9 @@ def test_prepare_data_copies_what_the_device_needs(tmp_path, monkeypatch):
 
 
 def test_device_slug_names_the_figures():
-    assert gpucheck.device_slug("NVIDIA H200") == "h200"
-    assert gpucheck.device_slug("NVIDIA H100 80GB HBM3") == "h100"
-    assert gpucheck.device_slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert gpureport.device_slug("NVIDIA H200") == "h200"
+    assert gpureport.device_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpureport.device_slug("NVIDIA A100-SXM4-80GB") == "a100"
 
 
 def test_without_a_gpu_the_check_says_to_use_smoke(tmp_path, capsys):
@@ -207,3 +208,16 @@ def test_finetune_part_needs_a_discriminator_and_says_so(tmp_path):
     c.state["short_run"] = tmp_path / "no-run"  # a short run that never exported
     with pytest.raises(RuntimeError, match="short_run or pretrain"):
         gpucheck.part_finetune(c)
+
+
+def test_the_check_imports_nothing_the_gpu_machine_lacks():
+    # a fresh interpreter: what importing the check (and the lab modules its parts import later) loads
+    code = (
+        "import sys, lab.gpucheck, lab.pretrain, lab.finetune, lab.bench\n"
+        "from lab.gpureport import OPTIONAL_MODULES\n"
+        "print(','.join(sorted(m for m in OPTIONAL_MODULES if m in sys.modules)))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == ""

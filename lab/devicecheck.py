@@ -13,7 +13,6 @@ import contextlib
 
 import torch
 
-from lab.bench import RTD_WEIGHT
 from lab.training import autocast
 
 Shape = tuple[str, int, int, int]  # preset, layers, T, batch (one row padded by a quarter)
@@ -59,8 +58,10 @@ def check_rtd_loss(device, shape: Shape, dtype: str) -> dict:
     float64 on the same logits: MLM = mean over real masked slots of logsumexp - target logit; RTD =
     mean over non-pad tokens of the binary cross-entropy with logits."""
     from lab.model import preset
+    from lab.pretrain import PretrainConfig
     from lab.rtd import RTDModel, draw_noise
 
+    rtd_weight = PretrainConfig().rtd_weight  # the loop's default weight (50)
     name, layers, T, B = shape
     cfg = preset(name, vocab_size=1000, num_layers=layers, hidden_dropout=0.0, attention_dropout=0.0,
                  max_seq_len=max(512, T))  # fmt: skip
@@ -70,7 +71,7 @@ def check_rtd_loss(device, shape: Shape, dtype: str) -> dict:
     special = torch.tensor([0, 1, 2, 3], device=device)
     noise = draw_noise(B, T, 0.15, torch.Generator(device=device).manual_seed(0), device)
     with _autocast(device, dtype):
-        out = model(ids, mask, special, cfg.vocab_size - 1, rtd_weight=RTD_WEIGHT, noise=noise)
+        out = model(ids, mask, special, cfg.vocab_size - 1, rtd_weight=rtd_weight, noise=noise)
     grads = torch.autograd.grad(out.loss, [out.mlm_logits, out.rtd_logits])
 
     logits = out.mlm_logits.detach().double().requires_grad_()
@@ -82,7 +83,7 @@ def check_rtd_loss(device, shape: Shape, dtype: str) -> dict:
     y, x, keep = out.labels.double(), rtd_logits, mask.double()
     bce = x.clamp(min=0) - x * y + torch.log1p(torch.exp(-x.abs()))  # [B, T]
     rtd = (bce * keep).sum() / keep.sum()
-    total = mlm + RTD_WEIGHT * rtd
+    total = mlm + rtd_weight * rtd
     ref_grads = torch.autograd.grad(total, [logits, rtd_logits])
     result = {
         "T": T,

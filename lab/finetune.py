@@ -1,5 +1,6 @@
 """Fine-tuning of a pre-trained discriminator on GLUE and the synthetic-language tasks (lab/tasks.py),
-and the results table that compares checkpoints.
+over seeds; the data side is lab/finetune_data.py, the table that compares checkpoints
+lab/results_table.py.
 
     train(FinetuneConfig(task="mrpc", init="runs/gdes", out_dir="runs/ft/gdes/mrpc"))  -> results dict
     python -m lab finetune --task mrpc --init runs/gdes --out runs/ft/gdes/mrpc --seeds 1,2,3
@@ -11,10 +12,11 @@ Sentence heads are the official GLUE head (microsoft/DeBERTa `DeBERTa/apps/model
 Linear(dropout(pooled)); cross-entropy, or MSE on a single output for STS-B. Token tasks use
 `transformers`' `DebertaV2ForTokenClassification` head, logits = Linear(dropout(h)) at every token, the
 label on the first piece of each word. Inputs are `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, pairs
-truncated as `transformers`' fast tokenizers do with `truncation="longest_first"`. AdamW (no decay on
-biases and LayerNorm), linear warmup then linear decay, grad-norm clip 1.0, dev evaluation after
-every epoch. Each seed reports the epoch with the best main dev metric (the paper's convention; that
-state is the one kept) and, labelled `last_<metric>`, the last epoch's, so the selection effect shows.
+truncated as `transformers`' fast tokenizers do with `truncation="longest_first"` (lab/finetune_data.py).
+AdamW (no decay on biases and LayerNorm), linear warmup then linear decay, grad-norm clip 1.0, dev
+evaluation after every epoch. Each seed reports the epoch with the best main dev metric (the paper's
+convention; that state is the one kept) and, labelled `last_<metric>`, the last epoch's, so the
+selection effect shows.
 
 Speed: every split is tokenised and padded once into tensors that live on the training device; a
 step slices its batch from them (batch width rounded up to a multiple of `length_bucket`, so a
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import hashlib
 import json
@@ -56,9 +57,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lab import glue
 from lab import tasks as downstream
+from lab.finetune_data import IGNORE, Encoded, load_data
 from lab.model import Encoder, init_weights
+from lab.results_table import checkpoint_label, results_table
 from lab.tokenizer import Tokenizer
 from lab.training import adamw, autocast, linear_schedule, set_lr
 from lab.util import atomic_write_bytes, atomic_write_json, pick_device, replace_strict, to_device
@@ -101,20 +103,6 @@ TASK_DEFAULTS["synth_gram"] = {
     "head_dropout": 0.1,
     "max_seq_len": 128,
 }
-
-# GLUE dev results, in percent, main metric of each task (MNLI: matched): DeBERTaV3 from the paper
-# (§5.1: the large models' GLUE table, MNLI of base / small / xsmall); ELECTRA-Small as re-implemented
-# in PyTorch by richarddwang/electra_pytorch (README, mean of 10 fine-tuning runs).
-PAPER_RESULTS = {
-    "DeBERTaV3-large (paper)": {"cola": 75.3, "sst2": 96.9, "mrpc": 92.2, "stsb": 93.0, "qqp": 93.0,
-                                "mnli": 91.8, "qnli": 96.0, "rte": 92.7},
-    "DeBERTaV3-base (paper)": {"mnli": 90.6},
-    "DeBERTaV3-small (paper)": {"mnli": 88.3},
-    "DeBERTaV3-xsmall (paper)": {"mnli": 88.1},
-    "ELECTRA-Small re-impl. (paper)": {"cola": 58.7, "sst2": 88.0, "mrpc": 86.0, "stsb": 86.2, "qqp": 88.6,
-                                       "mnli": 80.4, "qnli": 87.5, "rte": 67.5},
-}  # fmt: skip
-IGNORE = -100  # label of positions a token task does not score ([CLS], [SEP], non-first pieces, padding)
 
 
 @dataclass(frozen=True)
@@ -264,105 +252,7 @@ def corpus_seed(init: str) -> int | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------- data
-
-
-def _pair_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
-    """Tokens kept of each side of a pair, as `transformers`' fast tokenizers' `longest_first`
-    (tokenizers' `truncate_encodings`): the shorter side is kept whole if it fits in half the budget,
-    the longer side gets the rest; when both exceed half, the shorter (a, on a tie) keeps
-    floor(budget / 2) and the longer ceil(budget / 2)."""
-    if len_a + len_b <= budget:
-        return len_a, len_b
-    if len_a > len_b:
-        keep_b = min(len_b, budget // 2)
-        return budget - keep_b, keep_b
-    keep_a = min(len_a, budget // 2)
-    return keep_a, budget - keep_a
-
-
-def encode_split(split: glue.GlueSplit, tokenizer: Tokenizer, max_len: int) -> list[list[int]]:
-    """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, at most max_len ids (pairs: see `_pair_lengths`)."""
-    cls, sep = tokenizer.cls_id, tokenizer.sep_id
-    texts_a = tokenizer.encode_batch(split.texts_a)
-    if split.texts_b is None:
-        return [[cls, *a[: max_len - 2], sep] for a in texts_a]
-    rows = []
-    for a, b in zip(texts_a, tokenizer.encode_batch(split.texts_b)):
-        keep_a, keep_b = _pair_lengths(len(a), len(b), max_len - 3)
-        rows.append([cls, *a[:keep_a], sep, *b[:keep_b], sep])
-    return rows
-
-
-def encode_words(split: glue.GlueSplit, tokenizer: Tokenizer, max_len: int) -> tuple[list, list]:
-    """Token-task rows `[CLS] pieces [SEP]` and their labels: each word's class on its first piece,
-    IGNORE elsewhere. Words cut by max_len lose their label (counted by the caller)."""
-    sentences = [text.split() for text in split.texts_a]
-    pieces = tokenizer.encode_batch([w for words in sentences for w in words])
-    rows, label_rows, k = [], [], 0
-    for words, classes in zip(sentences, split.labels):
-        if len(words) != len(classes):
-            raise ValueError(
-                f"{split.source}: {len(words)} words but {len(classes)} labels in {' '.join(words)!r}"
-            )
-        ids, labels = [tokenizer.cls_id], [IGNORE]
-        for y in classes:
-            word = pieces[k] or [tokenizer.unk_id]
-            ids += word
-            labels += [y] + [IGNORE] * (len(word) - 1)
-            k += 1
-        rows.append([*ids[: max_len - 1], tokenizer.sep_id])
-        label_rows.append([*labels[: max_len - 1], IGNORE])
-    return rows, label_rows
-
-
-@dataclass
-class Encoded:
-    """A split tokenised and padded once: ids [N, T], lengths [N], labels [N] or (token tasks) [N, T]."""
-
-    ids: torch.Tensor
-    lengths: torch.Tensor
-    labels: torch.Tensor
-    lengths_host: np.ndarray  # the same lengths on the host, to plan batch widths without a sync
-    labels_host: np.ndarray  # the same labels on the host, to score predictions without a copy back
-
-    @classmethod
-    def build(cls, rows: list[list[int]], labels, pad_id: int, dtype=torch.long) -> Encoded:
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-        if labels and isinstance(labels[0], list):  # token labels, padded with IGNORE
-            y = torch.full(ids.shape, IGNORE, dtype=torch.long)
-            for i, r in enumerate(labels):
-                y[i, : len(r)] = torch.tensor(r)
-        else:
-            y = torch.tensor(labels, dtype=dtype)
-        return cls(ids, torch.from_numpy(lengths), y, lengths, y.numpy())
-
-    def __len__(self) -> int:
-        return len(self.lengths_host)
-
-    def to(self, device: torch.device) -> Encoded:
-        """One copy per split to the device (pinned and asynchronous on CUDA)."""
-        if device.type != "cuda":
-            return self
-        move = lambda t: to_device(t, device)  # noqa: E731
-        return Encoded(
-            move(self.ids), move(self.lengths), move(self.labels), self.lengths_host, self.labels_host
-        )
-
-    def width(self, idx: np.ndarray, bucket: int) -> int:
-        """Padded width of a batch: its longest row rounded up to a multiple of `bucket`."""
-        longest = int(self.lengths_host[idx].max())
-        return min(-(-longest // bucket) * bucket, self.ids.shape[1])
-
-    def batch(self, idx: torch.Tensor, width: int):
-        """(ids [B, W], attention mask [B, W], labels [B] or [B, W]) of the rows `idx` (on the device)."""
-        ids = self.ids[idx, :width]  # [B, W]
-        mask = (torch.arange(width, device=ids.device) < self.lengths[idx, None]).long()  # [B, W]
-        labels = self.labels[idx] if self.labels.dim() == 1 else self.labels[idx, :width]
-        return ids, mask, labels
+# ------------------------------------------------------------------------------------------------- evaluation
 
 
 def _bucket(cfg: FinetuneConfig, device: torch.device) -> int:
@@ -489,41 +379,6 @@ def _summary(per_seed: list[dict]) -> tuple[dict, dict, dict]:
     return mean, median, std
 
 
-def _load_data(cfg: FinetuneConfig, task, tokenizer: Tokenizer, max_len: int):
-    """(train Encoded, {dev split: Encoded}, data record for results.json): tokenised once; the dev
-    splits' sizes checked against the official ones."""
-    splits = downstream.load(task.name, cfg.glue_dir or None, cfg.synthetic_seed or 0)
-    encode = (
-        encode_words if downstream.is_token_level(task) else lambda s, t, n: (encode_split(s, t, n), s.labels)
-    )
-    label_dtype = torch.float if task.is_regression else torch.long
-    train_part = splits["train"].take(cfg.max_train_examples)
-    train_data = Encoded.build(*encode(train_part, tokenizer, max_len), tokenizer.pad_id, label_dtype)
-    record = {"train": _split_record(task, splits["train"], train_part), "dev": {}}
-    dev = {}
-    for split in task.dev_splits:
-        part = splits[split].take(cfg.max_eval_examples)
-        dev[split] = Encoded.build(*encode(part, tokenizer, max_len), tokenizer.pad_id, label_dtype)
-        record["dev"][split] = info = _split_record(task, splits[split], part)
-        if downstream.is_token_level(task):
-            info["words"] = int((dev[split].labels_host != IGNORE).sum())
-            info["words_in_split"] = sum(len(y) for y in part.labels)  # fewer when max_seq_len cuts words
-        if info["official"] is not None and info["loaded"] != info["official"]:
-            warnings.warn(
-                f"{task.name} {split} ({splits[split].source}) has {info['loaded']} examples, the official split "
-                f"has {info['official']} ({info['malformed']} malformed row(s) skipped): its metrics are over a "
-                "partial dev set, recorded as such in results.json",
-                stacklevel=3,
-            )
-    return train_data, dev, record
-
-
-def _split_record(task, full: glue.GlueSplit, used: glue.GlueSplit) -> dict:
-    """How many examples a split has against its official count, and how many were used."""
-    return {"used": len(used), "loaded": len(full), "official": downstream.official_size(task.name, full.split),
-            "malformed": len(full.malformed), "sliced": len(used) < len(full)}  # fmt: skip
-
-
 def _weights_digest(init: str) -> str:
     """sha256 over the files of the checkpoint `init` resolves to: a re-exported or replaced
     checkpoint must not be mixed with seeds fine-tuned from the old one."""
@@ -592,7 +447,7 @@ def train(cfg: FinetuneConfig) -> dict:
         # Data and checkpoint errors surface before any training starts.
         encoder, tokenizer = load_encoder(cfg.init)
         max_len = min(cfg.max_seq_len, encoder.cfg.max_seq_len)
-        train_data, dev, record = _load_data(cfg, task, tokenizer, max_len)
+        train_data, dev, record = load_data(cfg, task, tokenizer, max_len)
         if data_record is not None:
             _check_same(out / "seeds", "data", data_record, json.loads(json.dumps(record)))
         data_record = record
@@ -645,94 +500,7 @@ def _write_history(out: Path, finished: list[dict]) -> None:
     )
 
 
-# ---------------------------------------------------------------------------------------------- results table
-
-
-def checkpoint_label(init: str) -> str:
-    """A short row name for a checkpoint: the run dir's name, or the hub/dir name."""
-    path = Path(init)
-    if path.name == "discriminator" and path.parent.name == "export":
-        return path.parent.parent.name
-    return path.name or str(init)
-
-
-def results_table(
-    paths, out_stem: str | Path = "figures/glue_results", include_paper: bool = True
-) -> list[dict]:
-    """Collect results.json files (or folders searched for them) into one table of main metrics in percent.
-
-    Rows are checkpoints (plus the paper's rows), columns are tasks; writes `<out_stem>.csv` and
-    `<out_stem>.png` (grouped bars), and returns the rows. Per task the CSV has the mean over seeds of
-    the best-epoch score (`<task>`, the paper's convention), its std, the number of seeds, the mean
-    last-epoch score (`<task>_last`), and the dev examples scored next to the official dev size
-    (`<task>_n_dev`, `<task>_dev_official`: they differ for a `max_eval_examples` slice or a split
-    that lost rows; results.json's `dev_splits` says which).
-    """
-    files = []
-    for p in [paths] if isinstance(paths, str | Path) else paths:
-        p = Path(p)
-        files += sorted(p.rglob("results.json")) if p.is_dir() else [p]
-    if not files:
-        raise ValueError(f"no results.json found in {paths}; run `python -m lab finetune ...` first")
-    by_label: dict[str, dict] = {}
-    for f in files:
-        r = json.loads(Path(f).read_text())
-        key = r["main_metric"]
-        row = by_label.setdefault(checkpoint_label(r["init"]), {"checkpoint": checkpoint_label(r["init"]),
-                                                                "source": "ours"})  # fmt: skip
-        t = r["task"]
-        row[t] = 100 * r["mean"][key]
-        row[f"{t}_std"] = 100 * r["std"][key]
-        row[f"{t}_seeds"] = len(r["metrics_per_seed"])
-        if f"last_{key}" in r["mean"]:
-            row[f"{t}_last"] = 100 * r["mean"][f"last_{key}"]
-        row[f"{t}_n_dev"] = r["n_dev_examples"]
-        row[f"{t}_dev_official"] = r.get("official_dev_examples")
-    rows = list(by_label.values())
-    if include_paper:
-        rows += [{"checkpoint": name, "source": "paper", **scores} for name, scores in PAPER_RESULTS.items()]
-    known = [*glue.TASKS, *downstream.SYNTHETIC_TASKS]
-    names = [t for t in known if any(t in r for r in rows if r["source"] == "ours")] or list(glue.TASKS)
-    columns = ["checkpoint", "source"] + [
-        f"{t}{suffix}" for t in names for suffix in ("", "_std", "_seeds", "_last", "_n_dev", "_dev_official")
-    ]
-
-    out_stem = Path(out_stem)
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {c: (f"{row[c]:.2f}" if isinstance(row.get(c), float) else row.get(c, "")) for c in columns}
-            )
-    _plot_table(rows, names, out_stem.with_suffix(".png"))
-    return rows
-
-
-def _plot_table(rows: list[dict], tasks: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [r for r in rows if any(t in r for t in tasks)]
-    width = 0.8 / max(1, len(shown))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(shown)) ** 0.5), 4))
-    for i, row in enumerate(shown):
-        xs = [j + i * width for j, t in enumerate(tasks) if t in row]
-        ys = [row[t] for t in tasks if t in row]
-        err = [row.get(f"{t}_std", 0.0) for t in tasks if t in row]
-        ax.bar(
-            xs, ys, width, yerr=err, label=row["checkpoint"], hatch="//" if row["source"] == "paper" else None
-        )
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
-    ax.set_xticklabels([f"{t}\n({downstream.main_metric(t)})" for t in tasks])
-    ax.set_ylabel("dev score (%)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+# ------------------------------------------------------------------------------ several tasks and checkpoints
 
 
 def run_table(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lab import finetune, glue
+from lab import finetune, finetune_data, glue, results_table
 from lab.finetune import FinetuneConfig
 from lab.hf import save_pretrained
 from lab.model import Encoder, preset
@@ -160,13 +160,13 @@ def test_pair_encoding_truncates_like_transformers_longest_first():
     cases = {(10, 3, 7): (4, 3), (3, 10, 7): (3, 4), (6, 5, 7): (4, 3), (5, 6, 7): (3, 4), (5, 5, 7): (3, 4),
              (4, 4, 5): (2, 3), (10, 2, 7): (5, 2), (6, 5, 8): (4, 4), (2, 3, 7): (2, 3)}  # fmt: skip
     for (len_a, len_b, budget), kept in cases.items():
-        assert finetune._pair_lengths(len_a, len_b, budget) == kept, (len_a, len_b, budget)
+        assert finetune_data._pair_lengths(len_a, len_b, budget) == kept, (len_a, len_b, budget)
     split = glue.GlueSplit("rte", "dev", "-", ["a " * 6, "a a"], ["bb " * 5, "bb " * 3], [0, 1])
-    rows = finetune.encode_split(split, Words(), max_len=10)  # budget 7 for the two texts
+    rows = finetune_data.encode_split(split, Words(), max_len=10)  # budget 7 for the two texts
     assert rows[0] == [1, 11, 11, 11, 11, 2, 12, 12, 12, 2]  # a keeps 4 of 6, b 3 of 5
     assert rows[1] == [1, 11, 11, 2, 12, 12, 12, 2]  # fits: nothing cut
     single = glue.GlueSplit("sst2", "dev", "-", ["a " * 10], None, [0])
-    assert finetune.encode_split(single, Words(), max_len=5) == [[1, 11, 11, 11, 2]]
+    assert finetune_data.encode_split(single, Words(), max_len=5) == [[1, 11, 11, 11, 2]]
 
 
 def test_pair_truncation_equals_a_transformers_fast_tokenizer():
@@ -186,7 +186,7 @@ def test_pair_truncation_equals_a_transformers_fast_tokenizer():
                     "input_ids"
                 ]
                 kept = (sum(i < 20 for i in ids), sum(i >= 20 for i in ids))
-                assert finetune._pair_lengths(len_a, len_b, budget) == kept, (len_a, len_b, budget)
+                assert finetune_data._pair_lengths(len_a, len_b, budget) == kept, (len_a, len_b, budget)
 
 
 def test_config_defaults_and_validation():
@@ -245,7 +245,7 @@ def test_run_dir_init_uses_exported_discriminator(synthetic, tmp_path):
     shutil.copytree(ckpt, run / "export" / "discriminator")
     model_dir, spm = finetune.resolve_init(str(run))
     assert model_dir == run / "export" / "discriminator" and spm.name == "spm.model"
-    assert finetune.checkpoint_label(str(model_dir)) == "gdes"
+    assert results_table.checkpoint_label(str(model_dir)) == "gdes"
 
 
 def test_cli_trains_and_builds_table(synthetic, tmp_path):
@@ -361,7 +361,7 @@ def test_dev_split_with_skipped_rows_is_flagged_with_both_counts(synthetic, tmp_
                                             "sliced": False}  # fmt: skip
     assert results["dev_complete"] is False
 
-    rows = finetune.results_table(tmp_path / "out", tmp_path / "table", include_paper=False)
+    rows = results_table.results_table(tmp_path / "out", tmp_path / "table", include_paper=False)
     assert (rows[0]["sst2_n_dev"], rows[0]["sst2_dev_official"]) == (870, 872)
     header, row = (tmp_path / "table.csv").read_text().splitlines()
     assert dict(zip(header.split(","), row.split(",")))["sst2_n_dev"] == "870"
@@ -371,7 +371,7 @@ def test_dev_split_with_skipped_rows_is_flagged_with_both_counts(synthetic, tmp_
 
 
 def test_batch_widths_round_up_to_the_bucket():
-    data = finetune.Encoded.build([[1] * 3, [1] * 17, [1] * 40], [0, 1, 0], pad_id=0)
+    data = finetune_data.Encoded.build([[1] * 3, [1] * 17, [1] * 40], [0, 1, 0], pad_id=0)
     assert data.ids.shape == (3, 40)
     assert data.width(np.array([0]), 1) == 3 and data.width(np.array([0]), 16) == 16
     assert data.width(np.array([0, 1]), 16) == 32 and data.width(np.array([2]), 16) == 40  # capped at T
@@ -390,14 +390,14 @@ def test_padding_to_a_bucket_does_not_change_a_batch_loss(token_level):
     rng = np.random.default_rng(0)
     rows = [rng.integers(4, 50, n).tolist() for n in (5, 9, 12)]
     labels = [rng.integers(0, 3, len(r)).tolist() for r in rows] if token_level else [0, 2, 1]
-    data = finetune.Encoded.build(rows, labels, pad_id=0)
+    data = finetune_data.Encoded.build(rows, labels, pad_id=0)
     task = SimpleNamespace(is_regression=False)
     losses = []
     for width in (12, 16, 29):
-        wide = finetune.Encoded.build(rows, labels, pad_id=0)
+        wide = finetune_data.Encoded.build(rows, labels, pad_id=0)
         wide.ids = torch.nn.functional.pad(data.ids, (0, width - 12))
         if token_level:
-            wide.labels = torch.nn.functional.pad(data.labels, (0, width - 12), value=finetune.IGNORE)
+            wide.labels = torch.nn.functional.pad(data.labels, (0, width - 12), value=finetune_data.IGNORE)
         ids, mask, y = wide.batch(torch.arange(3), width)
         assert ids.shape == (3, width) and int(mask.sum()) == 26
         losses.append(finetune._loss(task, model(ids, mask), y).item())
@@ -449,7 +449,7 @@ def test_training_steps_make_no_host_sync(synthetic, tmp_path, monkeypatch):
 def _prepared(cfg):
     cfg = cfg.resolved()
     encoder, tokenizer = finetune.load_encoder(cfg.init)
-    train_data, dev, _ = finetune._load_data(cfg, glue.get_task(cfg.task), tokenizer, 64)
+    train_data, dev, _ = finetune_data.load_data(cfg, glue.get_task(cfg.task), tokenizer, 64)
     return encoder, train_data, dev, torch.device("cpu")
 
 

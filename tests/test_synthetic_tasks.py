@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from lab import finetune, tasks
+from lab import finetune, glue, tasks
 from lab.finetune import FinetuneConfig
 from lab.hf import save_pretrained
 from lab.model import Encoder, preset
@@ -24,7 +24,7 @@ def test_lookup_accepts_spellings_and_keeps_glue_names_distinct():
         tasks.get_task("Synth-Tag").name == "synth_tag" and tasks.get_task("SYNTHGRAM").name == "synth_gram"
     )
     assert tasks.get_task("SST-2").name == "sst2"
-    assert not set(tasks.SYNTHETIC_TASKS) & set(finetune.glue.TASKS)
+    assert not set(tasks.SYNTHETIC_TASKS) & set(glue.TASKS)
     with pytest.raises(ValueError, match="unknown task 'synth'; known tasks: cola, .*synth_tag, synth_gram"):
         tasks.get_task("synth")
     assert tasks.main_metric("synth_gram") == "mcc" and tasks.main_metric("mnli") == "m_accuracy"

@@ -1,0 +1,160 @@
+"""Fine-tuning data: a task's splits tokenised and padded once into tensors (`Encoded`) that live on
+the training device, and the record of what was used against the official split sizes.
+
+Inputs are `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, pairs truncated as `transformers`' fast
+tokenizers do with `truncation="longest_first"`; token tasks (lab/tasks.py) label the first piece of
+each word and ignore the rest (`IGNORE`). A training or evaluation step slices its batch from the
+padded tensors, so nothing is tokenised, padded or copied to the device per step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from lab import glue
+from lab import tasks as downstream
+from lab.tokenizer import Tokenizer
+from lab.util import to_device
+
+if TYPE_CHECKING:
+    from lab.finetune import FinetuneConfig
+
+IGNORE = -100  # label of positions a token task does not score ([CLS], [SEP], non-first pieces, padding)
+
+
+def _pair_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """Tokens kept of each side of a pair, as `transformers`' fast tokenizers' `longest_first`
+    (tokenizers' `truncate_encodings`): the shorter side is kept whole if it fits in half the budget,
+    the longer side gets the rest; when both exceed half, the shorter (a, on a tie) keeps
+    floor(budget / 2) and the longer ceil(budget / 2)."""
+    if len_a + len_b <= budget:
+        return len_a, len_b
+    if len_a > len_b:
+        keep_b = min(len_b, budget // 2)
+        return budget - keep_b, keep_b
+    keep_a = min(len_a, budget // 2)
+    return keep_a, budget - keep_a
+
+
+def encode_split(split: glue.GlueSplit, tokenizer: Tokenizer, max_len: int) -> list[list[int]]:
+    """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, at most max_len ids (pairs: see `_pair_lengths`)."""
+    cls, sep = tokenizer.cls_id, tokenizer.sep_id
+    texts_a = tokenizer.encode_batch(split.texts_a)
+    if split.texts_b is None:
+        return [[cls, *a[: max_len - 2], sep] for a in texts_a]
+    rows = []
+    for a, b in zip(texts_a, tokenizer.encode_batch(split.texts_b)):
+        keep_a, keep_b = _pair_lengths(len(a), len(b), max_len - 3)
+        rows.append([cls, *a[:keep_a], sep, *b[:keep_b], sep])
+    return rows
+
+
+def encode_words(split: glue.GlueSplit, tokenizer: Tokenizer, max_len: int) -> tuple[list, list]:
+    """Token-task rows `[CLS] pieces [SEP]` and their labels: each word's class on its first piece,
+    IGNORE elsewhere. Words cut by max_len lose their label (counted by the caller)."""
+    sentences = [text.split() for text in split.texts_a]
+    pieces = tokenizer.encode_batch([w for words in sentences for w in words])
+    rows, label_rows, k = [], [], 0
+    for words, classes in zip(sentences, split.labels):
+        if len(words) != len(classes):
+            raise ValueError(
+                f"{split.source}: {len(words)} words but {len(classes)} labels in {' '.join(words)!r}"
+            )
+        ids, labels = [tokenizer.cls_id], [IGNORE]
+        for y in classes:
+            word = pieces[k] or [tokenizer.unk_id]
+            ids += word
+            labels += [y] + [IGNORE] * (len(word) - 1)
+            k += 1
+        rows.append([*ids[: max_len - 1], tokenizer.sep_id])
+        label_rows.append([*labels[: max_len - 1], IGNORE])
+    return rows, label_rows
+
+
+@dataclass
+class Encoded:
+    """A split tokenised and padded once: ids [N, T], lengths [N], labels [N] or (token tasks) [N, T]."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    lengths_host: np.ndarray  # the same lengths on the host, to plan batch widths without a sync
+    labels_host: np.ndarray  # the same labels on the host, to score predictions without a copy back
+
+    @classmethod
+    def build(cls, rows: list[list[int]], labels, pad_id: int, dtype=torch.long) -> Encoded:
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        if labels and isinstance(labels[0], list):  # token labels, padded with IGNORE
+            y = torch.full(ids.shape, IGNORE, dtype=torch.long)
+            for i, r in enumerate(labels):
+                y[i, : len(r)] = torch.tensor(r)
+        else:
+            y = torch.tensor(labels, dtype=dtype)
+        return cls(ids, torch.from_numpy(lengths), y, lengths, y.numpy())
+
+    def __len__(self) -> int:
+        return len(self.lengths_host)
+
+    def to(self, device: torch.device) -> Encoded:
+        """One copy per split to the device (pinned and asynchronous on CUDA)."""
+        if device.type != "cuda":
+            return self
+        move = lambda t: to_device(t, device)  # noqa: E731
+        return Encoded(
+            move(self.ids), move(self.lengths), move(self.labels), self.lengths_host, self.labels_host
+        )
+
+    def width(self, idx: np.ndarray, bucket: int) -> int:
+        """Padded width of a batch: its longest row rounded up to a multiple of `bucket`."""
+        longest = int(self.lengths_host[idx].max())
+        return min(-(-longest // bucket) * bucket, self.ids.shape[1])
+
+    def batch(self, idx: torch.Tensor, width: int):
+        """(ids [B, W], attention mask [B, W], labels [B] or [B, W]) of the rows `idx` (on the device)."""
+        ids = self.ids[idx, :width]  # [B, W]
+        mask = (torch.arange(width, device=ids.device) < self.lengths[idx, None]).long()  # [B, W]
+        labels = self.labels[idx] if self.labels.dim() == 1 else self.labels[idx, :width]
+        return ids, mask, labels
+
+
+def load_data(cfg: FinetuneConfig, task, tokenizer: Tokenizer, max_len: int):
+    """(train Encoded, {dev split: Encoded}, data record for results.json): tokenised once; the dev
+    splits' sizes checked against the official ones."""
+    splits = downstream.load(task.name, cfg.glue_dir or None, cfg.synthetic_seed or 0)
+    encode = (
+        encode_words if downstream.is_token_level(task) else lambda s, t, n: (encode_split(s, t, n), s.labels)
+    )
+    label_dtype = torch.float if task.is_regression else torch.long
+    train_part = splits["train"].take(cfg.max_train_examples)
+    train_data = Encoded.build(*encode(train_part, tokenizer, max_len), tokenizer.pad_id, label_dtype)
+    record = {"train": _split_record(task, splits["train"], train_part), "dev": {}}
+    dev = {}
+    for split in task.dev_splits:
+        part = splits[split].take(cfg.max_eval_examples)
+        dev[split] = Encoded.build(*encode(part, tokenizer, max_len), tokenizer.pad_id, label_dtype)
+        record["dev"][split] = info = _split_record(task, splits[split], part)
+        if downstream.is_token_level(task):
+            info["words"] = int((dev[split].labels_host != IGNORE).sum())
+            info["words_in_split"] = sum(len(y) for y in part.labels)  # fewer when max_seq_len cuts words
+        if info["official"] is not None and info["loaded"] != info["official"]:
+            warnings.warn(
+                f"{task.name} {split} ({splits[split].source}) has {info['loaded']} examples, the official split "
+                f"has {info['official']} ({info['malformed']} malformed row(s) skipped): its metrics are over a "
+                "partial dev set, recorded as such in results.json",
+                stacklevel=3,
+            )
+    return train_data, dev, record
+
+
+def _split_record(task, full: glue.GlueSplit, used: glue.GlueSplit) -> dict:
+    """How many examples a split has against its official count, and how many were used."""
+    return {"used": len(used), "loaded": len(full), "official": downstream.official_size(task.name, full.split),
+            "malformed": len(full.malformed), "sliced": len(used) < len(full)}  # fmt: skip

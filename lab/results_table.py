@@ -1,0 +1,114 @@
+"""The fine-tuning results table: results.json files of several checkpoints and tasks collected into
+one CSV and one bar chart, next to the paper's GLUE numbers.
+
+    results_table(["runs/ft"], "figures/glue_results")      # = python -m lab finetune --table runs/ft
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from lab import glue
+from lab import tasks as downstream
+
+# GLUE dev results, in percent, main metric of each task (MNLI: matched): DeBERTaV3 from the paper
+# (§5.1: the large models' GLUE table, MNLI of base / small / xsmall); ELECTRA-Small as re-implemented
+# in PyTorch by richarddwang/electra_pytorch (README, mean of 10 fine-tuning runs).
+PAPER_RESULTS = {
+    "DeBERTaV3-large (paper)": {"cola": 75.3, "sst2": 96.9, "mrpc": 92.2, "stsb": 93.0, "qqp": 93.0,
+                                "mnli": 91.8, "qnli": 96.0, "rte": 92.7},
+    "DeBERTaV3-base (paper)": {"mnli": 90.6},
+    "DeBERTaV3-small (paper)": {"mnli": 88.3},
+    "DeBERTaV3-xsmall (paper)": {"mnli": 88.1},
+    "ELECTRA-Small re-impl. (paper)": {"cola": 58.7, "sst2": 88.0, "mrpc": 86.0, "stsb": 86.2, "qqp": 88.6,
+                                       "mnli": 80.4, "qnli": 87.5, "rte": 67.5},
+}  # fmt: skip
+
+
+def checkpoint_label(init: str) -> str:
+    """A short row name for a checkpoint: the run dir's name, or the hub/dir name."""
+    path = Path(init)
+    if path.name == "discriminator" and path.parent.name == "export":
+        return path.parent.parent.name
+    return path.name or str(init)
+
+
+def results_table(
+    paths, out_stem: str | Path = "figures/glue_results", include_paper: bool = True
+) -> list[dict]:
+    """Collect results.json files (or folders searched for them) into one table of main metrics in percent.
+
+    Rows are checkpoints (plus the paper's rows), columns are tasks; writes `<out_stem>.csv` and
+    `<out_stem>.png` (grouped bars), and returns the rows. Per task the CSV has the mean over seeds of
+    the best-epoch score (`<task>`, the paper's convention), its std, the number of seeds, the mean
+    last-epoch score (`<task>_last`), and the dev examples scored next to the official dev size
+    (`<task>_n_dev`, `<task>_dev_official`: they differ for a `max_eval_examples` slice or a split
+    that lost rows; results.json's `dev_splits` says which).
+    """
+    files = []
+    for p in [paths] if isinstance(paths, str | Path) else paths:
+        p = Path(p)
+        files += sorted(p.rglob("results.json")) if p.is_dir() else [p]
+    if not files:
+        raise ValueError(f"no results.json found in {paths}; run `python -m lab finetune ...` first")
+    by_label: dict[str, dict] = {}
+    for f in files:
+        r = json.loads(Path(f).read_text())
+        key = r["main_metric"]
+        row = by_label.setdefault(checkpoint_label(r["init"]), {"checkpoint": checkpoint_label(r["init"]),
+                                                                "source": "ours"})  # fmt: skip
+        t = r["task"]
+        row[t] = 100 * r["mean"][key]
+        row[f"{t}_std"] = 100 * r["std"][key]
+        row[f"{t}_seeds"] = len(r["metrics_per_seed"])
+        if f"last_{key}" in r["mean"]:
+            row[f"{t}_last"] = 100 * r["mean"][f"last_{key}"]
+        row[f"{t}_n_dev"] = r["n_dev_examples"]
+        row[f"{t}_dev_official"] = r.get("official_dev_examples")
+    rows = list(by_label.values())
+    if include_paper:
+        rows += [{"checkpoint": name, "source": "paper", **scores} for name, scores in PAPER_RESULTS.items()]
+    known = [*glue.TASKS, *downstream.SYNTHETIC_TASKS]
+    names = [t for t in known if any(t in r for r in rows if r["source"] == "ours")] or list(glue.TASKS)
+    columns = ["checkpoint", "source"] + [
+        f"{t}{suffix}" for t in names for suffix in ("", "_std", "_seeds", "_last", "_n_dev", "_dev_official")
+    ]
+
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {c: (f"{row[c]:.2f}" if isinstance(row.get(c), float) else row.get(c, "")) for c in columns}
+            )
+    _plot_table(rows, names, out_stem.with_suffix(".png"))
+    return rows
+
+
+def _plot_table(rows: list[dict], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if any(t in r for t in tasks)]
+    width = 0.8 / max(1, len(shown))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(shown)) ** 0.5), 4))
+    for i, row in enumerate(shown):
+        xs = [j + i * width for j, t in enumerate(tasks) if t in row]
+        ys = [row[t] for t in tasks if t in row]
+        err = [row.get(f"{t}_std", 0.0) for t in tasks if t in row]
+        ax.bar(
+            xs, ys, width, yerr=err, label=row["checkpoint"], hatch="//" if row["source"] == "paper" else None
+        )
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
+    ax.set_xticklabels([f"{t}\n({downstream.main_metric(t)})" for t in tasks])
+    ax.set_ylabel("dev score (%)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

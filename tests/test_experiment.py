@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import experiment
+from lab import experiment, experiment_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("synth_tag", "synth_gram")
@@ -42,10 +42,10 @@ def resumed(tmp_path_factory):
     real = experiment.execute
 
     def interrupted(run, cfg):
-        if run == experiment.Run("pretrain", "es", 1):
+        if run == experiment_runs.Run("pretrain", "es", 1):
             from lab import pretrain
 
-            pretrain.train(dataclasses.replace(experiment.pretrain_config(cfg, run), stop_after=4))
+            pretrain.train(dataclasses.replace(experiment_runs.pretrain_config(cfg, run), stop_after=4))
             raise KeyboardInterrupt  # as if Ctrl-C came right after the step-4 checkpoint
         real(run, cfg)
 
@@ -67,7 +67,7 @@ def resumed(tmp_path_factory):
 def test_interrupted_experiment_resumes_without_redoing_finished_runs(resumed):
     cfg, _, finished = resumed
     first, second = invocations(cfg)
-    seed0 = [r.name for r in experiment.planned_runs(cfg) if r.pretrain_seed == 0]
+    seed0 = [r.name for r in experiment_runs.planned_runs(cfg) if r.pretrain_seed == 0]
     assert [r["run"] for r in first if r["event"] == "finished"] == seed0
     assert [r["run"] for r in first if r["event"] == "interrupted"] == ["pretrain es s1"]
     # the rerun reuses every finished run, resumes the interrupted one from its checkpoint, runs the rest
@@ -75,7 +75,8 @@ def test_interrupted_experiment_resumes_without_redoing_finished_runs(resumed):
     assert [r["run"] for r in second if r["event"] == "resumed"] == ["pretrain es s1"]
     started = [r["run"] for r in second if r["event"] == "started"]
     assert (
-        not set(started) & set(seed0) and len(started) == len(experiment.planned_runs(cfg)) - len(seed0) - 1
+        not set(started) & set(seed0)
+        and len(started) == len(experiment_runs.planned_runs(cfg)) - len(seed0) - 1
     )
     # their files were not rewritten
     assert len(finished) == 3 + 3 * 2 * 2  # seed 0: 3 pre-training summaries, 12 fine-tuning results
@@ -152,9 +153,9 @@ def test_plan_lists_every_run_with_an_estimate_and_trains_nothing(tmp_path, caps
 
 def test_missing_glue_data_is_reported_and_skipped(tmp_path):
     cfg = tiny(tmp_path / "exp", tasks=("sst2", "rte"))
-    reason = experiment.missing_data("rte", cfg)
+    reason = experiment_runs.missing_data("rte", cfg)
     assert "RTE" in reason and "train.tsv" in reason
-    assert experiment.missing_data("sst2", cfg) == ""
+    assert experiment_runs.missing_data("sst2", cfg) == ""
 
 
 def test_unknown_recipe_task_and_bad_lists_are_clear_errors(tmp_path):
@@ -188,24 +189,24 @@ def test_gpu_recipe_reads_the_data_folder_it_is_given(tmp_path):
     assert cfg.corpus == f"{tmp_path}/wikitext-2/wiki.train.tokens" and cfg.glue_dir == f"{tmp_path}/glue"
     assert cfg.preset == "xsmall" and cfg.modes == experiment.MODES and cfg.finetune_seeds == (1, 2, 3)
     assert set(cfg.tasks) == {"cola", "sst2", "mrpc", "stsb", "rte"}
-    assert "MRPC" in experiment.missing_data("mrpc", cfg)
+    assert "MRPC" in experiment_runs.missing_data("mrpc", cfg)
 
 
 def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
     # a fine-tuning result saved under an older task default (lr) must not enter the statistics
     cfg = tiny(tmp_path / "exp")
-    run = experiment.Run("finetune", "es", 0, "synth_tag", 1)
-    saved = dataclasses.asdict(experiment.finetune_config(cfg, run).resolved())
+    run = experiment_runs.Run("finetune", "es", 0, "synth_tag", 1)
+    saved = dataclasses.asdict(experiment_runs.finetune_config(cfg, run).resolved())
     saved["lr"] = saved["lr"] / 10
     run.path(cfg).mkdir(parents=True)
     (run.path(cfg) / "results.json").write_text(
         json.dumps({"metrics_per_seed": [{"seed": 1}], "config": saved})
     )
     with pytest.raises(ValueError, match=r"finetune es s0 synth_tag f1 .* \(lr: "):
-        experiment.status(run, cfg)
+        experiment_runs.status(run, cfg)
     saved["lr"] *= 10
     saved["device"] = "cuda"  # where it ran does not matter
     (run.path(cfg) / "results.json").write_text(
         json.dumps({"metrics_per_seed": [{"seed": 1}], "config": saved})
     )
-    assert experiment.status(run, cfg) == "done"
+    assert experiment_runs.status(run, cfg) == "done"

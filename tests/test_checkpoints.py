@@ -13,29 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_pretrain import TINY_RUN
 
 from lab import checkpoint, pretrain
 from lab.checkpoint import CheckpointError, CheckpointWarning
 from lab.pretrain import PretrainConfig, train
 from lab.util import read_jsonl
 
-CORPUS = "synthetic:seed=3,words=40000"
-SETTINGS = dict(
-    preset="tiny",
-    corpus=CORPUS,
-    vocab_size=600,
-    seq_len=32,
-    steps=8,
-    batch_size=8,
-    lr=2e-3,
-    warmup_steps=2,
-    log_every=1,
-    eval_every=4,
-    eval_batches=2,
-    probe_every=2,
-    ckpt_every=2,
-    progress="none",
-)
+# the shared tiny run with a checkpoint every other step, so a kill or a fault finds several to fall back on
+SETTINGS = {**TINY_RUN, "ckpt_every": 2}
 
 
 def quick(run_dir, **kw) -> PretrainConfig:

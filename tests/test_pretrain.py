@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_pretrain import CORPUS, tiny_config
 from transformers import DebertaV2Model
 
 import lab
@@ -23,7 +24,6 @@ from lab.rtd import RTDModel, draw_noise, mask_tokens, sample
 from lab.util import read_jsonl
 
 SPECIAL = torch.tensor([0, 1, 2, 3])
-CORPUS = "synthetic:seed=3,words=40000"
 
 
 def tiny_rtd(sharing, **kw):
@@ -206,25 +206,7 @@ def test_overfitting_one_batch_drives_both_losses_down(sharing):
 
 
 def quick(tmp_path, name="run", **kw) -> PretrainConfig:
-    values = dict(
-        out_dir=str(tmp_path / name),
-        preset="tiny",
-        corpus=CORPUS,
-        vocab_size=600,
-        seq_len=32,
-        steps=8,
-        batch_size=8,
-        lr=2e-3,
-        warmup_steps=2,
-        log_every=1,
-        eval_every=4,
-        eval_batches=2,
-        probe_every=2,
-        ckpt_every=4,
-        progress="none",
-    )
-    values.update(kw)
-    return PretrainConfig(**values)
+    return tiny_config(tmp_path / name, **kw)
 
 
 def train_losses(run_dir):

@@ -3,6 +3,9 @@
 The measurement functions at the top are pure (tensors in, floats out) so the training loop can call
 them on live tables; the figure functions below read only the files a run writes (metrics.jsonl,
 summary.json, embeddings.safetensors, token_counts.npy, token_classes.json), never a live model.
+The over-seeds report at the end (`run_quantities`, `seeded_report`) is built from the single-seed
+views, the run reader and the file helpers above it, so it stays here rather than in a module that
+would import most of this one; that puts the file a little past the usual ~600 lines.
 Dimension legend: V rows of a table (vocabulary), D hidden size, n selected rows.
 """
 

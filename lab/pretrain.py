@@ -4,6 +4,9 @@
 (with the gradient-conflict probe when due) -> clip -> step -> log -> checkpoint, then the final
 evaluation and export. Each phase is a function below it: `setup`, `train_step`, `evaluate` /
 `gradient_probe`, `save_checkpoint`, `log_window`, `finish`.
+The loop and its phases stay in this one file, past the usual ~600 lines, so that a run reads top to
+bottom in one place as nanoGPT's train.py does; what the loop only calls lives elsewhere (the RTD step
+in lab/rtd.py, the log in lab/meter.py, the checkpoint ring in lab/checkpoint.py).
 
 A steady-state step never waits for the device: losses and the non-finite flag are summed on the
 device (`Meter`) and read at log steps only; batches go to the GPU from pinned memory without

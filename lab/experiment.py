@@ -265,6 +265,11 @@ def report_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.report_dir) if cfg.report_dir else Path(cfg.out_dir) / "report"
 
 
+def _now() -> str:
+    """UTC time for experiment.jsonl's rows."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -335,11 +340,6 @@ def downstream_tables(records: list[dict], out: Path) -> dict:
 def _pretty(row: dict) -> dict:
     """A table row with the numbers rounded for markdown (the CSV keeps full precision)."""
     return {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()}
-
-
-def _now() -> str:
-    """UTC time for experiment.jsonl's rows."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
 
 
 # ---------------------------------------------------------------------------------------------- CLI

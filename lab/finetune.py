@@ -252,7 +252,7 @@ def corpus_seed(init: str) -> int | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------------------------------------- evaluation
 
 
 def _bucket(cfg: FinetuneConfig, device: torch.device) -> int:
@@ -500,7 +500,7 @@ def _write_history(out: Path, finished: list[dict]) -> None:
     )
 
 
-# ------------------------------------------------------------------------------ several tasks and checkpoints
+# ---------------------------------------------------------------------------------------------- several tasks and checkpoints
 
 
 def run_table(

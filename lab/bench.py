@@ -46,39 +46,53 @@ matmul peak, measured in the same run with square matmuls in that dtype where th
 8192^3 on CUDA (smaller products leave a large GPU partly idle and understate its peak), 2048^3 on
 the CPU; `matmul_peak_n` in the results says which. bf16 means torch.autocast(dtype=bfloat16) with
 fp32 parameters and fp32 AdamW.
+
+The code: this module holds the configuration, the comparisons (`run`, `compare`) and the CLI;
+lab/bench_builders.py builds what gets timed (lab's step, encoder and attention, and the peer
+`HFPeer`), lab/bench_measure.py times, counts and probes them and defines the `Row` every result fills,
+lab/bench_loops.py times the real pre-training and fine-tuning loops.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
-import math
-import os
-import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from lab.model import DisentangledSelfAttention, Encoder, preset, relative_index
-from lab.rtd import RTDModel, generator_config, masked_count
-from lab.training import adamw, autocast
-from lab.util import atomic_write_json, read_jsonl
+from lab.bench_builders import (
+    attention_impls,
+    build,
+    build_lab_step,
+    default_attention_impl,
+    model_config,
+    rtd_step_flops,
+)
+from lab.bench_loops import FinetuneBench, PretrainBench, finetune_row, pretrain_row
+from lab.bench_measure import (
+    HEADER,
+    Row,
+    count_flops,
+    cuda_memory,
+    format_row,
+    matmul_peak,
+    measure_memory,
+    memory_probe,
+    peak_size,
+    sync,
+    time_alternating,
+    write_csv,
+)
+from lab.util import atomic_write_json
 
-SPECIAL_IDS = (0, 1, 2, 3)  # [PAD] [CLS] [SEP] [UNK]
-RTD_WEIGHT = 50.0
 CLASSIC_KINDS = ("step", "encoder", "attention")
 ALL_KINDS = (*CLASSIC_KINDS, "compile", "pretrain", "finetune")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
@@ -88,33 +102,6 @@ def default_kinds(device: torch.device) -> tuple[str, ...]:
     """What `python -m lab bench` runs when --kinds is not given: everything on CUDA; on a CPU the
     three comparisons (the pre-training and fine-tuning loops at xsmall take many minutes there)."""
     return ALL_KINDS if device.type == "cuda" else CLASSIC_KINDS
-
-
-def peak_size(device: torch.device) -> int:
-    """n of the n x n x n matmuls that measure the peak: 8192 on CUDA, where 2048 leaves an H100/H200
-    at about half its rate, and 2048 on a CPU, which it already saturates."""
-    return 8192 if device.type == "cuda" else 2048
-
-
-@dataclass(frozen=True)
-class PretrainBench:
-    preset: str = "xsmall"
-    vocab: int = 32000  # SentencePiece pieces (+ [MASK]) trained on the random-word corpus
-    seq_len: int = 128
-    batch: int = 128
-    steps: int = 30  # timed through train(); the first log window (warm-up, compilation) is dropped
-    log_every: int = 10
-
-
-@dataclass(frozen=True)
-class FinetuneBench:
-    preset: str = "xsmall"
-    vocab: int = 32000
-    examples: int = 2048  # training examples (SST-2-shaped, 5-40 random words each)
-    eval_examples: int = 128  # dev examples evaluated after every epoch
-    batch: int = 32
-    seq_len: int = 128
-    epochs: int = 3  # examples/s is taken over epochs 2..epochs
 
 
 @dataclass(frozen=True)
@@ -175,367 +162,7 @@ HF_MAX_T = 512  # the peer's step and encoder are benchmarked up to the released
 
 
 # ----------------------------------------------------------------------------------------------
-# What gets timed: each builder returns a zero-argument callable that does the work once
-
-
-def _autocast(device: torch.device, dtype: str):
-    return autocast(device, torch.bfloat16 if dtype == "bf16" else None)  # the loops' own context
-
-
-def _config(name: str, T: int, vocab: int | None = None, attention_impl: str | None = None):
-    # longer inputs raise max_seq_len only; the relative buckets (and so the attention) are unchanged
-    overrides = {"max_seq_len": max(512, T)}
-    if vocab is not None:
-        overrides["vocab_size"] = vocab
-    if attention_impl is not None:
-        overrides["attention_impl"] = attention_impl
-    return preset(name, **overrides)
-
-
-def attention_impls(device: torch.device) -> list[str | None]:
-    """lab's attention implementations usable on `device`; [None] where the model has only one."""
-    import lab.model
-
-    available = getattr(lab.model, "available_attention_impls", None)
-    return list(available(device)) if available is not None else [None]
-
-
-def default_attention_impl() -> str | None:
-    cfg = preset("tiny")
-    return getattr(cfg, "attention_impl", None)
-
-
-def _batch(cfg, B: int, T: int, device: torch.device):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(len(SPECIAL_IDS), cfg.vocab_size - 1, (B, T), generator=g)
-    ids[:, 0], ids[:, -1] = 1, 2  # [CLS] ... [SEP]
-    return ids.to(device), torch.ones(B, T, dtype=torch.long, device=device)
-
-
-def _optimizer(model: nn.Module, device: torch.device):
-    # the loops' AdamW (fused: one pass over every parameter, CPU and CUDA)
-    return adamw(model, lr=1e-4, weight_decay=0.01)
-
-
-def build_lab_step(
-    name: str,
-    T: int,
-    B: int,
-    dtype: str,
-    device: torch.device,
-    sharing: str,
-    vocab: int | None = None,
-    compile_mode: str | None = None,
-    compile_backend: str = "inductor",
-):
-    cfg = _config(name, T, vocab)
-    model = RTDModel(cfg, sharing=sharing).to(device).train()
-    opt = _optimizer(model, device)
-    ids, mask = _batch(cfg, B, T, device)
-    special = torch.tensor(SPECIAL_IDS, device=device)
-    mask_id = cfg.vocab_size - 1
-    forward = model
-    if compile_mode is not None:
-        # "default" is torch.compile's own default; other backends take no mode
-        mode = None if compile_mode == "default" or compile_backend != "inductor" else compile_mode
-        forward = torch.compile(model, mode=mode, backend=compile_backend)
-
-    def step():
-        with _autocast(device, dtype):
-            loss = forward(ids, mask, special, mask_id, rtd_weight=RTD_WEIGHT).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-class HFPeer(nn.Module):
-    """The ELECTRA-style pair as a transformers user builds it (ES: one word table)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model
-
-        from lab.hf import to_hf_config
-
-        gen_cfg = generator_config(cfg, 0.5, 1.0)
-        self.generator = DebertaV2ForMaskedLM(DebertaV2Config(**to_hf_config(gen_cfg)))
-        self.discriminator = DebertaV2Model(DebertaV2Config(**to_hf_config(cfg)))
-        self.rtd_head = nn.Linear(cfg.hidden_size, 1)
-        self.discriminator.embeddings.word_embeddings = self.generator.deberta.embeddings.word_embeddings
-
-    def forward(self, ids, mask, mask_id):
-        vocab = self.generator.config.vocab_size
-        # 15% of the tokens between [CLS] and [SEP] (the batch has no padding), all set to [MASK]
-        B, T = ids.shape
-        K = max(1, round(0.15 * (T - 2)))
-        positions = 1 + torch.rand(B, T - 2, device=ids.device).topk(K, dim=1).indices  # [B, K]
-        valid = torch.ones_like(positions, dtype=torch.bool)
-        masked_ids = ids.scatter(1, positions, mask_id)
-        targets = ids.gather(1, positions)
-        labels = torch.full_like(ids, -100).scatter(1, positions, torch.where(valid, targets, -100))
-        out = self.generator(input_ids=masked_ids, attention_mask=mask, labels=labels)  # logits [B, T, V]
-        with torch.no_grad():
-            logits = out.logits.gather(1, positions[..., None].expand(-1, -1, vocab)).float()  # [B, K, V]
-            sampled = torch.multinomial(torch.softmax(logits, -1).view(-1, vocab), 1).view_as(targets)
-            corrupted = ids.scatter(1, positions, torch.where(valid, sampled, targets))
-            replaced = (corrupted != ids).float()
-        hidden = self.discriminator(input_ids=corrupted, attention_mask=mask).last_hidden_state
-        rtd_logits = self.rtd_head(hidden).squeeze(-1).float()
-        return out.loss + RTD_WEIGHT * F.binary_cross_entropy_with_logits(rtd_logits, replaced)
-
-
-def build_hf_step(name: str, T: int, B: int, dtype: str, device: torch.device):
-    cfg = _config(name, T)
-    torch.manual_seed(0)
-    model = HFPeer(cfg).to(device).train()
-    opt = _optimizer(model, device)
-    ids, mask = _batch(cfg, B, T, device)
-
-    def step():
-        with _autocast(device, dtype):
-            loss = model(ids, mask, cfg.vocab_size - 1)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def build_encoder(impl: str, name: str, T: int, B: int, dtype: str, device: torch.device):
-    cfg = _config(name, T)
-    if impl == "lab":
-        model = Encoder(cfg)
-    else:
-        from transformers import DebertaV2Config, DebertaV2Model
-
-        from lab.hf import to_hf_config
-
-        model = DebertaV2Model(DebertaV2Config(**to_hf_config(cfg)))
-        if impl == "disentangled-flash":
-            from disentangled_flash import optimize_deberta  # optional, CUDA only
-
-            optimize_deberta(model, sequence_lengths=[T])
-    model = model.to(device).train()
-    ids, mask = _batch(cfg, B, T, device)
-
-    def step():
-        with _autocast(device, dtype):
-            h = (
-                model(ids, mask)
-                if impl == "lab"
-                else model(input_ids=ids, attention_mask=mask).last_hidden_state
-            )
-        h.float().square().mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    return step
-
-
-def build_attention(impl: str, name: str, T: int, B: int, dtype: str, device: torch.device):
-    """impl: "hf", "lab" (the model's default implementation) or "lab-<attention_impl>". Every
-    candidate runs without attention dropout, since FlexAttention has none (like for like)."""
-    attention_impl = impl.removeprefix("lab-") if impl.startswith("lab-") else None
-    cfg = dataclasses.replace(_config(name, T, attention_impl=attention_impl), attention_dropout=0.0)
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(B, T, cfg.hidden_size, generator=g).to(device).requires_grad_()
-    table = torch.randn(2 * cfg.position_buckets, cfg.hidden_size, generator=g).to(device).requires_grad_()
-    if impl != "hf":
-        attention = DisentangledSelfAttention(cfg).to(device).train()
-        lo, R, index = relative_index(T, cfg.position_buckets, cfg.max_relative_positions, device)
-        key_mask_bias = torch.zeros(B, 1, 1, T, device=device)
-
-        def run():
-            return attention(h, table[lo : lo + R], index, key_mask_bias)
-    else:
-        from transformers import DebertaV2Config
-        from transformers.models.deberta_v2.modeling_deberta_v2 import (
-            DisentangledSelfAttention as HFAttention,
-        )
-        from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
-
-        from lab.hf import to_hf_config
-
-        attention = HFAttention(DebertaV2Config(**to_hf_config(cfg))).to(device).train()
-        rel_pos = build_relative_position(
-            h, h, bucket_size=cfg.position_buckets, max_position=cfg.max_relative_positions
-        )
-        pair_mask = torch.ones(B, 1, T, T, dtype=torch.bool, device=device)
-
-        def run():
-            return attention(h, pair_mask, relative_pos=rel_pos, rel_embeddings=table)[0]
-
-    def step():
-        with _autocast(device, dtype):
-            out = run()
-        out.float().square().mean().backward()
-        attention.zero_grad(set_to_none=True)
-        h.grad = table.grad = None
-
-    return step
-
-
-def build(spec: dict, device: torch.device):
-    """One candidate from a plain dict (so a subprocess can rebuild it for the memory probe)."""
-    kind, impl, args = spec["kind"], spec["impl"], (spec["preset"], spec["T"], spec["batch"], spec["dtype"])
-    if kind == "step":
-        if impl == "hf":
-            return build_hf_step(*args, device)
-        return build_lab_step(*args, device, sharing=impl.removeprefix("lab-"))
-    if kind == "encoder":
-        return build_encoder(impl, *args, device)
-    if kind == "attention":
-        return build_attention(impl, *args, device)
-    raise ValueError(f"unknown benchmark kind {kind!r}")
-
-
-def rtd_step_flops(cfg, B: int, T: int, mask_prob: float = 0.15, gen_depth_ratio: float = 0.5) -> int:
-    """Matmul FLOPs of one lab RTD training step, written out (what FlopCounterMode should count).
-
-    Per encoder layer (forward): Q, K, V, output projections 4 * 2BTD^2; feed-forward 2 * 2BTDF;
-    the position projections of the R reachable table rows 2 * 2RD^2; c2p and p2c scores against
-    every row 2 * 2BHTR*Dh = 2 * 2BTRD; content scores and the weighted sum 2 * 2BT^2 D. Heads:
-    the MLM head on the K masked positions (dense 2BKD^2, logits 2BKDV) and the RTD head on every
-    token (dense 2BTD^2, classifier 2BTD). The backward pass computes two products per forward one
-    (every operand requires grad), so the step is 3x the forward.
-    """
-    D, F_, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    _, R, _ = relative_index(T, cfg.position_buckets, cfg.max_relative_positions)
-    per_layer = 4 * 2 * B * T * D * D + 2 * 2 * B * T * D * F_ + 2 * 2 * R * D * D
-    per_layer += 2 * 2 * B * T * R * D + 2 * 2 * B * T * T * D
-    layers = cfg.num_layers + max(1, round(cfg.num_layers * gen_depth_ratio))
-    K = masked_count(T, mask_prob)
-    heads = 2 * B * K * D * D + 2 * B * K * D * V + 2 * B * T * D * D + 2 * B * T * D
-    return 3 * (layers * per_layer + heads)
-
-
-# ----------------------------------------------------------------------------------------------
-# Measuring
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_alternating(fns: dict[str, callable], warmup: int, repeats: int, device) -> dict[str, list[float]]:
-    """Seconds per call for each candidate; candidates alternate within every repeat, and the order
-    rotates between repeats so none always runs right after the same neighbour."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            _sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def matmul_peak(dtype: str, device: torch.device, n: int = 0, repeats: int = 5) -> float:
-    """FLOP/s of the best of a few n x n x n matmuls on random data (n = 0: peak_size(device)): the
-    practical ceiling of this machine. Each timing covers several back-to-back products."""
-    n = n or peak_size(device)
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device, torch_dtype)
-    b = torch.randn(n, n, generator=g).to(device, torch_dtype)
-    calls = 10 if device.type == "cuda" else 1
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            a @ b
-        _sync(device)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return 2 * n**3 / best
-
-
-def _read_status_kb(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field_name} missing from /proc/self/status")
-
-
-def memory_probe(spec: dict, device: torch.device, steps: int = 2) -> dict[str, float]:
-    """Peak memory of `steps` calls of one candidate (run this in a fresh process on CPU)."""
-    fn = build(spec, device)
-    if device.type == "cuda":
-        return cuda_memory(fn, device, steps)
-    base_kb = _read_status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    for _ in range(steps):
-        fn()
-    peak_kb = _read_status_kb("VmHWM")
-    return {"peak_mb": peak_kb / 1024, "step_mb": (peak_kb - base_kb) / 1024}
-
-
-def cuda_memory(fn, device: torch.device, steps: int = 2) -> dict[str, float]:
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return {"peak_mb": peak / 2**20, "step_mb": (peak - base) / 2**20}
-
-
-def measure_memory(spec: dict, device: torch.device) -> dict[str, float]:
-    if device.type == "cuda":
-        return memory_probe(spec, device)
-    if not Path("/proc/self/clear_refs").exists():
-        return {"peak_mb": float("nan"), "step_mb": float("nan")}  # not Linux: no per-process high-water
-    result = subprocess.run(
-        [sys.executable, "-m", "lab.bench", "--memory-probe", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"memory probe {spec} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-# ----------------------------------------------------------------------------------------------
 # The benchmark
-
-
-@dataclass
-class Row:
-    kind: str  # step | encoder | attention | pretrain | finetune
-    preset: str
-    dtype: str  # fp32 | bf16 (autocast)
-    T: int  # tokens per example (finetune: the longest allowed)
-    batch: int
-    impl: str  # lab-es | lab-gdes | lab-es+<compile mode> | hf (step); lab[-<attention impl>] | hf | ...
-    ms: float  # median milliseconds per call (pretrain / finetune: per optimizer step)
-    tokens_per_s: float | None  # batch * T / median seconds (None for fine-tuning's variable lengths)
-    speedup_vs_hf: float | None = None  # this row's tokens/s over the hf row's (same kind, preset, dtype, T)
-    gflop: float | None = None  # counted matmul + attention GFLOP per call (steps only)
-    mfu: float | None = None  # achieved FLOP/s over the measured matmul peak of this dtype
-    peak_mb: float | None = None  # peak memory (see module docstring)
-    step_mb: float | None = None  # memory added by running the steps
-    vocab: int | None = None  # rows of the word table
-    examples_per_s: float | None = None  # finetune: training examples per second
-    compile_s: float | None = None  # compiled candidates: wall time of the warm-up calls
-    note: str = ""
 
 
 def run(bc: BenchConfig, device: torch.device, log=print) -> dict:
@@ -610,7 +237,7 @@ def compare(kind, name, dtype, T, bc: BenchConfig, device, peak, log=print) -> l
     elif kind == "attention":
         chosen = bc.attention_impls or attention_impls(device)
         default = default_attention_impl()
-        impls = ["lab" if impl is None or impl == default else f"lab-{impl}" for impl in chosen]
+        impls = ["lab" if impl == default else f"lab-{impl}" for impl in chosen]
     else:
         impls = ["lab"]
     if bc.peer and (T <= HF_MAX_T or kind == "attention"):
@@ -627,13 +254,21 @@ def compare(kind, name, dtype, T, bc: BenchConfig, device, peak, log=print) -> l
     for impl, fn in fns.items():
         seconds = statistics.median(times[impl])
         row = Row(
-            kind, name, dtype, T, B, impl, 1e3 * seconds, B * T / seconds, vocab=_config(name, T).vocab_size
+            kind,
+            name,
+            dtype,
+            T,
+            B,
+            impl,
+            1e3 * seconds,
+            B * T / seconds,
+            vocab=model_config(name, T).vocab_size,
         )
         if kind == "step":
             # lab's step: the hand count, which FlopCounterMode confirms where it sees every product
             # (tests/test_bench.py) but undercounts behind fused attention kernels; the peer: counted
             counted = count_flops(fn)
-            flops = rtd_step_flops(_config(name, T), B, T) if impl.startswith("lab") else counted
+            flops = rtd_step_flops(model_config(name, T), B, T) if impl.startswith("lab") else counted
             if abs(counted - flops) > 0.01 * flops:
                 row.note = f"FlopCounterMode saw {counted / 1e9:.1f} GFLOP"
             row.gflop = flops / 1e9
@@ -677,20 +312,20 @@ def compiled_step_rows(
     calls (compilation, then CUDA-graph warm-up and recording in the reduce-overhead mode); their wall
     time is `compile_s`. The FLOPs are the eager step's hand count (the math is the same)."""
     if gflop is None:
-        gflop = rtd_step_flops(_config(name, T), B, T) / 1e9
+        gflop = rtd_step_flops(model_config(name, T), B, T) / 1e9
     rows = []
     for mode in modes:
         torch._dynamo.reset()  # every mode compiles from scratch
         fn = build_lab_step(name, T, B, dtype, device, "es", compile_mode=mode, compile_backend=backend)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(max(3, warmup)):
             fn()
-        _sync(device)
+        sync(device)
         compile_s = time.perf_counter() - start
         seconds = statistics.median(time_alternating({mode: fn}, 0, repeats, device)[mode])
         row = Row("step", name, dtype, T, B, f"lab-es+{mode}", 1e3 * seconds, B * T / seconds, gflop=gflop,
-                  vocab=_config(name, T).vocab_size, compile_s=compile_s, note=f"torch.compile backend={backend}")  # fmt: skip
+                  vocab=model_config(name, T).vocab_size, compile_s=compile_s, note=f"torch.compile backend={backend}")  # fmt: skip
         if peak:
             row.mfu = gflop * 1e9 / seconds / peak
         if hf is not None:
@@ -705,190 +340,7 @@ def compiled_step_rows(
 
 
 # ----------------------------------------------------------------------------------------------
-# The real loops: pre-training and fine-tuning throughput
-
-
-def random_words(n: int, seed: int = 0) -> list[str]:
-    """n distinct lower-case pseudo-words of 4-9 letters (a vocabulary SentencePiece can fill)."""
-    rng = random.Random(seed)
-    words: dict[str, None] = {}
-    while len(words) < n:
-        words["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(4, 9)))] = None
-    return list(words)
-
-
-def write_random_corpus(
-    path: Path, vocab: int, lines: int = 3000, words_per_line: int = 100, seed: int = 0
-) -> Path:
-    """A .txt corpus (one document per blank-line-separated block) of uniformly drawn random words,
-    with ~1.4x `vocab` distinct words so that a `vocab`-piece SentencePiece model fills up."""
-    rng = random.Random(seed)
-    words = random_words(max(64, int(1.4 * vocab)), seed)
-    blocks = [" ".join(rng.choices(words, k=words_per_line)) for _ in range(lines)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n\n".join(blocks) + "\n")
-    return path
-
-
-def pretrain_config(**fields):
-    """A PretrainConfig of the fields it has; returns (config, names it does not have), so a check
-    written for a newer loop (e.g. `compile="auto"`) still runs against an older one and says so."""
-    from lab.pretrain import PretrainConfig
-
-    known = {f.name for f in dataclasses.fields(PretrainConfig)}
-    missing = sorted(set(fields) - known)
-    return PretrainConfig(**{k: v for k, v in fields.items() if k in known}), missing
-
-
-def train_windows(run_dir: Path) -> list[dict]:
-    return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["split"] == "train"]
-
-
-def steady_ms_per_step(windows: list[dict]) -> float:
-    """Median ms/step over the logged windows after the first (which holds the warm-up: compilation,
-    first allocations); windows of warm-up steps only log no ms/step and are left out."""
-    steady = [w["ms_per_step"] for w in windows[1:] or windows if w.get("ms_per_step") is not None]
-    if not steady:
-        raise ValueError("the run logged no steady training window; raise steps or lower log_every")
-    return statistics.median(steady)
-
-
-def pretrain_row(pb: PretrainBench, device, work: Path, peaks: dict | None = None, corpus: str = "",
-                 log=print, **overrides) -> Row:  # fmt: skip
-    """Tokens/s of lab.pretrain.train() itself at pb's size (on `corpus`, default a random-word one)."""
-    from lab.pretrain import train
-
-    work = Path(work)
-    if not corpus:
-        # about two passes' worth of text for the timed steps, within 200..3000 lines of 100 words
-        lines = min(3000, max(200, 2 * pb.steps * pb.batch * pb.seq_len // 100))
-        corpus = str(write_random_corpus(work / "corpus.txt", pb.vocab, lines))
-    out_dir = work / "run"
-    shutil.rmtree(out_dir, ignore_errors=True)  # an existing checkpoint would be resumed
-    cfg, missing = pretrain_config(
-        out_dir=str(out_dir), preset=pb.preset, corpus=corpus, vocab_size=pb.vocab, seq_len=pb.seq_len,
-        batch_size=pb.batch, steps=pb.steps, log_every=pb.log_every, eval_every=pb.steps + 1, eval_batches=1,
-        probe_every=0, ckpt_every=pb.steps, progress="none", device=str(device), **overrides,
-    )  # fmt: skip
-    log(f"pretrain: train() {pb.preset} T={pb.seq_len} batch {pb.batch} vocab {pb.vocab}, {pb.steps} steps")
-    summary = train(cfg)
-    ms = steady_ms_per_step(train_windows(out_dir))
-    dtype = "bf16" if "bfloat16" in summary["dtype"] else "fp32"
-    row = Row("pretrain", pb.preset, dtype, pb.seq_len, pb.batch, f"lab-{cfg.sharing}", ms,
-              pb.batch * pb.seq_len / (ms / 1e3), vocab=summary["vocab_size"], compile_s=summary.get("compile_s"),
-              note=f"train(); compile={getattr(cfg, 'compile', None)}" + (f"; no field {missing}" if missing else ""))  # fmt: skip
-    if peaks and dtype in peaks:
-        flops = rtd_step_flops(_config(pb.preset, pb.seq_len, summary["vocab_size"]), pb.batch, pb.seq_len)
-        row.gflop = flops / 1e9
-        row.mfu = flops / (ms / 1e3) / peaks[dtype]
-    return row
-
-
-def write_sst2_like(root: Path, words: list[str], n_train: int, n_dev: int, seed: int = 0) -> Path:
-    """An SST-2-shaped task folder (root/SST-2/{train,dev}.tsv) of 5-40 random words per sentence;
-    label 1 iff the first word sorts before the last (learnable, but only from the words)."""
-    rng = random.Random(seed)
-    (root / "SST-2").mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        lines = ["sentence\tlabel"]
-        for _ in range(n):
-            sentence = rng.choices(words, k=rng.randint(5, 40))
-            lines.append(f"{' '.join(sentence)}\t{int(sentence[0] < sentence[-1])}")
-        (root / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def random_init_checkpoint(path: Path, preset_name: str, vocab: int, words: list[str]) -> Path:
-    """A random-init encoder of `preset_name` with a `vocab`-piece tokenizer, in HF format."""
-    from lab.hf import save_pretrained
-    from lab.tokenizer import train_tokenizer
-
-    rng = random.Random(1)
-    texts = [" ".join(rng.choices(words, k=100)) for _ in range(max(200, vocab // 20))]
-    tokenizer = train_tokenizer(texts, vocab_size=vocab)
-    save_pretrained(Encoder(preset(preset_name, vocab_size=tokenizer.vocab_size)), path, tokenizer=tokenizer)
-    return path
-
-
-def finetune_row(fb: FinetuneBench, device, work: Path, init: str = "", glue_dir: str = "", task: str = "sst2",
-                 log=print) -> Row:  # fmt: skip
-    """Training examples/s of lab.finetune.train() (default: a random-init encoder on random words)."""
-    from lab import finetune
-
-    work = Path(work)
-    synthetic = not init
-    if synthetic:
-        words = random_words(max(64, int(1.4 * fb.vocab)))
-        init = str(random_init_checkpoint(work / "init", fb.preset, fb.vocab, words))
-        glue_dir = str(write_sst2_like(work / "glue", words, fb.examples, fb.eval_examples))
-    out = work / "run"
-    shutil.rmtree(out, ignore_errors=True)  # finished seeds there would be skipped, not timed
-    cfg = finetune.FinetuneConfig(
-        task=task, glue_dir=glue_dir, init=init, out_dir=str(out), epochs=fb.epochs, batch_size=fb.batch,
-        max_seq_len=fb.seq_len, max_train_examples=fb.examples, max_eval_examples=fb.eval_examples, seeds=(1,),
-        device=str(device),
-    )  # fmt: skip
-    log(
-        f"finetune: train() {task} from {init}, {fb.examples} examples x {fb.epochs} epochs, batch {fb.batch}"
-    )
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        if synthetic:  # its small dev split is on purpose, not a partial download
-            warnings.filterwarnings("ignore", message=".*the official split has")
-        results = finetune.train(cfg)
-    wall = time.perf_counter() - start
-    history = read_jsonl(out / "metrics.jsonl")
-    n = results["n_train_examples"]
-    if len(history) > 1 and "elapsed_s" in history[0]:
-        examples_per_s = (len(history) - 1) * n / (history[-1]["elapsed_s"] - history[0]["elapsed_s"])
-        how = f"epochs 2-{len(history)}"
-    else:
-        examples_per_s, how = fb.epochs * n / wall, "whole run incl. loading"
-    key = results["main_metric"]
-    dtype = "bf16" if cfg.bf16 and torch.device(device).type == "cuda" else "fp32"
-    return Row("finetune", fb.preset, dtype, fb.seq_len, fb.batch, "lab", 1e3 * fb.batch / examples_per_s, None,
-               examples_per_s=examples_per_s,
-               note=f"{task} {n} examples, {how}, dev {key} {results['mean'][key]:.3f}")  # fmt: skip
-
-
-COLUMNS = ("kind", "preset", "dtype", "T", "batch", "impl", "ms", "tokens_per_s", "speedup_vs_hf")
-COLUMNS += ("gflop", "mfu", "peak_mb", "step_mb", "vocab", "examples_per_s", "compile_s", "note")
-
-
-def format_row(row: Row | dict) -> str:
-    r = asdict(row) if isinstance(row, Row) else row
-
-    def cell(key, fmt):
-        value = r.get(key)
-        return (
-            "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
-        )
-
-    line = (
-        f"{r['kind']:<9} {r['preset']:<7} {r['dtype']:<4} {r['T']:>5} {r['batch']:>3} {r['impl']:<18} "
-        f"{r['ms']:>9.1f} {cell('tokens_per_s', '>9.0f')} {cell('speedup_vs_hf', '>6.2f')} {cell('gflop', '>7.1f')} "
-        f"{cell('mfu', '>6.1%')} {cell('peak_mb', '>7.0f')} {cell('step_mb', '>7.0f')}"
-    )
-    extras = []
-    if r.get("examples_per_s") is not None:
-        extras.append(f"{r['examples_per_s']:,.0f} examples/s")
-    if r.get("compile_s") is not None:
-        extras.append(f"compile {r['compile_s']:.1f}s")
-    return line + ("  " + ", ".join(extras) if extras else "")
-
-
-HEADER = (
-    f"{'kind':<9} {'preset':<7} {'dt':<4} {'T':>5} {'B':>3} {'impl':<18} {'ms':>9} {'tok/s':>9} "
-    f"{'vs hf':>6} {'GFLOP':>7} {'MFU':>6} {'peakMB':>7} {'stepMB':>7}"
-)
-
-
-def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+# Command line
 
 
 def _split(text: str | None, kind=str):

@@ -65,6 +65,17 @@ from pathlib import Path
 import torch
 
 from lab import bench
+from lab.bench_builders import attention_impls, default_attention_impl
+from lab.bench_loops import (
+    FinetuneBench,
+    PretrainBench,
+    finetune_row,
+    pretrain_config,
+    pretrain_row,
+    steady_ms_per_step,
+    train_windows,
+)
+from lab.bench_measure import HEADER, Row, format_row, matmul_peak
 from lab.budget import Part, remaining_s, run_parts
 from lab.devicecheck import Shape, check_encoder, check_rtd_loss, describe_check, exact_fp32
 from lab.gpureport import rate, summary_text, write_outputs
@@ -91,10 +102,10 @@ class Sizes:
     correctness: Shape  # preset, layers, T, batch (one row padded by a quarter)
     step: tuple[str, int, int, str]  # preset, T, batch, dtype
     attention: tuple[str, tuple[int, ...], int, str]  # preset, T values, tokens per call, dtype
-    pretrain: bench.PretrainBench
-    short_run: bench.PretrainBench  # on WikiText-2
-    torchrun: bench.PretrainBench
-    finetune: bench.FinetuneBench
+    pretrain: PretrainBench
+    short_run: PretrainBench  # on WikiText-2
+    torchrun: PretrainBench
+    finetune: FinetuneBench
     compile_backend: str
     warmup: int
     repeats: int
@@ -106,10 +117,10 @@ GPU = Sizes(
     correctness=("xsmall", 2, 512, 3),
     step=("base", 512, 32, "bf16"),
     attention=("base", (512, 1024, 2048), 16384, "bf16"),
-    pretrain=bench.PretrainBench("xsmall", 32000, 128, 128, steps=30, log_every=10),
-    short_run=bench.PretrainBench("xsmall", 32000, 128, 128, steps=30, log_every=10),
-    torchrun=bench.PretrainBench("xsmall", 32000, 128, 32, steps=8, log_every=4),
-    finetune=bench.FinetuneBench("xsmall", 32000, examples=1024, eval_examples=872, batch=32, seq_len=128),
+    pretrain=PretrainBench("xsmall", 32000, 128, 128, steps=30, log_every=10),
+    short_run=PretrainBench("xsmall", 32000, 128, 128, steps=30, log_every=10),
+    torchrun=PretrainBench("xsmall", 32000, 128, 32, steps=8, log_every=4),
+    finetune=FinetuneBench("xsmall", 32000, examples=1024, eval_examples=872, batch=32, seq_len=128),
     compile_backend="inductor",
     warmup=2,
     repeats=8,
@@ -120,10 +131,10 @@ SMOKE = Sizes(
     correctness=("tiny", 2, 260, 3),
     step=("tiny", 32, 2, "fp32"),
     attention=("tiny", (32, 64), 64, "fp32"),
-    pretrain=bench.PretrainBench("tiny", 300, 32, 8, steps=4, log_every=2),
-    short_run=bench.PretrainBench("tiny", 300, 32, 8, steps=6, log_every=3),
-    torchrun=bench.PretrainBench("tiny", 300, 32, 8, steps=2, log_every=1),
-    finetune=bench.FinetuneBench("tiny", 300, examples=32, eval_examples=16, batch=16, seq_len=32, epochs=2),
+    pretrain=PretrainBench("tiny", 300, 32, 8, steps=4, log_every=2),
+    short_run=PretrainBench("tiny", 300, 32, 8, steps=6, log_every=3),
+    torchrun=PretrainBench("tiny", 300, 32, 8, steps=2, log_every=1),
+    finetune=FinetuneBench("tiny", 300, examples=32, eval_examples=16, batch=16, seq_len=32, epochs=2),
     compile_backend="eager",  # dynamo's tracing without code generation: the CPU has no time for more
     warmup=1,
     repeats=2,
@@ -166,11 +177,11 @@ def part_env(c: Check) -> dict:
         info["capability"] = f"sm_{props.major}{props.minor}"
         info["memory_gib"] = round(props.total_memory / 2**30, 1)
     with exact_fp32():
-        c.peaks = {dtype: bench.matmul_peak(dtype, c.device, c.sizes.peak_n) for dtype in ("bf16", "fp32")}
+        c.peaks = {dtype: matmul_peak(dtype, c.device, c.sizes.peak_n) for dtype in ("bf16", "fp32")}
     info["matmul_peak_n"] = c.sizes.peak_n
     info["matmul_peak_tflops"] = {d: p / 1e12 for d, p in c.peaks.items()}
-    info["attention_impls"] = [i or "default" for i in bench.attention_impls(c.device)]
-    info["default_attention_impl"] = bench.default_attention_impl()
+    info["attention_impls"] = [i or "default" for i in attention_impls(c.device)]
+    info["default_attention_impl"] = default_attention_impl()
     info["disentangled_flash"] = _version("disentangled_flash")
     from lab.pretrain import PretrainConfig
 
@@ -199,7 +210,7 @@ def part_correctness(c: Check) -> dict:
     with exact_fp32():
         for dtype in dtypes:
             checks[f"rtd_loss/{dtype}"] = check_rtd_loss(c.device, c.sizes.correctness, dtype)
-        impls = bench.attention_impls(c.device)
+        impls = attention_impls(c.device)
         if c.device.type == "cuda" and _version("disentangled_flash"):
             impls.append("disentangled-flash")
         for impl in impls:
@@ -222,7 +233,7 @@ def part_step(c: Check) -> dict:
     name, T, B, dtype = c.sizes.step
     bc = _bench_config(c, presets=(name,), dtypes=(dtype,), step_seq_lens=(T,), tokens_per_step=B * T,
                        kinds=("step",))  # fmt: skip
-    c.log(bench.HEADER)
+    c.log(HEADER)
     rows = bench.compare("step", name, dtype, T, bc, c.device, c.peaks[dtype], c.log)
     c.state["step_rows"] = rows
     return {"rows": rows}
@@ -231,7 +242,7 @@ def part_step(c: Check) -> dict:
 def part_attention(c: Check) -> dict:
     name, lengths, tokens, dtype = c.sizes.attention
     bc = _bench_config(c, presets=(name,), dtypes=(dtype,), tokens_per_step=tokens, kinds=("attention",))
-    c.log(bench.HEADER)
+    c.log(HEADER)
     rows = c.partial.setdefault("rows", [])
     for T in lengths:
         rows += bench.compare("attention", name, dtype, T, bc, c.device, c.peaks[dtype], c.log)
@@ -242,9 +253,9 @@ def part_attention(c: Check) -> dict:
 
 
 def part_pretrain(c: Check) -> dict:
-    row = bench.pretrain_row(c.sizes.pretrain, c.device, c.work / "pretrain", peaks=c.peaks, log=c.log)
+    row = pretrain_row(c.sizes.pretrain, c.device, c.work / "pretrain", peaks=c.peaks, log=c.log)
     c.state["pretrain_run"] = c.work / "pretrain" / "run"  # the fine-tune's fallback discriminator
-    c.log(bench.format_row(row))
+    c.log(format_row(row))
     return {"rows": [row]}
 
 
@@ -265,7 +276,7 @@ def part_short_run(c: Check) -> dict:
     out_dir = c.work / "short-run"
     shutil.rmtree(out_dir, ignore_errors=True)
     eval_every = ckpt_every = size.steps  # evaluation at step 0 only, one checkpoint at the end
-    cfg, missing = bench.pretrain_config(
+    cfg, missing = pretrain_config(
         out_dir=str(out_dir), preset=size.preset, corpus=str(wikitext(c)), vocab_size=size.vocab,
         seq_len=size.seq_len, batch_size=size.batch, steps=size.steps, log_every=size.log_every,
         eval_every=eval_every, eval_batches=4, probe_every=0, ckpt_every=ckpt_every, progress="line",
@@ -278,9 +289,9 @@ def part_short_run(c: Check) -> dict:
     warmup = (3 if summary["compiled"] else 1) + 1
     syncs = counter.report(size.steps, size.log_every, eval_every, ckpt_every, warmup=warmup)
     c.state["short_run"] = out_dir
-    windows = bench.train_windows(out_dir)
-    ms = bench.steady_ms_per_step(windows)
-    row = bench.Row("pretrain", size.preset, "bf16" if "bfloat16" in summary["dtype"] else "fp32", size.seq_len,
+    windows = train_windows(out_dir)
+    ms = steady_ms_per_step(windows)
+    row = Row("pretrain", size.preset, "bf16" if "bfloat16" in summary["dtype"] else "fp32", size.seq_len,
                     size.batch, f"lab-{cfg.sharing}", ms, size.batch * size.seq_len / (ms / 1e3),
                     vocab=summary["vocab_size"], note=f"WikiText-2, under sync counting; compile={cfg.compile}")  # fmt: skip
     c.log(f"  syncs per steady-state step: {syncs['syncs_per_steady_step']:.2f} over {syncs['steady_steps']} steps "
@@ -359,10 +370,10 @@ def part_finetune(c: Check) -> dict:
     )
     if task is None:
         raise FileNotFoundError(f"no GLUE task under {c.data / 'glue'}; run --prepare-data (SST-2 or CoLA)")
-    row = bench.finetune_row(c.sizes.finetune, c.device, c.work / "finetune", init=str(run_dir),
+    row = finetune_row(c.sizes.finetune, c.device, c.work / "finetune", init=str(run_dir),
                              glue_dir=str(c.data / "glue"), task=task[0], log=c.log)  # fmt: skip
     results = json.loads((c.work / "finetune" / "run" / "results.json").read_text())
-    c.log(bench.format_row(row) + f"  ({row.note})")
+    c.log(format_row(row) + f"  ({row.note})")
     return {"rows": [row], "task": task[0], "dev": results["metrics_per_seed"][0], "init": str(run_dir)}
 
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from lab import bench
+from lab.bench_measure import Row, write_csv
 from lab.devicecheck import describe_check
 from lab.util import atomic_write_bytes, atomic_write_json
 
@@ -27,13 +27,13 @@ def _rows(records: dict) -> list[dict]:
     rows = []
     for record in records.values():
         for row in (record.get("result") or {}).get("rows", []):
-            rows.append(dataclasses.asdict(row) if isinstance(row, bench.Row) else row)
+            rows.append(dataclasses.asdict(row) if isinstance(row, Row) else row)
     return rows
 
 
 def _jsonable(records: dict) -> dict:
     def convert(value):
-        if isinstance(value, bench.Row):
+        if isinstance(value, Row):
             return dataclasses.asdict(value)
         if isinstance(value, Path):
             return str(value)
@@ -176,6 +176,6 @@ def write_outputs(out: Path, records: dict, meta: dict, start: float) -> dict:
         "optional_modules_imported": sorted(m for m in OPTIONAL_MODULES if m in sys.modules),
     }
     atomic_write_json(out / "gpucheck.json", result)
-    bench.write_csv(out / "gpucheck.csv", result["rows"])
+    write_csv(out / "gpucheck.csv", result["rows"])
     atomic_write_bytes(out / "summary.txt", summary_text(result).encode())
     return result

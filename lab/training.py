@@ -1,6 +1,6 @@
 """What every training loop here shares: the AdamW parameter groups, the learning-rate schedule and
 the mixed-precision context. Pre-training (lab/pretrain.py), fine-tuning (lab/finetune.py) and the
-benchmark (lab/bench.py) all use these, so the three cannot drift apart.
+benchmark (lab/bench_builders.py) all use these, so the three cannot drift apart.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from lab import bench
+from lab.bench_builders import build_lab_step, rtd_step_flops
+from lab.bench_measure import COLUMNS, count_flops, peak_size, time_alternating
 from lab.model import preset
 from lab.util import read_jsonl
 
@@ -17,9 +19,9 @@ CPU = torch.device("cpu")
 
 def test_flop_counter_gives_the_analytic_count_of_matmuls():
     a, b = torch.randn(3, 5), torch.randn(5, 7)
-    assert bench.count_flops(lambda: a @ b) == 2 * 3 * 5 * 7
+    assert count_flops(lambda: a @ b) == 2 * 3 * 5 * 7
     q, k = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 8, 16)
-    assert bench.count_flops(lambda: q @ k) == 2 * (2 * 4) * 16 * 8 * 16
+    assert count_flops(lambda: q @ k) == 2 * (2 * 4) * 16 * 8 * 16
 
 
 @pytest.mark.parametrize("sharing", ["es", "gdes"])
@@ -30,23 +32,23 @@ def test_rtd_step_flops_match_the_hand_count(sharing, T):
     # step's attention runs decomposed, so the counter sees all of it; fused kernels it may not see,
     # which is why the benchmark reports the hand count for lab's rows.)
     B = 2
-    counted = bench.count_flops(bench.build_lab_step("tiny", T, B, "fp32", CPU, sharing))
-    expected = bench.rtd_step_flops(preset("tiny", max_seq_len=512), B, T)
+    counted = count_flops(build_lab_step("tiny", T, B, "fp32", CPU, sharing))
+    expected = rtd_step_flops(preset("tiny", max_seq_len=512), B, T)
     assert abs(counted - expected) <= 0.01 * expected, (counted, expected)
 
 
 def test_time_alternating_rotates_the_order_and_times_every_call():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = bench.time_alternating(fns, warmup=1, repeats=3, device=CPU)
+    times = time_alternating(fns, warmup=1, repeats=3, device=CPU)
     assert calls[:3] == ["a", "b", "c"]  # warm-up
     assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each repeat starts one later
     assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
 
 
 def test_peak_is_measured_where_the_device_saturates():
-    assert bench.peak_size(torch.device("cuda")) == 8192
-    assert bench.peak_size(CPU) == 2048
+    assert peak_size(torch.device("cuda")) == 8192
+    assert peak_size(CPU) == 2048
     assert bench.default_kinds(torch.device("cuda")) == bench.ALL_KINDS
     assert bench.default_kinds(CPU) == bench.CLASSIC_KINDS
 
@@ -114,7 +116,7 @@ def test_quick_benchmark_figures_follow_from_the_times_they_claim(tmp_path):
     assert pre["vocab"] == bench.QUICK.pretrain.vocab and pre["impl"] == "lab-gdes"
     assert close(
         pre["gflop"] * 1e9,
-        bench.rtd_step_flops(preset("tiny", vocab_size=pre["vocab"]), pre["batch"], pre["T"]),
+        rtd_step_flops(preset("tiny", vocab_size=pre["vocab"]), pre["batch"], pre["T"]),
     )
 
     # finetune: training examples of epochs 2.. over the time between the first and the last epoch
@@ -129,4 +131,4 @@ def test_quick_benchmark_figures_follow_from_the_times_they_claim(tmp_path):
 
     with open(csv_path) as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(rows) and set(table[0]) == set(bench.COLUMNS)
+    assert len(table) == len(rows) and set(table[0]) == set(COLUMNS)

@@ -15,14 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab import bench, budget, devicecheck, gpucheck, gpureport, syncs
+from lab import budget, devicecheck, gpucheck, gpureport, syncs
+from lab.bench_builders import default_attention_impl
+from lab.bench_loops import random_words, write_sst2_like
+from lab.bench_measure import COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def fake_data(root: Path) -> Path:
     """A WikiText-shaped corpus of random words and an SST-2-shaped task: what --prepare-data copies."""
-    words = bench.random_words(400)
+    words = random_words(400)
     rng = random.Random(0)
     lines = []
     for d in range(40):
@@ -30,7 +33,7 @@ def fake_data(root: Path) -> Path:
         lines += [" " + " ".join(rng.choices(words, k=60)) + " " for _ in range(5)]
     (root / "wikitext-2").mkdir(parents=True)
     (root / "wikitext-2" / "wiki.train.tokens").write_text("\n".join(lines) + "\n")
-    bench.write_sst2_like(root / "glue", words, 64, 32)
+    write_sst2_like(root / "glue", words, 64, 32)
     return root
 
 
@@ -56,7 +59,7 @@ def test_smoke_run_writes_every_part_and_plausible_figures(tmp_path):
     assert "rtd_loss/fp32" in checks and any(k.startswith("encoder[") for k in checks)
     for key, check in checks.items():
         assert check["ok"], (key, check)
-    assert checks[f"encoder[{bench.default_attention_impl() or 'default'}]/fp32"]["forward"]["max_abs"] < 1e-5
+    assert checks[f"encoder[{default_attention_impl() or 'default'}]/fp32"]["forward"]["max_abs"] < 1e-5
     assert checks["rtd_loss/fp32"]["loss"]["max_rel"] < 1e-5
 
     rows = result["rows"]
@@ -89,7 +92,7 @@ def test_smoke_run_writes_every_part_and_plausible_figures(tmp_path):
     assert result["optional_modules_imported"] == []  # nothing beyond what the GPU machine has
     with open(out / "gpucheck.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(rows) and list(table[0]) == list(bench.COLUMNS)
+    assert len(table) == len(rows) and list(table[0]) == list(COLUMNS)
     summary = (out / "summary.txt").read_text()
     assert summary == proc.stdout[-len(summary) :]  # the summary is also the end of stdout
     assert len(summary.splitlines()) <= 45

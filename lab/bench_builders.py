@@ -26,11 +26,6 @@ SPECIAL_IDS = (0, 1, 2, 3)  # [PAD] [CLS] [SEP] [UNK]
 RTD_WEIGHT = 50.0
 
 
-def dtype_autocast(device: torch.device, dtype: str):
-    """The loops' own autocast context for a benchmark dtype: bf16 autocast, or none for fp32."""
-    return autocast(device, torch.bfloat16 if dtype == "bf16" else None)
-
-
 def model_config(name: str, T: int, vocab: int | None = None, attention_impl: str | None = None):
     """The preset `name`, able to take T tokens."""
     # longer inputs raise max_seq_len only; the relative buckets (and so the attention) are unchanged
@@ -86,7 +81,7 @@ def build_lab_step(
         forward = torch.compile(model, mode=mode, backend=compile_backend)
 
     def step():
-        with dtype_autocast(device, dtype):
+        with autocast(device, dtype):
             loss = forward(ids, mask, special, mask_id, rtd_weight=RTD_WEIGHT).loss
         loss.backward()
         opt.step()
@@ -138,7 +133,7 @@ def build_hf_step(name: str, T: int, B: int, dtype: str, device: torch.device):
     ids, mask = _batch(cfg, B, T, device)
 
     def step():
-        with dtype_autocast(device, dtype):
+        with autocast(device, dtype):
             loss = model(ids, mask, cfg.vocab_size - 1)
         loss.backward()
         opt.step()
@@ -165,7 +160,7 @@ def build_encoder(impl: str, name: str, T: int, B: int, dtype: str, device: torc
     ids, mask = _batch(cfg, B, T, device)
 
     def step():
-        with dtype_autocast(device, dtype):
+        with autocast(device, dtype):
             h = (
                 model(ids, mask)
                 if impl == "lab"
@@ -211,7 +206,7 @@ def build_attention(impl: str, name: str, T: int, B: int, dtype: str, device: to
             return attention(h, pair_mask, relative_pos=rel_pos, rel_embeddings=table)[0]
 
     def step():
-        with dtype_autocast(device, dtype):
+        with autocast(device, dtype):
             out = run()
         out.float().square().mean().backward()
         attention.zero_grad(set_to_none=True)

@@ -42,11 +42,6 @@ def _errors(ours: torch.Tensor, reference: torch.Tensor) -> dict:
     }
 
 
-def _autocast(device, dtype: str):
-    """The loops' own autocast for a dtype name: bf16 autocast, or nothing for fp32."""
-    return autocast(device, torch.bfloat16 if dtype == "bf16" else None)
-
-
 # Tolerances of the checks. fp32 against float64: 1e-5 on the losses and the encoder's hidden
 # states (what the CPU tests hold the reference path to), 1e-5 relative on the gradients' norm.
 # bf16 operands keep ~3 significant digits, and errors grow through the layers: 3e-2.
@@ -70,7 +65,7 @@ def check_rtd_loss(device, shape: Shape, dtype: str) -> dict:
     ids, mask = _padded_batch(cfg.vocab_size, B, T, device)
     special = torch.tensor([0, 1, 2, 3], device=device)
     noise = draw_noise(B, T, 0.15, torch.Generator(device=device).manual_seed(0), device)
-    with _autocast(device, dtype):
+    with autocast(device, dtype):
         out = model(ids, mask, special, cfg.vocab_size - 1, rtd_weight=rtd_weight, noise=noise)
     grads = torch.autograd.grad(out.loss, [out.mlm_logits, out.rtd_logits])
 
@@ -148,7 +143,7 @@ def check_encoder(impl: str | None, dtype: str, device, shape: Shape) -> dict:
         loss.backward()
         return h.detach()[keep]  # [non-pad tokens, D]
 
-    hidden = run(ours, _autocast(device, dtype))
+    hidden = run(ours, autocast(device, dtype))
     ref_hidden = run(reference, contextlib.nullcontext())
     ref_params = dict(reference.named_parameters())
     if isinstance(ours, Encoder):

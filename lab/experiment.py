@@ -42,7 +42,6 @@ from lab.experiment_runs import (
     Progress,
     Run,
     calibrate,
-    duration,
     estimate,
     finetune_config,
     missing_data,
@@ -52,6 +51,7 @@ from lab.experiment_runs import (
     status,
     task_sizes,
 )
+from lab.meter import duration
 from lab.util import append_jsonl, atomic_write_json, data_dir, replace_strict
 
 MODES = ("es", "nes", "gdes")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lab import checkpoint
+from lab.meter import duration
 from lab.util import atomic_write_json, replace_strict
 
 if TYPE_CHECKING:
@@ -237,16 +238,6 @@ def estimate(run: Run, cfg: ExperimentConfig, calibration: dict, sizes: dict[str
     train, dev = sizes[run.task]
     rate, fixed = calibration["finetune_s_per_example"][run.task], calibration["finetune_fixed_s"][run.task]
     return fixed + epochs * (train + dev / 3) * rate
-
-
-def duration(seconds: float) -> str:
-    """Seconds as `1h05m` or `4m07s`."""
-    seconds = int(max(0, seconds))
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-        if seconds >= 3600
-        else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
 
 
 # ---------------------------------------------------------------------------------------------- progress

@@ -503,10 +503,9 @@ def _write_history(out: Path, finished: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------- several tasks and checkpoints
 
 
-def run_table(
-    tasks, inits, seeds=(1, 2, 3), out_dir="runs/glue", out_stem="figures/glue_results", **overrides
-):
-    """Fine-tune every init on every task (results in out_dir/<checkpoint>/<task>/), then `results_table`."""
+def run_table(tasks, inits, seeds=(1, 2, 3), out_dir="runs/glue", out_stem=None, **overrides):
+    """Fine-tune every init on every task (results in out_dir/<checkpoint>/<task>/), then `results_table`
+    (written to out_stem, by default out_dir/glue_results: a run's outputs stay in its directory)."""
     for init in inits:
         for task in tasks:
             name = downstream.get_task(task).name
@@ -516,7 +515,7 @@ def run_table(
                     task=name, init=str(init), seeds=tuple(seeds), out_dir=str(run_out), **overrides
                 )
             )
-    return results_table(out_dir, out_stem)
+    return results_table(out_dir, Path(out_dir) / "glue_results" if out_stem is None else out_stem)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -542,15 +541,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--table", nargs="+", metavar="DIR", help="only collect results.json under DIR(s) into a table"
     )
-    p.add_argument("--table-out", default="figures/glue_results", help="stem of the table's .csv and .png")
+    p.add_argument(
+        "--table-out",
+        help="stem of the table's .csv and .png (default: OUT/glue_results; with --table, runs/glue_results)",
+    )
     return p
 
 
 def cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)  # unknown flags exit with status 2 and a usage message
     if args.table:
-        rows = results_table(args.table, args.table_out)
-        print(f"wrote {args.table_out}.csv and .png ({len(rows)} rows)")
+        stem = args.table_out or "runs/glue_results"
+        rows = results_table(args.table, stem)
+        print(f"wrote {stem}.csv and .png ({len(rows)} rows)")
         return 0
     if not args.task or not args.init or not args.out:
         _parser().error("--task, --init and --out are required (or --table DIR to build a table)")
@@ -571,8 +574,9 @@ def cli(argv: list[str]) -> int:
             print(f"{results['task']} {key}: mean {results['mean'][key]:.4f} median {results['median'][key]:.4f} "
                   f"std {results['std'][key]:.4f} over {len(seeds)} seed(s) -> {args.out}/results.json")  # fmt: skip
         else:
-            run_table(tasks, args.init, seeds, out_dir=args.out, out_stem=args.table_out, **common)
-            print(f"wrote {args.table_out}.csv and .png")
+            stem = args.table_out or Path(args.out) / "glue_results"
+            run_table(tasks, args.init, seeds, out_dir=args.out, out_stem=stem, **common)
+            print(f"wrote {stem}.csv and .png")
     except ValueError as err:
         print(f"error: {err}")
         return 1

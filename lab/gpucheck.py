@@ -10,9 +10,9 @@ scikit-learn, scipy and tqdm, and no network: nothing here (or in the lab module
 anything else at module level, and the run records which optional packages got imported at all. The
 data does not travel by itself: `--prepare-data` copies WikiText-2's training file and the GLUE tasks
 it uses into the git-ignored `.gpudata/`, which goes to the GPU machine together with the checkout.
-Outputs: DIR/gpucheck.json (every part's result), DIR/gpucheck.csv (the benchmark's rows, lab.bench's
-format), DIR/summary.txt (one screen, also printed) and DIR/gpucheck.log; they are rewritten after
-every part, so an interrupted run still leaves what it measured. Commit them as
+Outputs: DIR/gpucheck.json (every part's result), DIR/gpucheck.csv (the benchmark's rows in
+lab/bench_measure.py's format), DIR/summary.txt (one screen, also printed) and DIR/gpucheck.log;
+they are rewritten after every part, so an interrupted run still leaves what it measured. Commit them as
 figures/bench/gpu_<device>.{json,csv,txt}. Scratch files (corpora, runs, caches) go to --work (default
 a temporary folder), never into DIR.
 

@@ -1,6 +1,6 @@
 """The results of `python -m lab gpucheck`: DIR/gpucheck.json (every part's record, the benchmark rows,
-the GPU targets with the values measured), DIR/gpucheck.csv (the rows in lab.bench's CSV format) and
-DIR/summary.txt (one screen, also printed at the end of the run).
+the GPU targets with the values measured), DIR/gpucheck.csv (the rows in the benchmark's CSV format,
+lab/bench_measure.py) and DIR/summary.txt (one screen, also printed at the end of the run).
 """
 
 from __future__ import annotations

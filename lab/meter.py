@@ -123,7 +123,7 @@ class Progress:
         print(
             f"step {row['step']:>6}/{self.total} | loss {row['loss']:.4f} | mlm {row['mlm_loss']:.4f} "
             f"| rtd {row['rtd_loss']:.4f} | lr {row['lr']:.2e} | {ms}{speed} "
-            f"| +{row['overhead_s']:.1f} s eval/probe/ckpt/warm-up | ETA {_duration(eta_s)}",
+            f"| +{row['overhead_s']:.1f} s eval/probe/ckpt/warm-up | ETA {duration(eta_s)}",
             flush=True,
         )
 
@@ -136,7 +136,8 @@ class Progress:
             self.bar.close()
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
+    """Seconds as `1h05m` or `4m07s` (`?` while unknown)."""
     if seconds is None:
         return "?"
     seconds = int(max(0, seconds))

@@ -1,7 +1,7 @@
 """The fine-tuning results table: results.json files of several checkpoints and tasks collected into
 one CSV and one bar chart, next to the paper's GLUE numbers.
 
-    results_table(["runs/ft"], "figures/glue_results")      # = python -m lab finetune --table runs/ft
+    results_table(["runs/ft"], "runs/ft/table")   # = python -m lab finetune --table runs/ft --table-out runs/ft/table
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def checkpoint_label(init: str) -> str:
 
 
 def results_table(
-    paths, out_stem: str | Path = "figures/glue_results", include_paper: bool = True
+    paths, out_stem: str | Path = "runs/glue_results", include_paper: bool = True
 ) -> list[dict]:
     """Collect results.json files (or folders searched for them) into one table of main metrics in percent.
 

@@ -49,9 +49,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def autocast(device: torch.device | str, dtype: torch.dtype | None):
-    """bf16 (or any low-precision) autocast on `device`, or nothing when `dtype` is None / fp32.
-    Losses and softmaxes that must stay in fp32 are cast explicitly by the callers."""
+DTYPE_NAMES = {"fp32": None, "bf16": torch.bfloat16}  # the command lines' dtype names
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | str | None):
+    """bf16 (or any low-precision) autocast on `device`, or nothing when `dtype` is None / fp32; `dtype`
+    may be a torch dtype or a name of DTYPE_NAMES. Losses and softmaxes that must stay in fp32 are cast
+    explicitly by the callers."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPE_NAMES)}")
+        dtype = DTYPE_NAMES[dtype]
     device_type = torch.device(device).type
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()

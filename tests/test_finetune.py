@@ -248,7 +248,7 @@ def test_run_dir_init_uses_exported_discriminator(synthetic, tmp_path):
     assert results_table.checkpoint_label(str(model_dir)) == "gdes"
 
 
-def test_cli_trains_and_builds_table(synthetic, tmp_path):
+def test_cli_trains_and_builds_table(synthetic, tmp_path, monkeypatch):
     root, ckpt = synthetic
     out = tmp_path / "ft" / "ckpt" / "sst2"
     argv = ["--task", "sst2", "--glue-dir", str(root), "--init", str(ckpt), "--out", str(out), "--epochs", "1",
@@ -257,7 +257,7 @@ def test_cli_trains_and_builds_table(synthetic, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert len(results["metrics_per_seed"]) == 2 and results["config"]["max_train_examples"] == 32
 
-    stem = tmp_path / "figures" / "glue"
+    stem = tmp_path / "chosen" / "glue"
     assert finetune.cli(["--table", str(tmp_path / "ft"), "--table-out", str(stem)]) == 0
     lines = stem.with_suffix(".csv").read_text().splitlines()
     assert lines[0].startswith(
@@ -266,6 +266,15 @@ def test_cli_trains_and_builds_table(synthetic, tmp_path):
     assert lines[1].startswith(f"{ckpt.name},ours,{100 * results['mean']['accuracy']:.2f},")
     assert any(line.startswith("DeBERTaV3-large (paper),paper,96.90") for line in lines)
     assert stem.with_suffix(".png").stat().st_size > 1000
+
+    # without --table-out the table stays with the runs, never in the working tree's figures/
+    monkeypatch.chdir(tmp_path)
+    assert finetune.cli(["--table", str(tmp_path / "ft")]) == 0
+    assert (tmp_path / "runs" / "glue_results.csv").read_text().splitlines()[1:] == lines[1:]
+    several = tmp_path / "several"
+    finetune.run_table(["sst2"], [ckpt], seeds=(1,), out_dir=several, glue_dir=str(root), epochs=1,
+                       max_train_examples=16, max_eval_examples=16, device="cpu")  # fmt: skip
+    assert (several / "glue_results.csv").exists() and not (tmp_path / "figures").exists()
 
     with pytest.raises(SystemExit):
         finetune.cli(["--task", "sst2", "--bogus-flag", "1"])

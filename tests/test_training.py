@@ -4,7 +4,7 @@ from torch import nn
 
 from lab.model import preset
 from lab.rtd import RTDModel
-from lab.training import adamw, decay_groups, linear_schedule
+from lab.training import adamw, autocast, decay_groups, linear_schedule
 
 
 def test_linear_schedule_hand_values():
@@ -41,3 +41,15 @@ def test_adamw_decays_only_matrices():
     assert torch.allclose(after[0].detach(), before[0] * (1 - 0.1 * 0.5))
     for b, a in zip(before[1:], after[1:]):  # Linear bias, LayerNorm weight and bias untouched
         assert torch.equal(b, a.detach())
+
+
+def test_autocast_takes_a_dtype_or_its_command_line_name():
+    x = torch.randn(4, 4)
+    for dtype in ("bf16", torch.bfloat16):
+        with autocast("cpu", dtype):
+            assert (x @ x).dtype == torch.bfloat16
+    for dtype in ("fp32", torch.float32, None):
+        with autocast("cpu", dtype):
+            assert (x @ x).dtype == torch.float32
+    with pytest.raises(ValueError, match="'fp16'.*bf16"):
+        autocast("cpu", "fp16")

@@ -169,7 +169,7 @@ def run(bc: BenchConfig, device: torch.device, log=print) -> dict:
     kinds = bc.kinds or default_kinds(device)
     peak_n = bc.peak_n or peak_size(device)
     peaks = {dtype: matmul_peak(dtype, device, peak_n) for dtype in bc.dtypes}
-    log(f"matmul peak ({peak_n}^3): " + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()))
+    log(f"matmul peak ({peak_n}^3): " + ", ".join(f"{d} {p / 1e9:.3g} GFLOP/s" for d, p in peaks.items()))
     log(HEADER)
     rows: list[Row] = []
     for name in bc.presets:

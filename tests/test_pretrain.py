@@ -522,6 +522,19 @@ def test_two_process_torchrun_matches_one_process(tmp_path, sharing, optimizatio
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
 
 
+def test_a_torchrun_worker_keeps_its_exit_code(tmp_path):
+    # torchrun workers leave through os._exit (lab/pretrain.py, cli): an error must still fail the job
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+         str(free_port()), "-m", "lab", "pretrain", "--preset", "tiny", "--corpus", str(tmp_path / "missing.txt"),
+         "--steps", "1", "--progress", "none", "--out-dir", str(tmp_path / "run")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "error:" in run.stderr and "missing.txt" in run.stderr
+    assert "exitcode  : 2" in run.stderr  # the worker's own code, as the launcher reports it
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 

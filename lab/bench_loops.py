@@ -11,7 +11,6 @@ generated data so that no download is needed.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import shutil
 import statistics
@@ -75,16 +74,6 @@ def write_random_corpus(
     return path
 
 
-def pretrain_config(**fields):
-    """A PretrainConfig of the fields it has; returns (config, names it does not have), so a check
-    written for a newer loop (e.g. `compile="auto"`) still runs against an older one and says so."""
-    from lab.pretrain import PretrainConfig
-
-    known = {f.name for f in dataclasses.fields(PretrainConfig)}
-    missing = sorted(set(fields) - known)
-    return PretrainConfig(**{k: v for k, v in fields.items() if k in known}), missing
-
-
 def train_windows(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["split"] == "train"]
 
@@ -101,7 +90,7 @@ def steady_ms_per_step(windows: list[dict]) -> float:
 def pretrain_row(pb: PretrainBench, device, work: Path, peaks: dict | None = None, corpus: str = "",
                  log=print, **overrides) -> Row:  # fmt: skip
     """Tokens/s of lab.pretrain.train() itself at pb's size (on `corpus`, default a random-word one)."""
-    from lab.pretrain import train
+    from lab.pretrain import PretrainConfig, train
 
     work = Path(work)
     if not corpus:
@@ -110,7 +99,7 @@ def pretrain_row(pb: PretrainBench, device, work: Path, peaks: dict | None = Non
         corpus = str(write_random_corpus(work / "corpus.txt", pb.vocab, lines))
     out_dir = work / "run"
     shutil.rmtree(out_dir, ignore_errors=True)  # an existing checkpoint would be resumed
-    cfg, missing = pretrain_config(
+    cfg = PretrainConfig(
         out_dir=str(out_dir), preset=pb.preset, corpus=corpus, vocab_size=pb.vocab, seq_len=pb.seq_len,
         batch_size=pb.batch, steps=pb.steps, log_every=pb.log_every, eval_every=pb.steps + 1, eval_batches=1,
         probe_every=0, ckpt_every=pb.steps, progress="none", device=str(device), **overrides,
@@ -121,7 +110,7 @@ def pretrain_row(pb: PretrainBench, device, work: Path, peaks: dict | None = Non
     dtype = "bf16" if "bfloat16" in summary["dtype"] else "fp32"
     row = Row("pretrain", pb.preset, dtype, pb.seq_len, pb.batch, f"lab-{cfg.sharing}", ms,
               pb.batch * pb.seq_len / (ms / 1e3), vocab=summary["vocab_size"], compile_s=summary.get("compile_s"),
-              note=f"train(); compile={cfg.compile}" + (f"; no field {missing}" if missing else ""))  # fmt: skip
+              note=f"train(); compile={cfg.compile}")  # fmt: skip
     if peaks and dtype in peaks:
         flops = rtd_step_flops(
             model_config(pb.preset, pb.seq_len, summary["vocab_size"]), pb.batch, pb.seq_len

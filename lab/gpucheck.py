@@ -70,7 +70,6 @@ from lab.bench_loops import (
     FinetuneBench,
     PretrainBench,
     finetune_row,
-    pretrain_config,
     pretrain_row,
     steady_ms_per_step,
     train_windows,
@@ -270,13 +269,13 @@ def wikitext(c: Check) -> Path:
 
 
 def part_short_run(c: Check) -> dict:
-    from lab.pretrain import train
+    from lab.pretrain import PretrainConfig, train
 
     size = c.sizes.short_run
     out_dir = c.work / "short-run"
     shutil.rmtree(out_dir, ignore_errors=True)
     eval_every = ckpt_every = size.steps  # evaluation at step 0 only, one checkpoint at the end
-    cfg, missing = pretrain_config(
+    cfg = PretrainConfig(
         out_dir=str(out_dir), preset=size.preset, corpus=str(wikitext(c)), vocab_size=size.vocab,
         seq_len=size.seq_len, batch_size=size.batch, steps=size.steps, log_every=size.log_every,
         eval_every=eval_every, eval_batches=4, probe_every=0, ckpt_every=ckpt_every, progress="line",
@@ -304,7 +303,6 @@ def part_short_run(c: Check) -> dict:
         "rows": [row],
         "final_eval": {k: final.get(k) for k in ("mlm_loss", "mlm_acc", "rtd_acc", "rtd_auc")},
         "final_train_loss": windows[-1]["loss"] if windows else None,
-        "config_fields_missing": missing,
         "corpus": summary.get("corpus_info"),
     }
 

@@ -158,8 +158,8 @@ def train(cfg: PretrainConfig) -> dict:
         return _train(cfg)
     finally:
         if launched and dist.is_initialized():
-            # left to interpreter exit, gloo's worker threads can still hold finished work whose
-            # release needs the GIL: the process then aborts (SIGABRT) after a successful run
+            # the group this call made ends with it (its backend's threads and sockets), so that a
+            # caller can go on or run again; how a torchrun worker then exits is cli()'s concern
             dist.destroy_process_group()
 
 

@@ -6,14 +6,18 @@ import importlib
 import sys
 
 COMMANDS = {
-    "pretrain": ("lab.pretrain", "cli", "RTD pre-training (ES / NES / GDES)"),
-    "finetune": ("lab.finetune", "cli", "GLUE fine-tuning and results tables"),
-    "run": ("lab.notebook", "cli_run", "run a notebook with papermill parameters"),
-    "sweep": ("lab.notebook", "cli_sweep", "pre-train ES, NES and GDES, then the tug-of-war analysis"),
-    "bench": ("lab.bench", "cli", "speed and memory against a transformers-built peer"),
-    "experiment": ("lab.experiment", "cli", "ES / NES / GDES over seeds, fine-tuned, with paired statistics"),
+    "pretrain": ("lab.pretrain.loop", "cli", "RTD pre-training (ES / NES / GDES)"),
+    "finetune": ("lab.finetune.loop", "cli", "GLUE fine-tuning and results tables"),
+    "run": ("lab.notebook.runner", "cli_run", "run a notebook with papermill parameters"),
+    "sweep": ("lab.notebook.runner", "cli_sweep", "pre-train ES, NES and GDES, then the tug-of-war analysis"),
+    "bench": ("lab.bench.benchmark", "cli", "speed and memory against a transformers-built peer"),
+    "experiment": (
+        "lab.analysis.experiment",
+        "cli",
+        "ES / NES / GDES over seeds, fine-tuned, with paired statistics",
+    ),
     "gpucheck": (
-        "lab.gpucheck",
+        "lab.bench.gpucheck",
         "cli",
         "the prepared GPU run: benchmark, CUDA checks, syncs, torchrun, GLUE",
     ),

@@ -3,16 +3,17 @@ import math
 import pytest
 import torch
 
-from lab import analysis
+from lab.analysis import tug_of_war as analysis
+from lab.pretrain import probe
 
 
 def test_average_pairwise_cosine_orthogonal_rows_is_zero():
-    assert analysis.average_pairwise_cosine(torch.eye(5)) == pytest.approx(0.0, abs=1e-12)
+    assert probe.average_pairwise_cosine(torch.eye(5)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_average_pairwise_cosine_identical_rows_is_one():
     E = torch.tensor([[1.0, 2.0, 3.0]]).repeat(4, 1) * torch.tensor([[1.0], [2.0], [0.5], [3.0]])
-    assert analysis.average_pairwise_cosine(E) == pytest.approx(1.0)
+    assert probe.average_pairwise_cosine(E) == pytest.approx(1.0)
 
 
 def test_average_pairwise_cosine_matches_explicit_pairs_and_ids():
@@ -23,19 +24,19 @@ def test_average_pairwise_cosine_matches_explicit_pairs_and_ids():
     sim = u @ u.T
     n = len(ids)
     expected = (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
-    assert analysis.average_pairwise_cosine(E, ids) == pytest.approx(float(expected), abs=1e-6)
+    assert probe.average_pairwise_cosine(E, ids) == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_average_pairwise_cosine_two_opposite_rows_is_minus_one():
-    assert analysis.average_pairwise_cosine(torch.tensor([[1.0, 0.0], [-2.0, 0.0]])) == pytest.approx(-1.0)
+    assert probe.average_pairwise_cosine(torch.tensor([[1.0, 0.0], [-2.0, 0.0]])) == pytest.approx(-1.0)
 
 
 def test_gradient_cosine_opposite_same_and_zero():
     g = torch.randn(3, 4)
-    assert analysis.gradient_cosine(g, -3 * g) == pytest.approx(-1.0)
-    assert analysis.gradient_cosine(g, 2 * g) == pytest.approx(1.0)
-    assert analysis.gradient_cosine(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 5.0])) == pytest.approx(0.0)
-    assert math.isnan(analysis.gradient_cosine(g, torch.zeros(3, 4)))
+    assert probe.gradient_cosine(g, -3 * g) == pytest.approx(-1.0)
+    assert probe.gradient_cosine(g, 2 * g) == pytest.approx(1.0)
+    assert probe.gradient_cosine(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 5.0])) == pytest.approx(0.0)
+    assert math.isnan(probe.gradient_cosine(g, torch.zeros(3, 4)))
 
 
 def test_class_separation_two_class_toy_table():
@@ -74,7 +75,7 @@ def fabricate_run(path, sharing: str, seed: int = 0, steps: int = 40, slow: floa
     import numpy as np
     from safetensors.torch import save_file
 
-    from lab.synthetic import SyntheticLanguage
+    from lab.pretrain.synthetic import SyntheticLanguage
     from lab.tokenizer import train_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
@@ -207,7 +208,7 @@ def test_attention_terms_equal_a_literal_computation():
 
 
 def test_similarity_pull_signs_and_finite_difference():
-    from lab.analysis import average_pairwise_cosine, similarity_pull
+    from lab.pretrain.probe import average_pairwise_cosine, similarity_pull
 
     E = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     together = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])  # -grad moves row 1 towards row 0

@@ -8,9 +8,9 @@ import statistics
 import pytest
 import torch
 
-from lab import bench
-from lab.bench_builders import build_lab_step, rtd_step_flops
-from lab.bench_measure import COLUMNS, count_flops, peak_size, time_alternating
+from lab.bench import benchmark as bench
+from lab.bench.builders import build_lab_step, rtd_step_flops
+from lab.bench.measure import COLUMNS, count_flops, peak_size, time_alternating
 from lab.model import preset
 from lab.util import read_jsonl
 

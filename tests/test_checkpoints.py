@@ -15,9 +15,10 @@ import pytest
 import torch
 from tiny_pretrain import TINY_RUN
 
-from lab import checkpoint, pretrain
-from lab.checkpoint import CheckpointError, CheckpointWarning
-from lab.pretrain import PretrainConfig, train
+from lab.pretrain import checkpoint
+from lab.pretrain import loop as pretrain
+from lab.pretrain.checkpoint import CheckpointError, CheckpointWarning
+from lab.pretrain.loop import PretrainConfig, train
 from lab.util import read_jsonl
 
 # the shared tiny run with a checkpoint every other step, so a kill or a fault finds several to fall back on

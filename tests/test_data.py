@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lab.data import BatchIterator, CorpusSpec, PackedDataset, open_corpus, prepare_corpus
-from lab.synthetic import SyntheticLanguage
+from lab.pretrain.data import BatchIterator, CorpusSpec, PackedDataset, open_corpus, prepare_corpus
+from lab.pretrain.synthetic import SyntheticLanguage
 
 SMALL_SYNTHETIC = "synthetic:seed=1,words=20000"
 

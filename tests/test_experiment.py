@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lab import experiment, experiment_runs
+from lab.analysis import experiment
+from lab.analysis import runs as experiment_runs
+from lab.rtd import SHARING_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("synth_tag", "synth_gram")
@@ -43,7 +45,7 @@ def resumed(tmp_path_factory):
 
     def interrupted(run, cfg):
         if run == experiment_runs.Run("pretrain", "es", 1):
-            from lab import pretrain
+            from lab.pretrain import loop as pretrain
 
             pretrain.train(dataclasses.replace(experiment_runs.pretrain_config(cfg, run), stop_after=4))
             raise KeyboardInterrupt  # as if Ctrl-C came right after the step-4 checkpoint
@@ -97,7 +99,7 @@ def test_experiment_writes_the_report_end_to_end(resumed):
     assert json.loads((report / "summary.json").read_text())["experiment"] == cfg.out_dir
     # every mode x task x metric has 2 x 2 paired seeds; every comparison is listed with its verdict
     table = summary["downstream"]["table"]
-    assert {(r["task"], r["mode"]) for r in table} == {(t, m) for t in TASKS for m in experiment.MODES}
+    assert {(r["task"], r["mode"]) for r in table} == {(t, m) for t in TASKS for m in SHARING_MODES}
     assert all(r["n"] == 4 for r in table)
     diffs = summary["downstream"]["differences"]
     assert {r["comparison"] for r in diffs} == {"gdes - es", "gdes - nes", "nes - es"}
@@ -105,7 +107,7 @@ def test_experiment_writes_the_report_end_to_end(resumed):
     # the tug-of-war quantities of every pre-training run, two seeds per mode
     rows = summary["tug_of_war"]["summary"]
     cos = {r["mode"]: r for r in rows if r["quantity"] == "cos_E_G"}
-    assert set(cos) == set(experiment.MODES) and all(r["n"] == 2 for r in cos.values())
+    assert set(cos) == set(SHARING_MODES) and all(r["n"] == 2 for r in cos.values())
     assert {r["quantity"] for r in rows} >= {
         "final_mlm_loss",
         "cos_E_D",
@@ -176,7 +178,7 @@ def test_the_experiment_imports_without_plotting_or_notebook_packages():
     absent = ("matplotlib", "seaborn", "pandas", "papermill", "datasets", "IPython")
     code = (
         f"import sys; sys.modules.update(dict.fromkeys({absent!r}))\n"
-        "import lab.experiment, lab.pretrain, lab.finetune, lab.analysis, lab.stats\n"
+        "import lab.analysis.experiment, lab.pretrain.loop, lab.finetune.loop, lab.analysis.tug_of_war, lab.analysis.stats\n"
         "from lab import stats; assert stats.plotting_available() is False\n"
         "print('ok')"
     )
@@ -187,7 +189,7 @@ def test_the_experiment_imports_without_plotting_or_notebook_packages():
 def test_gpu_recipe_reads_the_data_folder_it_is_given(tmp_path):
     cfg = experiment.recipe("gpu", tmp_path)
     assert cfg.corpus == f"{tmp_path}/wikitext-2/wiki.train.tokens" and cfg.glue_dir == f"{tmp_path}/glue"
-    assert cfg.preset == "xsmall" and cfg.modes == experiment.MODES and cfg.finetune_seeds == (1, 2, 3)
+    assert cfg.preset == "xsmall" and cfg.modes == SHARING_MODES and cfg.finetune_seeds == (1, 2, 3)
     assert set(cfg.tasks) == {"cola", "sst2", "mrpc", "stsb", "rte"}
     assert "MRPC" in experiment_runs.missing_data("mrpc", cfg)
 

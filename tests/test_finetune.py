@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from lab import finetune, finetune_data, glue, results_table
-from lab.finetune import FinetuneConfig
+from lab.finetune import config as finetune_config
+from lab.finetune import data as finetune_data
+from lab.finetune import glue
+from lab.finetune import loop as finetune
+from lab.finetune import table as results_table
+from lab.finetune.loop import FinetuneConfig
 from lab.hf import save_pretrained
 from lab.model import Encoder, preset
 from lab.tokenizer import train_tokenizer
@@ -103,7 +107,9 @@ def test_seeds_and_results_files_agree(synthetic, tmp_path):
         assert m["accuracy"] == rows[m["best_epoch"] - 1]["accuracy"] == max(h["accuracy"] for h in rows)
         assert m["last_accuracy"] == rows[-1]["accuracy"]
         assert json.loads((tmp_path / "seeds" / f"seed_{m['seed']}.json").read_text())["metrics"] == m
-    assert on_disk["config"]["lr"] == pytest.approx(6e-6 * finetune.LR_SCALE)  # SST-2 default, resolved
+    assert on_disk["config"]["lr"] == pytest.approx(
+        6e-6 * finetune_config.LR_SCALE
+    )  # SST-2 default, resolved
 
 
 @pytest.mark.parametrize("task,metric", [("cola", "mcc"), ("sst2", "accuracy"), ("stsb", "pearson")])
@@ -484,7 +490,7 @@ def test_interrupted_task_table_resumes_finished_tasks(synthetic, tmp_path, monk
 
 
 def test_synthetic_task_reads_the_language_seed_of_the_init_run(tmp_path):
-    from lab.synthetic import SyntheticLanguage
+    from lab.pretrain.synthetic import SyntheticLanguage
 
     lang = SyntheticLanguage(5)
     texts = [*lang.documents(3_000), " ".join(lang.word_class)]

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lab import glue
+from lab.finetune import glue
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 

@@ -1,6 +1,6 @@
 """The prepared GPU run: its smoke mode end to end on the CPU (every part, the files it writes), and the
-pieces it is built from — the sync counter (lab.syncs), the correctness checks (lab.devicecheck, shown
-to catch planted bugs), the budget (lab.budget), the figures' names (lab.gpureport), the data
+pieces it is built from — the sync counter (lab.bench.syncs), the correctness checks (lab.bench.devicecheck, shown
+to catch planted bugs), the budget (lab.bench.budget), the figures' names (lab.bench.gpureport), the data
 preparation, and an import chain that needs nothing the GPU machine lacks."""
 
 import csv
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab import budget, devicecheck, gpucheck, gpureport, syncs
-from lab.bench_builders import default_attention_impl
-from lab.bench_loops import random_words, write_sst2_like
-from lab.bench_measure import COLUMNS
+from lab.bench import budget, devicecheck, gpucheck, gpureport, syncs
+from lab.bench.builders import default_attention_impl
+from lab.bench.loops import random_words, write_sst2_like
+from lab.bench.measure import COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,8 +216,8 @@ def test_finetune_part_needs_a_discriminator_and_says_so(tmp_path):
 def test_the_check_imports_nothing_the_gpu_machine_lacks():
     # a fresh interpreter: what importing the check (and the lab modules its parts import later) loads
     code = (
-        "import sys, lab.gpucheck, lab.pretrain, lab.finetune, lab.bench\n"
-        "from lab.gpureport import OPTIONAL_MODULES\n"
+        "import sys, lab.bench.gpucheck, lab.pretrain.loop, lab.finetune.loop, lab.bench.benchmark\n"
+        "from lab.bench.gpureport import OPTIONAL_MODULES\n"
         "print(','.join(sorted(m for m in OPTIONAL_MODULES if m in sys.modules)))"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

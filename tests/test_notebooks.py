@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import notebook
+from lab.notebook import runner as notebook
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
@@ -127,8 +127,8 @@ def test_tour_parameter_counts_by_hand():
     LayerNorms (4D); the encoder adds the relative table (2 x 256 buckets x D) and two LayerNorms (4D). The
     same closed form reproduces the official model cards (22M / 44M / 86M / 304M backbones):
     tests/test_model.py::test_preset_parameter_counts_match_the_official_table."""
-    from lab import tour
     from lab.model import preset
+    from lab.notebook import tour
     from lab.rtd import RTDModel
 
     D, F, V = 64, 256, 868

@@ -16,10 +16,11 @@ from tiny_pretrain import CORPUS, tiny_config
 from transformers import DebertaV2Model
 
 import lab
-from lab import checkpoint, pretrain
-from lab.data import prepare_corpus
 from lab.model import preset
-from lab.pretrain import PretrainConfig, train
+from lab.pretrain import checkpoint
+from lab.pretrain import loop as pretrain
+from lab.pretrain.data import prepare_corpus
+from lab.pretrain.loop import PretrainConfig, train
 from lab.rtd import RTDModel, draw_noise, mask_tokens, sample
 from lab.util import read_jsonl
 
@@ -312,8 +313,16 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(t
 # Tensor methods that read a value back to the host: on CUDA each waits for the device to finish.
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero")
 LAB = Path(lab.__file__).parent
-HOST_SIDE = {LAB / "data.py", LAB / "tokenizer.py"}  # the data pipeline works on CPU tensors by design
-LOOP = {LAB / "pretrain.py", LAB / "meter.py", LAB / "training.py", LAB / "checkpoint.py"}
+HOST_SIDE = {
+    LAB / "pretrain" / "data.py",
+    LAB / "tokenizer.py",
+}  # the data pipeline works on CPU tensors by design
+LOOP = {
+    LAB / "pretrain" / "loop.py",
+    LAB / "pretrain" / "meter.py",
+    LAB / "training.py",
+    LAB / "pretrain" / "checkpoint.py",
+}
 
 
 def count_host_reads(monkeypatch, cfg) -> Counter:

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from lab import stats
+from lab.analysis import stats
 
 # nine (pre-training seed, fine-tuning seed) pairs; the noise sums to 0 and its sample std is
 # sqrt((4 * 0.04 + 4 * 0.01) / 8) = sqrt(0.025)

@@ -7,11 +7,12 @@ from collections import Counter
 import pytest
 import torch
 
-from lab import finetune, glue, tasks
-from lab.finetune import FinetuneConfig
+from lab.finetune import glue, tasks
+from lab.finetune import loop as finetune
+from lab.finetune.loop import FinetuneConfig
 from lab.hf import save_pretrained
 from lab.model import Encoder, preset
-from lab.synthetic import SyntheticLanguage
+from lab.pretrain.synthetic import SyntheticLanguage
 from lab.tokenizer import train_tokenizer
 
 

@@ -2,7 +2,7 @@
 (test_checkpoints.py) share: a `tiny` model on a small synthetic corpus, 8 steps of 8 x 32 tokens, with
 every interval short enough that logging, evaluation, the probe and checkpoints all happen."""
 
-from lab.pretrain import PretrainConfig
+from lab.pretrain.loop import PretrainConfig
 
 CORPUS = "synthetic:seed=3,words=40000"
 TINY_RUN = dict(

@@ -10,8 +10,8 @@ Experiment directory (`out_dir`):
     experiment.json                          the settings; a rerun with other settings is refused
     experiment.jsonl                         run log: every invocation, run started / reused / finished
     calibration.json                         measured seconds per pre-training step, per fine-tuning example
-    pretrain/<mode>-s<seed>/                 lab.pretrain run directories
-    finetune/<mode>-s<seed>/<task>/f<seed>/  lab.finetune outputs (results.json), one fine-tuning seed each
+    pretrain/<mode>-s<seed>/                 lab.pretrain.loop run directories
+    finetune/<mode>-s<seed>/<task>/f<seed>/  lab.finetune.loop outputs (results.json), one fine-tuning seed each
     report/ (or `report_dir`)                tables (CSV + markdown), figures next to their CSV, summary.json
 
 Resuming: a pre-training run whose summary.json says it completed `steps` is reused; one with a
@@ -19,9 +19,9 @@ checkpoint resumes from it (train() does that); a fine-tuning run with a results
 Runs go in pre-training-seed order (all modes of seed 0, their fine-tuning, then seed 1, ...), so an
 experiment cut short still has complete, paired groups.
 Each run's path, configuration, status and time estimate, and the progress line over the runs, are
-in lab/experiment_runs.py; this module drives them and writes the report.
+in lab/analysis/runs.py, with the experiment's config; this module drives them and writes the report.
 
-The statistics (lab/stats.py): per task and mode mean ± std over seeds, and the paired differences
+The statistics (lab/analysis/stats.py): per task and mode mean ± std over seeds, and the paired differences
 GDES − ES, GDES − NES and NES − ES over (pre-training seed, fine-tuning seed) pairs with a bootstrap
 95 % CI; the same for the tug-of-war quantities of each pre-training run (pairs: pre-training seeds).
 """
@@ -34,11 +34,12 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from lab import analysis, stats
-from lab.experiment_runs import (
+from lab.analysis import stats
+from lab.analysis import tug_of_war as analysis
+from lab.analysis.runs import (
+    ExperimentConfig,
     Progress,
     Run,
     calibrate,
@@ -51,66 +52,10 @@ from lab.experiment_runs import (
     status,
     task_sizes,
 )
-from lab.meter import duration
+from lab.pretrain.meter import duration
 from lab.util import append_jsonl, atomic_write_json, data_dir, replace_strict
 
-MODES = ("es", "nes", "gdes")
 COMPARISONS = (("gdes", "es"), ("gdes", "nes"), ("nes", "es"))
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    out_dir: str = "runs/experiment"  # the experiment directory (see the module docstring)
-    report_dir: str = ""  # where tables and figures go; "" = <out_dir>/report
-    modes: tuple[str, ...] = MODES  # sharing modes to compare
-    pretrain_seeds: tuple[int, ...] = (0, 1, 2)  # one pre-training run per mode and seed
-    finetune_seeds: tuple[int, ...] = (1, 2, 3)  # one fine-tuning run per discriminator, task and seed
-    tasks: tuple[str, ...] = ("synth_tag", "synth_gram")  # fine-tuning tasks (synthetic or GLUE); () = none
-    # pre-training (lab.pretrain.PretrainConfig)
-    preset: str = "mini"
-    corpus: str = "synthetic"
-    vocab_size: int = 4000
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 0  # 0 = a tenth of the steps, at most 100
-    rtd_weight: float = 50.0
-    eval_batches: int = 4
-    # fine-tuning (lab.finetune.FinetuneConfig); None = the task's default
-    glue_dir: str = ""  # GLUE root for GLUE tasks; "" = $LAB_DATA_DIR/glue
-    epochs: int | None = None
-    finetune_lr: float | None = None
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    # runtime
-    device: str = "auto"
-    dtype: str = "auto"  # pre-training autocast: auto (bf16 on CUDA) | fp32 | bf16
-    progress: str = "line"  # line (a status line every `progress_every` s) | bar (tqdm) | none
-    progress_every: float = 30.0
-    calibration_steps: int = 6  # pre-training steps timed for the estimates
-
-    def __post_init__(self) -> None:
-        for name in ("modes", "pretrain_seeds", "finetune_seeds", "tasks"):
-            value = getattr(self, name)
-            value = (
-                tuple(v for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
-            )
-            if name.endswith("seeds"):
-                value = tuple(int(v) for v in value)
-            if not value and name != "tasks":  # no tasks: pre-training and the tug-of-war only
-                raise ValueError(f"ExperimentConfig.{name} is empty; give at least one")
-            if len(set(value)) != len(value):
-                raise ValueError(f"ExperimentConfig.{name}={value} repeats an entry")
-            object.__setattr__(self, name, value)
-        unknown = sorted(set(self.modes) - set(MODES))
-        if unknown:
-            raise ValueError(f"ExperimentConfig.modes has {unknown}; choose from {MODES}")
-        if self.progress not in ("line", "bar", "none"):
-            raise ValueError(f"ExperimentConfig.progress={self.progress!r}; choose line, bar or none")
-        for name in ("steps", "batch_size", "seq_len", "calibration_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ExperimentConfig.{name} must be positive, got {getattr(self, name)}")
 
 
 # Named recipes. Each is sized for its machine; the README states how long each took.
@@ -159,11 +104,11 @@ def recipe(name: str, data_root: str | Path | None = None, **overrides) -> Exper
 def execute(run: Run, cfg: ExperimentConfig) -> None:
     """Train one run (a pre-training run resumes from its checkpoint by itself)."""
     if run.kind == "pretrain":
-        from lab import pretrain
+        from lab.pretrain import loop as pretrain
 
         pretrain.train(pretrain_config(cfg, run))
     else:
-        from lab import finetune
+        from lab.finetune import loop as finetune
 
         finetune.train(finetune_config(cfg, run))
 
@@ -294,7 +239,7 @@ def downstream_records(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> list[di
 
 
 def report(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None, skipped: dict | None = None) -> dict:
-    """The tug-of-war over seeds (lab.analysis.seeded_report) and the downstream tables, into report_dir.
+    """The tug-of-war over seeds (lab.analysis.tug_of_war.seeded_report) and the downstream tables, into report_dir.
     `skipped`: tasks left out, with the reason (recorded in summary.json)."""
     tasks = cfg.tasks if tasks is None else tasks
     out = report_dir(cfg)

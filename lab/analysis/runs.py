@@ -1,8 +1,7 @@
-"""The runs of the sharing experiment (lab/experiment.py), one at a time: where each lives, the
-PretrainConfig / FinetuneConfig it gets, whether it is done, whether its task's data is here, how long
-it should take on this machine (timed by `calibrate`), and the progress line over all of them.
-
-Nothing here imports lab.experiment: the experiment's settings arrive as its `ExperimentConfig`.
+"""The sharing experiment's config and its runs (driven by lab/analysis/experiment.py), one at a time:
+where each lives, the PretrainConfig / FinetuneConfig it gets, whether it is done, whether its task's
+data is here, how long it should take on this machine (timed by `calibrate`), and the progress line
+over all of them.
 """
 
 from __future__ import annotations
@@ -14,14 +13,67 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from lab import checkpoint
-from lab.meter import duration
+from lab.pretrain import checkpoint
+from lab.pretrain.meter import duration
+from lab.rtd import SHARING_MODES
 from lab.util import atomic_write_json, replace_strict
 
-if TYPE_CHECKING:
-    from lab.experiment import ExperimentConfig
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    out_dir: str = "runs/experiment"  # the experiment directory (see the module docstring)
+    report_dir: str = ""  # where tables and figures go; "" = <out_dir>/report
+    modes: tuple[str, ...] = SHARING_MODES  # sharing modes to compare
+    pretrain_seeds: tuple[int, ...] = (0, 1, 2)  # one pre-training run per mode and seed
+    finetune_seeds: tuple[int, ...] = (1, 2, 3)  # one fine-tuning run per discriminator, task and seed
+    tasks: tuple[str, ...] = ("synth_tag", "synth_gram")  # fine-tuning tasks (synthetic or GLUE); () = none
+    # pre-training (lab.pretrain.loop.PretrainConfig)
+    preset: str = "mini"
+    corpus: str = "synthetic"
+    vocab_size: int = 4000
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 0  # 0 = a tenth of the steps, at most 100
+    rtd_weight: float = 50.0
+    eval_batches: int = 4
+    # fine-tuning (lab.finetune.loop.FinetuneConfig); None = the task's default
+    glue_dir: str = ""  # GLUE root for GLUE tasks; "" = $LAB_DATA_DIR/glue
+    epochs: int | None = None
+    finetune_lr: float | None = None
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    # runtime
+    device: str = "auto"
+    dtype: str = "auto"  # pre-training autocast: auto (bf16 on CUDA) | fp32 | bf16
+    progress: str = "line"  # line (a status line every `progress_every` s) | bar (tqdm) | none
+    progress_every: float = 30.0
+    calibration_steps: int = 6  # pre-training steps timed for the estimates
+
+    def __post_init__(self) -> None:
+        for name in ("modes", "pretrain_seeds", "finetune_seeds", "tasks"):
+            value = getattr(self, name)
+            value = (
+                tuple(v for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
+            )
+            if name.endswith("seeds"):
+                value = tuple(int(v) for v in value)
+            if not value and name != "tasks":  # no tasks: pre-training and the tug-of-war only
+                raise ValueError(f"ExperimentConfig.{name} is empty; give at least one")
+            if len(set(value)) != len(value):
+                raise ValueError(f"ExperimentConfig.{name}={value} repeats an entry")
+            object.__setattr__(self, name, value)
+        unknown = sorted(set(self.modes) - set(SHARING_MODES))
+        if unknown:
+            raise ValueError(f"ExperimentConfig.modes has {unknown}; choose from {SHARING_MODES}")
+        if self.progress not in ("line", "bar", "none"):
+            raise ValueError(f"ExperimentConfig.progress={self.progress!r}; choose line, bar or none")
+        for name in ("steps", "batch_size", "seq_len", "calibration_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ExperimentConfig.{name} must be positive, got {getattr(self, name)}")
+
 
 # ---------------------------------------------------------------------------------------------- the runs
 
@@ -103,7 +155,7 @@ def _check_same(run: Run, file: Path, now: dict, key: str | None = None) -> None
 def pretrain_config(cfg: ExperimentConfig, run: Run):
     """The PretrainConfig of one pre-training run; intervals scale with the steps so every run logs
     about 50 train rows, 8 evaluations and 16 probes."""
-    from lab.pretrain import PretrainConfig
+    from lab.pretrain.loop import PretrainConfig
 
     steps = cfg.steps
     return PretrainConfig(
@@ -118,7 +170,7 @@ def pretrain_config(cfg: ExperimentConfig, run: Run):
 
 def finetune_config(cfg: ExperimentConfig, run: Run, init: Path | None = None, **changes):
     """The FinetuneConfig of one fine-tuning run (one seed); `changes` override its fields."""
-    from lab.finetune import FinetuneConfig
+    from lab.finetune.loop import FinetuneConfig
 
     fields = dict(
         task=run.task, glue_dir=cfg.glue_dir, out_dir=str(run.path(cfg)), epochs=cfg.epochs,
@@ -133,7 +185,7 @@ def finetune_config(cfg: ExperimentConfig, run: Run, init: Path | None = None, *
 
 
 def is_glue(task: str) -> bool:
-    from lab import glue
+    from lab.finetune import glue
 
     try:
         glue.get_task(task)
@@ -145,7 +197,7 @@ def is_glue(task: str) -> bool:
 def missing_data(task: str, cfg: ExperimentConfig) -> str:
     """Why `task` cannot run here ("" when it can): a GLUE task needs its train and dev files; the
     synthetic tasks (lab/tasks.py) are generated, never missing. An unknown name raises."""
-    from lab import glue, tasks
+    from lab.finetune import glue, tasks
 
     tasks.get_task(task)  # raises on an unknown task, listing the known ones
     if not is_glue(task):
@@ -159,7 +211,7 @@ def missing_data(task: str, cfg: ExperimentConfig) -> str:
 
 def task_sizes(task: str, cfg: ExperimentConfig) -> tuple[int, int]:
     """(training examples, dev examples) one fine-tuning run uses, for the time estimate."""
-    from lab import tasks
+    from lab.finetune import tasks
 
     splits = tasks.load(task, cfg.glue_dir or None)
     dev = sum(len(split) for name, split in splits.items() if name != "train")
@@ -186,8 +238,9 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
                                          "dtype", "eval_batches", "calibration_steps")}  # fmt: skip
     if known.get("key") == key and set(tasks) <= set(known.get("finetune_fixed_s", {})):
         return known
-    from lab import finetune, pretrain
-    from lab.data import prepare_corpus
+    from lab.finetune import loop as finetune
+    from lab.pretrain import loop as pretrain
+    from lab.pretrain.data import prepare_corpus
 
     work = Path(cfg.out_dir) / "calibration"
     shutil.rmtree(work, ignore_errors=True)

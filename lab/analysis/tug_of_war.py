@@ -1,11 +1,9 @@
 """The tug-of-war analysis: embedding geometry, gradient conflict, and figures drawn from run directories.
 
-The measurement functions at the top are pure (tensors in, floats out) so the training loop can call
-them on live tables; the figure functions below read only the files a run writes (metrics.jsonl,
-summary.json, embeddings.safetensors, token_counts.npy, token_classes.json), never a live model.
-The over-seeds report at the end (`run_quantities`, `seeded_report`) is built from the single-seed
-views, the run reader and the file helpers above it, so it stays here rather than in a module that
-would import most of this one; that puts the file a little past the usual ~600 lines.
+The measures of one table come first (the probe's pure measures live in lab/pretrain/probe.py); the
+figure functions read only the files a run writes (metrics.jsonl, summary.json, embeddings.safetensors,
+token_counts.npy, token_classes.json), never a live model. The over-seeds report at the end
+(`run_quantities`, `seeded_report`) is built from the single-seed views.
 Dimension legend: V rows of a table (vocabulary), D hidden size, n selected rows.
 """
 
@@ -22,69 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lab.pretrain.probe import average_pairwise_cosine
 from lab.util import atomic_write_json, read_jsonl
-
-
-def _rows(E: torch.Tensor, ids: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
-    E = E.detach().float()
-    if E.dim() != 2:
-        raise ValueError(f"expected a [V, D] embedding table, got shape {tuple(E.shape)}")
-    if ids is None:
-        return E
-    ids = torch.as_tensor(ids, dtype=torch.long, device=E.device)
-    return E[ids]  # [n, D]
-
-
-def _mean_pairwise_cosine(rows: torch.Tensor) -> torch.Tensor:
-    """Mean cosine over distinct pairs (i != j) of the non-zero rows [n, D], as a differentiable scalar
-    (nan for fewer than two rows).
-
-    With unit rows u_i, sum_{i,j} u_i.u_j = |sum_i u_i|^2 and the n diagonal terms are 1 each, so the
-    off-diagonal mean is (|sum u_i|^2 - n) / (n (n - 1)): O(n D) memory instead of an n x n matrix,
-    which matters for a 128k-row table. All-zero rows (never-updated padding) have no direction and
-    are dropped.
-    """
-    norms = rows.norm(dim=1, keepdim=True)  # [n, 1]
-    keep = norms.squeeze(1) > 0
-    u = rows[keep] / norms[keep]  # [n, D]
-    n = u.shape[0]
-    if n < 2:
-        return torch.tensor(float("nan"), dtype=rows.dtype)
-    total = u.sum(dim=0)  # [D]
-    return (total.dot(total) - n) / (n * (n - 1))
-
-
-def average_pairwise_cosine(E: torch.Tensor, ids: Sequence[int] | torch.Tensor | None = None) -> float:
-    """Mean cosine similarity over distinct pairs (i != j) of the rows of E (or of E[ids]): the
-    embedding-similarity measure of the DeBERTaV3 paper (He et al. 2023, §3.3). All-zero rows are
-    dropped."""
-    return float(_mean_pairwise_cosine(_rows(E, ids).double()))
-
-
-def gradient_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine between two gradients flattened to vectors; nan when either is all zero (no direction)."""
-    a = a.detach().double().flatten()
-    b = b.detach().double().flatten()
-    if a.shape != b.shape:
-        raise ValueError(f"gradients must have the same number of elements, got {a.numel()} and {b.numel()}")
-    na, nb = a.norm(), b.norm()
-    if na == 0 or nb == 0:
-        return float("nan")
-    return float(a.dot(b) / (na * nb))
-
-
-def similarity_pull(table: torch.Tensor, grad: torch.Tensor, skip: int = 4) -> float:
-    """How a gradient step moves the table's average pairwise cosine: the first-order change of
-    `average_pairwise_cosine(table[skip:])` per unit step along -grad (rows before `skip`, the special
-    ids, are left out). > 0: the step pulls rows together; < 0: it pushes them apart. This measures the
-    tug-of-war the DeBERTaV3 paper describes (He et al. 2023, §3.2): MLM pulls semantically similar
-    tokens together, RTD pushes them apart."""
-    E = table.detach().double()[skip:].requires_grad_(True)
-    mean = _mean_pairwise_cosine(E)
-    if not torch.isfinite(mean):
-        return float("nan")
-    (ds_dE,) = torch.autograd.grad(mean, E)
-    return float(-(ds_dE * grad.detach().double()[skip:]).sum())
 
 
 def class_separation(E: torch.Tensor, token_classes: dict[int, str]) -> dict[str, float]:
@@ -615,7 +552,7 @@ def seeded_report(
     curves with error bands over seeds (MLM loss train and held-out, the similarity pulls), each next
     to its CSV, and the single-seed views of `tug_of_war_report` for the first seed in seed-<s>/.
     """
-    from lab import stats
+    from lab.analysis import stats
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
 """Performance benchmark: lab's RTD step, encoder and attention against a `transformers` peer, plus the
 throughput of the real pre-training and fine-tuning loops.
 
-    python -m lab.bench                      # CPU: mini + xsmall, fp32 + bf16 (several minutes)
-    python -m lab.bench --device cuda        # GPU: every kind below
-    python -m lab.bench --quick              # seconds: tiny sizes, every kind, smoke test
-    python -m lab.bench --json runs/bench/bench.json --csv runs/bench/bench.csv
+    python -m lab.bench.benchmark                      # CPU: mini + xsmall, fp32 + bf16 (several minutes)
+    python -m lab.bench.benchmark --device cuda        # GPU: every kind below
+    python -m lab.bench.benchmark --quick              # seconds: tiny sizes, every kind, smoke test
+    python -m lab.bench.benchmark --json runs/bench/bench.json --csv runs/bench/bench.csv
 
 What is measured, all in one process (CPU memory aside, see below):
   step       one RTD training step: generator + discriminator forward, backward, AdamW step.
@@ -21,11 +21,11 @@ What is measured, all in one process (CPU memory aside, see below):
   attention  one DisentangledSelfAttention forward + backward, once per lab attention implementation
              (`lab` is the default one, `lab-<name>` the others), against transformers' layer; all
              without attention dropout (FlexAttention has none).
-  pretrain   tokens/s of `lab.pretrain.train()` itself (data loading, masking, the whole loop with its
+  pretrain   tokens/s of `lab.pretrain.loop.train()` itself (data loading, masking, the whole loop with its
              defaults, compilation included where the default compiles) on a random-word corpus with a
              SentencePiece vocabulary of `pretrain.vocab` pieces: the median ms/step of the logged
              windows after the first (which holds the warm-up and any compilation).
-  finetune   training examples/s of `lab.finetune.train()` on an SST-2-shaped task of random words
+  finetune   training examples/s of `lab.finetune.loop.train()` on an SST-2-shaped task of random words
              from a random-init encoder: epochs 2.. over their wall time (epoch 1 is warm-up).
 By default the CPU runs step, encoder and attention (the others take minutes there); CUDA runs all.
 Candidates of one comparison are timed alternately (A B A B ...), after warm-up; each figure is the
@@ -68,7 +68,7 @@ from pathlib import Path
 
 import torch
 
-from lab.bench_builders import (
+from lab.bench.builders import (
     attention_impls,
     build,
     build_lab_step,
@@ -76,8 +76,8 @@ from lab.bench_builders import (
     model_config,
     rtd_step_flops,
 )
-from lab.bench_loops import FinetuneBench, PretrainBench, finetune_row, pretrain_row
-from lab.bench_measure import (
+from lab.bench.loops import FinetuneBench, PretrainBench, finetune_row, pretrain_row
+from lab.bench.measure import (
     HEADER,
     Row,
     count_flops,

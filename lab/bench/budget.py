@@ -2,7 +2,7 @@
 budget no longer fits in what is left, stopped (SIGALRM, main thread) when it overruns its budget by
 half, and a failing part records its error, traceback and partial result while the rest continue.
 The caller gets a record per part and a write() call after each, so an interrupted run still leaves
-what it measured. `python -m lab gpucheck` runs its PARTS with it.
+what it measured. `python -m lab gpucheck` runs its PARTS with it (lab/bench/gpucheck.py).
 """
 
 from __future__ import annotations
@@ -15,19 +15,25 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from lab.gpucheck import Check
+
+class PartContext(Protocol):
+    """What run_parts reads of the context every part gets (lab/bench/gpucheck.py's `Check` has it)."""
+
+    device: torch.device
+    smoke: bool
+    log: Callable[[str], None]
+    partial: dict
 
 
 @dataclass(frozen=True)
 class Part:
     name: str
     budget_s: float  # expected seconds on an H100 / H200, generous; the part is skipped if it does not fit
-    run: Callable[[Check], dict]
+    run: Callable[..., dict]  # part(context) -> its result
     cleanup_compile: bool = False  # drop compiled code afterwards (frees CUDA graphs' memory pools)
     smoke: bool = True  # run in the smoke mode too (the other compile modes add no new code path)
 
@@ -61,7 +67,7 @@ def _time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_parts(c: Check, parts, budget_s: float, write: Callable[[dict], None]) -> dict:
+def run_parts(c: PartContext, parts, budget_s: float, write: Callable[[dict], None]) -> dict:
     """Run `parts` in order within `budget_s`; returns {name: record} and calls write() after each.
     Uses c.device, c.smoke (every part runs until the total is spent) and c.log, and keeps c.partial,
     what a part has put there, when it stops or fails."""
@@ -114,7 +120,7 @@ def run_parts(c: Check, parts, budget_s: float, write: Callable[[dict], None]) -
     return records
 
 
-def _cleanup(c: Check, part: Part) -> None:
+def _cleanup(c: PartContext, part: Part) -> None:
     if c.device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.set_sync_debug_mode(0)
     if part.cleanup_compile:

@@ -53,7 +53,7 @@ def check_rtd_loss(device, shape: Shape, dtype: str) -> dict:
     float64 on the same logits: MLM = mean over real masked slots of logsumexp - target logit; RTD =
     mean over non-pad tokens of the binary cross-entropy with logits."""
     from lab.model import preset
-    from lab.pretrain import PretrainConfig
+    from lab.pretrain.loop import PretrainConfig
     from lab.rtd import RTDModel, draw_noise
 
     rtd_weight = PretrainConfig().rtd_weight  # the loop's default weight (50)

@@ -64,9 +64,12 @@ from pathlib import Path
 
 import torch
 
-from lab import bench
-from lab.bench_builders import attention_impls, default_attention_impl
-from lab.bench_loops import (
+from lab.bench import benchmark as bench
+from lab.bench.budget import Part, remaining_s, run_parts
+from lab.bench.builders import attention_impls, default_attention_impl
+from lab.bench.devicecheck import Shape, check_encoder, check_rtd_loss, describe_check, exact_fp32
+from lab.bench.gpureport import rate, summary_text, write_outputs
+from lab.bench.loops import (
     FinetuneBench,
     PretrainBench,
     finetune_row,
@@ -74,11 +77,8 @@ from lab.bench_loops import (
     steady_ms_per_step,
     train_windows,
 )
-from lab.bench_measure import HEADER, Row, format_row, matmul_peak
-from lab.budget import Part, remaining_s, run_parts
-from lab.devicecheck import Shape, check_encoder, check_rtd_loss, describe_check, exact_fp32
-from lab.gpureport import rate, summary_text, write_outputs
-from lab.syncs import SyncCounter
+from lab.bench.measure import HEADER, Row, format_row, matmul_peak
+from lab.bench.syncs import SyncCounter
 from lab.util import data_dir, pick_device, read_jsonl
 
 DATA_FILES = {  # what the device needs, relative to $LAB_DATA_DIR; glue tasks are optional one by one
@@ -182,7 +182,7 @@ def part_env(c: Check) -> dict:
     info["attention_impls"] = [i or "default" for i in attention_impls(c.device)]
     info["default_attention_impl"] = default_attention_impl()
     info["disentangled_flash"] = _version("disentangled_flash")
-    from lab.pretrain import PretrainConfig
+    from lab.pretrain.loop import PretrainConfig
 
     defaults = PretrainConfig()
     info["pretrain_compile_default"] = f"{defaults.compile}/{defaults.compile_mode}"
@@ -269,7 +269,7 @@ def wikitext(c: Check) -> Path:
 
 
 def part_short_run(c: Check) -> dict:
-    from lab.pretrain import PretrainConfig, train
+    from lab.pretrain.loop import PretrainConfig, train
 
     size = c.sizes.short_run
     out_dir = c.work / "short-run"
@@ -319,7 +319,7 @@ def part_torchrun(c: Check) -> dict:
         "compile": "off",  # this part is about the process group, so it runs eagerly
     }  # fmt: skip
     argv = [f"--{k}={v}" for k, v in flags.items()]
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(Path(__file__).resolve().parents[2])
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),

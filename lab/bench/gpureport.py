@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from lab.bench_measure import Row, write_csv
-from lab.devicecheck import describe_check
+from lab.bench.devicecheck import describe_check
+from lab.bench.measure import Row, write_csv
 from lab.util import atomic_write_bytes, atomic_write_json
 
 # packages the GPU machine lacks: the run records which of them got imported at all (it should be none)

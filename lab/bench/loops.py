@@ -1,5 +1,5 @@
 """The benchmark's real-loop rows (`python -m lab bench --kinds pretrain,finetune`, lab/bench.py): the
-throughput of `lab.pretrain.train()` and `lab.finetune.train()` themselves, data loading included, on
+throughput of `lab.pretrain.loop.train()` and `lab.finetune.loop.train()` themselves, data loading included, on
 generated data so that no download is needed.
 
   pretrain_row   tokens/s of pre-training on a random-word corpus (write_random_corpus) with a
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from lab.bench_builders import model_config, rtd_step_flops
-from lab.bench_measure import Row
+from lab.bench.builders import model_config, rtd_step_flops
+from lab.bench.measure import Row
 from lab.model import Encoder, preset
 from lab.util import read_jsonl
 
@@ -89,8 +89,8 @@ def steady_ms_per_step(windows: list[dict]) -> float:
 
 def pretrain_row(pb: PretrainBench, device, work: Path, peaks: dict | None = None, corpus: str = "",
                  log=print, **overrides) -> Row:  # fmt: skip
-    """Tokens/s of lab.pretrain.train() itself at pb's size (on `corpus`, default a random-word one)."""
-    from lab.pretrain import PretrainConfig, train
+    """Tokens/s of lab.pretrain.loop.train() itself at pb's size (on `corpus`, default a random-word one)."""
+    from lab.pretrain.loop import PretrainConfig, train
 
     work = Path(work)
     if not corpus:
@@ -148,8 +148,8 @@ def random_init_checkpoint(path: Path, preset_name: str, vocab: int, words: list
 
 def finetune_row(fb: FinetuneBench, device, work: Path, init: str = "", glue_dir: str = "", task: str = "sst2",
                  log=print) -> Row:  # fmt: skip
-    """Training examples/s of lab.finetune.train() (default: a random-init encoder on random words)."""
-    from lab import finetune
+    """Training examples/s of lab.finetune.loop.train() (default: a random-init encoder on random words)."""
+    from lab.finetune import loop as finetune
 
     work = Path(work)
     synthetic = not init

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lab.bench_builders import build
+from lab.bench.builders import build
 
 
 def peak_size(device: torch.device) -> int:
@@ -122,7 +122,7 @@ def measure_memory(spec: dict, device: torch.device) -> dict[str, float]:
     if not Path("/proc/self/clear_refs").exists():
         return {"peak_mb": float("nan"), "step_mb": float("nan")}  # not Linux: no per-process high-water
     result = subprocess.run(
-        [sys.executable, "-m", "lab.bench", "--memory-probe", json.dumps(spec)],
+        [sys.executable, "-m", "lab.bench.benchmark", "--memory-probe", json.dumps(spec)],
         capture_output=True,
         text=True,
         check=False,

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from lab import glue
-from lab import tasks as downstream
+from lab.finetune import glue
+from lab.finetune import tasks as downstream
 from lab.tokenizer import Tokenizer
 from lab.util import to_device
 
 if TYPE_CHECKING:
-    from lab.finetune import FinetuneConfig
+    from lab.finetune.config import FinetuneConfig
 
 IGNORE = -100  # label of positions a token task does not score ([CLS], [SEP], non-first pieces, padding)
 

@@ -1,6 +1,6 @@
-"""Fine-tuning of a pre-trained discriminator on GLUE and the synthetic-language tasks (lab/tasks.py),
-over seeds; the data side is lab/finetune_data.py, the table that compares checkpoints
-lab/results_table.py.
+"""Fine-tuning of a pre-trained discriminator on GLUE and the synthetic-language tasks
+(lab/finetune/tasks.py), over seeds; its config and the per-task defaults are lab/finetune/config.py,
+the data side lab/finetune/data.py, the table that compares checkpoints lab/finetune/table.py.
 
     train(FinetuneConfig(task="mrpc", init="runs/gdes", out_dir="runs/ft/gdes/mrpc"))  -> results dict
     python -m lab finetune --task mrpc --init runs/gdes --out runs/ft/gdes/mrpc --seeds 1,2,3
@@ -12,7 +12,7 @@ Sentence heads are the official GLUE head (microsoft/DeBERTa `DeBERTa/apps/model
 Linear(dropout(pooled)); cross-entropy, or MSE on a single output for STS-B. Token tasks use
 `transformers`' `DebertaV2ForTokenClassification` head, logits = Linear(dropout(h)) at every token, the
 label on the first piece of each word. Inputs are `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, pairs
-truncated as `transformers`' fast tokenizers do with `truncation="longest_first"` (lab/finetune_data.py).
+truncated as `transformers`' fast tokenizers do with `truncation="longest_first"` (lab/finetune/data.py).
 AdamW (no decay on biases and LayerNorm), linear warmup then linear decay, grad-norm clip 1.0, dev
 evaluation after every epoch. Each seed reports the epoch with the best main dev metric (the paper's
 convention; that state is the one kept) and, labelled `last_<metric>`, the last epoch's, so the
@@ -23,14 +23,9 @@ step slices its batch from them (batch width rounded up to a multiple of `length
 compiled model sees few shapes), keeps its loss on the device and makes no host sync; evaluation
 collects logits on the device and copies them once per split.
 
-Defaults per task (`TASK_DEFAULTS`) start from the official DeBERTaV3-large recipe and are scaled
-for the small models this workbench trains:
-  * learning rate x6: the official small/xsmall MNLI rate is 4.5e-5 against 7e-6 for large;
-  * at least 3 epochs (the small-model MNLI recipe uses 3 where large uses 2);
-  * warmup as a fraction of all steps (10%) instead of the paper's step counts, which assume the full
-    training sets and would swallow a whole run on a `max_train_examples` slice;
-  * batch size, head dropout and max length as in the paper (max length is capped by the model's).
-Every default can be overridden in `FinetuneConfig`; `results.json` records the values used.
+Defaults per task (`TASK_DEFAULTS`, lab/finetune/config.py) start from the official DeBERTaV3-large
+recipe, scaled for the small models this workbench trains; every default can be overridden in
+`FinetuneConfig`; `results.json` records the values used.
 
 Outputs in `out_dir`: config.json, seeds/seed_<n>.json (one per finished seed, written atomically: a
 rerun of an interrupted run trains only the missing seeds), metrics.jsonl (one row per seed and
@@ -48,7 +43,6 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,110 +51,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lab import tasks as downstream
-from lab.finetune_data import IGNORE, Encoded, load_data
+from lab.finetune import tasks as downstream
+from lab.finetune.config import FinetuneConfig
+from lab.finetune.data import IGNORE, Encoded, load_data
+from lab.finetune.table import checkpoint_label, results_table
 from lab.model import Encoder, init_weights
-from lab.results_table import checkpoint_label, results_table
 from lab.tokenizer import Tokenizer
 from lab.training import adamw, autocast, linear_schedule, set_lr
 from lab.util import atomic_write_bytes, atomic_write_json, pick_device, replace_strict, to_device
-
-# Official DeBERTaV3-large recipe: epochs, warmup steps, lr, batch, head dropout, max len, from the
-# fine-tuning scripts of microsoft/DeBERTa (`experiments/glue/*.sh`) and the paper's appendix (He, Gao,
-# Chen, "DeBERTaV3", ICLR 2023, arXiv 2111.09543).
-PAPER_RECIPE = {
-    "mnli": (2, 500, 7e-6, 64, 0.3, 256),
-    "qqp": (6, 1000, 1e-5, 64, 0.2, 320),
-    "qnli": (6, 200, 7e-6, 64, 0.2, 512),
-    "sst2": (8, 500, 6e-6, 32, 0.1, 128),
-    "cola": (10, 50, 5.5e-6, 32, 0.1, 64),
-    "stsb": (4, 50, 7e-6, 32, 0.1, 128),
-    "rte": (6, 50, 1e-5, 32, 0.3, 320),
-    "mrpc": (6, 50, 6e-6, 32, 0.2, 128),
-    "wnli": (6, 50, 6e-6, 32, 0.1, 128),  # not in the paper's table; MRPC-like settings
-}
-LR_SCALE = 6.0  # small-model rate / large-model rate in the official MNLI recipes (4.5e-5 / 7e-6)
-TASK_DEFAULTS = {
-    task: {"epochs": max(epochs, 3), "lr": lr * LR_SCALE, "batch_size": batch, "head_dropout": dropout,
-           "max_seq_len": max_len}
-    for task, (epochs, _warmup, lr, batch, dropout, max_len) in PAPER_RECIPE.items()
-}  # fmt: skip
-# The synthetic tasks are small (300 / 2,000 training sentences of ~8 words), so they get more epochs
-# and higher rates than GLUE. Chosen on a `tiny` discriminator pre-trained 600 steps on synthetic:0
-# against the same model untrained (accuracy 0.83 vs 0.79 on synth_tag, MCC 0.60-0.65 vs 0.0 on
-# synth_gram); synth_tag at 1e-4 or 3e-4 does not converge in its ~100 steps.
-TASK_DEFAULTS["synth_tag"] = {
-    "epochs": 10,
-    "lr": 1e-3,
-    "batch_size": 32,
-    "head_dropout": 0.1,
-    "max_seq_len": 128,
-}
-TASK_DEFAULTS["synth_gram"] = {
-    "epochs": 5,
-    "lr": 1e-4,
-    "batch_size": 32,
-    "head_dropout": 0.1,
-    "max_seq_len": 128,
-}
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    task: str = (
-        "mrpc"  # GLUE: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; synthetic: synth_tag, synth_gram
-    )
-    glue_dir: str = ""  # GLUE root with <TASK>/train.tsv ...; "" = $LAB_DATA_DIR/glue
-    init: str = ""  # pre-training run dir (uses export/discriminator/), HF-format dir, or hub name
-    out_dir: str = "runs/finetune"  # where config.json, seeds/, metrics.jsonl and results.json go
-    synthetic_seed: int | None = None  # synthetic tasks' language; None = the init run's corpus seed, else 0
-    epochs: int | None = None  # None = task default (TASK_DEFAULTS)
-    lr: float | None = None  # peak learning rate; None = task default
-    batch_size: int | None = None  # None = task default
-    warmup_steps: int | None = None  # linear warmup steps; None = warmup_ratio of all steps
-    warmup_ratio: float = 0.1  # used when warmup_steps is None
-    weight_decay: float = 0.01  # AdamW decay, not applied to biases and LayerNorm
-    head_dropout: float | None = None  # dropout before the output layer; None = task default
-    max_seq_len: int | None = None  # tokens incl. [CLS]/[SEP]; None = task default, capped by the model
-    seeds: tuple[int, ...] = (1,)  # one fine-tuning run per seed (head init + batch order)
-    max_train_examples: int | None = None  # a fixed random slice (same for every seed); None = all
-    max_eval_examples: int | None = None  # per dev split; None = all
-    eval_batch_size: int = 128
-    grad_clip: float = 1.0  # global grad-norm clip
-    length_bucket: int = 0  # batch widths rounded up to a multiple of this; 0 = 16 on CUDA, 1 (exact) on CPU
-    compile: bool = False  # torch.compile the model (pays a compile per seed; worth it on long CUDA runs)
-    device: str = "auto"  # "auto" = cuda if available, else cpu
-    bf16: bool = True  # bf16 autocast on CUDA (losses in fp32); ignored on CPU
-
-    def __post_init__(self) -> None:
-        downstream.get_task(self.task)  # raises on unknown tasks, listing the known ones
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        if not self.seeds:
-            raise ValueError("FinetuneConfig.seeds is empty; give at least one seed, e.g. (1,)")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"FinetuneConfig.seeds has duplicates: {self.seeds}")
-        positive = ("epochs", "lr", "batch_size", "max_seq_len", "max_train_examples", "max_eval_examples")
-        for name in (*positive, "eval_batch_size"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(
-                    f"FinetuneConfig.{name} must be positive (or None for the default), got {value}"
-                )
-        for name in ("warmup_steps", "length_bucket"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("warmup_ratio", "head_dropout"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value < 1.0:
-                raise ValueError(f"FinetuneConfig.{name} must be in [0, 1), got {value}")
-
-    def resolved(self) -> FinetuneConfig:
-        """The config with the task's canonical name and every None default replaced by its value
-        (synthetic_seed is resolved by `train`, which reads the init run)."""
-        task = downstream.get_task(self.task).name
-        defaults = {k: v for k, v in TASK_DEFAULTS[task].items() if getattr(self, k) is None}
-        return replace_strict(self, task=task, **defaults)
-
 
 # ---------------------------------------------------------------------------------------------- model
 
@@ -241,7 +139,7 @@ def load_encoder(init: str) -> tuple[Encoder, Tokenizer]:
 
 def corpus_seed(init: str) -> int | None:
     """The synthetic-language seed of a lab pre-training run's corpus (`synthetic:SEED`), else None."""
-    from lab.data import _parse_synthetic
+    from lab.pretrain.data import _parse_synthetic
 
     config = Path(init).expanduser() / "config.json"
     if not config.is_file():

@@ -10,8 +10,8 @@ import csv
 import json
 from pathlib import Path
 
-from lab import glue
-from lab import tasks as downstream
+from lab.finetune import glue
+from lab.finetune import tasks as downstream
 
 # GLUE dev results, in percent, main metric of each task (MNLI: matched): DeBERTaV3 from the paper
 # (§5.1: the large models' GLUE table, MNLI of base / small / xsmall); ELECTRA-Small as re-implemented

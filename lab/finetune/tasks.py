@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lab import glue
-from lab.synthetic import ADJECTIVES, CLAUSE_VERBS, FUNCTION, NOUNS, VERBS, SyntheticLanguage
+from lab.finetune import glue
+from lab.pretrain.synthetic import ADJECTIVES, CLAUSE_VERBS, FUNCTION, NOUNS, VERBS, SyntheticLanguage
 
 # Every word class of the language, in label-id order; "punct" is the class of the full stop.
 WORD_CLASSES = (*FUNCTION, *NOUNS, *VERBS, *ADJECTIVES, "adv.manner", "num", "punct")

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 MODES = ("es", "nes", "gdes")
 
@@ -122,7 +122,7 @@ def _read_summary(out_dir: Path) -> dict:
 def pretrain_config(out_dir: str | Path, steps: int, **fields):
     """A PretrainConfig whose log / eval / probe / checkpoint intervals and warmup scale with `steps`, so a
     30-step notebook run and a 3000-step sweep both get curves with a useful number of points."""
-    from lab.pretrain import PretrainConfig
+    from lab.pretrain.loop import PretrainConfig
     from lab.util import replace_strict
 
     scaled = {
@@ -143,7 +143,7 @@ def ensure_runs(run_dirs: dict[str, str], work_dir: str | Path, **fields) -> dic
     """Run directories by mode; an empty entry is trained now under work_dir/runs/<mode> (PretrainConfig
     fields from `fields`, e.g. steps=30, preset="tiny"). A finished run there is resumed, not retrained:
     train() only re-evaluates it (or trains on to a larger `steps`, or refuses a different config)."""
-    from lab.pretrain import train
+    from lab.pretrain.loop import train
 
     runs = {}
     for mode, path in run_dirs.items():
@@ -165,7 +165,7 @@ def resolve_init(init: str | Path) -> str:
 def run_curves(run_dir: str | Path) -> Path:
     """Loss curves of one run from its metrics.jsonl: total, MLM and RTD train loss plus the held-out
     rows; written as figures/curves.{csv,png,svg} in the run directory. Returns the PNG."""
-    from lab.analysis import load_run, new_figure, save_figure, write_csv
+    from lab.analysis.tug_of_war import load_run, new_figure, save_figure, write_csv
 
     run = load_run(project_path(run_dir))
     out = run.path / "figures"

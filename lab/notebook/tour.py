@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab.analysis import attention_terms
-from lab.checkpoint import load_state
+from lab.analysis.tug_of_war import attention_terms
 from lab.model import count_parameters, preset
+from lab.pretrain.checkpoint import load_state
+from lab.pretrain.synthetic import SyntheticLanguage
 from lab.rtd import RTDModel, draw_noise
-from lab.synthetic import SyntheticLanguage
 from lab.tokenizer import Tokenizer, train_tokenizer
 
 

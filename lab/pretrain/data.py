@@ -1,7 +1,7 @@
 """Pre-training data: corpus sources → cached token file → packed examples → sharded, resumable batches.
 
 Sources (`CorpusSpec.source`):
-* `synthetic`, `synthetic:SEED` or `synthetic:seed=S,words=N` -- the embedded language of lab.synthetic.
+* `synthetic`, `synthetic:SEED` or `synthetic:seed=S,words=N` -- the embedded language of lab.pretrain.synthetic.
 * a file, folder (searched recursively) or glob of `.txt` (documents are blank-line-separated blocks, or
   one per line with `txt_documents="line"`), `.jsonl` (one JSON object per line, text in `text_field`;
   a corrupt line is counted and reported with its line number, not fatal) and WikiText
@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab.synthetic import DEFAULT_WORDS, GENERATOR_VERSION, SyntheticLanguage
+from lab.pretrain.synthetic import DEFAULT_WORDS, GENERATOR_VERSION, SyntheticLanguage
 from lab.tokenizer import Tokenizer, train_tokenizer
 from lab.util import atomic_write_json, cache_dir
 

@@ -4,9 +4,9 @@
 (with the gradient-conflict probe when due) -> clip -> step -> log -> checkpoint, then the final
 evaluation and export. Each phase is a function below it: `setup`, `train_step`, `evaluate` /
 `gradient_probe`, `save_checkpoint`, `log_window`, `finish`.
-The loop and its phases stay in this one file, past the usual ~600 lines, so that a run reads top to
-bottom in one place as nanoGPT's train.py does; what the loop only calls lives elsewhere (the RTD step
-in lab/rtd.py, the log in lab/meter.py, the checkpoint ring in lab/checkpoint.py).
+What the loop only calls lives beside it: the RTD step in lab/rtd.py, the log in
+lab/pretrain/meter.py, the checkpoint ring in lab/pretrain/checkpoint.py, the probe's measures in
+lab/pretrain/probe.py.
 
 A steady-state step never waits for the device: losses and the non-finite flag are summed on the
 device (`Meter`) and read at log steps only; batches go to the GPU from pinned memory without
@@ -19,7 +19,7 @@ each rank takes its rows. So a resumed run repeats an uninterrupted one exactly,
 compute the same losses as one process with the same global batch (with dropout off).
 
 Run directory (cfg.out_dir): config.json, metrics.jsonl, summary.json, checkpoints/ (a ring of
-checksummed checkpoints, see lab/checkpoint.py), tokenizer/spm.model, token_counts.npy,
+checksummed checkpoints, see lab/pretrain/checkpoint.py), tokenizer/spm.model, token_counts.npy,
 token_classes.json (synthetic corpus), embeddings.safetensors (generator / discriminator / delta
 tables), export/discriminator and export/generator (HF format).
 """
@@ -39,13 +39,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from lab import checkpoint
-from lab.analysis import gradient_cosine, similarity_pull
-from lab.checkpoint import CheckpointError
-from lab.data import BatchIterator, PreparedCorpus, prepare_corpus
 from lab.hf import save_pretrained
-from lab.meter import Meter, Progress
 from lab.model import preset
+from lab.pretrain import checkpoint
+from lab.pretrain.checkpoint import CheckpointError
+from lab.pretrain.data import BatchIterator, PreparedCorpus, prepare_corpus
+from lab.pretrain.meter import Meter, Progress
+from lab.pretrain.probe import gradient_cosine, similarity_pull
 from lab.rtd import MASK_STRATEGIES, SHARING_MODES, RTDModel, draw_noise
 from lab.training import adamw, autocast, linear_schedule, set_lr
 from lab.util import (

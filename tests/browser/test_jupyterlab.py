@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import notebook
+from lab.notebook import runner as notebook
 
 pytestmark = pytest.mark.browser
 

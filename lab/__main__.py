@@ -7,7 +7,8 @@ import sys
 
 COMMANDS = {
     "pretrain": ("lab.pretrain.loop", "cli", "RTD pre-training (ES / NES / GDES)"),
-    "finetune": ("lab.finetune.loop", "cli", "GLUE fine-tuning and results tables"),
+    "finetune": ("lab.finetune.loop", "cli", "fine-tuning on GLUE or the synthetic tasks, over seeds"),
+    "table": ("lab.finetune.table", "cli", "fine-tuning results of several checkpoints in one table"),
     "run": ("lab.notebook.runner", "cli_run", "run a notebook with papermill parameters"),
     "sweep": ("lab.notebook.runner", "cli_sweep", "pre-train ES, NES and GDES, then the tug-of-war analysis"),
     "bench": ("lab.bench.benchmark", "cli", "speed and memory against a transformers-built peer"),

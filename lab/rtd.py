@@ -25,6 +25,7 @@ from lab.model import Encoder, Layer, ModelConfig, compute_dtype, init_weights, 
 from lab.util import replace_strict
 
 SHARING_MODES = ("es", "nes", "gdes")
+RTD_WEIGHT = 50.0  # lambda in L_MLM + lambda * L_RTD: ELECTRA's 50 (the official DeBERTa code uses 10)
 # "mask": every selected token becomes [MASK], DeBERTa's RTD setting (rtd_task.py builds its
 # NGramMaskGenerator with mask_prob=1, keep_prob=0); "bert": BERT's 80 % [MASK] / 10 % random / 10 %
 # unchanged (ELECTRA too keeps some selected tokens unchanged)
@@ -273,7 +274,7 @@ class RTDModel(nn.Module):
         attention_mask: torch.Tensor,
         special_ids: torch.Tensor,
         mask_id: int,
-        rtd_weight: float = 50.0,
+        rtd_weight: float = RTD_WEIGHT,
         mask_prob: float = 0.15,
         mask_strategy: str = "mask",
         temperature: float = 1.0,

@@ -1,6 +1,7 @@
-"""What every training loop here shares: the AdamW parameter groups, the learning-rate schedule and
-the mixed-precision context. Pre-training (lab/pretrain.py), fine-tuning (lab/finetune.py) and the
-benchmark (lab/bench_builders.py) all use these, so the three cannot drift apart.
+"""What every training loop here shares: the AdamW parameter groups, the learning-rate schedule, the
+mixed-precision context and the `dtype` / `compile` choices. Pre-training (lab/pretrain/loop.py),
+fine-tuning (lab/finetune/loop.py) and the benchmark (lab/bench/builders.py) all use these, so the
+three cannot drift apart.
 """
 
 from __future__ import annotations
@@ -50,6 +51,22 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 DTYPE_NAMES = {"fp32": None, "bf16": torch.bfloat16}  # the command lines' dtype names
+DTYPES = ("auto", *DTYPE_NAMES)  # a config's `dtype`: auto = bf16 autocast on CUDA, fp32 on the CPU
+COMPILE = ("auto", "on", "off")  # a config's `compile`: auto = torch.compile on CUDA, eager on the CPU
+# torch.compile's modes; reduce-overhead captures CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a config's `dtype` (one of DTYPES) means on `device`; None = fp32."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return DTYPE_NAMES[dtype]
+
+
+def compile_on(compile: str, device: torch.device) -> bool:
+    """Whether a config's `compile` (one of COMPILE) means torch.compile on `device`."""
+    return compile == "on" or (compile == "auto" and device.type == "cuda")
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | str | None):

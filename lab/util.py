@@ -1,14 +1,14 @@
-"""Small shared helpers: where data lives, strict configs, atomic files, device choice."""
+"""Small shared helpers: where data lives, strict configs, atomic files, device choice.
+The command line's config parsing is lab/cli.py."""
 
 from __future__ import annotations
 
-import argparse
+import csv
 import dataclasses
-import inspect
 import json
 import os
-import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,37 +90,19 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def config_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one --flag per dataclass field (unknown flags are rejected)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    # each field's trailing comment in the dataclass source is its help text
-    comments = dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
-    parser.add_argument("--config", help="JSON file of field values (flags override it)")
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):
-            parser.add_argument(
-                flag,
-                dest=field.name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=comments.get(field.name),
+def write_csv(
+    path: str | os.PathLike, rows: list[dict], columns: Sequence[str] | None = None, digits: int | None = 6
+) -> Path:
+    """`rows` as a CSV file: the header is `columns` (other keys dropped) or every key in first-seen
+    order; floats with `digits` significant digits (None: as Python prints them). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(
+                {k: (f"{v:.{digits}g}" if digits and isinstance(v, float) else v) for k, v in r.items()}
             )
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(field.type), str)
-            parser.add_argument(
-                flag,
-                dest=field.name,
-                type=kind,
-                default=None,
-                metavar=field.type.upper(),
-                help=comments.get(field.name),
-            )
-    return parser
-
-
-def parse_config(cls, parser: argparse.ArgumentParser, argv: list[str]):
-    args = vars(parser.parse_args(argv))
-    values = json.loads(Path(args.pop("config")).read_text()) if args.get("config") else {}
-    values.update({k: v for k, v in args.items() if v is not None})
-    return from_dict(cls, values)
+    return path

@@ -66,17 +66,7 @@ def close(a, b, rel=1e-9):
 
 def test_quick_benchmark_figures_follow_from_the_times_they_claim(tmp_path):
     json_path, csv_path, work = tmp_path / "bench.json", tmp_path / "bench.csv", tmp_path / "work"
-    argv = [
-        "--quick",
-        "--dtypes",
-        "fp32",
-        "--json",
-        str(json_path),
-        "--csv",
-        str(csv_path),
-        "--work-dir",
-        str(work),
-    ]
+    argv = ["--quick", "--dtypes", "fp32", "--out-dir", str(tmp_path), "--work-dir", str(work)]
     assert bench.cli(argv) == 0
 
     result = json.loads(json_path.read_text())

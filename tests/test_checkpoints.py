@@ -1,5 +1,5 @@
 """Faults survived, nothing lost: the checkpoint ring and its checksums, fallback from damaged files,
-one clear message when none is usable, failing writes, and kills at any moment (lab/checkpoint.py)."""
+one clear message when none is usable, failing writes, and kills at any moment (lab/pretrain/checkpoint.py)."""
 
 import errno
 import hashlib

@@ -44,7 +44,7 @@ def resumed(tmp_path_factory):
     real = experiment.execute
 
     def interrupted(run, cfg):
-        if run == experiment_runs.Run("pretrain", "es", 1):
+        if run == experiment_runs.PlannedRun("pretrain", "es", 1):
             from lab.pretrain import loop as pretrain
 
             pretrain.train(dataclasses.replace(experiment_runs.pretrain_config(cfg, run), stop_after=4))
@@ -197,7 +197,7 @@ def test_gpu_recipe_reads_the_data_folder_it_is_given(tmp_path):
 def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
     # a fine-tuning result saved under an older task default (lr) must not enter the statistics
     cfg = tiny(tmp_path / "exp")
-    run = experiment_runs.Run("finetune", "es", 0, "synth_tag", 1)
+    run = experiment_runs.PlannedRun("finetune", "es", 0, "synth_tag", 1)
     saved = dataclasses.asdict(experiment_runs.finetune_config(cfg, run).resolved())
     saved["lr"] = saved["lr"] / 10
     run.path(cfg).mkdir(parents=True)

@@ -257,14 +257,14 @@ def test_run_dir_init_uses_exported_discriminator(synthetic, tmp_path):
 def test_cli_trains_and_builds_table(synthetic, tmp_path, monkeypatch):
     root, ckpt = synthetic
     out = tmp_path / "ft" / "ckpt" / "sst2"
-    argv = ["--task", "sst2", "--glue-dir", str(root), "--init", str(ckpt), "--out", str(out), "--epochs", "1",
+    argv = ["--task", "sst2", "--glue-dir", str(root), "--init", str(ckpt), "--out-dir", str(out), "--epochs", "1",
             "--max-train-examples", "32", "--max-eval-examples", "32", "--seeds", "1,2", "--device", "cpu"]  # fmt: skip
     assert finetune.cli(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert len(results["metrics_per_seed"]) == 2 and results["config"]["max_train_examples"] == 32
 
-    stem = tmp_path / "chosen" / "glue"
-    assert finetune.cli(["--table", str(tmp_path / "ft"), "--table-out", str(stem)]) == 0
+    stem = tmp_path / "chosen" / "glue_results"
+    assert results_table.cli(["--runs", str(tmp_path / "ft"), "--out-dir", str(stem.parent)]) == 0
     lines = stem.with_suffix(".csv").read_text().splitlines()
     assert lines[0].startswith(
         "checkpoint,source,sst2,sst2_std,sst2_seeds,sst2_last,sst2_n_dev,sst2_dev_official"
@@ -273,9 +273,9 @@ def test_cli_trains_and_builds_table(synthetic, tmp_path, monkeypatch):
     assert any(line.startswith("DeBERTaV3-large (paper),paper,96.90") for line in lines)
     assert stem.with_suffix(".png").stat().st_size > 1000
 
-    # without --table-out the table stays with the runs, never in the working tree's figures/
+    # without --out-dir the table stays with the runs, never in the working tree's figures/
     monkeypatch.chdir(tmp_path)
-    assert finetune.cli(["--table", str(tmp_path / "ft")]) == 0
+    assert results_table.cli(["--runs", str(tmp_path / "ft")]) == 0
     assert (tmp_path / "runs" / "glue_results.csv").read_text().splitlines()[1:] == lines[1:]
     several = tmp_path / "several"
     finetune.run_table(["sst2"], [ckpt], seeds=(1,), out_dir=several, glue_dir=str(root), epochs=1,
@@ -284,7 +284,9 @@ def test_cli_trains_and_builds_table(synthetic, tmp_path, monkeypatch):
 
     with pytest.raises(SystemExit):
         finetune.cli(["--task", "sst2", "--bogus-flag", "1"])
-    assert finetune.cli(["--task", "squad", "--init", str(ckpt), "--out", str(tmp_path / "x")]) == 1
+    assert finetune.cli(["--task", "squad", "--init", str(ckpt), "--out-dir", str(tmp_path / "x")]) == 2
+    with pytest.raises(SystemExit):  # no --out-dir: refused before anything trains
+        finetune.cli(["--task", "sst2", "--init", str(ckpt)])
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -40,7 +40,17 @@ def fake_data(root: Path) -> Path:
 def test_smoke_run_writes_every_part_and_plausible_figures(tmp_path):
     data, out = fake_data(tmp_path / "data"), tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "lab", "gpucheck", "--smoke", "--out", str(out), "--data", str(data)]
+    command = [
+        sys.executable,
+        "-m",
+        "lab",
+        "gpucheck",
+        "--smoke",
+        "--out-dir",
+        str(out),
+        "--data-dir",
+        str(data),
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -177,7 +187,7 @@ def test_parts_run_within_the_budget_and_failures_do_not_stop_the_rest():
 def test_prepare_data_copies_what_the_device_needs(tmp_path, monkeypatch):
     source = fake_data(tmp_path / "source")
     monkeypatch.setenv("LAB_DATA_DIR", str(source))
-    assert gpucheck.cli(["--prepare-data", "--data", str(tmp_path / "dest")]) == 0
+    assert gpucheck.cli(["--prepare-data", "--data-dir", str(tmp_path / "dest")]) == 0
     copied = sorted(
         str(p.relative_to(tmp_path / "dest")) for p in (tmp_path / "dest").rglob("*") if p.is_file()
     )
@@ -200,7 +210,7 @@ def test_without_a_gpu_the_check_says_to_use_smoke(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit):
-        gpucheck.cli(["--out", str(tmp_path)])
+        gpucheck.cli(["--out-dir", str(tmp_path)])
     assert "--smoke" in capsys.readouterr().err
 
 

@@ -532,7 +532,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, sharing, optimizatio
 
 
 def test_a_torchrun_worker_keeps_its_exit_code(tmp_path):
-    # torchrun workers leave through os._exit (lab/pretrain.py, cli): an error must still fail the job
+    # torchrun workers leave through os._exit (lab/pretrain/loop.py, cli): an error must still fail the job
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
          str(free_port()), "-m", "lab", "pretrain", "--preset", "tiny", "--corpus", str(tmp_path / "missing.txt"),

@@ -28,7 +28,6 @@ GDES − ES, GDES − NES and NES − ES over (pre-training seed, fine-tuning se
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -40,8 +39,8 @@ from lab.analysis import stats
 from lab.analysis import tug_of_war as analysis
 from lab.analysis.runs import (
     ExperimentConfig,
-    Progress,
-    Run,
+    ExperimentProgress,
+    PlannedRun,
     calibrate,
     estimate,
     finetune_config,
@@ -52,6 +51,7 @@ from lab.analysis.runs import (
     status,
     task_sizes,
 )
+from lab.cli import INTERRUPTED, config_parser, parse_values, run_verb
 from lab.pretrain.meter import duration
 from lab.util import append_jsonl, atomic_write_json, data_dir, replace_strict
 
@@ -101,7 +101,7 @@ def recipe(name: str, data_root: str | Path | None = None, **overrides) -> Exper
 # ---------------------------------------------------------------------------------------------- the experiment
 
 
-def execute(run: Run, cfg: ExperimentConfig) -> None:
+def execute(run: PlannedRun, cfg: ExperimentConfig) -> None:
     """Train one run (a pre-training run resumes from its checkpoint by itself)."""
     if run.kind == "pretrain":
         from lab.pretrain import loop as pretrain
@@ -182,7 +182,7 @@ def run(cfg: ExperimentConfig) -> dict:
     for r in runs:
         if r not in todo:
             append_jsonl(log, {"event": "reused", "run": r.name, "time": _now()})
-    progress = Progress(todo, estimates, cfg)
+    progress = ExperimentProgress(todo, estimates, cfg)
     try:
         for r in todo:
             state = status(r, cfg)
@@ -290,80 +290,34 @@ def _pretty(row: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lab experiment", description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", default="cpu-results", help=f"one of {', '.join(RECIPES)}")
-    p.add_argument("--plan", action="store_true", help="list every run with an estimated time; train nothing")
-    p.add_argument("--data-dir", help="data root with wikitext-2/ and glue/ (default $LAB_DATA_DIR)")
-    p.add_argument("--out-dir", help="experiment directory (default runs/experiment/<recipe>)")
-    p.add_argument("--report-dir", help="tables and figures (default <out-dir>/report)")
-    p.add_argument("--modes", help="comma list, e.g. es,nes,gdes")
-    p.add_argument("--pretrain-seeds", help="comma list, e.g. 0,1,2")
-    p.add_argument("--finetune-seeds", help="comma list, e.g. 1,2,3")
-    p.add_argument("--tasks", help="comma list: synth_tag, synth_gram, or GLUE tasks (cola, sst2, ...)")
-    p.add_argument("--steps", type=int, help="pre-training steps per run")
-    p.add_argument("--device", help="auto | cpu | cuda")
-    p.add_argument("--progress", choices=("line", "bar", "none"))
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any other ExperimentConfig field, e.g. --set epochs=3")  # fmt: skip
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    overrides = {}
-    for flag in (
-        "out_dir",
-        "report_dir",
-        "modes",
-        "pretrain_seeds",
-        "finetune_seeds",
-        "tasks",
-        "steps",
-        "device",
-        "progress",
-    ):
-        if getattr(args, flag) is not None:
-            overrides[flag] = getattr(args, flag)
-    fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
-    for item in args.set:
-        name, _, text = item.partition("=")
-        if name not in fields or not _:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        overrides[name] = _parse_value(text, str(fields[name].type))
-    return recipe(args.recipe, args.data_dir, **overrides)
-
-
-def _parse_value(text: str, kind: str):
-    if text.lower() == "none":
-        return None
-    if "tuple" in kind:
-        return text
-    if "int" in kind:
-        return int(text)
-    if "float" in kind:
-        return float(text)
-    return text
-
-
 def cli(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = config_from_args(args)
-        if args.plan:
+    """`python -m lab experiment`: a recipe, with ExperimentConfig's flags on top of it."""
+    parser = config_parser(ExperimentConfig, "python -m lab experiment", __doc__.split("\n")[0])
+    parser.add_argument(
+        "--recipe", help=f"the named settings to start from, one of {', '.join(RECIPES)} [cpu-results]"
+    )
+    parser.add_argument(
+        "--plan", action="store_true", help="list every run with an estimated time; train nothing"
+    )
+    parser.add_argument("--data-dir", help="data root with wikitext-2/ and glue/ [$LAB_DATA_DIR]")
+    values = parse_values(parser, sys.argv[1:] if argv is None else argv)
+    name, only_plan = values.pop("recipe", "cpu-results"), values.pop("plan", False)
+    data_root = values.pop("data_dir", None)
+
+    def action() -> None:
+        cfg = recipe(name, data_root, **values)
+        if only_plan:
             print_plan(plan(cfg))
-            return 0
+            return
         summary = run(cfg)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"report: {report_dir(cfg)} (summary.json, tables, figures)")
-    for note in summary.get("notes", []):
-        print(f"note: {note}")
-    return 0
+        print(f"report: {report_dir(cfg)} (summary.json, tables, figures)")
+        for note in summary.get("notes", []):
+            print(f"note: {note}")
+
+    code = run_verb(action)
+    if code == INTERRUPTED:
+        print("rerun the same command to resume", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

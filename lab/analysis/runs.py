@@ -14,43 +14,48 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.cli import check_choices, param
 from lab.pretrain import checkpoint
-from lab.pretrain.meter import duration
-from lab.rtd import SHARING_MODES
+from lab.pretrain.meter import PROGRESS, duration
+from lab.rtd import RTD_WEIGHT, SHARING_MODES
+from lab.training import DTYPES
 from lab.util import atomic_write_json, replace_strict
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    out_dir: str = "runs/experiment"  # the experiment directory (see the module docstring)
-    report_dir: str = ""  # where tables and figures go; "" = <out_dir>/report
-    modes: tuple[str, ...] = SHARING_MODES  # sharing modes to compare
-    pretrain_seeds: tuple[int, ...] = (0, 1, 2)  # one pre-training run per mode and seed
-    finetune_seeds: tuple[int, ...] = (1, 2, 3)  # one fine-tuning run per discriminator, task and seed
-    tasks: tuple[str, ...] = ("synth_tag", "synth_gram")  # fine-tuning tasks (synthetic or GLUE); () = none
+    out_dir: str = param("runs/experiment", "the experiment directory (see lab/analysis/experiment.py)")
+    report_dir: str = param("", "where tables and figures go; '' = <out_dir>/report")
+    modes: tuple[str, ...] = param(SHARING_MODES, "sharing modes to compare")
+    pretrain_seeds: tuple[int, ...] = param((0, 1, 2), "one pre-training run per mode and seed")
+    finetune_seeds: tuple[int, ...] = param((1, 2, 3), "one fine-tuning run per discriminator, task and seed")
+    tasks: tuple[str, ...] = param(
+        ("synth_tag", "synth_gram"),
+        "fine-tuning tasks (synthetic or GLUE); '' = none, pre-training and the tug-of-war only",
+    )
     # pre-training (lab.pretrain.loop.PretrainConfig)
-    preset: str = "mini"
-    corpus: str = "synthetic"
-    vocab_size: int = 4000
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 0  # 0 = a tenth of the steps, at most 100
-    rtd_weight: float = 50.0
-    eval_batches: int = 4
-    # fine-tuning (lab.finetune.loop.FinetuneConfig); None = the task's default
-    glue_dir: str = ""  # GLUE root for GLUE tasks; "" = $LAB_DATA_DIR/glue
-    epochs: int | None = None
-    finetune_lr: float | None = None
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
+    preset: str = param("mini", "model size of every pre-training run")
+    corpus: str = param("synthetic", "pre-training corpus (as PretrainConfig.corpus)")
+    vocab_size: int = param(4000, "SentencePiece size of the trained tokenizer")
+    steps: int = param(300, "pre-training steps per run")
+    batch_size: int = param(16, "pre-training examples per step")
+    seq_len: int = param(64, "pre-training tokens per example")
+    lr: float = param(1e-3, "pre-training peak learning rate")
+    warmup_steps: int = param(0, "pre-training warmup; 0 = a tenth of the steps, at most 100")
+    rtd_weight: float = param(RTD_WEIGHT, "lambda in L_MLM + lambda * L_RTD")
+    eval_batches: int = param(4, "held-out batches per pre-training evaluation")
+    # fine-tuning (lab.finetune.config.FinetuneConfig); None = the task's default
+    glue_dir: str = param("", "GLUE root for GLUE tasks; '' = $LAB_DATA_DIR/glue")
+    epochs: int | None = param(None, "fine-tuning epochs; none = the task's default")
+    finetune_lr: float | None = param(None, "fine-tuning peak learning rate; none = the task's default")
+    max_train_examples: int | None = param(None, "fine-tuning training slice; none = all")
+    max_eval_examples: int | None = param(None, "dev examples scored per split; none = all")
     # runtime
-    device: str = "auto"
-    dtype: str = "auto"  # pre-training autocast: auto (bf16 on CUDA) | fp32 | bf16
-    progress: str = "line"  # line (a status line every `progress_every` s) | bar (tqdm) | none
-    progress_every: float = 30.0
-    calibration_steps: int = 6  # pre-training steps timed for the estimates
+    device: str = param("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = param("auto", "pre-training autocast dtype; auto: bf16 on CUDA, fp32 on the CPU", DTYPES)
+    progress: str = param("line", "line: a status line every `progress_every` s; bar: tqdm; none", PROGRESS)
+    progress_every: float = param(30.0, "seconds between status lines")
+    calibration_steps: int = param(6, "pre-training steps timed for the estimates")
 
     def __post_init__(self) -> None:
         for name in ("modes", "pretrain_seeds", "finetune_seeds", "tasks"):
@@ -68,8 +73,7 @@ class ExperimentConfig:
         unknown = sorted(set(self.modes) - set(SHARING_MODES))
         if unknown:
             raise ValueError(f"ExperimentConfig.modes has {unknown}; choose from {SHARING_MODES}")
-        if self.progress not in ("line", "bar", "none"):
-            raise ValueError(f"ExperimentConfig.progress={self.progress!r}; choose line, bar or none")
+        check_choices(self)
         for name in ("steps", "batch_size", "seq_len", "calibration_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ExperimentConfig.{name} must be positive, got {getattr(self, name)}")
@@ -79,7 +83,7 @@ class ExperimentConfig:
 
 
 @dataclass(frozen=True)
-class Run:
+class PlannedRun:
     """One pre-training or fine-tuning run of the experiment (hashable: it keys the time estimates)."""
 
     kind: str  # "pretrain" | "finetune"
@@ -101,18 +105,18 @@ class Run:
         return base / "finetune" / f"{self.mode}-s{self.pretrain_seed}" / self.task / f"f{self.finetune_seed}"
 
 
-def planned_runs(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) -> list[Run]:
+def planned_runs(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) -> list[PlannedRun]:
     """Every run in execution order: per pre-training seed, the modes' pre-training, then their fine-tuning."""
     tasks = cfg.tasks if tasks is None else tasks
     runs = []
     for seed in cfg.pretrain_seeds:
-        runs += [Run("pretrain", mode, seed) for mode in cfg.modes]
-        runs += [Run("finetune", mode, seed, task, f) for mode in cfg.modes for task in tasks
+        runs += [PlannedRun("pretrain", mode, seed) for mode in cfg.modes]
+        runs += [PlannedRun("finetune", mode, seed, task, f) for mode in cfg.modes for task in tasks
                  for f in cfg.finetune_seeds]  # fmt: skip
     return runs
 
 
-def status(run: Run, cfg: ExperimentConfig) -> str:
+def status(run: PlannedRun, cfg: ExperimentConfig) -> str:
     """'done' (reused as is), 'resume' (a checkpoint to continue from) or 'todo'. A finished run whose
     saved configuration differs from the one this experiment would use now (e.g. a task default that
     changed in the code since) raises instead of being mixed into the statistics."""
@@ -137,7 +141,7 @@ def status(run: Run, cfg: ExperimentConfig) -> str:
 _RUNTIME_FIELDS = {"out_dir", "init", "device", "progress", "compile", "stop_after", "length_bucket"}
 
 
-def _check_same(run: Run, file: Path, now: dict, key: str | None = None) -> None:
+def _check_same(run: PlannedRun, file: Path, now: dict, key: str | None = None) -> None:
     saved = read_json(file)
     saved = saved.get(key, {}) if key else saved
     now = json.loads(json.dumps(now))  # tuples as lists, like the saved file
@@ -152,7 +156,7 @@ def _check_same(run: Run, file: Path, now: dict, key: str | None = None) -> None
         )
 
 
-def pretrain_config(cfg: ExperimentConfig, run: Run):
+def pretrain_config(cfg: ExperimentConfig, run: PlannedRun):
     """The PretrainConfig of one pre-training run; intervals scale with the steps so every run logs
     about 50 train rows, 8 evaluations and 16 probes."""
     from lab.pretrain.loop import PretrainConfig
@@ -168,7 +172,7 @@ def pretrain_config(cfg: ExperimentConfig, run: Run):
     )  # fmt: skip
 
 
-def finetune_config(cfg: ExperimentConfig, run: Run, init: Path | None = None, **changes):
+def finetune_config(cfg: ExperimentConfig, run: PlannedRun, init: Path | None = None, **changes):
     """The FinetuneConfig of one fine-tuning run (one seed); `changes` override its fields."""
     from lab.finetune.loop import FinetuneConfig
 
@@ -176,7 +180,7 @@ def finetune_config(cfg: ExperimentConfig, run: Run, init: Path | None = None, *
         task=run.task, glue_dir=cfg.glue_dir, out_dir=str(run.path(cfg)), epochs=cfg.epochs,
         lr=cfg.finetune_lr, seeds=(run.finetune_seed,), max_train_examples=cfg.max_train_examples,
         max_eval_examples=cfg.max_eval_examples, device=cfg.device,
-        init=str(init or Run("pretrain", run.mode, run.pretrain_seed).path(cfg)),
+        init=str(init or PlannedRun("pretrain", run.mode, run.pretrain_seed).path(cfg)),
     )  # fmt: skip
     return FinetuneConfig(**{**fields, **changes})
 
@@ -196,7 +200,7 @@ def is_glue(task: str) -> bool:
 
 def missing_data(task: str, cfg: ExperimentConfig) -> str:
     """Why `task` cannot run here ("" when it can): a GLUE task needs its train and dev files; the
-    synthetic tasks (lab/tasks.py) are generated, never missing. An unknown name raises."""
+    synthetic tasks (lab/finetune/tasks.py) are generated, never missing. An unknown name raises."""
     from lab.finetune import glue, tasks
 
     tasks.get_task(task)  # raises on an unknown task, listing the known ones
@@ -244,7 +248,7 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
 
     work = Path(cfg.out_dir) / "calibration"
     shutil.rmtree(work, ignore_errors=True)
-    run = Run("pretrain", "gdes", 0)
+    run = PlannedRun("pretrain", "gdes", 0)
     pcfg = replace_strict(pretrain_config(cfg, run), out_dir=str(work / "pretrain"), steps=cfg.calibration_steps,
                           log_every=1, eval_every=10**9, probe_every=0, ckpt_every=10**9, warmup_steps=1)  # fmt: skip
     prepare_corpus(
@@ -261,7 +265,7 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
     for task in tasks:
         # two epochs on a slice: the second epoch's time is the per-example rate, the rest is the fixed
         # cost of a run (loading the model, generating or reading and tokenising the task)
-        ft = Run("finetune", "gdes", 0, task, 0)
+        ft = PlannedRun("finetune", "gdes", 0, task, 0)
         fcfg = finetune_config(cfg, ft, init=work / "pretrain", epochs=2, max_train_examples=64,
                                max_eval_examples=64, out_dir=str(work / "finetune" / task))  # fmt: skip
         t0 = time.perf_counter()
@@ -277,7 +281,9 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
     return result
 
 
-def estimate(run: Run, cfg: ExperimentConfig, calibration: dict, sizes: dict[str, tuple[int, int]]) -> float:
+def estimate(
+    run: PlannedRun, cfg: ExperimentConfig, calibration: dict, sizes: dict[str, tuple[int, int]]
+) -> float:
     """Seconds one run should take on this machine, from the calibration."""
     if run.kind == "pretrain":
         pcfg = pretrain_config(cfg, run)
@@ -296,17 +302,17 @@ def estimate(run: Run, cfg: ExperimentConfig, calibration: dict, sizes: dict[str
 # ---------------------------------------------------------------------------------------------- progress
 
 
-class Progress:
+class ExperimentProgress:
     """One status line (or tqdm bar) for the whole experiment: runs done, the current run's own progress
     (read from its metrics.jsonl by a background thread), elapsed time and an ETA. The ETA scales the
     remaining estimated seconds by how fast the finished part went against its estimate."""
 
-    def __init__(self, runs: list[Run], estimates: dict[Run, float], cfg: ExperimentConfig):
+    def __init__(self, runs: list[PlannedRun], estimates: dict[PlannedRun, float], cfg: ExperimentConfig):
         self.runs, self.estimates, self.cfg = runs, estimates, cfg
         self.total = sum(estimates[r] for r in runs) or 1.0
         self.done_estimate = 0.0
         self.finished = 0
-        self.current: Run | None = None
+        self.current: PlannedRun | None = None
         self.t0 = time.perf_counter()
         self.stop = threading.Event()
         self.bar = None
@@ -318,11 +324,11 @@ class Progress:
         if cfg.progress != "none":
             self.thread.start()
 
-    def start(self, run: Run) -> None:
+    def start(self, run: PlannedRun) -> None:
         self.current = run
         self.show()
 
-    def finish(self, run: Run) -> None:
+    def finish(self, run: PlannedRun) -> None:
         self.done_estimate += self.estimates[run]
         self.finished += 1
         self.current = None

@@ -35,7 +35,7 @@ RESAMPLES = 10_000
 
 def mean_std(values: Sequence[float]) -> dict:
     """mean, sample std (ddof 1; 0 for a single value) and n of the finite values."""
-    x = np.asarray([v for v in values if _finite(v)], dtype=float)
+    x = np.asarray([v for v in values if finite(v)], dtype=float)
     if x.size == 0:
         return {"mean": math.nan, "std": math.nan, "n": 0}
     return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else 0.0, "n": int(x.size)}
@@ -96,7 +96,7 @@ def paired_difference(
     keeps the small-sample width, the bootstrap guards against a skewed or outlying pair. Pairs where
     either value is missing or not finite are left out (a nan-scored seed cannot be compared).
     """
-    keys = [k for k in a if k in b and _finite(a[k]) and _finite(b[k])]
+    keys = [k for k in a if k in b and finite(a[k]) and finite(b[k])]
     if not keys:
         raise ValueError(
             f"no common finite pairs to compare: first has {sorted(map(str, a))}, second {sorted(map(str, b))}"
@@ -204,7 +204,7 @@ def compare_modes(
     return rows
 
 
-def _finite(v) -> bool:
+def finite(v) -> bool:
     return isinstance(v, int | float | np.floating | np.integer) and math.isfinite(float(v))
 
 
@@ -237,7 +237,7 @@ def curves_with_bands(
 
     fig = Figure(figsize=(6.0, 3.6))
     ax = fig.subplots()
-    frame = pd.DataFrame([{x: r[x], y: r[y], hue: r[hue]} for r in rows if _finite(r.get(y))])
+    frame = pd.DataFrame([{x: r[x], y: r[y], hue: r[hue]} for r in rows if finite(r.get(y))])
     sns.lineplot(data=frame, x=x, y=y, hue=hue, errorbar="sd", ax=ax)
     ax.set(title=title, ylabel=ylabel or y)
     return _save(fig, Path(out_stem))
@@ -256,7 +256,7 @@ def bars_with_spread(
 
     fig = Figure(figsize=(max(4.0, 1.6 * len({r[x] for r in rows}) + 2), 3.6))
     ax = fig.subplots()
-    frame = pd.DataFrame([{x: r[x], y: r[y], hue: r[hue]} for r in rows if _finite(r.get(y))])
+    frame = pd.DataFrame([{x: r[x], y: r[y], hue: r[hue]} for r in rows if finite(r.get(y))])
     sns.barplot(data=frame, x=x, y=y, hue=hue, errorbar="sd", ax=ax, capsize=0.1)
     ax.set(title=title)
     return _save(fig, Path(out_stem))

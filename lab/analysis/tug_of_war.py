@@ -9,7 +9,6 @@ Dimension legend: V rows of a table (vocabulary), D hidden size, n selected rows
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Sequence
@@ -20,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lab.analysis.stats import finite
 from lab.pretrain.probe import average_pairwise_cosine
-from lab.util import atomic_write_json, read_jsonl
+from lab.util import atomic_write_json, read_jsonl, write_csv
 
 
 def class_separation(E: torch.Tensor, token_classes: dict[int, str]) -> dict[str, float]:
@@ -113,7 +113,7 @@ def attention_terms(
 
 
 @dataclass
-class Run:
+class RunRecord:
     """The files of one pre-training run directory, loaded (tables lazily)."""
 
     path: Path
@@ -149,17 +149,17 @@ class Run:
         return {int(k): v for k, v in json.loads(file.read_text()).items()} if file.exists() else None
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path) -> RunRecord:
     path = Path(path)
     if not (path / "metrics.jsonl").exists():
         raise FileNotFoundError(
             f"{path} is not a run directory (no metrics.jsonl); train one with `python -m lab pretrain --out_dir {path}`"
         )
     read = lambda name: json.loads((path / name).read_text()) if (path / name).exists() else {}  # noqa: E731
-    return Run(path, read("config.json"), read("summary.json"), read_jsonl(path / "metrics.jsonl"))
+    return RunRecord(path, read("config.json"), read("summary.json"), read_jsonl(path / "metrics.jsonl"))
 
 
-def seen_token_ids(run: Run, vocab_rows: int) -> list[int]:
+def seen_token_ids(run: RunRecord, vocab_rows: int) -> list[int]:
     """Non-special ids that occurred in the training split (token_counts > 0): the rows both losses touch."""
     counts = run.token_counts()
     tokenizer = run.tokenizer()
@@ -173,17 +173,6 @@ def seen_token_ids(run: Run, vocab_rows: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------
 # Files: every figure is written as PNG + SVG next to the CSV it was drawn from
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return path
 
 
 def write_markdown(path: Path, rows: list[dict]) -> Path:
@@ -234,7 +223,7 @@ def _rolling_mean(values: list[float], window: int) -> list[float]:
 # The five views of the tug-of-war
 
 
-def mlm_loss_curves(runs: dict[str, Run], out_dir: Path, window: int | None = None) -> dict:
+def mlm_loss_curves(runs: dict[str, RunRecord], out_dir: Path, window: int | None = None) -> dict:
     """(a) Generator MLM loss vs step per mode: train rows (trailing mean over `window` rows, default
     1/20 of the run) and eval rows (held out)."""
     rows = []
@@ -269,7 +258,7 @@ def mlm_loss_curves(runs: dict[str, Run], out_dir: Path, window: int | None = No
     return {"csv": csv_path, "figures": figure(out_dir / "mlm_loss", draw), "final_smoothed_mlm_loss": final}
 
 
-def embedding_similarity(runs: dict[str, Run], out_dir: Path) -> dict:
+def embedding_similarity(runs: dict[str, RunRecord], out_dir: Path) -> dict:
     """(b) The paper's table: average pairwise cosine of word-embedding rows (seen, non-special tokens)
     of E_G and E_D per mode, plus E_delta for GDES."""
     rows = []
@@ -309,7 +298,7 @@ PROBE_TITLES = {
 }
 
 
-def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
+def gradient_conflict(runs: dict[str, RunRecord], out_dir: Path) -> dict:
     """(c) The probe rows of metrics.jsonl: cosine between the MLM and the (weighted) RTD gradient on
     the embedding table(s), vs step per mode. Negative = the two losses pull the rows apart."""
     rows = []
@@ -321,14 +310,14 @@ def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
     means = {}
     for mode in runs:
         for key in keys:
-            values = [r[key] for r in rows if r["mode"] == mode and _finite(r.get(key))]
+            values = [r[key] for r in rows if r["mode"] == mode and finite(r.get(key))]
             if values:
                 means.setdefault(mode, {})[key] = float(np.mean(values))
 
     def draw(axes):
         for ax, key in zip(np.atleast_1d(axes), keys):
             for i, mode in enumerate(runs):
-                pts = [(r["step"], r[key]) for r in rows if r["mode"] == mode and _finite(r.get(key))]
+                pts = [(r["step"], r[key]) for r in rows if r["mode"] == mode and finite(r.get(key))]
                 if pts:
                     ax.plot(*zip(*pts), "o-", ms=3, color=f"C{i}", label=mode)
             ax.axhline(0, color="k", lw=0.5)
@@ -339,11 +328,7 @@ def gradient_conflict(runs: dict[str, Run], out_dir: Path) -> dict:
     return {"csv": csv_path, "figures": figures, "mean": means}
 
 
-def _finite(v) -> bool:
-    return isinstance(v, int | float) and math.isfinite(v)
-
-
-def seen_classes(run: Run) -> dict[int, str] | None:
+def seen_classes(run: RunRecord) -> dict[int, str] | None:
     """The ground-truth classes (synthetic corpus) of the tokens that occurred in training; None without."""
     classes = run.token_classes()
     if not classes:
@@ -354,7 +339,7 @@ def seen_classes(run: Run) -> dict[int, str] | None:
     return classes
 
 
-def class_structure(runs: dict[str, Run], out_dir: Path) -> dict | None:
+def class_structure(runs: dict[str, RunRecord], out_dir: Path) -> dict | None:
     """(d) On the synthetic corpus: within-class minus between-class cosine of E_G and E_D per mode,
     against the ground-truth classes of token_classes.json. None when no run has them."""
     rows = []
@@ -387,7 +372,7 @@ def class_structure(runs: dict[str, Run], out_dir: Path) -> dict | None:
             "table": rows}  # fmt: skip
 
 
-def neighbour_tables(runs: dict[str, Run], out_dir: Path, queries: int = 8, k: int = 5) -> dict:
+def neighbour_tables(runs: dict[str, RunRecord], out_dir: Path, queries: int = 8, k: int = 5) -> dict:
     """(d) Nearest neighbours of frequent whole-word tokens in E_G and E_D per mode (CSV + markdown).
     The query tokens come from the first run's counts, so every mode answers the same questions."""
     first = next(iter(runs.values()))
@@ -421,7 +406,7 @@ def neighbour_tables(runs: dict[str, Run], out_dir: Path, queries: int = 8, k: i
 EVAL_KEYS = ("mlm_loss", "mlm_acc", "rtd_loss", "rtd_acc", "rtd_auc")
 
 
-def final_eval(runs: dict[str, Run], out_dir: Path) -> dict:
+def final_eval(runs: dict[str, RunRecord], out_dir: Path) -> dict:
     """(e) Held-out MLM loss, RTD accuracy and AUC per mode, from the last eval row."""
     rows = []
     for mode, run in runs.items():
@@ -510,18 +495,18 @@ def _paper_claims(summary: dict) -> dict:
 # Over seeds: each quantity per run, mean ± std per mode, paired differences between modes
 
 
-def run_quantities(run: Run) -> dict[str, float]:
+def run_quantities(run: RunRecord) -> dict[str, float]:
     """The tug-of-war figures of one run as scalars: final held-out MLM loss and RTD AUC, the mean train
     MLM loss over the run (the area under its curve: lower = converged faster), the average pairwise
     cosine of each table and E_G's minus E_D's, the class-separation gap of E_G and E_D (synthetic
     corpus) and the probe means (similarity pull of each loss, gradient cosine)."""
     out: dict[str, float] = {}
-    evals = [r for r in run.rows("eval") if _finite(r.get("mlm_loss"))]
+    evals = [r for r in run.rows("eval") if finite(r.get("mlm_loss"))]
     if evals:
         out["final_mlm_loss"] = evals[-1]["mlm_loss"]
-        if _finite(evals[-1].get("rtd_auc")):
+        if finite(evals[-1].get("rtd_auc")):
             out["final_rtd_auc"] = evals[-1]["rtd_auc"]
-    train = [r["mlm_loss"] for r in run.rows("train") if _finite(r.get("mlm_loss"))]
+    train = [r["mlm_loss"] for r in run.rows("train") if finite(r.get("mlm_loss"))]
     if train:
         out["mean_train_mlm_loss"] = float(np.mean(train))
     tables = run.embeddings()
@@ -533,7 +518,7 @@ def run_quantities(run: Run) -> dict[str, float]:
         for key, name in (("generator", "E_G"), ("discriminator", "E_D")):
             out[f"class_gap_{name}"] = class_separation(tables[key], classes)["gap"]
     for key in ("similarity_pull_mlm", "similarity_pull_rtd", "grad_cos"):
-        values = [r[key] for r in run.rows("probe") if _finite(r.get(key))]
+        values = [r[key] for r in run.rows("probe") if finite(r.get(key))]
         if values:
             out[key] = float(np.mean(values))
     return out
@@ -586,7 +571,7 @@ def seeded_report(
         ("similarity_pull_rtd", "probe", "similarity_pull_rtd", PROBE_TITLES["similarity_pull_rtd"]),
     ):
         rows = [{"mode": mode, "pretrain_seed": seed, "step": r["step"], key: r[key]}
-                for (mode, seed), run in runs.items() for r in run.rows(split) if _finite(r.get(key))]  # fmt: skip
+                for (mode, seed), run in runs.items() for r in run.rows(split) if finite(r.get(key))]  # fmt: skip
         if rows:
             write_csv(out_dir / f"{name}.csv", rows)
             figures.append(stats.curves_with_bands(rows, "step", key, "mode", out_dir / name, title))

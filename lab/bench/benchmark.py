@@ -1,10 +1,10 @@
 """Performance benchmark: lab's RTD step, encoder and attention against a `transformers` peer, plus the
 throughput of the real pre-training and fine-tuning loops.
 
-    python -m lab.bench.benchmark                      # CPU: mini + xsmall, fp32 + bf16 (several minutes)
-    python -m lab.bench.benchmark --device cuda        # GPU: every kind below
-    python -m lab.bench.benchmark --quick              # seconds: tiny sizes, every kind, smoke test
-    python -m lab.bench.benchmark --json runs/bench/bench.json --csv runs/bench/bench.csv
+    python -m lab bench                           # CPU: mini + xsmall, fp32 + bf16 (several minutes)
+    python -m lab bench --device cuda             # GPU: every kind below
+    python -m lab bench --quick                   # seconds: tiny sizes, every kind, smoke test
+    python -m lab bench --out-dir runs/bench      # runs/bench/bench.json and bench.csv
 
 What is measured, all in one process (CPU memory aside, see below):
   step       one RTD training step: generator + discriminator forward, backward, AdamW step.
@@ -48,15 +48,14 @@ the CPU; `matmul_peak_n` in the results says which. bf16 means torch.autocast(dt
 fp32 parameters and fp32 AdamW.
 
 The code: this module holds the configuration, the comparisons (`run`, `compare`) and the CLI;
-lab/bench_builders.py builds what gets timed (lab's step, encoder and attention, and the peer
-`HFPeer`), lab/bench_measure.py times, counts and probes them and defines the `Row` every result fills,
-lab/bench_loops.py times the real pre-training and fine-tuning loops.
+lab/bench/builders.py builds what gets timed (lab's step, encoder and attention, and the peer
+`HFPeer`), lab/bench/measure.py times, counts and probes them and defines the `Row` every result fills,
+lab/bench/loops.py times the real pre-training and fine-tuning loops.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import statistics
@@ -78,6 +77,7 @@ from lab.bench.builders import (
 )
 from lab.bench.loops import FinetuneBench, PretrainBench, finetune_row, pretrain_row
 from lab.bench.measure import (
+    COLUMNS,
     HEADER,
     Row,
     count_flops,
@@ -89,13 +89,13 @@ from lab.bench.measure import (
     peak_size,
     sync,
     time_alternating,
-    write_csv,
 )
-from lab.util import atomic_write_json
+from lab.cli import config_parser, param, parse_values, run_verb
+from lab.training import COMPILE_MODES
+from lab.util import atomic_write_json, pick_device, replace_strict, write_csv
 
 CLASSIC_KINDS = ("step", "encoder", "attention")
 ALL_KINDS = (*CLASSIC_KINDS, "compile", "pretrain", "finetune")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
 def default_kinds(device: torch.device) -> tuple[str, ...]:
@@ -106,23 +106,30 @@ def default_kinds(device: torch.device) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    presets: tuple[str, ...] = ("mini", "xsmall")  # model sizes (lab.model presets, their vocab sizes)
-    dtypes: tuple[str, ...] = ("fp32", "bf16")  # bf16 = autocast, fp32 master weights
-    step_seq_lens: tuple[int, ...] = (128, 512)  # T for the RTD step
-    layer_seq_lens: tuple[int, ...] = (128, 512, 1024)  # T for encoder / attention; hf encoder only to 512
-    tokens_per_step: int = 512  # batch size = tokens_per_step // T (at least 1)
-    warmup: int = 1  # untimed calls per candidate before timing
-    repeats: int = 3  # timed calls per candidate, alternating between candidates
-    kinds: tuple[str, ...] = ()  # which comparisons to run; () = default_kinds(device)
-    memory: bool = True  # measure peak memory of every RTD step (a subprocess each on CPU)
-    peer: bool = True  # run the transformers peer (needs `transformers`)
-    attention_impls: tuple[str, ...] = ()  # lab attention implementations; () = every available one
-    compile_modes: tuple[str, ...] = ("default",)  # torch.compile modes of the "compile" candidates
-    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" skips code generation)
-    peak_n: int = 0  # matmul size of the peak measurement; 0 = peak_size(device)
+    presets: tuple[str, ...] = param(("mini", "xsmall"), "model sizes (lab.model presets, their vocab sizes)")
+    dtypes: tuple[str, ...] = param(("fp32", "bf16"), "bf16 = autocast, fp32 master weights")
+    step_seq_lens: tuple[int, ...] = param((128, 512), "T for the RTD step")
+    layer_seq_lens: tuple[int, ...] = param(
+        (128, 512, 1024), "T for encoder / attention; the peer only to 512"
+    )
+    tokens_per_step: int = param(512, "batch size = tokens_per_step // T (at least 1)")
+    warmup: int = param(1, "untimed calls per candidate before timing")
+    repeats: int = param(3, "timed calls per candidate, alternating between candidates")
+    kinds: tuple[str, ...] = param(
+        (),
+        f"comparisons to run, of {','.join(ALL_KINDS)}; none = all on CUDA, step,encoder,attention on the CPU",
+    )
+    memory: bool = param(True, "measure peak memory of every RTD step (a subprocess each on CPU)")
+    peer: bool = param(True, "run the transformers peer (needs `transformers`)")
+    attention_impls: tuple[str, ...] = param((), "lab attention implementations; none = every available one")
+    compile_modes: tuple[str, ...] = param(("default",), "torch.compile modes of the compile candidates")
+    compile_backend: str = param("inductor", "torch.compile backend ('aot_eager' skips code generation)")
+    peak_n: int = param(0, "matmul size of the peak measurement; 0 = peak_size(device)")
     pretrain: PretrainBench = field(default_factory=PretrainBench)
     finetune: FinetuneBench = field(default_factory=FinetuneBench)
-    work_dir: str = ""  # corpora and runs of the pretrain / finetune kinds; "" = a temporary folder
+    work_dir: str = param("", "corpora and runs of the pretrain / finetune kinds; '' = a temporary folder")
+    out_dir: str = param("", "folder for bench.json and bench.csv; '' = print only")
+    device: str = param("auto", "auto | cpu | cuda | cuda:N")
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
@@ -343,79 +350,32 @@ def compiled_step_rows(
 # Command line
 
 
-def _split(text: str | None, kind=str):
-    return text and tuple(kind(t) for t in text.split(",") if t.strip())
-
-
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lab bench", description=__doc__.split("\n\n")[0])
+    """`python -m lab bench`: BenchConfig's flags (--quick starts from QUICK instead of the defaults)."""
+    parser = config_parser(BenchConfig, "python -m lab bench", __doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="seconds-long smoke run at tiny sizes, every kind"
     )
-    parser.add_argument("--presets", help="comma-separated model presets (default mini,xsmall)")
-    parser.add_argument("--dtypes", help="comma-separated: fp32,bf16")
-    parser.add_argument("--seq-lens", help="comma-separated T for the RTD step (default 128,512)")
-    parser.add_argument(
-        "--layer-seq-lens", help="comma-separated T for encoder/attention (default 128,512,1024)"
-    )
-    parser.add_argument(
-        "--kinds",
-        help=f"comma-separated subset of {','.join(ALL_KINDS)} (default: all on CUDA, "
-        f"{','.join(CLASSIC_KINDS)} on CPU)",
-    )
-    parser.add_argument("--tokens-per-step", type=int, help="batch size = this // T")
-    parser.add_argument("--repeats", type=int)
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument(
-        "--compile-modes", help=f"comma-separated torch.compile modes ({','.join(COMPILE_MODES)})"
-    )
-    parser.add_argument(
-        "--attention-impls", help="comma-separated lab attention implementations (default: all)"
-    )
-    parser.add_argument("--work-dir", help="keep the pretrain / finetune corpora and runs here")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--no-peer", action="store_true", help="lab only (no transformers)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--csv", help="write the rows here")
-    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if args.memory_probe:
-        print(json.dumps(memory_probe(json.loads(args.memory_probe), device)))
-        return 0
-
-    bc = QUICK if args.quick else BenchConfig()
-    overrides = {
-        "presets": _split(args.presets),
-        "dtypes": _split(args.dtypes),
-        "step_seq_lens": _split(args.seq_lens, int),
-        "layer_seq_lens": _split(args.layer_seq_lens, int),
-        "kinds": _split(args.kinds),
-        "compile_modes": _split(args.compile_modes),
-        "attention_impls": _split(args.attention_impls),
-        "tokens_per_step": args.tokens_per_step,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "work_dir": args.work_dir,
-        "memory": False if args.no_memory else None,
-        "peer": False if args.no_peer else None,
-    }
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # one peak-memory measurement, in a child
+    values = parse_values(parser, sys.argv[1:] if argv is None else argv)
+    quick, probe = values.pop("quick", False), values.pop("memory_probe", None)
     try:
-        bc = dataclasses.replace(bc, **{k: v for k, v in overrides.items() if v is not None})
+        bc = replace_strict(QUICK if quick else BenchConfig(), **values)
     except ValueError as err:
         parser.error(str(err))
+    device = pick_device(bc.device)
+    if probe:
+        print(json.dumps(memory_probe(json.loads(probe), device)))
+        return 0
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    result = run(bc, device)
-    if args.json:
-        atomic_write_json(args.json, result)
-    if args.csv:
-        write_csv(args.csv, result["rows"])
-    return 0
+
+    def action() -> None:
+        result = run(bc, device)
+        if bc.out_dir:
+            atomic_write_json(Path(bc.out_dir) / "bench.json", result)
+            write_csv(Path(bc.out_dir) / "bench.csv", result["rows"], COLUMNS, digits=None)
+
+    return run_verb(action)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What the benchmark times (`python -m lab bench`, lab/bench.py): each builder returns a zero-argument
+"""What the benchmark times (`python -m lab bench`, lab/bench/benchmark.py): each builder returns a zero-argument
 callable that does the work once, on fixed random inputs of a given preset, length T, batch B and dtype.
 
   build_lab_step   one RTD training step of lab's `RTDModel` (forward, backward, AdamW), optionally
@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab.model import DisentangledSelfAttention, Encoder, available_attention_impls, preset, relative_index
-from lab.rtd import RTDModel, generator_config, masked_count
+from lab.rtd import RTD_WEIGHT, RTDModel, generator_config, masked_count
 from lab.training import adamw, autocast
 
 SPECIAL_IDS = (0, 1, 2, 3)  # [PAD] [CLS] [SEP] [UNK]
-RTD_WEIGHT = 50.0
 
 
 def model_config(name: str, T: int, vocab: int | None = None, attention_impl: str | None = None):

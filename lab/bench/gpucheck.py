@@ -11,7 +11,7 @@ anything else at module level, and the run records which optional packages got i
 data does not travel by itself: `--prepare-data` copies WikiText-2's training file and the GLUE tasks
 it uses into the git-ignored `.gpudata/`, which goes to the GPU machine together with the checkout.
 Outputs: DIR/gpucheck.json (every part's result), DIR/gpucheck.csv (the benchmark's rows in
-lab/bench_measure.py's format), DIR/summary.txt (one screen, also printed) and DIR/gpucheck.log;
+lab/bench/measure.py's format), DIR/summary.txt (one screen, also printed) and DIR/gpucheck.log;
 they are rewritten after every part, so an interrupted run still leaves what it measured. Commit them as
 figures/bench/gpu_<device>.{json,csv,txt}. Scratch files (corpora, runs, caches) go to --work (default
 a temporary folder), never into DIR.
@@ -41,14 +41,13 @@ The smoke mode runs every part on the CPU at tiny sizes; there the sync counter 
 methods that synchronise on a GPU (item, tolist, cpu, __bool__, __float__, __int__, __index__), and
 torchrun uses gloo.
 
-This module holds the sizes, the parts and the command line; beside it are lab/syncs.py (the host-sync
-counter), lab/devicecheck.py (the float64 correctness checks), lab/budget.py (running the parts within
-the budget) and lab/gpureport.py (gpucheck.json, gpucheck.csv, summary.txt).
+This module holds the sizes, the parts and the command line; beside it are lab/bench/syncs.py (the host-sync
+counter), lab/bench/devicecheck.py (the float64 correctness checks), lab/bench/budget.py (running the parts within
+the budget) and lab/bench/gpureport.py (gpucheck.json, gpucheck.csv, summary.txt).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -79,6 +78,7 @@ from lab.bench.loops import (
 )
 from lab.bench.measure import HEADER, Row, format_row, matmul_peak
 from lab.bench.syncs import SyncCounter
+from lab.cli import USER_ERROR, config_parser, param, parse_config
 from lab.util import data_dir, pick_device, read_jsonl
 
 DATA_FILES = {  # what the device needs, relative to $LAB_DATA_DIR; glue tasks are optional one by one
@@ -455,64 +455,62 @@ class _Tee:
             s.flush()
 
 
-def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lab gpucheck", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="folder for gpucheck.json / .csv / summary.txt / gpucheck.log")
-    parser.add_argument(
-        "--data", default=".gpudata", help="data folder (wikitext-2/, glue/); default .gpudata"
-    )
-    parser.add_argument(
-        "--work", help="scratch folder for corpora, runs and caches (default: a temporary one)"
-    )
-    parser.add_argument(
-        "--smoke", action="store_true", help="CPU, tiny sizes: every part's code path in about a minute"
-    )
-    parser.add_argument("--budget-s", type=float, help="total seconds for all parts (default 480; smoke 900)")
-    parser.add_argument("--only", help="comma-separated part names to run (default: all)")
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda if present) | cuda | cpu; --smoke means cpu"
-    )
-    parser.add_argument(
-        "--prepare-data", action="store_true", help="copy $LAB_DATA_DIR's files into --data and exit"
-    )
-    args = parser.parse_args(argv)  # fmt: skip
+@dataclass(frozen=True)
+class GpuCheckConfig:
+    out_dir: str = param("", "folder for gpucheck.json / .csv / summary.txt / gpucheck.log (required)")
+    data_dir: str = param(".gpudata", "data folder with wikitext-2/ and glue/")
+    work_dir: str = param("", "scratch folder for corpora, runs and caches; '' = a temporary one")
+    smoke: bool = param(False, "CPU, tiny sizes: every part's code path in about a minute")
+    budget_s: float = param(0.0, "total seconds for all parts; 0 = 480 (smoke: 900)")
+    only: tuple[str, ...] = param((), "part names to run (env always runs); none = all")
+    device: str = param("auto", "auto (cuda if present) | cuda | cpu; --smoke means cpu")
+    prepare_data: bool = param(False, "copy $LAB_DATA_DIR's files into --data-dir and exit")
 
-    if args.prepare_data:
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = config_parser(GpuCheckConfig, "python -m lab gpucheck", __doc__.split("\n\n")[0])
+    cfg = parse_config(GpuCheckConfig, parser, sys.argv[1:] if argv is None else argv)
+    if cfg.prepare_data:
         try:
-            prepare_data(data_dir(), Path(args.data))
+            prepare_data(data_dir(), Path(cfg.data_dir))
         except FileNotFoundError as err:
             print(f"error: {err}", file=sys.stderr)
-            return 2
+            return USER_ERROR
         return 0
-    if not args.out:
-        parser.error("--out DIR is required (or --prepare-data)")
-    device = torch.device("cpu") if args.smoke else pick_device(args.device)
-    if device.type != "cuda" and not args.smoke:
+    if not cfg.out_dir:
+        parser.error("--out-dir DIR is required (or --prepare-data)")
+    device = torch.device("cpu") if cfg.smoke else pick_device(cfg.device)
+    if device.type != "cuda" and not cfg.smoke:
         parser.error("no CUDA device: this check is for a GPU machine; use --smoke for the CPU code paths")
     parts = PARTS
-    if args.only:
-        names = [n.strip() for n in args.only.split(",") if n.strip()]
+    if cfg.only:
+        names = cfg.only
         unknown = sorted(set(names) - {p.name for p in PARTS})
         if unknown:
             parser.error(
                 f"--only has unknown parts {unknown}; choose from {', '.join(p.name for p in PARTS)}"
             )
         parts = tuple(p for p in PARTS if p.name in names or p.name == "env")
-    out = Path(args.out)
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lab-gpucheck-"))
+    work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="lab-gpucheck-"))
     work.mkdir(parents=True, exist_ok=True)
     # tokenisers, token caches and compiled kernels of this run stay in its scratch folder
     os.environ["LAB_CACHE_DIR"] = str(work / "cache")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(work / "triton"))
-    budget = args.budget_s or (900.0 if args.smoke else 480.0)
+    budget = cfg.budget_s or (900.0 if cfg.smoke else 480.0)
     log_file = open(out / "gpucheck.log", "w")  # noqa: SIM115 (open for the whole run)
     stdout = sys.stdout
     sys.stdout = _Tee(stdout, log_file)
     try:
-        c = Check(device, SMOKE if args.smoke else GPU, Path(args.data), work, args.smoke)
-        meta = {"smoke": args.smoke, "budget_s": budget, "data": str(args.data), "argv": argv or sys.argv[1:]}
+        c = Check(device, SMOKE if cfg.smoke else GPU, Path(cfg.data_dir), work, cfg.smoke)
+        meta = {
+            "smoke": cfg.smoke,
+            "budget_s": budget,
+            "data": str(cfg.data_dir),
+            "argv": argv or sys.argv[1:],
+        }
         start = time.perf_counter()
 
         def write(records):
@@ -524,7 +522,7 @@ def cli(argv: list[str] | None = None) -> int:
     finally:
         sys.stdout = stdout
         log_file.close()
-        if not args.work:
+        if not cfg.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -1,6 +1,6 @@
 """The results of `python -m lab gpucheck`: DIR/gpucheck.json (every part's record, the benchmark rows,
 the GPU targets with the values measured), DIR/gpucheck.csv (the rows in the benchmark's CSV format,
-lab/bench_measure.py) and DIR/summary.txt (one screen, also printed at the end of the run).
+lab/bench/measure.py) and DIR/summary.txt (one screen, also printed at the end of the run).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from lab.bench.devicecheck import describe_check
-from lab.bench.measure import Row, write_csv
-from lab.util import atomic_write_bytes, atomic_write_json
+from lab.bench.measure import COLUMNS, Row
+from lab.util import atomic_write_bytes, atomic_write_json, write_csv
 
 # packages the GPU machine lacks: the run records which of them got imported at all (it should be none)
 OPTIONAL_MODULES = ("matplotlib", "seaborn", "papermill", "IPython", "ipywidgets", "jupyter", "datasets")
@@ -176,6 +176,6 @@ def write_outputs(out: Path, records: dict, meta: dict, start: float) -> dict:
         "optional_modules_imported": sorted(m for m in OPTIONAL_MODULES if m in sys.modules),
     }
     atomic_write_json(out / "gpucheck.json", result)
-    write_csv(out / "gpucheck.csv", result["rows"])
+    write_csv(out / "gpucheck.csv", result["rows"], COLUMNS, digits=None)
     atomic_write_bytes(out / "summary.txt", summary_text(result).encode())
     return result

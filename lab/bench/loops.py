@@ -1,4 +1,4 @@
-"""The benchmark's real-loop rows (`python -m lab bench --kinds pretrain,finetune`, lab/bench.py): the
+"""The benchmark's real-loop rows (`python -m lab bench --kinds pretrain,finetune`, lab/bench/benchmark.py): the
 throughput of `lab.pretrain.loop.train()` and `lab.finetune.loop.train()` themselves, data loading included, on
 generated data so that no download is needed.
 

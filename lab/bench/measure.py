@@ -1,18 +1,17 @@
-"""How the benchmark measures (`python -m lab bench`, lab/bench.py), and the row each measurement fills.
+"""How the benchmark measures (`python -m lab bench`, lab/bench/benchmark.py), and the row each measurement fills.
 
   time_alternating  seconds per call of several candidates, timed alternately after warm-up
   count_flops       matmul FLOPs of one call, as torch's FlopCounterMode sees them
   matmul_peak       the machine's practical FLOP/s ceiling in a dtype (square matmuls)
   memory            peak memory of a candidate's steps: in-process on CUDA, a fresh subprocess on CPU
   Row               one benchmark result, with format_row / HEADER (the printed table) and
-                    COLUMNS / write_csv (the CSV)
+                    COLUMNS (the CSV's columns, lab.util.write_csv)
 
-Why memory and FLOPs are measured the way they are is in lab/bench.py's docstring.
+Why memory and FLOPs are measured the way they are is in lab/bench/benchmark.py's docstring.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -150,7 +149,7 @@ class Row:
     speedup_vs_hf: float | None = None  # this row's tokens/s over the hf row's (same kind, preset, dtype, T)
     gflop: float | None = None  # counted matmul + attention GFLOP per call (steps only)
     mfu: float | None = None  # achieved FLOP/s over the measured matmul peak of this dtype
-    peak_mb: float | None = None  # peak memory (see lab/bench.py's docstring)
+    peak_mb: float | None = None  # peak memory (see lab/bench/benchmark.py's docstring)
     step_mb: float | None = None  # memory added by running the steps
     vocab: int | None = None  # rows of the word table
     examples_per_s: float | None = None  # finetune: training examples per second
@@ -188,11 +187,3 @@ HEADER = (
     f"{'kind':<9} {'preset':<7} {'dt':<4} {'T':>5} {'B':>3} {'impl':<18} {'ms':>9} {'tok/s':>9} "
     f"{'vs hf':>6} {'GFLOP':>7} {'MFU':>6} {'peakMB':>7} {'stepMB':>7}"
 )
-
-
-def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)

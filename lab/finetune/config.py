@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lab.cli import check_choices, param
 from lab.finetune import tasks as downstream
+from lab.training import COMPILE, DTYPES
 from lab.util import replace_strict
 
 # Official DeBERTaV3-large recipe: epochs, warmup steps, lr, batch, head dropout, max len, from the
@@ -58,32 +60,40 @@ TASK_DEFAULTS["synth_gram"] = {
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    task: str = (
-        "mrpc"  # GLUE: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; synthetic: synth_tag, synth_gram
+    task: str = param(
+        "mrpc", "GLUE: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; synthetic: synth_tag, synth_gram"
     )
-    glue_dir: str = ""  # GLUE root with <TASK>/train.tsv ...; "" = $LAB_DATA_DIR/glue
-    init: str = ""  # pre-training run dir (uses export/discriminator/), HF-format dir, or hub name
-    out_dir: str = "runs/finetune"  # where config.json, seeds/, metrics.jsonl and results.json go
-    synthetic_seed: int | None = None  # synthetic tasks' language; None = the init run's corpus seed, else 0
-    epochs: int | None = None  # None = task default (TASK_DEFAULTS)
-    lr: float | None = None  # peak learning rate; None = task default
-    batch_size: int | None = None  # None = task default
-    warmup_steps: int | None = None  # linear warmup steps; None = warmup_ratio of all steps
-    warmup_ratio: float = 0.1  # used when warmup_steps is None
-    weight_decay: float = 0.01  # AdamW decay, not applied to biases and LayerNorm
-    head_dropout: float | None = None  # dropout before the output layer; None = task default
-    max_seq_len: int | None = None  # tokens incl. [CLS]/[SEP]; None = task default, capped by the model
-    seeds: tuple[int, ...] = (1,)  # one fine-tuning run per seed (head init + batch order)
-    max_train_examples: int | None = None  # a fixed random slice (same for every seed); None = all
-    max_eval_examples: int | None = None  # per dev split; None = all
-    eval_batch_size: int = 128
-    grad_clip: float = 1.0  # global grad-norm clip
-    length_bucket: int = 0  # batch widths rounded up to a multiple of this; 0 = 16 on CUDA, 1 (exact) on CPU
-    compile: bool = False  # torch.compile the model (pays a compile per seed; worth it on long CUDA runs)
-    device: str = "auto"  # "auto" = cuda if available, else cpu
-    bf16: bool = True  # bf16 autocast on CUDA (losses in fp32); ignored on CPU
+    glue_dir: str = param("", "GLUE root with <TASK>/train.tsv ...; '' = $LAB_DATA_DIR/glue")
+    init: str = param("", "pre-training run dir (uses export/discriminator/), HF-format dir, or hub name")
+    out_dir: str = param("runs/finetune", "where config.json, seeds/, metrics.jsonl and results.json go")
+    synthetic_seed: int | None = param(
+        None, "synthetic tasks' language; None = the init run's corpus seed, else 0"
+    )
+    epochs: int | None = param(None, "passes over the training set; None = task default (TASK_DEFAULTS)")
+    lr: float | None = param(None, "peak learning rate; None = task default")
+    batch_size: int | None = param(None, "examples per step; None = task default")
+    warmup_steps: int | None = param(None, "linear warmup steps; None = warmup_ratio of all steps")
+    warmup_ratio: float = param(0.1, "used when warmup_steps is None")
+    weight_decay: float = param(0.01, "AdamW decay, not applied to biases and LayerNorm")
+    head_dropout: float | None = param(None, "dropout before the output layer; None = task default")
+    max_seq_len: int | None = param(
+        None, "tokens incl. [CLS]/[SEP]; None = task default, capped by the model"
+    )
+    seeds: tuple[int, ...] = param((1,), "one fine-tuning run per seed (head init + batch order)")
+    max_train_examples: int | None = param(None, "a fixed random slice (same for every seed); None = all")
+    max_eval_examples: int | None = param(None, "dev examples scored per split; None = all")
+    eval_batch_size: int = param(128, "examples per evaluation batch")
+    grad_clip: float = param(1.0, "global grad-norm clip")
+    length_bucket: int = param(
+        0, "batch widths rounded up to a multiple of this; 0 = 16 on CUDA, 1 (exact) on CPU"
+    )
+    # off by default, unlike pre-training: each seed pays its own compile, worth it on long CUDA runs only
+    compile: str = param("off", "torch.compile the model; auto: on for CUDA, off for the CPU", COMPILE)
+    device: str = param("auto", "'auto' = cuda if available, else cpu")
+    dtype: str = param("auto", "autocast dtype (losses in fp32); auto: bf16 on CUDA, fp32 on the CPU", DTYPES)
 
     def __post_init__(self) -> None:
+        check_choices(self)
         downstream.get_task(self.task)  # raises on unknown tasks, listing the known ones
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         if not self.seeds:

@@ -2,7 +2,7 @@
 the training device, and the record of what was used against the official split sizes.
 
 Inputs are `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, pairs truncated as `transformers`' fast
-tokenizers do with `truncation="longest_first"`; token tasks (lab/tasks.py) label the first piece of
+tokenizers do with `truncation="longest_first"`; token tasks (lab/finetune/tasks.py) label the first piece of
 each word and ignore the rest (`IGNORE`). A training or evaluation step slices its batch from the
 padded tensors, so nothing is tokenised, padded or copied to the device per step.
 """

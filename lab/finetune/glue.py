@@ -102,7 +102,7 @@ TASKS: dict[str, GlueTask] = {
 
 # Example counts of the official GLUE files (as written by `download_glue_data.py`, equal to the
 # HuggingFace `glue` dataset's splits). A loaded split of another size (skipped malformed rows, a
-# truncated download) is flagged next to its metric by lab/finetune.py.
+# truncated download) is flagged next to its metric by lab/finetune/loop.py.
 OFFICIAL_SIZES: dict[str, dict[str, int]] = {
     "cola": {"train": 8551, "dev": 1043},
     "sst2": {"train": 67349, "dev": 872},

@@ -3,9 +3,9 @@
 the data side lab/finetune/data.py, the table that compares checkpoints lab/finetune/table.py.
 
     train(FinetuneConfig(task="mrpc", init="runs/gdes", out_dir="runs/ft/gdes/mrpc"))  -> results dict
-    python -m lab finetune --task mrpc --init runs/gdes --out runs/ft/gdes/mrpc --seeds 1,2,3
-    python -m lab finetune --task synth_tag,synth_gram --init runs/gdes --out runs/ft --seeds 1,2,3
-    python -m lab finetune --table runs/ft --table-out figures/glue_results
+    python -m lab finetune --task mrpc --init runs/gdes --out-dir runs/ft/gdes/mrpc --seeds 1,2,3
+    python -m lab finetune --task synth_tag,synth_gram --init runs/gdes --out-dir runs/ft --seeds 1,2,3
+    python -m lab table runs/ft --out-dir figures/glue_mini        # -> figures/glue_mini/glue_results.csv
 
 Sentence heads are the official GLUE head (microsoft/DeBERTa `DeBERTa/apps/models/sequence_classification.py`,
 `transformers` `DebertaV2ForSequenceClassification`): pooled = gelu(Dense(h_CLS)), logits =
@@ -35,7 +35,6 @@ official_dev_examples, dev_splits, config}).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -51,13 +50,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lab.cli import config_parser, parse_values, run_verb
 from lab.finetune import tasks as downstream
 from lab.finetune.config import FinetuneConfig
 from lab.finetune.data import IGNORE, Encoded, load_data
 from lab.finetune.table import checkpoint_label, results_table
 from lab.model import Encoder, init_weights
 from lab.tokenizer import Tokenizer
-from lab.training import adamw, autocast, linear_schedule, set_lr
+from lab.training import adamw, autocast, autocast_dtype, compile_on, linear_schedule, set_lr
 from lab.util import atomic_write_bytes, atomic_write_json, pick_device, replace_strict, to_device
 
 # ---------------------------------------------------------------------------------------------- model
@@ -139,14 +139,14 @@ def load_encoder(init: str) -> tuple[Encoder, Tokenizer]:
 
 def corpus_seed(init: str) -> int | None:
     """The synthetic-language seed of a lab pre-training run's corpus (`synthetic:SEED`), else None."""
-    from lab.pretrain.data import _parse_synthetic
+    from lab.pretrain.data import parse_synthetic
 
     config = Path(init).expanduser() / "config.json"
     if not config.is_file():
         return None
     corpus = str(json.loads(config.read_text()).get("corpus", ""))
     if corpus == "synthetic" or corpus.startswith("synthetic:"):
-        return _parse_synthetic(corpus)[0]
+        return parse_synthetic(corpus)[0]
     return None
 
 
@@ -158,7 +158,7 @@ def _bucket(cfg: FinetuneConfig, device: torch.device) -> int:
 
 
 def _dtype(cfg: FinetuneConfig, device: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
+    return autocast_dtype(cfg.dtype, device)
 
 
 @torch.no_grad()
@@ -219,7 +219,7 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
     torch.manual_seed(seed)
     head = TokenClassifier if downstream.is_token_level(task) else Classifier
     model = head(copy.deepcopy(encoder), task.num_labels, cfg.head_dropout).to(device)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = torch.compile(model) if compile_on(cfg.compile, device) else model
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     bucket = _bucket(cfg, device)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
@@ -419,63 +419,30 @@ def run_table(tasks, inits, seeds=(1, 2, 3), out_dir="runs/glue", out_stem=None,
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lab finetune", description=__doc__.split("\n")[0])
-    p.add_argument("--task", help="task (GLUE or synth_tag / synth_gram), or a comma list to fine-tune each")
-    p.add_argument(
-        "--init", action="append", help="run dir / HF dir / hub name; repeat to compare checkpoints"
-    )
-    p.add_argument("--out", help="output dir (with several tasks or inits: the root of <checkpoint>/<task>/)")
-    p.add_argument("--glue-dir", default="", help="GLUE root (default $LAB_DATA_DIR/glue)")
-    p.add_argument("--seeds", default="1", help="comma list, e.g. 1,2,3")
-    for flag, kind in [("epochs", int), ("lr", float), ("batch-size", int), ("warmup-steps", int),
-                       ("warmup-ratio", float), ("weight-decay", float), ("head-dropout", float),
-                       ("max-seq-len", int), ("max-train-examples", int), ("max-eval-examples", int),
-                       ("eval-batch-size", int), ("synthetic-seed", int), ("length-bucket", int)]:  # fmt: skip
-        p.add_argument(f"--{flag}", type=kind)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-bf16", action="store_true", help="run in fp32 on CUDA too")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument(
-        "--table", nargs="+", metavar="DIR", help="only collect results.json under DIR(s) into a table"
-    )
-    p.add_argument(
-        "--table-out",
-        help="stem of the table's .csv and .png (default: OUT/glue_results; with --table, runs/glue_results)",
-    )
-    return p
-
-
 def cli(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)  # unknown flags exit with status 2 and a usage message
-    if args.table:
-        stem = args.table_out or "runs/glue_results"
-        rows = results_table(args.table, stem)
-        print(f"wrote {stem}.csv and .png ({len(rows)} rows)")
-        return 0
-    if not args.task or not args.init or not args.out:
-        _parser().error("--task, --init and --out are required (or --table DIR to build a table)")
-    overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("task", "init", "out", "glue_dir", "seeds", "device", "no_bf16", "table", "table_out", "compile")
-                 and v is not None}  # fmt: skip
-    common = dict(
-        glue_dir=args.glue_dir, device=args.device, bf16=not args.no_bf16, compile=args.compile, **overrides
-    )
-    seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
-    tasks = [t for t in args.task.split(",") if t.strip()]
-    try:
-        if len(tasks) == 1 and len(args.init) == 1:
-            results = train(
-                FinetuneConfig(task=tasks[0], init=args.init[0], out_dir=args.out, seeds=seeds, **common)
+    """`python -m lab finetune`: FinetuneConfig's flags; a comma list in --task or --init fine-tunes every
+    init on every task (under --out-dir/<checkpoint>/<task>/) and writes their table."""
+    parser = config_parser(FinetuneConfig, "python -m lab finetune", __doc__.split("\n")[0])
+    values = parse_values(parser, argv)
+    tasks = [t for t in str(values.pop("task", "")).split(",") if t.strip()]
+    inits = [i for i in str(values.pop("init", "")).split(",") if i.strip()]
+    if not tasks or not inits or "out_dir" not in values:
+        parser.error("--task, --init and --out-dir are required (`python -m lab table` builds a table)")
+
+    def action() -> None:
+        cfg = replace_strict(FinetuneConfig(task=tasks[0], init=inits[0]), **values)
+        if len(tasks) == 1 and len(inits) == 1:
+            results = train(cfg)
+            key, seeds = results["main_metric"], len(cfg.seeds)
+            mean, median, std = (results[k][key] for k in ("mean", "median", "std"))
+            print(
+                f"{results['task']} {key}: mean {mean:.4f} median {median:.4f} std {std:.4f} over {seeds} seed(s)"
             )
-            key = results["main_metric"]
-            print(f"{results['task']} {key}: mean {results['mean'][key]:.4f} median {results['median'][key]:.4f} "
-                  f"std {results['std'][key]:.4f} over {len(seeds)} seed(s) -> {args.out}/results.json")  # fmt: skip
+            print(f"-> {cfg.out_dir}/results.json")
         else:
-            stem = args.table_out or Path(args.out) / "glue_results"
-            run_table(tasks, args.init, seeds, out_dir=args.out, out_stem=stem, **common)
+            stem = Path(cfg.out_dir) / "glue_results"
+            common = {k: getattr(cfg, k) for k in values if k not in ("out_dir", "seeds")}
+            run_table(tasks, inits, cfg.seeds, out_dir=cfg.out_dir, out_stem=stem, **common)
             print(f"wrote {stem}.csv and .png")
-    except ValueError as err:
-        print(f"error: {err}")
-        return 1
-    return 0
+
+    return run_verb(action)

@@ -1,15 +1,18 @@
 """The fine-tuning results table: results.json files of several checkpoints and tasks collected into
 one CSV and one bar chart, next to the paper's GLUE numbers.
 
-    results_table(["runs/ft"], "runs/ft/table")   # = python -m lab finetune --table runs/ft --table-out runs/ft/table
+    results_table(["runs/ft"], "runs/ft/glue_results")
+    python -m lab table --runs runs/ft --out-dir runs/ft     # the same: runs/ft/glue_results.csv and .png
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from lab.cli import config_parser, param, parse_config, run_verb
 from lab.finetune import glue
 from lab.finetune import tasks as downstream
 
@@ -112,3 +115,25 @@ def _plot_table(rows: list[dict], tasks: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    runs: tuple[str, ...] = param((), "results.json files, or folders searched for them (comma list)")
+    out_dir: str = param("runs", "folder for glue_results.csv and glue_results.png")
+    paper: bool = param(True, "add the paper's rows (DeBERTaV3, ELECTRA-Small) to the table")
+
+
+def cli(argv: list[str]) -> int:
+    """`python -m lab table --runs DIR[,DIR...] --out-dir OUT`: OUT/glue_results.csv and .png."""
+    parser = config_parser(TableConfig, "python -m lab table", __doc__.split("\n")[0])
+    cfg = parse_config(TableConfig, parser, argv)
+    if not cfg.runs:
+        parser.error("--runs is required: the fine-tuning outputs (results.json files or folders) to collect")
+
+    def action() -> None:
+        stem = Path(cfg.out_dir) / "glue_results"
+        rows = results_table(cfg.runs, stem, include_paper=cfg.paper)
+        print(f"wrote {stem}.csv and .png ({len(rows)} rows)")
+
+    return run_verb(action)

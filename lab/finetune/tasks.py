@@ -1,5 +1,5 @@
-"""Downstream tasks behind one lookup: the GLUE tasks (lab/glue.py) and two tasks on the synthetic
-language (lab/synthetic.py) whose labels are known by construction.
+"""Downstream tasks behind one lookup: the GLUE tasks (lab/finetune/glue.py) and two tasks on the synthetic
+language (lab/pretrain/synthetic.py) whose labels are known by construction.
 
     get_task("synth_tag") / get_task("CoLA")          -> the task, any common spelling
     load("synth_gram", glue_dir=None, synthetic_seed=0) -> {"train": GlueSplit, "dev": GlueSplit}
@@ -167,7 +167,7 @@ def _np_ends(classes: Sequence[str], i: int, allowed: Sequence[str], subject: bo
 
 
 def _clause_ends(classes: Sequence[str], i: int, depth: int) -> set[int]:
-    """Positions where a clause starting at `i` can end (lab/synthetic.py `_Generator.clause`):
+    """Positions where a clause starting at `i` can end (lab/pretrain/synthetic.py `_Generator.clause`):
     subject verb (comp clause | [object] [adv.manner] [prep noun-phrase])."""
     ends: set[int] = set()
     for verb, (subjects, objects, phrases) in VERBS.items():
@@ -187,7 +187,7 @@ def _clause_ends(classes: Sequence[str], i: int, depth: int) -> set[int]:
 
 
 def is_grammatical(classes: Sequence[str]) -> bool:
-    """Whether the grammar of lab/synthetic.py can produce this sequence of word classes as one sentence:
+    """Whether the grammar of lab/pretrain/synthetic.py can produce this sequence of word classes as one sentence:
     clause [conj clause] "." (selectional constraints of verbs and adjectives included)."""
     body = len(classes) - 1
     if body < 1 or classes[-1] != "punct":

@@ -21,11 +21,14 @@ import ast
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from lab.cli import USER_ERROR, config_parser, param, parse_config
+from lab.rtd import SHARING_MODES
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
-MODES = ("es", "nes", "gdes")
 
 
 def project_path(path: str | Path) -> Path:
@@ -165,7 +168,8 @@ def resolve_init(init: str | Path) -> str:
 def run_curves(run_dir: str | Path) -> Path:
     """Loss curves of one run from its metrics.jsonl: total, MLM and RTD train loss plus the held-out
     rows; written as figures/curves.{csv,png,svg} in the run directory. Returns the PNG."""
-    from lab.analysis.tug_of_war import load_run, new_figure, save_figure, write_csv
+    from lab.analysis.tug_of_war import load_run, new_figure, save_figure
+    from lab.util import write_csv
 
     run = load_run(project_path(run_dir))
     out = run.path / "figures"
@@ -215,7 +219,7 @@ def cli_run(argv: list[str]) -> int:
         check_parameters(path, parameters)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     out_dir = project_path(Path("runs") / (args.name or path.stem))
     start = time.time()
     try:
@@ -239,23 +243,28 @@ def _flags(parameters: dict) -> list[str]:
     return [item for name, value in parameters.items() for item in ("-p", name, repr(value))]
 
 
-def cli_sweep(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m lab sweep",
-        description="Pre-train ES, NES and GDES with the same seed and data, then the tug-of-war analysis.",
-    )
-    p.add_argument("--corpus", default="synthetic", help="synthetic, a file/folder of text, or hf:NAME")
-    p.add_argument("--preset", default="mini", help="model size: tiny, mini, xsmall, small, base, large")
+@dataclass(frozen=True)
+class SweepConfig:
     # defaults sized so `make demo` (three mini runs + the report) stays under ~15 minutes on 2 CPU cores
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rtd-weight", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--name", default="sweep", help="results go to runs/<name>/")
-    args = p.parse_args(argv)
+    corpus: str = param("synthetic", "synthetic, a file/folder of text, or hf:NAME")
+    preset: str = param("mini", "model size: tiny, mini, xsmall, small, base, large")
+    steps: int = param(300, "optimizer steps per run")
+    batch_size: int = param(16, "examples per step")
+    seq_len: int = param(64, "tokens per example")
+    lr: float = param(1e-3, "peak learning rate")
+    rtd_weight: float | None = param(None, "lambda in L_MLM + lambda * L_RTD; none = PretrainConfig's")
+    seed: int = param(0, "the one seed of all three runs")
+    device: str = param("auto", "auto | cpu | cuda | cuda:N")
+    name: str = param("sweep", "results go to runs/<name>/")
+
+
+def cli_sweep(argv: list[str]) -> int:
+    parser = config_parser(
+        SweepConfig,
+        "python -m lab sweep",
+        "Pre-train ES, NES and GDES with the same seed and data, then the tug-of-war analysis.",
+    )
+    args = parse_config(SweepConfig, parser, argv)
     common = {"corpus": args.corpus, "preset": args.preset, "seed": args.seed, "device": args.device}
     for key in ("steps", "batch_size", "seq_len", "lr", "rtd_weight"):
         if getattr(args, key) is not None:
@@ -263,7 +272,7 @@ def cli_sweep(argv: list[str]) -> int:
     root = project_path(Path("runs") / args.name)
     start = time.time()
     runs = {}
-    for mode in MODES:
+    for mode in SHARING_MODES:
         runs[mode] = root / mode
         t = time.time()
         if cli_run(["01_pretrain", "--name", f"{args.name}/{mode}", *_flags({**common, "sharing": mode})]):

@@ -104,7 +104,7 @@ def open_corpus(spec: str | CorpusSpec) -> Corpus:
     spec = CorpusSpec(source=spec) if isinstance(spec, str) else spec
     source = spec.source.strip()
     if source == "synthetic" or source.startswith("synthetic:"):
-        seed, words = _parse_synthetic(source)
+        seed, words = parse_synthetic(source)
         lang = SyntheticLanguage(seed)
         identity = {"synthetic": seed, "words": words, "version": GENERATOR_VERSION}
         return Corpus(source, identity, lambda issues: lang.documents(words), spec.max_documents, lang)
@@ -130,7 +130,7 @@ def open_corpus(spec: str | CorpusSpec) -> Corpus:
     return Corpus(source, identity, read, spec.max_documents)
 
 
-def _parse_synthetic(source: str) -> tuple[int, int]:
+def parse_synthetic(source: str) -> tuple[int, int]:
     seed, words = 0, DEFAULT_WORDS
     options = source.partition(":")[2]
     try:

@@ -39,97 +39,102 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from lab.cli import check_choices, config_parser, param, parse_config
 from lab.hf import save_pretrained
 from lab.model import preset
 from lab.pretrain import checkpoint
 from lab.pretrain.checkpoint import CheckpointError
 from lab.pretrain.data import BatchIterator, PreparedCorpus, prepare_corpus
-from lab.pretrain.meter import Meter, Progress
+from lab.pretrain.meter import PROGRESS, Meter, Progress
 from lab.pretrain.probe import gradient_cosine, similarity_pull
-from lab.rtd import MASK_STRATEGIES, SHARING_MODES, RTDModel, draw_noise
-from lab.training import adamw, autocast, linear_schedule, set_lr
-from lab.util import (
-    append_jsonl,
-    atomic_write_bytes,
-    atomic_write_json,
-    config_parser,
-    parse_config,
-    pick_device,
-    to_device,
+from lab.rtd import MASK_STRATEGIES, RTD_WEIGHT, SHARING_MODES, RTDModel, draw_noise
+from lab.training import (
+    COMPILE,
+    COMPILE_MODES,
+    DTYPES,
+    adamw,
+    autocast,
+    autocast_dtype,
+    linear_schedule,
+    set_lr,
 )
+from lab.util import append_jsonl, atomic_write_bytes, atomic_write_json, pick_device, to_device
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OPTIMIZATIONS = ("joint", "decoupled")
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    out_dir: str = "runs/pretrain"  # run directory; an existing checkpoint there is resumed
+    out_dir: str = param("runs/pretrain", "run directory; an existing checkpoint there is resumed")
     # model
-    preset: str = "mini"  # tiny | mini | xsmall | small | base | large (discriminator size)
-    seq_len: int = 128  # tokens per example, [CLS] and [SEP] included (official: 512)
-    dropout: float = 0.1  # hidden and attention dropout
-    gen_depth_ratio: float = 0.5  # generator layers / discriminator layers
-    gen_width_ratio: float = 1.0  # generator width / discriminator width (< 1 only with sharing=nes)
-    emd: bool = False  # generator's enhanced mask decoder; off: HF's DebertaV2ForMaskedLM has none
-    attention_impl: str = "sdpa"  # sdpa | flex (CUDA: FlexAttention, no [B,H,T,T] bias; CPU: forward only)
+    preset: str = param("mini", "tiny | mini | xsmall | small | base | large (discriminator size)")
+    seq_len: int = param(128, "tokens per example, [CLS] and [SEP] included (official: 512)")
+    dropout: float = param(0.1, "hidden and attention dropout")
+    gen_depth_ratio: float = param(0.5, "generator layers / discriminator layers")
+    gen_width_ratio: float = param(1.0, "generator width / discriminator width (< 1 only with sharing=nes)")
+    emd: bool = param(False, "generator's enhanced mask decoder; off: HF's DebertaV2ForMaskedLM has none")
+    attention_impl: str = param(
+        "sdpa", "sdpa | flex (CUDA: FlexAttention, no [B,H,T,T] bias; CPU: forward only)"
+    )
     # data
-    corpus: str = "synthetic"  # synthetic[:SEED] | .txt/.jsonl/wiki.*.tokens file, folder or glob | hf:NAME
-    tokenizer: str = ""  # spm.model path; empty: train one on the corpus
-    vocab_size: int = 4000  # SentencePiece size when a tokenizer is trained
-    heldout_fraction: float = 0.02  # share of packed examples kept for evaluation
+    corpus: str = param(
+        "synthetic", "synthetic[:SEED] | .txt/.jsonl/wiki.*.tokens file, folder or glob | hf:NAME"
+    )
+    tokenizer: str = param("", "spm.model path; empty: train one on the corpus")
+    vocab_size: int = param(4000, "SentencePiece size when a tokenizer is trained")
+    heldout_fraction: float = param(0.02, "share of packed examples kept for evaluation")
     # RTD
-    sharing: str = "gdes"  # es | nes | gdes
-    mask_prob: float = 0.15
-    mask_strategy: str = "mask"  # mask (all [MASK], as released) | bert (80/10/10)
-    rtd_weight: float = 50.0  # lambda in L_MLM + lambda * L_RTD (ELECTRA 50; official DeBERTa code 10)
-    temperature: float = 1.0  # generator sampling temperature
-    optimization: str = "joint"  # joint (one backward; ES needs it) | decoupled (official two-optimizer loop)
+    sharing: str = param("gdes", "embedding sharing between generator and discriminator", SHARING_MODES)
+    mask_prob: float = param(0.15, "share of tokens masked for the generator")
+    mask_strategy: str = param("mask", "mask: all [MASK], as released; bert: 80/10/10", MASK_STRATEGIES)
+    rtd_weight: float = param(
+        RTD_WEIGHT, "lambda in L_MLM + lambda * L_RTD (ELECTRA 50; official DeBERTa code 10)"
+    )
+    temperature: float = param(1.0, "generator sampling temperature")
+    optimization: str = param(
+        "joint",
+        "joint: one backward (ES needs it); decoupled: the official two-optimizer loop",
+        OPTIMIZATIONS,
+    )
     # optimisation
-    steps: int = 2000
-    batch_size: int = 32  # global examples per optimizer step (across processes and accumulation)
-    grad_accum: int = 1
-    lr: float = 5e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.01  # decoupled; none on biases and LayerNorm weights
-    beta1: float = 0.9
-    beta2: float = 0.999
-    adam_eps: float = 1e-6
-    grad_clip: float = 1.0
+    steps: int = param(2000, "optimizer steps")
+    batch_size: int = param(32, "global examples per optimizer step (across processes and accumulation)")
+    grad_accum: int = param(1, "micro-batches per optimizer step")
+    lr: float = param(5e-4, "peak learning rate")
+    warmup_steps: int = param(100, "linear warmup steps, then linear decay to 0")
+    weight_decay: float = param(0.01, "AdamW decoupled decay; none on biases and LayerNorm weights")
+    beta1: float = param(0.9, "AdamW beta1")
+    beta2: float = param(0.999, "AdamW beta2")
+    adam_eps: float = param(1e-6, "AdamW epsilon (official DeBERTa: 1e-6)")
+    grad_clip: float = param(1.0, "global gradient-norm clip")
     # runtime
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
-    compile: str = "auto"  # auto (on for CUDA, off for CPU) | on | off: torch.compile the RTD model
+    seed: int = param(0, "seed of initialisation, dropout, masking and sampling")
+    device: str = param("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = param("auto", "autocast dtype; auto: bf16 on CUDA, fp32 on the CPU", DTYPES)
+    compile: str = param("auto", "torch.compile the RTD model; auto: on for CUDA, off for the CPU", COMPILE)
     # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs.
     # "default" is provisional: the fastest mode measured on a GPU (lab gpucheck times them) replaces it.
-    compile_mode: str = "default"  # torch.compile mode (default is provisional until timed on a GPU)
-    log_every: int = 20
-    eval_every: int = 200
-    eval_batches: int = 8
-    probe_every: int = 50  # gradient-conflict probe (0 = off)
-    ckpt_every: int = 200
-    keep_checkpoints: int = 2  # checkpoints kept in checkpoints/ (the newest; a damaged one falls back)
-    discard_bad_checkpoints: bool = (
-        False  # if no checkpoint is usable: move them to checkpoints/bad/, start over
+    compile_mode: str = param(
+        "default", "torch.compile mode (default is provisional until timed on a GPU)", COMPILE_MODES
     )
-    stop_after: int = 0  # end this invocation after this step (0 = run to `steps`); a rerun resumes
-    progress: str = "line"  # line (a log line per interval) | bar (tqdm, for notebooks) | none
+    log_every: int = param(20, "steps between log lines")
+    eval_every: int = param(200, "steps between held-out evaluations")
+    eval_batches: int = param(8, "held-out batches per evaluation")
+    probe_every: int = param(50, "gradient-conflict probe (0 = off)")
+    ckpt_every: int = param(200, "steps between checkpoints")
+    keep_checkpoints: int = param(
+        2, "checkpoints kept in checkpoints/ (the newest; a damaged one falls back)"
+    )
+    discard_bad_checkpoints: bool = param(
+        False, "if no checkpoint is usable: move them to checkpoints/bad/ and start over"
+    )
+    stop_after: int = param(0, "end this invocation after this step (0 = run to `steps`); a rerun resumes")
+    progress: str = param("line", "line: a log line per interval; bar: tqdm, for notebooks; none", PROGRESS)
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # config.json files written before compile took auto/on/off
             object.__setattr__(self, "compile", "on" if self.compile else "off")
-        choices = {
-            "sharing": SHARING_MODES,
-            "mask_strategy": MASK_STRATEGIES,
-            "optimization": ("joint", "decoupled"),
-            "dtype": ("auto", "fp32", "bf16"),
-            "compile": ("auto", "on", "off"),
-            "compile_mode": COMPILE_MODES,
-            "progress": ("line", "bar", "none"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"PretrainConfig.{name}={getattr(self, name)!r}; choose one of {allowed}")
+        check_choices(self)
         preset(self.preset, attention_impl=self.attention_impl)  # raises on an unknown preset / impl
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"PretrainConfig.mask_prob={self.mask_prob} must be in (0, 1)")
@@ -227,12 +232,6 @@ def setup_distributed(device: torch.device) -> Dist:
         return Dist()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 @dataclass
@@ -358,7 +357,7 @@ def setup(cfg: PretrainConfig) -> Run:
         cfg=cfg,
         device=device,
         ddp=ddp,
-        amp=autocast_dtype(cfg, device),
+        amp=autocast_dtype(cfg.dtype, device),
         out_dir=out_dir,
         corpus=corpus,
         model=model,
@@ -416,7 +415,9 @@ def train_step(run: Run, step: int, meter: Meter, probe: bool) -> None:
         # (its buffers are donated): a probe step's forward runs eagerly, on every rank alike
         fn = run.net if probe and m == 0 else run.step_fn
         with ctx:
-            out = rtd_forward(fn, ids, mask, run.special, run.tok.mask_id, cfg, noise, run.amp)
+            out = rtd_forward(
+                fn, ids, mask, run.special, mask_id=run.tok.mask_id, cfg=cfg, noise=noise, amp=run.amp
+            )
         if probe and m == 0 and ddp.main:
             with meter.overhead("probe"):
                 row = gradient_probe(run.model, out, cfg.rtd_weight)
@@ -463,19 +464,19 @@ def clip(model: RTDModel, cfg: PretrainConfig) -> None:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
 
 
-def rtd_forward(fn, ids, mask, special, mask_id: int, cfg: PretrainConfig, noise, amp: torch.dtype | None):
+def rtd_forward(fn, ids, mask, special, *, mask_id: int, cfg: PretrainConfig, noise, amp: torch.dtype | None):
     """One RTD forward of `fn` (the model, its DDP wrapper or its compiled form) under the run's autocast."""
     with autocast(ids.device, amp):
         return fn(
             ids,
             mask,
             special,
-            mask_id,
-            cfg.rtd_weight,
-            cfg.mask_prob,
-            cfg.mask_strategy,
-            cfg.temperature,
-            noise,
+            mask_id=mask_id,
+            rtd_weight=cfg.rtd_weight,
+            mask_prob=cfg.mask_prob,
+            mask_strategy=cfg.mask_strategy,
+            temperature=cfg.temperature,
+            noise=noise,
         )
 
 
@@ -501,7 +502,7 @@ def evaluate(model: RTDModel, batches: list[torch.Tensor], tok, cfg: PretrainCon
         mask = torch.ones_like(ids)
         gen.manual_seed(cfg.seed * 7919 + i)
         noise = draw_noise(ids.shape[0], ids.shape[1], cfg.mask_prob, gen, device)
-        out = rtd_forward(model, ids, mask, special, tok.mask_id, cfg, noise, amp)
+        out = rtd_forward(model, ids, mask, special, mask_id=tok.mask_id, cfg=cfg, noise=noise, amp=amp)
         n_masked, n_tokens = out.valid.sum(), mask.sum()
         targets = ids.gather(1, out.positions)  # [B, K]
         sums += torch.stack(
@@ -564,7 +565,7 @@ def gradient_probe(model: RTDModel, out, rtd_weight: float) -> dict:
 
 
 def save_checkpoint(run: Run, step: int, nonfinite: torch.Tensor) -> None:
-    """The main process writes the checkpoint of `step` into the ring (see lab/checkpoint.py)."""
+    """The main process writes the checkpoint of `step` into the ring (see lab/pretrain/checkpoint.py)."""
     if bool(nonfinite):  # a device read: on checkpoint steps only
         return  # never save a diverged state over the good ones
     if run.ddp.main:

@@ -1,7 +1,7 @@
 """What a training loop reports, without making the device wait: losses summed on the device and
 read at log steps only, wall-clock time split into training and overhead, and the log line or bar.
 
-Used by lab/pretrain.py; the row keys it reads are the ones `pretrain.log_window` writes.
+Used by lab/pretrain/loop.py; the row keys it reads are the ones its `log_window` writes.
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ class Meter:
     def reset_sums(self) -> None:
         for value in self.sums.values():
             value.zero_()
+
+
+PROGRESS = ("line", "bar", "none")  # the modes of Progress, a config's `progress` field
 
 
 class Progress:

@@ -59,6 +59,7 @@ COMPARISONS = (("gdes", "es"), ("gdes", "nes"), ("nes", "es"))
 
 
 # Named recipes. Each is sized for its machine; the README states how long each took.
+# a table, one entry per line, easier to read across than reflowed (so the formatter skips it)
 RECIPES: dict[str, dict] = {
     # the test suite and the notebook's default: minutes of nothing, every code path once
     "smoke": dict(
@@ -117,8 +118,17 @@ def check_settings(cfg: ExperimentConfig) -> None:
     """Refuse to mix runs of different settings in one directory. The lists (modes, seeds, tasks), the
     device, the report folder and the progress display may change between invocations."""
     saved = read_json(Path(cfg.out_dir) / "experiment.json")
-    free = {"modes", "pretrain_seeds", "finetune_seeds", "tasks", "device", "report_dir", "progress",
-            "progress_every", "out_dir"}  # fmt: skip
+    free = {
+        "modes",
+        "pretrain_seeds",
+        "finetune_seeds",
+        "tasks",
+        "device",
+        "report_dir",
+        "progress",
+        "progress_every",
+        "out_dir",
+    }
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, like the saved file
     changed = sorted(k for k in now if k not in free and k in saved and saved[k] != now[k])
     if changed:
@@ -145,8 +155,14 @@ def plan(cfg: ExperimentConfig, calibrate_now: bool = True) -> dict:
         seconds = estimate(run, cfg, calibration, sizes) if calibration else math.nan
         if state != "done":
             total += seconds
-        rows.append({"run": run.name, "status": state, "estimate_s": seconds if state != "done" else 0.0,
-                     "path": str(run.path(cfg))})  # fmt: skip
+        rows.append(
+            {
+                "run": run.name,
+                "status": state,
+                "estimate_s": seconds if state != "done" else 0.0,
+                "path": str(run.path(cfg)),
+            }
+        )
     return {"runs": rows, "skipped_tasks": skipped, "total_estimate_s": total, "calibration": calibration}
 
 
@@ -159,8 +175,10 @@ def print_plan(result: dict) -> None:
         print(f"{i:>3}  {r['run']:<{width}}  {shown}")
     todo = sum(r["status"] != "done" for r in result["runs"])
     cal = result["calibration"] or {}
-    print(f"{len(result['runs'])} runs, {todo} to do; estimated {duration(result['total_estimate_s'])} on this "
-          f"machine (calibrated: {cal.get('pretrain_step_s', math.nan):.3f} s per pre-training step)")  # fmt: skip
+    print(
+        f"{len(result['runs'])} runs, {todo} to do; estimated {duration(result['total_estimate_s'])} on this "
+        f"machine (calibrated: {cal.get('pretrain_step_s', math.nan):.3f} s per pre-training step)"
+    )
 
 
 def run(cfg: ExperimentConfig) -> dict:
@@ -175,8 +193,16 @@ def run(cfg: ExperimentConfig) -> dict:
         print(f"skipping task {task}: {why}", flush=True)
     tasks = tuple(t for t in cfg.tasks if t not in planned["skipped_tasks"])
     runs = planned_runs(cfg, tasks)
-    append_jsonl(log, {"event": "invocation", "time": _now(), "runs": len(runs),
-                       "skipped_tasks": planned["skipped_tasks"], "estimate_s": planned["total_estimate_s"]})  # fmt: skip
+    append_jsonl(
+        log,
+        {
+            "event": "invocation",
+            "time": _now(),
+            "runs": len(runs),
+            "skipped_tasks": planned["skipped_tasks"],
+            "estimate_s": planned["total_estimate_s"],
+        },
+    )
     estimates = {r: row["estimate_s"] for r, row in zip(runs, planned["runs"])}
     todo = [r for r in runs if status(r, cfg) != "done"]
     for r in runs:
@@ -196,8 +222,16 @@ def run(cfg: ExperimentConfig) -> dict:
             except KeyboardInterrupt:
                 append_jsonl(log, {"event": "interrupted", "run": r.name, "time": _now()})
                 raise
-            append_jsonl(log, {"event": "finished", "run": r.name, "time": _now(),
-                               "wall_s": time.perf_counter() - t0, "estimate_s": estimates[r]})  # fmt: skip
+            append_jsonl(
+                log,
+                {
+                    "event": "finished",
+                    "run": r.name,
+                    "time": _now(),
+                    "wall_s": time.perf_counter() - t0,
+                    "estimate_s": estimates[r],
+                },
+            )
             progress.finish(r)
     finally:
         progress.close()
@@ -232,9 +266,17 @@ def downstream_records(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> list[di
             for metric, value in per_seed.items():
                 if metric in ("seed", "best_epoch") or not isinstance(value, int | float):
                     continue
-                records.append({"mode": r.mode, "task": r.task, "metric": metric, "main": results["main_metric"],
-                                "pretrain_seed": r.pretrain_seed, "finetune_seed": r.finetune_seed,
-                                "value": float(value)})  # fmt: skip
+                records.append(
+                    {
+                        "mode": r.mode,
+                        "task": r.task,
+                        "metric": metric,
+                        "main": results["main_metric"],
+                        "pretrain_seed": r.pretrain_seed,
+                        "finetune_seed": r.finetune_seed,
+                        "value": float(value),
+                    }
+                )
     return records
 
 
@@ -275,11 +317,18 @@ def downstream_tables(records: list[dict], out: Path) -> dict:
         out / "downstream_differences.md", [_pretty(r) for r in diffs if (r["task"], r["metric"]) in main]
     )
     figure = stats.bars_with_spread(
-        [r for r in records if r["metric"] == r["main"]], "task", "value", "mode", out / "downstream",
+        [r for r in records if r["metric"] == r["main"]],
+        "task",
+        "value",
+        "mode",
+        out / "downstream",
         title="Fine-tuned discriminator, best dev epoch (mean ± std over seeds)",
-    )  # fmt: skip
-    return {"table": shown, "differences": [r for r in diffs if (r["task"], r["metric"]) in main],
-            "figures": [str(p) for p in figure or []]}  # fmt: skip
+    )
+    return {
+        "table": shown,
+        "differences": [r for r in diffs if (r["task"], r["metric"]) in main],
+        "figures": [str(p) for p in figure or []],
+    }
 
 
 def _pretty(row: dict) -> dict:

@@ -111,8 +111,12 @@ def planned_runs(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
     runs = []
     for seed in cfg.pretrain_seeds:
         runs += [PlannedRun("pretrain", mode, seed) for mode in cfg.modes]
-        runs += [PlannedRun("finetune", mode, seed, task, f) for mode in cfg.modes for task in tasks
-                 for f in cfg.finetune_seeds]  # fmt: skip
+        runs += [
+            PlannedRun("finetune", mode, seed, task, f)
+            for mode in cfg.modes
+            for task in tasks
+            for f in cfg.finetune_seeds
+        ]
     return runs
 
 
@@ -163,13 +167,27 @@ def pretrain_config(cfg: ExperimentConfig, run: PlannedRun):
 
     steps = cfg.steps
     return PretrainConfig(
-        out_dir=str(run.path(cfg)), preset=cfg.preset, seq_len=cfg.seq_len, corpus=cfg.corpus,
-        vocab_size=cfg.vocab_size, sharing=run.mode, rtd_weight=cfg.rtd_weight, steps=steps,
-        batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps or min(100, max(1, steps // 10)),
-        seed=run.pretrain_seed, device=cfg.device, dtype=cfg.dtype, log_every=max(1, steps // 50),
-        eval_every=max(5, steps // 8), eval_batches=cfg.eval_batches, probe_every=max(2, steps // 16),
-        ckpt_every=max(10, steps // 4), progress="none",
-    )  # fmt: skip
+        out_dir=str(run.path(cfg)),
+        preset=cfg.preset,
+        seq_len=cfg.seq_len,
+        corpus=cfg.corpus,
+        vocab_size=cfg.vocab_size,
+        sharing=run.mode,
+        rtd_weight=cfg.rtd_weight,
+        steps=steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps or min(100, max(1, steps // 10)),
+        seed=run.pretrain_seed,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        log_every=max(1, steps // 50),
+        eval_every=max(5, steps // 8),
+        eval_batches=cfg.eval_batches,
+        probe_every=max(2, steps // 16),
+        ckpt_every=max(10, steps // 4),
+        progress="none",
+    )
 
 
 def finetune_config(cfg: ExperimentConfig, run: PlannedRun, init: Path | None = None, **changes):
@@ -177,11 +195,17 @@ def finetune_config(cfg: ExperimentConfig, run: PlannedRun, init: Path | None = 
     from lab.finetune.loop import FinetuneConfig
 
     fields = dict(
-        task=run.task, glue_dir=cfg.glue_dir, out_dir=str(run.path(cfg)), epochs=cfg.epochs,
-        lr=cfg.finetune_lr, seeds=(run.finetune_seed,), max_train_examples=cfg.max_train_examples,
-        max_eval_examples=cfg.max_eval_examples, device=cfg.device,
+        task=run.task,
+        glue_dir=cfg.glue_dir,
+        out_dir=str(run.path(cfg)),
+        epochs=cfg.epochs,
+        lr=cfg.finetune_lr,
+        seeds=(run.finetune_seed,),
+        max_train_examples=cfg.max_train_examples,
+        max_eval_examples=cfg.max_eval_examples,
+        device=cfg.device,
         init=str(init or PlannedRun("pretrain", run.mode, run.pretrain_seed).path(cfg)),
-    )  # fmt: skip
+    )
     return FinetuneConfig(**{**fields, **changes})
 
 
@@ -219,7 +243,10 @@ def task_sizes(task: str, cfg: ExperimentConfig) -> tuple[int, int]:
 
     splits = tasks.load(task, cfg.glue_dir or None)
     dev = sum(len(split) for name, split in splits.items() if name != "train")
-    cap = lambda n, limit: min(n, limit) if limit else n  # noqa: E731
+
+    def cap(n, limit):
+        return min(n, limit) if limit else n
+
     return cap(len(splits["train"]), cfg.max_train_examples), cap(dev, cfg.max_eval_examples)
 
 
@@ -249,8 +276,16 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
     work = Path(cfg.out_dir) / "calibration"
     shutil.rmtree(work, ignore_errors=True)
     run = PlannedRun("pretrain", "gdes", 0)
-    pcfg = replace_strict(pretrain_config(cfg, run), out_dir=str(work / "pretrain"), steps=cfg.calibration_steps,
-                          log_every=1, eval_every=10**9, probe_every=0, ckpt_every=10**9, warmup_steps=1)  # fmt: skip
+    pcfg = replace_strict(
+        pretrain_config(cfg, run),
+        out_dir=str(work / "pretrain"),
+        steps=cfg.calibration_steps,
+        log_every=1,
+        eval_every=10**9,
+        probe_every=0,
+        ckpt_every=10**9,
+        warmup_steps=1,
+    )
     prepare_corpus(
         pcfg.corpus, vocab_size=pcfg.vocab_size, seq_len=pcfg.seq_len, heldout_fraction=pcfg.heldout_fraction
     )
@@ -260,14 +295,26 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
     rows = [r for r in _jsonl(work / "pretrain" / "metrics.jsonl") if r["split"] == "train"]
     step_times = sorted(r["ms_per_step"] / 1000 for r in rows[1:]) or [wall / cfg.calibration_steps]
     step_s = step_times[len(step_times) // 2]
-    result = {"key": key, "pretrain_step_s": step_s, "pretrain_fixed_s": max(0.0, wall - step_s * len(rows)),
-              "finetune_s_per_example": {}, "finetune_fixed_s": {}}  # fmt: skip
+    result = {
+        "key": key,
+        "pretrain_step_s": step_s,
+        "pretrain_fixed_s": max(0.0, wall - step_s * len(rows)),
+        "finetune_s_per_example": {},
+        "finetune_fixed_s": {},
+    }
     for task in tasks:
         # two epochs on a slice: the second epoch's time is the per-example rate, the rest is the fixed
         # cost of a run (loading the model, generating or reading and tokenising the task)
         ft = PlannedRun("finetune", "gdes", 0, task, 0)
-        fcfg = finetune_config(cfg, ft, init=work / "pretrain", epochs=2, max_train_examples=64,
-                               max_eval_examples=64, out_dir=str(work / "finetune" / task))  # fmt: skip
+        fcfg = finetune_config(
+            cfg,
+            ft,
+            init=work / "pretrain",
+            epochs=2,
+            max_train_examples=64,
+            max_eval_examples=64,
+            out_dir=str(work / "finetune" / task),
+        )
         t0 = time.perf_counter()
         results = finetune.train(fcfg)
         seconds = time.perf_counter() - t0
@@ -354,8 +401,10 @@ class ExperimentProgress:
         elapsed = time.perf_counter() - self.t0
         speed = elapsed / done if done > 0 else 1.0  # actual seconds per estimated second so far
         eta = (self.total - done) * speed
-        text = (f"{self.finished}/{len(self.runs)} runs | {now or 'between runs'} | "
-                f"elapsed {duration(elapsed)} | ETA {duration(eta)}")  # fmt: skip
+        text = (
+            f"{self.finished}/{len(self.runs)} runs | {now or 'between runs'} | "
+            f"elapsed {duration(elapsed)} | ETA {duration(eta)}"
+        )
         if self.bar is not None:
             self.bar.n = round(100 * done / self.total)
             self.bar.set_postfix_str(text)

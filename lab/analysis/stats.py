@@ -104,7 +104,10 @@ def paired_difference(
     diffs = np.array([a[k] - b[k] for k in sorted(keys, key=str)], dtype=float)
     low, high = bootstrap_ci(diffs, confidence=confidence, resamples=resamples, seed=seed)
     t_low, t_high = t_interval(diffs, confidence)
-    excludes = lambda lo, hi: bool(lo > 0 or hi < 0)  # noqa: E731  (False for nan bounds)
+
+    def excludes(lo, hi):  # False for nan bounds
+        return bool(lo > 0 or hi < 0)
+
     return {
         **mean_std(diffs),
         "ci_low": low,
@@ -187,20 +190,22 @@ def compare_modes(
             except ValueError:
                 continue  # no common finite pair: nothing to say
             common = [p for p in modes[first] if p in modes[second]]
-            rows.append({
-                **labels,
-                "comparison": f"{first} - {second}",
-                "difference": diff["mean"],
-                "std": diff["std"],
-                "ci_low": diff["ci_low"],
-                "ci_high": diff["ci_high"],
-                "t_low": diff["t_low"],
-                "t_high": diff["t_high"],
-                "pairs": diff["n"],
-                "pretrain_seeds": len({p[0] for p in common}),
-                "resolved": "yes" if diff["resolved"] else "no",
-                "reads": verdict(diff, first, second),
-            })  # fmt: skip
+            rows.append(
+                {
+                    **labels,
+                    "comparison": f"{first} - {second}",
+                    "difference": diff["mean"],
+                    "std": diff["std"],
+                    "ci_low": diff["ci_low"],
+                    "ci_high": diff["ci_high"],
+                    "t_low": diff["t_low"],
+                    "t_high": diff["t_high"],
+                    "pairs": diff["n"],
+                    "pretrain_seeds": len({p[0] for p in common}),
+                    "resolved": "yes" if diff["resolved"] else "no",
+                    "reads": verdict(diff, first, second),
+                }
+            )
     return rows
 
 
@@ -277,8 +282,14 @@ def differences_plot(
     ys = np.arange(len(rows))[::-1]
     for yy, r in zip(ys, rows):
         color = "C0" if r["resolved"] == "yes" else "0.6"
-        ax.errorbar(r["difference"], yy, xerr=[[r["difference"] - r["ci_low"]], [r["ci_high"] - r["difference"]]],
-                    fmt="o", color=color, capsize=3)  # fmt: skip
+        ax.errorbar(
+            r["difference"],
+            yy,
+            xerr=[[r["difference"] - r["ci_low"]], [r["ci_high"] - r["difference"]]],
+            fmt="o",
+            color=color,
+            capsize=3,
+        )
     ax.axvline(0, color="k", lw=0.6)
     ax.set_yticks(ys, names, fontsize=7)
     ax.set(xlabel="paired difference, 95 % bootstrap CI (grey: CI includes 0)", title=title)

@@ -155,7 +155,10 @@ def load_run(path: str | Path) -> RunRecord:
         raise FileNotFoundError(
             f"{path} is not a run directory (no metrics.jsonl); train one with `python -m lab pretrain --out_dir {path}`"
         )
-    read = lambda name: json.loads((path / name).read_text()) if (path / name).exists() else {}  # noqa: E731
+
+    def read(name):
+        return json.loads((path / name).read_text()) if (path / name).exists() else {}
+
     return RunRecord(path, read("config.json"), read("summary.json"), read_jsonl(path / "metrics.jsonl"))
 
 
@@ -177,7 +180,10 @@ def seen_token_ids(run: RunRecord, vocab_rows: int) -> list[int]:
 
 def write_markdown(path: Path, rows: list[dict]) -> Path:
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     path.write_text("\n".join(lines) + "\n")
@@ -230,8 +236,10 @@ def mlm_loss_curves(runs: dict[str, RunRecord], out_dir: Path, window: int | Non
     for mode, run in runs.items():
         train = run.rows("train")
         smoothed = _rolling_mean([r["mlm_loss"] for r in train], window or max(1, len(train) // 20))
-        rows += [{"mode": mode, "split": "train", "step": r["step"], "mlm_loss": r["mlm_loss"], "smoothed": s}
-                 for r, s in zip(train, smoothed)]  # fmt: skip
+        rows += [
+            {"mode": mode, "split": "train", "step": r["step"], "mlm_loss": r["mlm_loss"], "smoothed": s}
+            for r, s in zip(train, smoothed)
+        ]
         rows += [
             {"mode": mode, "split": "eval", "step": r["step"], "mlm_loss": r["mlm_loss"]}
             for r in run.rows("eval")
@@ -246,8 +254,14 @@ def mlm_loss_curves(runs: dict[str, RunRecord], out_dir: Path, window: int | Non
             ax.plot(steps, [r["mlm_loss"] for r in train], color=color, alpha=0.2, lw=0.8)
             ax.plot(steps, [r["smoothed"] for r in train], color=color, label=f"{mode} train")
             held = [r for r in rows if r["mode"] == mode and r["split"] == "eval"]
-            ax.plot([r["step"] for r in held], [r["mlm_loss"] for r in held], "o--", color=color, ms=4,
-                    label=f"{mode} held-out")  # fmt: skip
+            ax.plot(
+                [r["step"] for r in held],
+                [r["mlm_loss"] for r in held],
+                "o--",
+                color=color,
+                ms=4,
+                label=f"{mode} held-out",
+            )
         ax.set(xlabel="step", ylabel="generator MLM loss", title="MLM loss under each sharing mode")
         ax.legend(fontsize=7)
 
@@ -280,8 +294,12 @@ def embedding_similarity(runs: dict[str, RunRecord], out_dir: Path) -> dict:
         ax.set(ylabel="average pairwise cosine", title="Word-embedding similarity (seen tokens)")
         ax.legend(fontsize=7)
 
-    return {"csv": csv_path, "figures": figure(out_dir / "embedding_cosine", draw), "markdown": md_path,
-            "table": rows}  # fmt: skip
+    return {
+        "csv": csv_path,
+        "figures": figure(out_dir / "embedding_cosine", draw),
+        "markdown": md_path,
+        "table": rows,
+    }
 
 
 def table_cosines(tables: dict[str, torch.Tensor], ids: Sequence[int]) -> dict[str, float]:
@@ -368,8 +386,12 @@ def class_structure(runs: dict[str, RunRecord], out_dir: Path) -> dict | None:
         ax.set(ylabel="within - between class cosine", title="Embedding structure vs ground-truth classes")
         ax.legend(fontsize=7)
 
-    return {"csv": csv_path, "figures": figure(out_dir / "class_separation", draw), "markdown": md_path,
-            "table": rows}  # fmt: skip
+    return {
+        "csv": csv_path,
+        "figures": figure(out_dir / "class_separation", draw),
+        "markdown": md_path,
+        "table": rows,
+    }
 
 
 def neighbour_tables(runs: dict[str, RunRecord], out_dir: Path, queries: int = 8, k: int = 5) -> dict:
@@ -390,14 +412,23 @@ def neighbour_tables(runs: dict[str, RunRecord], out_dir: Path, queries: int = 8
         :queries
     ]  # spread over frequency ranks, not only function words
     classes = first.token_classes() or {}
-    label = lambda i, piece: f"{piece} [{classes[i]}]" if i in classes else piece  # noqa: E731
+
+    def label(i, piece):
+        return f"{piece} [{classes[i]}]" if i in classes else piece
+
     rows = []
     for mode, run in runs.items():
         tables = run.embeddings()
         for key, name in (("generator", "E_G"), ("discriminator", "E_D")):
             for hit in nearest_neighbours(tables[key], chosen, k, tokenizer, exclude=special):
-                rows.append({"mode": mode, "table": name, "token": label(hit["id"], hit["token"]),
-                             "neighbours": " ".join(f"{label(j, t)} {c:.2f}" for j, t, c in hit["neighbours"])})  # fmt: skip
+                rows.append(
+                    {
+                        "mode": mode,
+                        "table": name,
+                        "token": label(hit["id"], hit["token"]),
+                        "neighbours": " ".join(f"{label(j, t)} {c:.2f}" for j, t, c in hit["neighbours"]),
+                    }
+                )
     csv_path = write_csv(out_dir / "nearest_neighbours.csv", rows)
     md_path = write_markdown(out_dir / "nearest_neighbours.md", rows)
     return {"csv": csv_path, "markdown": md_path, "queries": [tokenizer.id_to_piece(i) for i in chosen]}
@@ -421,8 +452,11 @@ def final_eval(runs: dict[str, RunRecord], out_dir: Path) -> dict:
 
     def draw(axes):
         for ax, key in zip(np.atleast_1d(axes), shown):
-            ax.bar([r["mode"] for r in rows], [r.get(key, float("nan")) for r in rows],
-                   color=[f"C{i}" for i in range(len(rows))])  # fmt: skip
+            ax.bar(
+                [r["mode"] for r in rows],
+                [r.get(key, float("nan")) for r in rows],
+                color=[f"C{i}" for i in range(len(rows))],
+            )
             ax.set(title=f"held-out {key}")
 
     figures = figure(out_dir / "final_eval", draw, width=3.2 * max(1, len(shown)), ncols=max(1, len(shown)))
@@ -562,16 +596,26 @@ def seeded_report(
     diffs = stats.compare_modes(records, ("quantity",), comparisons, pair_keys=("pretrain_seed",))
     write_csv(out_dir / "tug_of_war_differences.csv", diffs)
     write_markdown(out_dir / "tug_of_war_differences.md", diffs)
-    figures = [stats.differences_plot(diffs, ("quantity",), out_dir / "tug_of_war_differences",
-                                      "Paired differences over pre-training seeds")]  # fmt: skip
+    figures = [
+        stats.differences_plot(
+            diffs,
+            ("quantity",),
+            out_dir / "tug_of_war_differences",
+            "Paired differences over pre-training seeds",
+        )
+    ]
     for name, split, key, title in (
         ("mlm_loss_train", "train", "mlm_loss", "generator MLM loss (train), mean ± std over seeds"),
         ("mlm_loss_heldout", "eval", "mlm_loss", "generator MLM loss (held out), mean ± std over seeds"),
         ("similarity_pull_mlm", "probe", "similarity_pull_mlm", PROBE_TITLES["similarity_pull_mlm"]),
         ("similarity_pull_rtd", "probe", "similarity_pull_rtd", PROBE_TITLES["similarity_pull_rtd"]),
     ):
-        rows = [{"mode": mode, "pretrain_seed": seed, "step": r["step"], key: r[key]}
-                for (mode, seed), run in runs.items() for r in run.rows(split) if finite(r.get(key))]  # fmt: skip
+        rows = [
+            {"mode": mode, "pretrain_seed": seed, "step": r["step"], key: r[key]}
+            for (mode, seed), run in runs.items()
+            for r in run.rows(split)
+            if finite(r.get(key))
+        ]
         if rows:
             write_csv(out_dir / f"{name}.csv", rows)
             figures.append(stats.curves_with_bands(rows, "step", key, "mode", out_dir / name, title))

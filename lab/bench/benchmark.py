@@ -191,9 +191,21 @@ def run(bc: BenchConfig, device: torch.device, log=print) -> dict:
                     eager = next((r for r in compared if r.impl == "lab-es"), None)
                     hf = next((r for r in compared if r.impl == "hf"), None)
                     rows += compiled_step_rows(
-                        name, T, B, dtype, device, bc.compile_modes, bc.compile_backend, bc.warmup, bc.repeats,
-                        peaks[dtype], gflop=eager and eager.gflop, hf=hf, memory=bc.memory, log=log,
-                    )  # fmt: skip
+                        name,
+                        T,
+                        B,
+                        dtype,
+                        device,
+                        bc.compile_modes,
+                        bc.compile_backend,
+                        bc.warmup,
+                        bc.repeats,
+                        peaks[dtype],
+                        gflop=eager and eager.gflop,
+                        hf=hf,
+                        memory=bc.memory,
+                        log=log,
+                    )
             for kind in [k for k in ("encoder", "attention") if k in kinds]:
                 for T in bc.layer_seq_lens:
                     rows += compare(kind, name, dtype, T, bc, device, peaks[dtype], log)
@@ -312,9 +324,21 @@ def _importable(module: str) -> bool:
 
 
 def compiled_step_rows(
-    name, T, B, dtype, device, modes, backend="inductor", warmup=1, repeats=3, peak=None, gflop=None,
-    hf: Row | None = None, memory=True, log=print,
-) -> list[Row]:  # fmt: skip
+    name,
+    T,
+    B,
+    dtype,
+    device,
+    modes,
+    backend="inductor",
+    warmup=1,
+    repeats=3,
+    peak=None,
+    gflop=None,
+    hf: Row | None = None,
+    memory=True,
+    log=print,
+) -> list[Row]:
     """The lab-es step with the model under torch.compile, once per mode. Warm-up is at least three
     calls (compilation, then CUDA-graph warm-up and recording in the reduce-overhead mode); their wall
     time is `compile_s`. The FLOPs are the eager step's hand count (the math is the same)."""
@@ -331,8 +355,20 @@ def compiled_step_rows(
         sync(device)
         compile_s = time.perf_counter() - start
         seconds = statistics.median(time_alternating({mode: fn}, 0, repeats, device)[mode])
-        row = Row("step", name, dtype, T, B, f"lab-es+{mode}", 1e3 * seconds, B * T / seconds, gflop=gflop,
-                  vocab=model_config(name, T).vocab_size, compile_s=compile_s, note=f"torch.compile backend={backend}")  # fmt: skip
+        row = Row(
+            "step",
+            name,
+            dtype,
+            T,
+            B,
+            f"lab-es+{mode}",
+            1e3 * seconds,
+            B * T / seconds,
+            gflop=gflop,
+            vocab=model_config(name, T).vocab_size,
+            compile_s=compile_s,
+            note=f"torch.compile backend={backend}",
+        )
         if peak:
             row.mfu = gflop * 1e9 / seconds / peak
         if hf is not None:

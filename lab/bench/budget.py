@@ -113,8 +113,10 @@ def run_parts(c: PartContext, parts, budget_s: float, write: Callable[[dict], No
             finally:
                 record["seconds"] = round(time.perf_counter() - t0, 1)
                 _cleanup(c, part)
-            c.log(f"== {part.name}: {record['status']} in {record['seconds']:.0f} s"
-                  + (f" — {record['error'].splitlines()[0][:200]}" if "error" in record else ""))  # fmt: skip
+            c.log(
+                f"== {part.name}: {record['status']} in {record['seconds']:.0f} s"
+                + (f" — {record['error'].splitlines()[0][:200]}" if "error" in record else "")
+            )
         records[part.name] = record
         write(records)
     return records

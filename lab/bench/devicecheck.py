@@ -58,8 +58,14 @@ def check_rtd_loss(device, shape: Shape, dtype: str) -> dict:
 
     rtd_weight = PretrainConfig().rtd_weight  # the loop's default weight (50)
     name, layers, T, B = shape
-    cfg = preset(name, vocab_size=1000, num_layers=layers, hidden_dropout=0.0, attention_dropout=0.0,
-                 max_seq_len=max(512, T))  # fmt: skip
+    cfg = preset(
+        name,
+        vocab_size=1000,
+        num_layers=layers,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        max_seq_len=max(512, T),
+    )
     torch.manual_seed(0)
     model = RTDModel(cfg, "gdes").to(device)
     ids, mask = _padded_batch(cfg.vocab_size, B, T, device)
@@ -158,8 +164,14 @@ def check_encoder(impl: str | None, dtype: str, device, shape: Shape) -> dict:
     )
     ref_grads = torch.cat([b.flatten() for _, b in pairs])
     tol = TOLERANCE[dtype]
-    result = {"impl": impl or "default", "dtype": dtype, "T": T, "forward": _errors(hidden, ref_hidden),
-              "grad": _errors(grads, ref_grads), "parameters": len(pairs)}  # fmt: skip
+    result = {
+        "impl": impl or "default",
+        "dtype": dtype,
+        "T": T,
+        "forward": _errors(hidden, ref_hidden),
+        "grad": _errors(grads, ref_grads),
+        "parameters": len(pairs),
+    }
     result["ok"] = (
         result["forward"]["finite"]
         and result["grad"]["finite"]
@@ -185,7 +197,11 @@ def describe_check(v: dict) -> str:
     if "error" in v:
         return f"ERROR {v['error'][:80]}"
     if "forward" in v:
-        return (f"fwd max {v['forward']['max_abs']:.1e} rel {v['forward']['norm_rel']:.1e}, "
-                f"grad rel {v['grad']['norm_rel']:.1e} {'ok' if v['ok'] else 'FAIL'}")  # fmt: skip
-    return (f"loss {v['loss']['max_rel']:.1e}, grads {max(v['grad_mlm_logits']['max_rel'], v['grad_rtd_logits']['max_rel']):.1e} "
-            f"{'ok' if v['ok'] else 'FAIL'}")  # fmt: skip
+        return (
+            f"fwd max {v['forward']['max_abs']:.1e} rel {v['forward']['norm_rel']:.1e}, "
+            f"grad rel {v['grad']['norm_rel']:.1e} {'ok' if v['ok'] else 'FAIL'}"
+        )
+    return (
+        f"loss {v['loss']['max_rel']:.1e}, grads {max(v['grad_mlm_logits']['max_rel'], v['grad_rtd_logits']['max_rel']):.1e} "
+        f"{'ok' if v['ok'] else 'FAIL'}"
+    )

@@ -186,8 +186,10 @@ def part_env(c: Check) -> dict:
 
     defaults = PretrainConfig()
     info["pretrain_compile_default"] = f"{defaults.compile}/{defaults.compile_mode}"
-    c.log(f"{info['device_name']}: bf16 {rate(c.peaks['bf16'])}, fp32 {rate(c.peaks['fp32'])} at {c.sizes.peak_n}^3; "
-          f"attention {info['attention_impls']}")  # fmt: skip
+    c.log(
+        f"{info['device_name']}: bf16 {rate(c.peaks['bf16'])}, fp32 {rate(c.peaks['fp32'])} at {c.sizes.peak_n}^3; "
+        f"attention {info['attention_impls']}"
+    )
     return info
 
 
@@ -230,8 +232,9 @@ def _bench_config(c: Check, **kw) -> bench.BenchConfig:
 
 def part_step(c: Check) -> dict:
     name, T, B, dtype = c.sizes.step
-    bc = _bench_config(c, presets=(name,), dtypes=(dtype,), step_seq_lens=(T,), tokens_per_step=B * T,
-                       kinds=("step",))  # fmt: skip
+    bc = _bench_config(
+        c, presets=(name,), dtypes=(dtype,), step_seq_lens=(T,), tokens_per_step=B * T, kinds=("step",)
+    )
     c.log(HEADER)
     rows = bench.compare("step", name, dtype, T, bc, c.device, c.peaks[dtype], c.log)
     c.state["step_rows"] = rows
@@ -276,11 +279,21 @@ def part_short_run(c: Check) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     eval_every = ckpt_every = size.steps  # evaluation at step 0 only, one checkpoint at the end
     cfg = PretrainConfig(
-        out_dir=str(out_dir), preset=size.preset, corpus=str(wikitext(c)), vocab_size=size.vocab,
-        seq_len=size.seq_len, batch_size=size.batch, steps=size.steps, log_every=size.log_every,
-        eval_every=eval_every, eval_batches=4, probe_every=0, ckpt_every=ckpt_every, progress="line",
+        out_dir=str(out_dir),
+        preset=size.preset,
+        corpus=str(wikitext(c)),
+        vocab_size=size.vocab,
+        seq_len=size.seq_len,
+        batch_size=size.batch,
+        steps=size.steps,
+        log_every=size.log_every,
+        eval_every=eval_every,
+        eval_batches=4,
+        probe_every=0,
+        ckpt_every=ckpt_every,
+        progress="line",
         device=str(c.device),
-    )  # fmt: skip
+    )
     with SyncCounter(c.device) as counter:
         summary = train(cfg)
     # the loop's warm-up steps (3 when compiled, else 1) synchronise on purpose to time themselves;
@@ -290,11 +303,22 @@ def part_short_run(c: Check) -> dict:
     c.state["short_run"] = out_dir
     windows = train_windows(out_dir)
     ms = steady_ms_per_step(windows)
-    row = Row("pretrain", size.preset, "bf16" if "bfloat16" in summary["dtype"] else "fp32", size.seq_len,
-                    size.batch, f"lab-{cfg.sharing}", ms, size.batch * size.seq_len / (ms / 1e3),
-                    vocab=summary["vocab_size"], note=f"WikiText-2, under sync counting; compile={cfg.compile}")  # fmt: skip
-    c.log(f"  syncs per steady-state step: {syncs['syncs_per_steady_step']:.2f} over {syncs['steady_steps']} steps "
-          f"({syncs['method']}); elsewhere {syncs['syncs_elsewhere']}")  # fmt: skip
+    row = Row(
+        "pretrain",
+        size.preset,
+        "bf16" if "bfloat16" in summary["dtype"] else "fp32",
+        size.seq_len,
+        size.batch,
+        f"lab-{cfg.sharing}",
+        ms,
+        size.batch * size.seq_len / (ms / 1e3),
+        vocab=summary["vocab_size"],
+        note=f"WikiText-2, under sync counting; compile={cfg.compile}",
+    )
+    c.log(
+        f"  syncs per steady-state step: {syncs['syncs_per_steady_step']:.2f} over {syncs['steady_steps']} steps "
+        f"({syncs['method']}); elsewhere {syncs['syncs_elsewhere']}"
+    )
     for site, n in syncs["steady_sites"]:
         c.log(f"    {n:>4}  {site}")
     final = summary.get("final_eval", {})
@@ -312,12 +336,22 @@ def part_torchrun(c: Check) -> dict:
     out_dir = c.work / "torchrun"
     shutil.rmtree(out_dir, ignore_errors=True)
     flags = {
-        "out-dir": out_dir, "preset": size.preset, "corpus": wikitext(c), "vocab-size": size.vocab,
-        "seq-len": size.seq_len, "batch-size": size.batch, "steps": size.steps, "log-every": size.log_every,
-        "eval-every": size.steps, "eval-batches": 1, "probe-every": 0, "ckpt-every": size.steps,
-        "progress": "line", "device": c.device.type,
+        "out-dir": out_dir,
+        "preset": size.preset,
+        "corpus": wikitext(c),
+        "vocab-size": size.vocab,
+        "seq-len": size.seq_len,
+        "batch-size": size.batch,
+        "steps": size.steps,
+        "log-every": size.log_every,
+        "eval-every": size.steps,
+        "eval-batches": 1,
+        "probe-every": 0,
+        "ckpt-every": size.steps,
+        "progress": "line",
+        "device": c.device.type,
         "compile": "off",  # this part is about the process group, so it runs eagerly
-    }  # fmt: skip
+    }
     argv = [f"--{k}={v}" for k, v in flags.items()]
     repo = str(Path(__file__).resolve().parents[2])
     env = {
@@ -326,8 +360,18 @@ def part_torchrun(c: Check) -> dict:
     }
     if c.device.type == "cuda":
         env["NCCL_DEBUG"] = "INFO"  # evidence in the log that a NCCL communicator was created
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               "-m", "lab", "pretrain", *argv]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        "-m",
+        "lab",
+        "pretrain",
+        *argv,
+    ]
     c.log("  " + " ".join(command[1:]))
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=remaining_s())
@@ -345,12 +389,17 @@ def part_torchrun(c: Check) -> dict:
     summary = json.loads((out_dir / "summary.json").read_text())
     losses = [r["loss"] for r in read_jsonl(out_dir / "metrics.jsonl") if r["split"] == "train"]
     result.update(
-        world_size=summary["world_size"], device_used=summary["device"], steps=summary["steps"],
-        tokens_per_s=summary["tokens_per_s"], train_losses=losses,
+        world_size=summary["world_size"],
+        device_used=summary["device"],
+        steps=summary["steps"],
+        tokens_per_s=summary["tokens_per_s"],
+        train_losses=losses,
         ok=summary["steps"] == size.steps and bool(losses) and all(math.isfinite(x) for x in losses),
-    )  # fmt: skip
-    c.log(f"  torchrun: exit 0, {summary['steps']} steps on {summary['device']}, world {summary['world_size']}, "
-          f"losses {', '.join(f'{x:.3f}' for x in losses)}; {result['nccl_log_lines']} NCCL INFO lines")  # fmt: skip
+    )
+    c.log(
+        f"  torchrun: exit 0, {summary['steps']} steps on {summary['device']}, world {summary['world_size']}, "
+        f"losses {', '.join(f'{x:.3f}' for x in losses)}; {result['nccl_log_lines']} NCCL INFO lines"
+    )
     return result
 
 
@@ -368,8 +417,15 @@ def part_finetune(c: Check) -> dict:
     )
     if task is None:
         raise FileNotFoundError(f"no GLUE task under {c.data / 'glue'}; run --prepare-data (SST-2 or CoLA)")
-    row = finetune_row(c.sizes.finetune, c.device, c.work / "finetune", init=str(run_dir),
-                             glue_dir=str(c.data / "glue"), task=task[0], log=c.log)  # fmt: skip
+    row = finetune_row(
+        c.sizes.finetune,
+        c.device,
+        c.work / "finetune",
+        init=str(run_dir),
+        glue_dir=str(c.data / "glue"),
+        task=task[0],
+        log=c.log,
+    )
     results = json.loads((c.work / "finetune" / "run" / "results.json").read_text())
     c.log(format_row(row) + f"  ({row.note})")
     return {"rows": [row], "task": task[0], "dev": results["metrics_per_seed"][0], "init": str(run_dir)}
@@ -382,9 +438,21 @@ def part_compile(mode: str) -> Callable[[Check], dict]:
         eager = next((r for r in step_rows if r.impl == "lab-es"), None)
         hf = next((r for r in step_rows if r.impl == "hf"), None)
         rows = bench.compiled_step_rows(
-            name, T, B, dtype, c.device, (mode,), c.sizes.compile_backend, c.sizes.warmup, c.sizes.repeats,
-            c.peaks[dtype], gflop=eager and eager.gflop, hf=hf, memory=c.sizes.memory, log=c.log,
-        )  # fmt: skip
+            name,
+            T,
+            B,
+            dtype,
+            c.device,
+            (mode,),
+            c.sizes.compile_backend,
+            c.sizes.warmup,
+            c.sizes.repeats,
+            c.peaks[dtype],
+            gflop=eager and eager.gflop,
+            hf=hf,
+            memory=c.sizes.memory,
+            log=c.log,
+        )
         result = {"rows": rows, "mode": mode}
         if eager is not None:
             result["speedup_vs_eager"] = eager.ms / rows[0].ms
@@ -393,6 +461,7 @@ def part_compile(mode: str) -> Callable[[Check], dict]:
     return run
 
 
+# a table, one part per line, easier to read across than reflowed (so the formatter skips it)
 PARTS = (
     Part("env", 20, part_env),
     Part("correctness", 90, part_correctness),  # flex attention compiles its kernels here

@@ -59,8 +59,13 @@ def targets(records: dict, device_name: str) -> list[dict]:
         return _rows({part: records[part]}) if part in records else []
 
     def target(text, value, minimum, unit):
-        return {"target": text, "value": value, "min": minimum, "unit": unit,
-                "met": None if value is None else value >= minimum}  # fmt: skip
+        return {
+            "target": text,
+            "value": value,
+            "min": minimum,
+            "unit": unit,
+            "met": None if value is None else value >= minimum,
+        }
 
     out = []
     steps = rows("step") + [r for n in records if n.startswith("compile:") for r in rows(n)]
@@ -84,7 +89,7 @@ def targets(records: dict, device_name: str) -> list[dict]:
     for r in rows("attention"):
         if r["impl"] != "hf":
             out.append(target(f"attention {r['impl']} vs HF layer, T={r['T']}", r["speedup_vs_hf"], 1.5, "x"))
-    return out  # fmt: skip
+    return out
 
 
 def summary_text(result: dict) -> str:
@@ -115,7 +120,7 @@ def summary_text(result: dict) -> str:
         )
         goal = f"{100 * t['min']:.0f} %" if t["unit"] == "%" else f"{t['min']:,} {t['unit']}"
         verdict = "" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        lines.append(f"  {t['target']:<58} {value:>16}  (>= {goal}) {verdict}")  # fmt: skip
+        lines.append(f"  {t['target']:<58} {value:>16}  (>= {goal}) {verdict}")
     corr = (parts.get("correctness") or {}).get("result")
     if corr:
         lines.append("correctness on the device (vs float64 reference):")
@@ -125,12 +130,16 @@ def summary_text(result: dict) -> str:
     if short:
         s = short["syncs"]
         sites = "; ".join(f"{n}x {site}" for site, n in s["steady_sites"][:3]) or "none"
-        lines.append(f"host syncs per steady-state step: {s['syncs_per_steady_step']:.2f} ({s['steady_steps']} steps; {sites}); "
-                     f"{s['syncs_elsewhere']} at log/eval/ckpt/warm-up steps. Final eval {short['final_eval']}")  # fmt: skip
+        lines.append(
+            f"host syncs per steady-state step: {s['syncs_per_steady_step']:.2f} ({s['steady_steps']} steps; {sites}); "
+            f"{s['syncs_elsewhere']} at log/eval/ckpt/warm-up steps. Final eval {short['final_eval']}"
+        )
     tr = (parts.get("torchrun") or {}).get("result")
     if tr:
-        lines.append(f"torchrun 1 process ({tr['backend']}): {tr['steps']} steps on {tr['device_used']}, world {tr['world_size']}, "
-                     f"{tr['tokens_per_s']:,.0f} tok/s, {tr['nccl_log_lines']} NCCL INFO lines")  # fmt: skip
+        lines.append(
+            f"torchrun 1 process ({tr['backend']}): {tr['steps']} steps on {tr['device_used']}, world {tr['world_size']}, "
+            f"{tr['tokens_per_s']:,.0f} tok/s, {tr['nccl_log_lines']} NCCL INFO lines"
+        )
     ft = (parts.get("finetune") or {}).get("result")
     if ft:
         dev = {k: round(v, 4) for k, v in ft["dev"].items() if isinstance(v, float)}
@@ -143,9 +152,12 @@ def summary_text(result: dict) -> str:
             for _, res in compiled
         ]
         best = min(compiled, key=lambda item: item[1]["rows"][0]["ms"])[1]["mode"]
-        lines.append("compile sweep (step part's shape; later modes reuse earlier compilation where they can): "
-                     + "; ".join(cells) + f"; fastest: {best} (pre-training default compile/mode: "
-                     f"{env.get('pretrain_compile_default')})")  # fmt: skip
+        lines.append(
+            "compile sweep (step part's shape; later modes reuse earlier compilation where they can): "
+            + "; ".join(cells)
+            + f"; fastest: {best} (pre-training default compile/mode: "
+            f"{env.get('pretrain_compile_default')})"
+        )
     for name, record in parts.items():
         if record["status"] in ("error", "timeout", "skipped"):
             lines.append(
@@ -157,7 +169,7 @@ def summary_text(result: dict) -> str:
     lines.append(
         f"to commit: cp DIR/gpucheck.json figures/bench/gpu_{slug}.json; gpucheck.csv -> gpu_{slug}.csv; summary.txt -> gpu_{slug}.txt"
     )
-    return "\n".join(lines) + "\n"  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def write_outputs(out: Path, records: dict, meta: dict, start: float) -> dict:

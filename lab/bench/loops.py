@@ -87,8 +87,9 @@ def steady_ms_per_step(windows: list[dict]) -> float:
     return statistics.median(steady)
 
 
-def pretrain_row(pb: PretrainBench, device, work: Path, peaks: dict | None = None, corpus: str = "",
-                 log=print, **overrides) -> Row:  # fmt: skip
+def pretrain_row(
+    pb: PretrainBench, device, work: Path, peaks: dict | None = None, corpus: str = "", log=print, **overrides
+) -> Row:
     """Tokens/s of lab.pretrain.loop.train() itself at pb's size (on `corpus`, default a random-word one)."""
     from lab.pretrain.loop import PretrainConfig, train
 
@@ -100,17 +101,39 @@ def pretrain_row(pb: PretrainBench, device, work: Path, peaks: dict | None = Non
     out_dir = work / "run"
     shutil.rmtree(out_dir, ignore_errors=True)  # an existing checkpoint would be resumed
     cfg = PretrainConfig(
-        out_dir=str(out_dir), preset=pb.preset, corpus=corpus, vocab_size=pb.vocab, seq_len=pb.seq_len,
-        batch_size=pb.batch, steps=pb.steps, log_every=pb.log_every, eval_every=pb.steps + 1, eval_batches=1,
-        probe_every=0, ckpt_every=pb.steps, progress="none", device=str(device), **overrides,
-    )  # fmt: skip
+        out_dir=str(out_dir),
+        preset=pb.preset,
+        corpus=corpus,
+        vocab_size=pb.vocab,
+        seq_len=pb.seq_len,
+        batch_size=pb.batch,
+        steps=pb.steps,
+        log_every=pb.log_every,
+        eval_every=pb.steps + 1,
+        eval_batches=1,
+        probe_every=0,
+        ckpt_every=pb.steps,
+        progress="none",
+        device=str(device),
+        **overrides,
+    )
     log(f"pretrain: train() {pb.preset} T={pb.seq_len} batch {pb.batch} vocab {pb.vocab}, {pb.steps} steps")
     summary = train(cfg)
     ms = steady_ms_per_step(train_windows(out_dir))
     dtype = "bf16" if "bfloat16" in summary["dtype"] else "fp32"
-    row = Row("pretrain", pb.preset, dtype, pb.seq_len, pb.batch, f"lab-{cfg.sharing}", ms,
-              pb.batch * pb.seq_len / (ms / 1e3), vocab=summary["vocab_size"], compile_s=summary.get("compile_s"),
-              note=f"train(); compile={cfg.compile}")  # fmt: skip
+    row = Row(
+        "pretrain",
+        pb.preset,
+        dtype,
+        pb.seq_len,
+        pb.batch,
+        f"lab-{cfg.sharing}",
+        ms,
+        pb.batch * pb.seq_len / (ms / 1e3),
+        vocab=summary["vocab_size"],
+        compile_s=summary.get("compile_s"),
+        note=f"train(); compile={cfg.compile}",
+    )
     if peaks and dtype in peaks:
         flops = rtd_step_flops(
             model_config(pb.preset, pb.seq_len, summary["vocab_size"]), pb.batch, pb.seq_len
@@ -146,8 +169,9 @@ def random_init_checkpoint(path: Path, preset_name: str, vocab: int, words: list
     return path
 
 
-def finetune_row(fb: FinetuneBench, device, work: Path, init: str = "", glue_dir: str = "", task: str = "sst2",
-                 log=print) -> Row:  # fmt: skip
+def finetune_row(
+    fb: FinetuneBench, device, work: Path, init: str = "", glue_dir: str = "", task: str = "sst2", log=print
+) -> Row:
     """Training examples/s of lab.finetune.loop.train() (default: a random-init encoder on random words)."""
     from lab.finetune import loop as finetune
 
@@ -160,10 +184,18 @@ def finetune_row(fb: FinetuneBench, device, work: Path, init: str = "", glue_dir
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)  # finished seeds there would be skipped, not timed
     cfg = finetune.FinetuneConfig(
-        task=task, glue_dir=glue_dir, init=init, out_dir=str(out), epochs=fb.epochs, batch_size=fb.batch,
-        max_seq_len=fb.seq_len, max_train_examples=fb.examples, max_eval_examples=fb.eval_examples, seeds=(1,),
+        task=task,
+        glue_dir=glue_dir,
+        init=init,
+        out_dir=str(out),
+        epochs=fb.epochs,
+        batch_size=fb.batch,
+        max_seq_len=fb.seq_len,
+        max_train_examples=fb.examples,
+        max_eval_examples=fb.eval_examples,
+        seeds=(1,),
         device=str(device),
-    )  # fmt: skip
+    )
     log(
         f"finetune: train() {task} from {init}, {fb.examples} examples x {fb.epochs} epochs, batch {fb.batch}"
     )
@@ -182,6 +214,15 @@ def finetune_row(fb: FinetuneBench, device, work: Path, init: str = "", glue_dir
         examples_per_s, how = fb.epochs * n / wall, "whole run incl. loading"
     key = results["main_metric"]
     dtype = "bf16" if cfg.bf16 and torch.device(device).type == "cuda" else "fp32"
-    return Row("finetune", fb.preset, dtype, fb.seq_len, fb.batch, "lab", 1e3 * fb.batch / examples_per_s, None,
-               examples_per_s=examples_per_s,
-               note=f"{task} {n} examples, {how}, dev {key} {results['mean'][key]:.3f}")  # fmt: skip
+    return Row(
+        "finetune",
+        fb.preset,
+        dtype,
+        fb.seq_len,
+        fb.batch,
+        "lab",
+        1e3 * fb.batch / examples_per_s,
+        None,
+        examples_per_s=examples_per_s,
+        note=f"{task} {n} examples, {how}, dev {key} {results['mean'][key]:.3f}",
+    )

@@ -33,6 +33,7 @@ PAPER_RECIPE = {
     "wnli": (6, 50, 6e-6, 32, 0.1, 128),  # not in the paper's table; MRPC-like settings
 }
 LR_SCALE = 6.0  # small-model rate / large-model rate in the official MNLI recipes (4.5e-5 / 7e-6)
+# a table, one entry per line, easier to read across than reflowed (so the formatter skips it)
 TASK_DEFAULTS = {
     task: {"epochs": max(epochs, 3), "lr": lr * LR_SCALE, "batch_size": batch, "head_dropout": dropout,
            "max_seq_len": max_len}

@@ -107,7 +107,10 @@ class Encoded:
         """One copy per split to the device (pinned and asynchronous on CUDA)."""
         if device.type != "cuda":
             return self
-        move = lambda t: to_device(t, device)  # noqa: E731
+
+        def move(t):
+            return to_device(t, device)
+
         return Encoded(
             move(self.ids), move(self.lengths), move(self.labels), self.lengths_host, self.labels_host
         )
@@ -156,5 +159,10 @@ def load_data(cfg: FinetuneConfig, task, tokenizer: Tokenizer, max_len: int):
 
 def _split_record(task, full: glue.GlueSplit, used: glue.GlueSplit) -> dict:
     """How many examples a split has against its official count, and how many were used."""
-    return {"used": len(used), "loaded": len(full), "official": downstream.official_size(task.name, full.split),
-            "malformed": len(full.malformed), "sliced": len(used) < len(full)}  # fmt: skip
+    return {
+        "used": len(used),
+        "loaded": len(full),
+        "official": downstream.official_size(task.name, full.split),
+        "malformed": len(full.malformed),
+        "sliced": len(used) < len(full),
+    }

@@ -75,6 +75,7 @@ _ACC = ("accuracy",)
 _F1_ACC = ("f1", "accuracy")
 # Columns: name, dir_name, dev_splits, header, num_columns, text_columns, label_column, labels, metrics,
 # main_metric, hf_name, hf_text_columns (see GlueTask).
+# a table, one entry per line, easier to read across than reflowed (so the formatter skips it)
 TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in [
@@ -117,8 +118,12 @@ OFFICIAL_SIZES: dict[str, dict[str, int]] = {
 
 # Prefix of a dev split's metric keys in multi-dev tasks (MNLI reports "m_accuracy", "mm_accuracy").
 _SPLIT_PREFIX = {"dev": "", "dev_matched": "m_", "dev_mismatched": "mm_"}
-_HF_SPLIT = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
-             "dev_mismatched": "validation_mismatched"}  # fmt: skip
+_HF_SPLIT = {
+    "train": "train",
+    "dev": "validation",
+    "dev_matched": "validation_matched",
+    "dev_mismatched": "validation_mismatched",
+}
 
 
 def get_task(name: str) -> GlueTask:
@@ -203,10 +208,21 @@ class GlueSplit:
         if n is None or n >= len(self):
             return self
         idx = sorted(np.random.default_rng(seed).choice(len(self), size=n, replace=False).tolist())
-        pick = lambda xs: [xs[i] for i in idx] if xs is not None else None  # noqa: E731
+
+        def pick(xs):
+            return [xs[i] for i in idx] if xs is not None else None
+
         lines = pick(self.line_numbers) if self.line_numbers else []
-        return GlueSplit(self.task, self.split, self.source, pick(self.texts_a), pick(self.texts_b),
-                         pick(self.labels), lines, list(self.malformed))  # fmt: skip
+        return GlueSplit(
+            self.task,
+            self.split,
+            self.source,
+            pick(self.texts_a),
+            pick(self.texts_b),
+            pick(self.labels),
+            lines,
+            list(self.malformed),
+        )
 
 
 def split_path(task: str, split: str, glue_dir: str | Path | None = None) -> Path:
@@ -276,8 +292,9 @@ def load_split(task: str, split: str, glue_dir: str | Path | None = None) -> Glu
         labels.append(label)
         line_numbers.append(line)
 
-    result = GlueSplit(t.name, split, str(path), texts[0], texts[1] if t.is_pair else None, labels,
-                       line_numbers, malformed)  # fmt: skip
+    result = GlueSplit(
+        t.name, split, str(path), texts[0], texts[1] if t.is_pair else None, labels, line_numbers, malformed
+    )
     _check_malformed(result, len(rows))
     return result
 
@@ -330,8 +347,19 @@ def load_hf_split(task: str, split: str) -> GlueSplit:
             keep.append(i)
         else:
             malformed.append((i + 1, f"label {y!r} outside the task's set"))
-    pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
-    result = GlueSplit(t.name, split, f"hf:glue/{t.hf_name}/{_HF_SPLIT[split]}", pick(texts[0]),
-                       pick(texts[1]) if t.is_pair else None, labels, [i + 1 for i in keep], malformed)  # fmt: skip
+
+    def pick(xs):
+        return [xs[i] for i in keep]
+
+    result = GlueSplit(
+        t.name,
+        split,
+        f"hf:glue/{t.hf_name}/{_HF_SPLIT[split]}",
+        pick(texts[0]),
+        pick(texts[1]) if t.is_pair else None,
+        labels,
+        [i + 1 for i in keep],
+        malformed,
+    )
     _check_malformed(result, len(raw))
     return result

@@ -251,8 +251,14 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
             step += 1
             bar.update()
         metrics = _score(task, step_model, dev, cfg, device)
-        row = {"seed": seed, "epoch": epoch, "step": step, "train_loss": (loss_sum / steps_per_epoch).item(),
-               "elapsed_s": time.time() - t0, **metrics}  # fmt: skip
+        row = {
+            "seed": seed,
+            "epoch": epoch,
+            "step": step,
+            "train_loss": (loss_sum / steps_per_epoch).item(),
+            "elapsed_s": time.time() - t0,
+            **metrics,
+        }
         history.append(row)
         score = metrics[key] if math.isfinite(metrics[key]) else -math.inf  # constant predictions give nan
         if best is None or score > best_score:
@@ -260,8 +266,10 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
             best = {**metrics, "best_epoch": epoch}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        bar.write(f"{task.name} seed {seed} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} {shown} "
-                  f"(best {key} {best[key]:.4f} @ {best['best_epoch']}) {row['elapsed_s']:.1f}s")  # fmt: skip
+        bar.write(
+            f"{task.name} seed {seed} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} {shown} "
+            f"(best {key} {best[key]:.4f} @ {best['best_epoch']}) {row['elapsed_s']:.1f}s"
+        )
     bar.close()
     model.load_state_dict(best_state)
     return model, {**best, **{f"last_{k}": v for k, v in metrics.items()}}, history
@@ -300,7 +308,10 @@ def _check_same(path: Path, what: str, stored, current) -> None:
     if stored == current:
         return
     if isinstance(stored, dict) and isinstance(current, dict):
-        flat = lambda d, p="": {f"{p}{k}": v for k, v in d.items()}  # noqa: E731
+
+        def flat(d, p=""):
+            return {f"{p}{k}": v for k, v in d.items()}
+
         stored, current = flat(stored.get("config", stored)), flat(current.get("config", current))
         changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
         detail = "; ".join(f"{k}: {stored.get(k)!r} then, {current.get(k)!r} now" for k in changed)
@@ -327,8 +338,11 @@ def train(cfg: FinetuneConfig) -> dict:
     if isinstance(task, downstream.SyntheticTask) and cfg.synthetic_seed is None:
         seed = corpus_seed(cfg.init)
         if seed is None:
-            warnings.warn(f"{cfg.init} was not pre-trained on the synthetic language (no synthetic corpus in "
-                          f"its config.json); {task.name} uses SyntheticLanguage(0)", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"{cfg.init} was not pre-trained on the synthetic language (no synthetic corpus in "
+                f"its config.json); {task.name} uses SyntheticLanguage(0)",
+                stacklevel=2,
+            )
         cfg = replace_strict(cfg, synthetic_seed=seed or 0)
     out = Path(cfg.out_dir)
     identity = _identity(cfg)  # also checks that cfg.init exists before anything else happens
@@ -360,8 +374,13 @@ def train(cfg: FinetuneConfig) -> dict:
             if seed in done:
                 continue
             _, metrics, history = finetune_seed(cfg, seed, task, encoder, train_data, dev, device)
-            done[seed] = {"seed": seed, "identity": identity, "data": data_record,
-                          "metrics": {"seed": seed, **metrics}, "history": history}  # fmt: skip
+            done[seed] = {
+                "seed": seed,
+                "identity": identity,
+                "data": data_record,
+                "metrics": {"seed": seed, **metrics},
+                "history": history,
+            }
             atomic_write_json(_seed_path(out, seed), done[seed])
             _write_history(out, [done[s] for s in cfg.seeds if s in done])
 

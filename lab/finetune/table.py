@@ -19,6 +19,7 @@ from lab.finetune import tasks as downstream
 # GLUE dev results, in percent, main metric of each task (MNLI: matched): DeBERTaV3 from the paper
 # (§5.1: the large models' GLUE table, MNLI of base / small / xsmall); ELECTRA-Small as re-implemented
 # in PyTorch by richarddwang/electra_pytorch (README, mean of 10 fine-tuning runs).
+# a table, one entry per line, easier to read across than reflowed (so the formatter skips it)
 PAPER_RESULTS = {
     "DeBERTaV3-large (paper)": {"cola": 75.3, "sst2": 96.9, "mrpc": 92.2, "stsb": 93.0, "qqp": 93.0,
                                 "mnli": 91.8, "qnli": 96.0, "rte": 92.7},
@@ -60,8 +61,9 @@ def results_table(
     for f in files:
         r = json.loads(Path(f).read_text())
         key = r["main_metric"]
-        row = by_label.setdefault(checkpoint_label(r["init"]), {"checkpoint": checkpoint_label(r["init"]),
-                                                                "source": "ours"})  # fmt: skip
+        row = by_label.setdefault(
+            checkpoint_label(r["init"]), {"checkpoint": checkpoint_label(r["init"]), "source": "ours"}
+        )
         t = r["task"]
         row[t] = 100 * r["mean"][key]
         row[f"{t}_std"] = 100 * r["std"][key]

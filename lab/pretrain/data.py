@@ -298,10 +298,19 @@ def _key(obj) -> str:
 
 def corpus_tokenizer(corpus: Corpus, vocab_size: int) -> Tokenizer:
     """A unigram tokenizer trained on the first TOKENIZER_SAMPLE_CHARS characters of `corpus`, cached."""
-    folder = cache_dir() / "tokenizers" / _key(
-        {"corpus": corpus.identity, "max_documents": corpus.max_documents, "vocab_size": vocab_size,
-         "sample": TOKENIZER_SAMPLE_CHARS, "version": CACHE_VERSION}
-    )  # fmt: skip
+    folder = (
+        cache_dir()
+        / "tokenizers"
+        / _key(
+            {
+                "corpus": corpus.identity,
+                "max_documents": corpus.max_documents,
+                "vocab_size": vocab_size,
+                "sample": TOKENIZER_SAMPLE_CHARS,
+                "version": CACHE_VERSION,
+            }
+        )
+    )
     if (folder / "spm.model").is_file():
         return Tokenizer.load(folder)
     try:
@@ -316,8 +325,14 @@ def tokenize_corpus(corpus: Corpus, tokenizer: Tokenizer) -> tuple[np.ndarray, d
     """The corpus as one memory-mapped array of token ids, its meta.json contents, and whether the
     token file came from the cache."""
     root = cache_dir() / "tokens"
-    key = _key({"corpus": corpus.identity, "max_documents": corpus.max_documents,
-                "tokenizer": tokenizer.fingerprint, "version": CACHE_VERSION})  # fmt: skip
+    key = _key(
+        {
+            "corpus": corpus.identity,
+            "max_documents": corpus.max_documents,
+            "tokenizer": tokenizer.fingerprint,
+            "version": CACHE_VERSION,
+        }
+    )
     folder = root / key
     from_cache = (folder / "meta.json").is_file()
     if not from_cache:
@@ -413,8 +428,15 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 class BatchIterator:
     """Infinite batches LongTensor[batch_size, seq_len] for one rank; see the module docstring."""
 
-    def __init__(self, dataset: PackedDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 position: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        dataset: PackedDataset,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        position: int = 0,
+    ):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or position < 0:
             raise ValueError(
                 f"BatchIterator(batch_size={batch_size}, rank={rank}, world_size={world_size}, "
@@ -520,5 +542,8 @@ def prepare_corpus(
     counts[tokenizer.cls_id] += train
     counts[tokenizer.sep_id] += train
     classes = corpus.language.token_classes(tokenizer).classes if corpus.language is not None else None
-    make = lambda start, n: PackedDataset(tokens, seq_len, start, n, tokenizer.cls_id, tokenizer.sep_id)  # noqa: E731
+
+    def make(start, n):
+        return PackedDataset(tokens, seq_len, start, n, tokenizer.cls_id, tokenizer.sep_id)
+
     return PreparedCorpus(tokenizer, make(0, train), make(train, heldout), counts, classes, meta, from_cache)

@@ -66,3 +66,120 @@ def test_cli_lists_its_commands_and_rejects_unknown_ones():
     assert ok.returncode == 0 and "pretrain" in ok.stdout and "finetune" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "lab", "pretrian"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the house
+
+
+LAYERS = {"pretrain": 1, "finetune": 2, "analysis": 3, "notebook": 4}  # core (lab/*.py) is 0
+
+
+def lab_imports() -> dict[str, set[str]]:
+    """module -> the lab modules it imports anywhere in its body (TYPE_CHECKING and function-level too)."""
+    import ast
+
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "lab").rglob("*.py")}  # fmt: skip
+    edges = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                          for a in node.names}  # fmt: skip
+        edges[name] = {m for m in found if m in files and m != name}
+    return edges
+
+
+def test_imports_point_one_way_and_nothing_imports_the_benchmark():
+    def layer(module):
+        part = module.split(".")[1] if module.count(".") >= 1 else ""
+        return 9 if part == "bench" else LAYERS.get(part, 0)
+
+    upward = sorted((a, b) for a, bs in lab_imports().items() for b in bs
+                    if a != "lab.__main__" and (layer(b) > layer(a) or (layer(b) == 9 and layer(a) != 9)))  # fmt: skip
+    assert not upward, f"imports against core <- pretrain <- finetune <- analysis <- notebook: {upward}"
+
+
+def test_no_import_cycle_in_lab():
+    edges, state, cycles = lab_imports(), {}, []
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(edges[module]):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target) :] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+
+
+def verb_configs():
+    from lab.analysis.runs import ExperimentConfig
+    from lab.bench.benchmark import BenchConfig
+    from lab.bench.gpucheck import GpuCheckConfig
+    from lab.finetune.config import FinetuneConfig
+    from lab.finetune.table import TableConfig
+    from lab.notebook.runner import SweepConfig
+    from lab.pretrain.loop import PretrainConfig
+
+    return [
+        PretrainConfig,
+        FinetuneConfig,
+        TableConfig,
+        ExperimentConfig,
+        SweepConfig,
+        BenchConfig,
+        GpuCheckConfig,
+    ]
+
+
+def test_every_flag_is_a_config_field_with_its_help():
+    import dataclasses
+
+    from lab.cli import config_parser
+
+    for cls in verb_configs():
+        parser = config_parser(cls, "prog", "")
+        flags = {a.dest: a for a in parser._actions}
+        for field in dataclasses.fields(cls):
+            if field.name in ("pretrain", "finetune"):  # BenchConfig's nested loop sizes, set in code
+                continue
+            assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help"
+            assert flags[field.name].help.startswith(field.metadata["help"]), (cls.__name__, field.name)
+
+
+def test_one_vocabulary_across_verbs():
+    import dataclasses
+
+    from lab.finetune.config import FinetuneConfig
+    from lab.pretrain.loop import PretrainConfig
+
+    for cls in verb_configs():
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert "out" not in names and ("out_dir" in names or cls.__name__ == "SweepConfig"), cls.__name__
+    for name in ("dtype", "compile"):
+        pre, fine = ({f.name: f for f in dataclasses.fields(c)}[name].metadata["choices"]
+                     for c in (PretrainConfig, FinetuneConfig))  # fmt: skip
+        assert tuple(pre) == tuple(fine), name
+
+
+def test_user_errors_exit_2_with_the_refusal_named(capsys):
+    import pytest
+
+    from lab.pretrain import loop
+
+    with pytest.raises(SystemExit) as stop:
+        loop.cli(["--steps", "-1"])
+    assert stop.value.code == 2 and "PretrainConfig.steps must be positive" in capsys.readouterr().err
+
+
+def test_readme_is_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250

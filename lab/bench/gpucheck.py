@@ -1,49 +1,14 @@
 """One prepared run on a lent GPU: the benchmark rows, the CUDA correctness checks, a short pre-training
-that counts host syncs, a one-process torchrun, and a GLUE fine-tune of the short run's discriminator.
+that counts host syncs, a one-process torchrun, and a GLUE fine-tune of the short run's discriminator
+(how to run it, and what each part measures: the README's GPU section).
 
-    python -m lab gpucheck --prepare-data                          # here: $LAB_DATA_DIR -> .gpudata/
-    PYTHONPATH=. python3 -m lab gpucheck --out $OUT --data .gpudata   # there (or `make gpu-check OUT=...`)
-    python -m lab gpucheck --smoke --out runs/gpucheck-smoke --data DIR   # CPU, tiny sizes, ~a minute
-
-The GPU machine has the system `python3` with CUDA torch, transformers, sentencepiece, safetensors,
-scikit-learn, scipy and tqdm, and no network: nothing here (or in the lab modules it runs) imports
-anything else at module level, and the run records which optional packages got imported at all. The
-data does not travel by itself: `--prepare-data` copies WikiText-2's training file and the GLUE tasks
-it uses into the git-ignored `.gpudata/`, which goes to the GPU machine together with the checkout.
-Outputs: DIR/gpucheck.json (every part's result), DIR/gpucheck.csv (the benchmark's rows in
-lab/bench/measure.py's format), DIR/summary.txt (one screen, also printed) and DIR/gpucheck.log;
-they are rewritten after every part, so an interrupted run still leaves what it measured. Commit them as
-figures/bench/gpu_<device>.{json,csv,txt}. Scratch files (corpora, runs, caches) go to --work (default
-a temporary folder), never into DIR.
-
-Parts, in order, each with a time budget on the GPU (`PARTS`); a part is skipped with a note when its
-budget no longer fits in the total (`--budget-s`, 480 s), is stopped if it overruns by half, and a
-failing part records its error while the rest continue:
-  env          device, versions, the matmul peak at 8192^3 (bf16, fp32), attention implementations
-  correctness  on the device: the RTD losses against their formula in float64 (values and gradients of
-               the logits), and every attention implementation inside the Encoder against
-               transformers' DebertaV2Model in float64 (forward on non-pad rows and every parameter's
-               gradient), fp32 and bf16, padded batch, T = 512
-  step         `base`, T=512, bf16, batch 32 RTD step: lab-es, lab-gdes, the transformers peer; MFU
-  attention    the attention alone at T = 512, 1024, 2048 per lab implementation, against HF's layer
-               (and, when the `disentangled-flash` package is importable, the encoder at T = 512 with
-               that package's attention as a peer)
-  pretrain     `xsmall` pre-training tokens/s (T=128, batch 128, vocab 32k) through train() itself
-  short_run    `xsmall` on WikiText-2 with torch.cuda.set_sync_debug_mode("warn"): host syncs counted
-               per optimizer step, steady-state steps (not the first two, not log / eval / checkpoint
-               steps) apart from the rest, with the lines that caused them
-  torchrun     `torchrun --standalone --nproc_per_node 1 -m lab pretrain` on the device (NCCL)
-  finetune     GLUE (SST-2, else CoLA) fine-tune of short_run's discriminator (pretrain's if short_run
-               failed): dev metric, examples/s
-  compile:*    the base step under torch.compile, one part per mode (default, reduce-overhead,
-               max-autotune-no-cudagraphs): compile time and steady ms, to choose the loop's default
-The smoke mode runs every part on the CPU at tiny sizes; there the sync counter wraps the Tensor
-methods that synchronise on a GPU (item, tolist, cpu, __bool__, __float__, __int__, __index__), and
-torchrun uses gloo.
-
-This module holds the sizes, the parts and the command line; beside it are lab/bench/syncs.py (the host-sync
-counter), lab/bench/devicecheck.py (the float64 correctness checks), lab/bench/budget.py (running the parts within
-the budget) and lab/bench/gpureport.py (gpucheck.json, gpucheck.csv, summary.txt).
+This module holds the sizes (`GPU`, `SMOKE`), the parts (`PARTS`, each `part_*(c: Check) -> dict`) and
+the command line (`GpuCheckConfig`, `cli`). Beside it: lab/bench/budget.py runs the parts in order
+within the time budget, lab/bench/devicecheck.py holds the float64 correctness checks,
+lab/bench/syncs.py the host-sync counter, lab/bench/gpureport.py writes gpucheck.json / .csv /
+summary.txt. Only the system `python3` of the GPU machine runs it (CUDA torch, transformers,
+sentencepiece, safetensors, scikit-learn, scipy, tqdm; no network), so nothing here imports anything
+else at module level.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import torch
 from lab.bench.builders import model_config, rtd_step_flops
 from lab.bench.measure import Row
 from lab.model import Encoder, preset
+from lab.training import autocast_dtype
 from lab.util import read_jsonl
 
 
@@ -213,7 +214,7 @@ def finetune_row(
     else:
         examples_per_s, how = fb.epochs * n / wall, "whole run incl. loading"
     key = results["main_metric"]
-    dtype = "bf16" if cfg.bf16 and torch.device(device).type == "cuda" else "fp32"
+    dtype = "bf16" if autocast_dtype(cfg.dtype, torch.device(device)) == torch.bfloat16 else "fp32"
     return Row(
         "finetune",
         fb.preset,

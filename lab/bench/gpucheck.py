@@ -489,13 +489,17 @@ class _Tee:
             s.flush()
 
 
+GPU_BUDGET_S = 480.0  # the whole check within 8 minutes: a lent GPU's session leaves room for a rerun
+SMOKE_BUDGET_S = 900.0  # the CPU smoke run: every part at tiny sizes on a CPU shared with other jobs
+
+
 @dataclass(frozen=True)
 class GpuCheckConfig:
     out_dir: str = param("", "folder for gpucheck.json / .csv / summary.txt / gpucheck.log (required)")
     data_dir: str = param(".gpudata", "data folder with wikitext-2/ and glue/")
     work_dir: str = param("", "scratch folder for corpora, runs and caches; '' = a temporary one")
     smoke: bool = param(False, "CPU, tiny sizes: every part's code path in about a minute")
-    budget_s: float = param(0.0, "total seconds for all parts; 0 = 480 (smoke: 900)")
+    budget_s: float = param(0.0, "total seconds for all parts; 0 = GPU_BUDGET_S, 480 (smoke: 900)")
     only: tuple[str, ...] = param((), "part names to run (env always runs); none = all")
     device: str = param("auto", "auto (cuda if present) | cuda | cpu; --smoke means cpu")
     prepare_data: bool = param(False, "copy $LAB_DATA_DIR's files into --data-dir and exit")
@@ -533,7 +537,7 @@ def cli(argv: list[str] | None = None) -> int:
     os.environ["LAB_CACHE_DIR"] = str(work / "cache")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(work / "triton"))
-    budget = cfg.budget_s or (900.0 if cfg.smoke else 480.0)
+    budget = cfg.budget_s or (SMOKE_BUDGET_S if cfg.smoke else GPU_BUDGET_S)
     log_file = open(out / "gpucheck.log", "w")  # noqa: SIM115 (open for the whole run)
     stdout = sys.stdout
     sys.stdout = _Tee(stdout, log_file)

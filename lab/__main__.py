@@ -1,4 +1,4 @@
-"""`python -m lab <command> ...`: each command's module owns its own arguments."""
+"""`python -m lab <command> ...`: each command's module builds its flags from its config dataclass (lab/cli.py)."""
 
 from __future__ import annotations
 

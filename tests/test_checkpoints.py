@@ -295,3 +295,13 @@ def test_sigkill_at_random_moments_resumes_to_the_same_final_losses(tmp_path):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
     fa, fb = final_eval(reference), final_eval(run_dir)
     assert all(abs(fa[k] - fb[k]) < 1e-6 for k in ("mlm_loss", "rtd_loss", "rtd_auc", "mlm_acc", "rtd_acc"))
+
+
+def test_ci_runs_the_slow_tests():
+    """The tests marked slow (the kill-at-random-moments resume above among them) run in CI, after the
+    default suite, through the Makefile target that selects them."""
+    root = Path(__file__).resolve().parents[1]
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert "make test-slow" in ci and ci.index("make test-slow") > ci.index("make test")
+    target = (root / "Makefile").read_text().split("\ntest-slow:")[1].split("\n\n")[0]
+    assert "-m slow" in target

@@ -472,7 +472,12 @@ def train_step(run: Run, step: int, meter: Meter, probe: bool) -> dict[str, torc
             out = rtd_forward(fn, ids, mask, run.special, run.tok.mask_id, cfg, part, run.amp, totals)
             if probe and m == 0 and ddp.main:
                 with meter.overhead("probe"):
-                    row = gradient_probe(run.model, out, cfg.rtd_weight)
+                    # the probe measures this micro-batch's own mean losses, whatever the split
+                    own = SimpleNamespace(
+                        mlm_loss=out.mlm_loss * totals[0] / out.valid.sum().clamp(min=1),
+                        rtd_loss=out.rtd_loss * totals[1] / mask.sum(),
+                    )
+                    row = gradient_probe(run.model, own, cfg.rtd_weight)
                     append_jsonl(run.metrics, {"split": "probe", "step": step, **row})
             backward(run.model, out, cfg, ddp.world, all_reduce=synced)
         for key, value in losses.items():

@@ -130,7 +130,7 @@ def save(state: dict[str, Any], folder: str | os.PathLike, step: int, keep: int 
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise CheckpointError(
             f"refusing to write checkpoint {path}: non-finite values in {shown}; {intact}. The run diverged: "
-            "lower lr, raise warmup_steps, or use dtype=fp32, and resume from the intact checkpoint"
+            "train again in a new out_dir with a lower lr, more warmup_steps or dtype=fp32"
         )
     tmp = None
     try:

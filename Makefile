@@ -35,8 +35,8 @@ sweep: $(STAMP)
 test: $(STAMP) lint  ## the full default suite: tests/ and the committed notebooks (nbval)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests --nbval-lax notebooks
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+test-slow: $(STAMP)  ## the tests marked slow (minutes each; .ci/run runs them after `make test`)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
 
 # JupyterLab in headless Chromium: every notebook run from the browser, the tour's widgets used
 # (tests/browser/). Needs a Chromium executable: Debian's `chromium` package, or LAB_CHROMIUM=PATH.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,8 @@ class Noise:
 
 
 def masked_count(T: int, mask_prob: float) -> int:
-    """K: the fixed number of masking slots per row (a static shape: no host sync, compile-friendly)."""
+    """K: the fixed number of masking slots per row (a static shape: no host sync, compile-friendly).
+    It bounds `mask_counts` for every row of T tokens: round(p * L) <= ceil(p * T) for L <= T."""
     return max(1, math.ceil(mask_prob * T))
 
 
@@ -72,6 +74,42 @@ def draw_noise(B: int, T: int, mask_prob: float, generator: torch.Generator | No
     K = masked_count(T, mask_prob)
     u = torch.rand(B, T + 3 * K, generator=generator, device=device)
     return Noise(u[:, :T], u[:, T : T + K], u[:, T + K : T + 2 * K], u[:, T + 2 * K :])
+
+
+def mask_window(mask_prob: float) -> int:
+    """The official generator's window: one token is masked per int(1 / mask_prob) eligible tokens."""
+    return max(1, int(1 / mask_prob))
+
+
+def _round_half_even(numerator: torch.Tensor, denominator: int) -> torch.Tensor:
+    """round(numerator / denominator) in integers, ties to even (Python's round on the exact value)."""
+    q, r = numerator // denominator, numerator % denominator
+    return q + ((2 * r > denominator) | ((2 * r == denominator) & (q % 2 == 1))).long()
+
+
+def mask_counts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: torch.Tensor, mask_prob: float
+) -> torch.Tensor:
+    """How many tokens `mask_tokens` masks in each row [B] -> LongTensor [B], in integer arithmetic.
+
+        The rule of microsoft/DeBERTa's NGramMaskGenerator with max_gram=1 (DeBERTa/apps/tasks/mlm_task.py,
+        commit 8d492e9, class NGramMaskGenerator from line 41: `mask_window` line 57, `num_to_predict` line 74,
+    the window loop lines 78-85, the stop lines 89-96), which rtd_task.py builds for RTD:
+            num_to_predict = min(max_preds_per_seq, max(1, int(round(len(tokens) * mask_lm_prob))))
+        where len(tokens) counts the whole row with [CLS] and [SEP] (L = non-pad tokens here), then one
+        token per window of int(1 / mask_prob) eligible tokens, stopping after num_to_predict: a row of U
+        eligible tokens masks min(num_to_predict, ceil(U / window)) (0 when U = 0).
+        mask_prob is taken as the nearest fraction a/b with b <= 10**6 (0.15 = 3/20) and round(L * a / b)
+        is computed exactly with ties to even, which equals the official float64 `round(L * 0.15)` for
+        every L up to 8192 (tests/test_rtd.py checks it). max_preds_per_seq is our slot count K =
+        ceil(mask_prob * T), which never binds."""
+    fraction = Fraction(mask_prob).limit_denominator(10**6)
+    eligible = attention_mask.bool() & ~torch.isin(input_ids, special_ids)  # [B, T]
+    n_eligible = eligible.sum(1)  # U [B]
+    length = attention_mask.long().sum(1)  # L [B]
+    to_predict = _round_half_even(length * fraction.numerator, fraction.denominator).clamp(min=1)
+    windows = (n_eligible + mask_window(mask_prob) - 1) // mask_window(mask_prob)  # ceil(U / window)
+    return to_predict.minimum(windows)  # [B]
 
 
 def mask_tokens(
@@ -84,22 +122,30 @@ def mask_tokens(
     strategy: str = "mask",
     vocab_size: int | None = None,
 ):
-    """Choose max(1, round(mask_prob * n)) of a row's n non-special tokens (token level, as released).
+    """Mask `mask_counts` tokens of each row the way microsoft/DeBERTa's NGramMaskGenerator does with
+    max_gram=1 (DeBERTa/apps/tasks/mlm_task.py, see `mask_counts`): the row's eligible tokens (neither
+    special nor padding) are cut into consecutive windows of int(1 / mask_prob) (6 at 0.15; the last
+    may be shorter), one token is drawn uniformly in each window, and the first `mask_counts` windows'
+    tokens are masked. Rows without an eligible token keep none.
 
-    A row with at least one eligible token gets at least one masked slot, as in BERT's
-    create_pretraining_data.py and DeBERTa's NGramMaskGenerator (DeBERTa/apps/tasks/mlm_task.py):
-    `num_to_predict = max(1, int(round(len(tokens) * prob)))`; rows without any keep none.
     Returns (masked_ids [B, T], positions [B, K], valid [B, K]): K = ceil(mask_prob * T) slots per
-    row; `valid` is False for the unused slots of rows with fewer eligible tokens. Special tokens
-    and padding are never chosen. The "bert" strategy's random tokens are drawn uniformly from the
-    ids in [0, vocab_size) that are not in `special_ids` (vocab_size defaults to mask_id + 1).
+    row; `valid` is False for the unused slots. The "bert" strategy's random tokens are drawn
+    uniformly from the ids in [0, vocab_size) that are not in `special_ids` (vocab_size defaults to
+    mask_id + 1); the official generator draws them from its whole vocabulary.
     """
     eligible = attention_mask.bool() & ~torch.isin(input_ids, special_ids)  # [B, T]
-    n_eligible = eligible.sum(1)  # [B]
-    n_chosen = torch.round(n_eligible * mask_prob).long().clamp(min=1).minimum(n_eligible)  # [B]
+    n_chosen = mask_counts(input_ids, attention_mask, special_ids, mask_prob)  # [B]
+    B, T = input_ids.shape
     K = noise.mix.shape[1]
-    # ineligible tokens get keys above every eligible one: the K smallest keys are a uniform sample
-    positions = (noise.keys + (~eligible) * 2.0).topk(K, dim=1, largest=False).indices  # [B, K]
+    # window of each eligible token: its rank among the row's eligible tokens // window
+    window = (eligible.long().cumsum(1) - 1).clamp(min=0) // mask_window(mask_prob)  # [B, T]
+    keys = torch.where(eligible, noise.keys, 2.0)  # [B, T], ineligible above every eligible key
+    # the smallest key of each window is a uniform draw inside it
+    smallest = torch.full((B, T), 2.0, device=keys.device, dtype=keys.dtype)
+    smallest = smallest.scatter_reduce(1, window, keys, "amin")  # [B, T]: per window (first columns)
+    picked = eligible & (keys == smallest.gather(1, window)) & (window < n_chosen[:, None])  # [B, T]
+    # the picked tokens sort first (keys below 1); the other slots are unused
+    positions = (keys + (~picked) * 2.0).topk(K, dim=1, largest=False).indices  # [B, K]
     valid = torch.arange(K, device=input_ids.device)[None, :] < n_chosen[:, None]  # [B, K]
     original = input_ids.gather(1, positions)  # [B, K]
     replacement = torch.full_like(original, mask_id)
@@ -279,8 +325,12 @@ class RTDModel(nn.Module):
         mask_strategy: str = "mask",
         temperature: float = 1.0,
         noise: Noise | None = None,
+        totals: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> RTDOutput:
         """input_ids [B, T] with [CLS]/[SEP] in place; `noise` from draw_noise (drawn here if None).
+        `totals` = (masked tokens, non-pad tokens) of the global batch this one is part of: the losses
+        are then this part's sums over those counts (summed over the parts, the global means);
+        None: the means over this batch.
 
         Fixed shapes throughout and no value read back to the host (no .item(), no data-dependent
         branch), so a training step never waits on the device and torch.compile / CUDA graphs apply.
@@ -310,7 +360,7 @@ class RTDModel(nn.Module):
         )  # [B, K, D]
         mlm_logits = self.mlm_head(masked_hidden, self.generator_table).float()  # [B, K, V]
         targets = input_ids.gather(1, positions)  # [B, K]
-        mlm_loss = masked_lm_loss(mlm_logits, targets, valid)
+        mlm_loss = masked_lm_loss(mlm_logits, targets, valid, None if totals is None else totals[0])
         # 3. sample replacements, no gradient through the sample
         with torch.no_grad():
             sampled = sample(mlm_logits, noise.quantile, temperature)  # [B, K]
@@ -320,8 +370,10 @@ class RTDModel(nn.Module):
         # 4. discriminator, BCE over every non-pad token ([CLS]/[SEP] included)
         disc_hidden = self.discriminator(corrupted, attention_mask, self.discriminator_word_embeds(corrupted))
         rtd_logits = self.rtd_head(disc_hidden).float()  # [B, T]
-        rtd_loss = _masked_mean(
-            F.binary_cross_entropy_with_logits(rtd_logits, labels, reduction="none"), attention_mask
+        rtd_loss = _reduce(
+            F.binary_cross_entropy_with_logits(rtd_logits, labels, reduction="none"),
+            attention_mask,
+            None if totals is None else totals[1],
         )
         return RTDOutput(
             loss=mlm_loss + rtd_weight * rtd_loss,
@@ -336,14 +388,25 @@ class RTDModel(nn.Module):
         )
 
 
-def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits [B, K, V] against targets [B, K] over the valid [B, K] slots.
+def masked_lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, total: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy of logits [B, K, V] against targets [B, K], summed over the valid [B, K] slots and
+    divided by `total` (default: their number, i.e. the mean). The training loop passes the masked
+    count of the whole global batch, so micro-batches and processes add up to one global mean.
 
     The cross-entropy sees a flat [B * K, V] input, so its softmax runs along the last, contiguous
     dimension; the [B, V, K] layout F.cross_entropy wants for 3-d input puts it on a strided middle
     one, which made it half of a GPU step's time."""
     per_slot = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # [B * K]
-    return _masked_mean(per_slot.view_as(targets), valid)
+    return _reduce(per_slot.view_as(targets), valid, total)
+
+
+def _reduce(values: torch.Tensor, mask: torch.Tensor, total: torch.Tensor | None) -> torch.Tensor:
+    """The masked mean, or the masked sum over `total` (a count of the global batch)."""
+    if total is None:
+        return _masked_mean(values, mask)
+    return (values * mask.to(values.dtype)).sum() / total.to(values.dtype).clamp(min=1.0)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

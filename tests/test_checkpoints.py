@@ -109,6 +109,21 @@ def test_the_ring_keeps_the_newest_checkpoints_each_with_a_sha256sum_checksum(tm
     assert found.path.name == "step-00000006.pt" and found.state["model"]["w"][0] == 6 and not found.bad
 
 
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_a_state_with_a_non_finite_tensor_is_refused_before_anything_is_written(tmp_path, where):
+    checkpoint.save(small_state(2), tmp_path, 2, keep=1)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    bad = small_state(4)
+    if where == "model":
+        bad["model"]["w"][1] = float("nan")
+    else:  # deep in the optimizer state, as an exploded Adam moment would be
+        bad["optimizer"] = {"state": {0: {"exp_avg": torch.tensor([1.0, float("inf")])}}}
+    with pytest.raises(CheckpointError, match=rf"non-finite values in {where}\..*step-00000002.pt is intact"):
+        checkpoint.save(bad, tmp_path, 4, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # the good one was not evicted
+    assert checkpoint.latest(tmp_path).state["step"] == 2
+
+
 def test_a_run_keeps_keep_checkpoints(straight, tmp_path):
     names = sorted(p.name for p in (straight / "checkpoints").glob("*.pt"))
     assert names == ["step-00000006.pt", "step-00000008.pt"]  # keep_checkpoints=2 of 2, 4, 6, 8
@@ -281,3 +296,13 @@ def test_sigkill_at_random_moments_resumes_to_the_same_final_losses(tmp_path):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
     fa, fb = final_eval(reference), final_eval(run_dir)
     assert all(abs(fa[k] - fb[k]) < 1e-6 for k in ("mlm_loss", "rtd_loss", "rtd_auc", "mlm_acc", "rtd_acc"))
+
+
+def test_ci_runs_the_slow_tests():
+    """The tests marked slow (the kill-at-random-moments resume above among them) run in CI, after the
+    default suite, through the Makefile target that selects them."""
+    root = Path(__file__).resolve().parents[1]
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert "make test-slow" in ci and ci.index("make test-slow") > ci.index("make test")
+    target = (root / "Makefile").read_text().split("\ntest-slow:")[1].split("\n\n")[0]
+    assert "-m slow" in target

@@ -1,5 +1,6 @@
 import builtins
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,6 @@ def test_metrics_hand_computed():
     assert glue.compute_metrics("cola", pred, gold) == {"mcc": pytest.approx(mcc)}
     assert glue.compute_metrics("mrpc", pred, gold) == {"f1": pytest.approx(6 / 9), "accuracy": 0.7}
     assert glue.compute_metrics("sst2", pred, gold) == {"accuracy": 0.7}
-    assert glue.compute_metrics("cola", [1] * 10, gold) == {"mcc": 0.0}  # constant predictions
 
     logits = np.array([[0.1, 2.0, 0.3], [5.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 3.0, 2.0]])
     assert glue.compute_metrics("mnli", logits, [1, 0, 0, 2]) == {"accuracy": 0.5}
@@ -69,25 +69,40 @@ def test_metrics_hand_computed():
     assert as_logits == stsb
 
 
-def test_official_sizes_of_the_glue_splits():
-    # GLUE's published counts (the HuggingFace `glue` dataset card lists the same)
-    dev = {
-        "cola": 1043,
-        "sst2": 872,
-        "mrpc": 408,
-        "stsb": 1500,
-        "qqp": 40430,
-        "qnli": 5463,
-        "rte": 277,
-        "wnli": 71,
-    }
-    for task, n in dev.items():
-        assert glue.official_size(task, "dev") == n, task
-    assert (glue.official_size("MNLI", "dev_matched"), glue.official_size("mnli", "dev_mismatched")) == (
-        9815,
-        9832,
-    )
-    assert glue.official_size("mnli", "dev") is None
+def test_constant_predictions_score_zero_with_a_warning_never_nan():
+    """Matthews, Pearson and Spearman of a constant side are 0 / 0: a defined 0.0, and a warning that
+    names the metric and the constant side (scipy's pearsonr alone gives NaN)."""
+    gold = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    with pytest.warns(glue.ConstantPredictionWarning, match=r"mcc of constant predictions \(all 1\)"):
+        assert glue.compute_metrics("cola", [1] * 10, gold) == {"mcc": 0.0}
+    with pytest.warns(glue.ConstantPredictionWarning, match="mcc of constant labels"):
+        assert glue.compute_metrics("cola", gold, [0] * 10) == {"mcc": 0.0}
+    with pytest.warns(glue.ConstantPredictionWarning) as caught:
+        stsb = glue.compute_metrics("stsb", [2.5] * 4, [1.0, 3.0, 2.0, 4.0])
+    assert stsb == {"pearson": 0.0, "spearman": 0.0}
+    assert [str(w.message).split()[0] for w in caught] == ["pearson", "spearman"]
+    with pytest.warns(glue.ConstantPredictionWarning):
+        out = glue.dev_metrics("stsb", {"dev": (np.array([[3.0]] * 3), [1.0, 2.0, 5.0])})
+    assert out == {"pearson": 0.0, "spearman": 0.0}  # regression logits [N, 1], still defined
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a varying prediction is scored without any warning
+        varying = glue.compute_metrics("stsb", [1.0, 2.0, 4.0], [1.0, 2.0, 3.0])
+    assert varying == {"pearson": pytest.approx(0.98198, abs=1e-5), "spearman": pytest.approx(1.0)}
+
+
+def test_official_sizes_agree_with_the_glue_files_on_disk(data_root):
+    """The table's counts against the real dev and train files of the tasks the data folder holds
+    (CoLA, SST-2, STS-B): a mistyped count, or a reader that drops or adds rows, fails here."""
+    checked = 0
+    for task in glue.TASKS:
+        for split in ("train", *glue.get_task(task).dev_splits):
+            if glue.split_path(task, split, data_root / "glue").is_file():
+                assert len(glue.load_split(task, split, data_root / "glue")) == glue.official_size(
+                    task, split
+                )
+                checked += 1
+    assert checked >= 6
+    assert glue.official_size("mnli", "dev") is None  # MNLI has two dev splits, no plain "dev"
 
 
 def test_dev_metrics_prefixes_mnli_splits():

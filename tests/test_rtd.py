@@ -1,12 +1,14 @@
 """The RTD step's pieces on their own: the MLM loss, masking edge cases, the enhanced mask decoder, and
 a step that never reads a value back to the host."""
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lab.model import preset
-from lab.rtd import RTDHead, RTDModel, draw_noise, mask_tokens, masked_lm_loss
+from lab.rtd import RTDHead, RTDModel, draw_noise, mask_counts, mask_tokens, masked_lm_loss
 
 CFG = preset("tiny", hidden_dropout=0.0, attention_dropout=0.0)
 
@@ -57,23 +59,62 @@ def test_bert_random_tokens_come_from_the_non_special_ids_wherever_the_specials_
         assert counts.max() / counts.mean() < 1.6  # roughly uniform over the words (~90 draws each)
 
 
-def test_short_rows_get_one_masked_token_and_rows_without_words_none():
-    """round(0.15 * n) is 0 for n <= 3; BERT and DeBERTa mask max(1, round(.)) of them."""
+def official_count(length: int, words: int, mask_prob: float = 0.15) -> int:
+    """microsoft/DeBERTa NGramMaskGenerator (max_gram=1), transcribed: num_to_predict from the row's
+    length in float64 with Python's round, then one token per window of int(1 / p) words."""
+    num_to_predict = max(1, int(round(length * mask_prob)))
+    windows = math.ceil(words / int(1 / mask_prob))
+    return min(num_to_predict, windows)
+
+
+def rows_of(lengths_and_words, T):
+    """One row per (L, U): [CLS], U words, L - U - 2 [UNK] (special) tokens, [SEP], padding to T."""
+    ids = torch.zeros(len(lengths_and_words), T, dtype=torch.long)
+    for i, (L, U) in enumerate(lengths_and_words):
+        ids[i, :L] = torch.tensor([1] + [10 + j % 50 for j in range(U)] + [3] * (L - U - 2) + [2])
+    return ids, (ids != 0).long()
+
+
+def test_mask_count_is_the_official_rule_in_exact_integers():
+    """Pinned by hand where round, floor and ceil of 0.15 L differ: L = 17 (2.55: round 3, floor 2),
+    L = 7 (1.05: round 1, ceil 2), ties to even at L = 10 (1.5 -> 2), 30 (4.5 -> 4), 190 (28.5 -> 28)
+    and 350 (52.5 -> 52; float32 gives 53), and the window cap (U = 3 words of L = 12: one window)."""
     special = torch.tensor([0, 1, 2, 3, 99])
-    ids = torch.tensor(
-        [
-            [1, 10, 2, 0, 0, 0, 0, 0],  # one word
-            [1, 10, 11, 12, 2, 0, 0, 0],  # three words
-            [1, 3, 3, 2, 0, 0, 0, 0],  # no word at all ([UNK] is special)
-            [1, 10, 11, 12, 13, 14, 15, 2],  # six words: round(0.9) = 1
-        ]
-    )
-    mask = (ids != 0).long()
+    cases = {(17, 15): 3, (7, 5): 1, (10, 8): 2, (30, 28): 4, (190, 188): 28, (350, 348): 52, (12, 3): 1}
+    cases |= {(3, 1): 1, (5, 3): 1, (4, 0): 0, (8, 6): 1}  # short rows: at least one, none without words
+    ids, mask = rows_of(list(cases), 360)
+    assert mask_counts(ids, mask, special, 0.15).tolist() == list(cases.values())
     noise = draw_noise(*ids.shape, 0.15, torch.Generator().manual_seed(0), "cpu")
     masked, positions, valid = mask_tokens(ids, mask, special, 99, noise, 0.15)
-    assert valid.sum(1).tolist() == [1, 1, 0, 1]
-    assert ((masked == 99).sum(1)).tolist() == [1, 1, 0, 1]
-    assert torch.equal(masked[2], ids[2])
+    assert (masked == 99).sum(1).tolist() == valid.sum(1).tolist() == list(cases.values())
+    assert torch.equal(masked[list(cases).index((4, 0))], ids[list(cases).index((4, 0))])
+
+
+def test_mask_count_matches_the_official_float64_rule_for_every_length():
+    """Full rows of every length up to 600 and rows with a few specials inside, at three rates."""
+    special = torch.tensor([0, 1, 2, 3, 99])
+    for p in (0.15, 0.1, 0.25):
+        shapes = [(L, L - 2) for L in range(3, 601)] + [(L, L - 2 - L // 9) for L in range(3, 601)]
+        ids, mask = rows_of(shapes, 600)
+        expected = [official_count(L, U, p) for L, U in shapes]
+        assert mask_counts(ids, mask, special, p).tolist() == expected, p
+
+
+def test_one_token_is_masked_per_window_of_words_in_the_first_windows():
+    """NGramMaskGenerator draws one word in each window of int(1 / p) = 6 consecutive words and keeps
+    the first num_to_predict of them: the masked words' ranks fall one in each of windows 0..n-1, and
+    over many draws every offset inside a window is used about equally."""
+    special = torch.tensor([0, 1, 2, 3, 99])
+    ids, mask = rows_of([(128, 120)] * 300, 128)  # 120 words and 6 interior specials: 19 of 20 windows
+    noise = draw_noise(*ids.shape, 0.15, torch.Generator().manual_seed(3), "cpu")
+    masked, _, _ = mask_tokens(ids, mask, special, 99, noise, 0.15)
+    word = mask.bool() & ~torch.isin(ids, special)
+    rank = word.long().cumsum(1) - 1  # each word's rank among its row's words
+    ranks = [rank[b][masked[b] == 99] for b in range(len(ids))]
+    for r in ranks:
+        assert sorted((r // 6).tolist()) == list(range(19))
+    offsets = torch.bincount(torch.cat(ranks) % 6, minlength=6).float()
+    assert offsets.min() / offsets.max() > 0.85  # ~950 draws per offset
 
 
 # -- the enhanced mask decoder --------------------------------------------------------------------

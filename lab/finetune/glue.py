@@ -162,8 +162,35 @@ def compute_metrics(task: str, predictions: Sequence | np.ndarray, labels: Seque
     return {name: metric(name, preds, gold) for name in t.metrics}
 
 
+class ConstantPredictionWarning(UserWarning):
+    """A correlation metric (Matthews, Pearson, Spearman) of constant predictions or labels: 0 / 0,
+    scored 0.0 instead of NaN."""
+
+
+def _constant_side(preds: np.ndarray, gold: np.ndarray) -> str | None:
+    for side, values in (("predictions", preds), ("labels", gold)):
+        if len(values) and np.all(values == values[0]):
+            return f"{side} (all {values[0].item()!r})"
+    return None
+
+
 def metric(name: str, preds: np.ndarray, gold: np.ndarray) -> float:
-    """One metric of class ids ("mcc", "accuracy", "f1") or scores ("pearson", "spearman")."""
+    """One metric of class ids ("mcc", "accuracy", "f1") or scores ("pearson", "spearman").
+
+    A correlation of constant predictions (or labels) is 0 / 0. It is scored 0.0 — what Matthews'
+    coefficient gives a classifier that always answers the same class (sklearn's convention too),
+    and the score of a prediction that carries no information about the labels — never NaN, and a
+    ConstantPredictionWarning names the metric and the constant side, so the caller can record it
+    (lab/finetune.py's history keeps the metric; a NaN would have sorted an epoch last or first)."""
+    if name in ("mcc", "pearson", "spearman"):
+        constant = _constant_side(preds, gold)
+        if constant is not None:
+            warnings.warn(
+                f"{name} of constant {constant} is undefined (0 / 0); scored 0.0",
+                ConstantPredictionWarning,
+                stacklevel=3,
+            )
+            return 0.0
     if name == "mcc":
         return float(matthews_corrcoef(gold, preds))
     if name == "accuracy":

@@ -6,6 +6,9 @@ folder, fsync, then a rename — next to a SHA-256 sidecar `step-00000400.pt.sha
 format (so `cd checkpoints && sha256sum -c *.sha256` checks them by hand). The sidecar is written
 before the rename, so a checkpoint file never exists without its checksum.
 
+A state holding a non-finite tensor (a diverged run's weights or optimizer moments) is refused
+before anything is written (`nonfinite_tensors`), so the ring only ever holds finite checkpoints.
+
 On resume, `latest` verifies the newest checkpoint (checksum, then that it loads and is a
 pre-training checkpoint) and falls back to the previous good one with a warning naming the bad file.
 Where none is good it raises one `CheckpointError` that names the files and the way out. Runs from
@@ -85,13 +88,50 @@ def sha256_file(path: Path) -> str:
 # Writing
 
 
+def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Names (dotted paths) of the floating-point tensors in a nested state that hold a NaN or an
+    infinity. One device reduction per device, read back once; the names are searched for only when
+    one is found."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+
+    def walk(value: Any, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() or value.is_complex():
+                tensors.append((name, value))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}" if name else str(key))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{name}.{i}" if name else str(i))
+
+    walk(state, prefix)
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, t in tensors:
+        by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return []
+    return [name for name, t in tensors if not bool(torch.isfinite(t).all())]
+
+
 def save(state: dict[str, Any], folder: str | os.PathLike, step: int, keep: int = 2) -> Path:
     """Write `state` as the checkpoint of `step`, atomically and with its checksum, then delete all
-    but the newest `keep` checkpoints. Any OSError (a full disk, a failing write) leaves the existing
-    checkpoints untouched and raises CheckpointError naming the newest intact one."""
+    but the newest `keep` checkpoints. A state with a non-finite tensor is refused before anything
+    is written (CheckpointError naming the tensors). Any OSError (a full disk, a failing write)
+    leaves the existing checkpoints untouched and raises CheckpointError naming the newest intact one."""
     folder = Path(folder)
     path = ring_path(folder, step)
     previous = [p for p in candidates(folder) if p != path]
+    bad = nonfinite_tensors(state)
+    if bad:
+        intact = (
+            f"the previous checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
+        )
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"refusing to write checkpoint {path}: non-finite values in {shown}; {intact}. The run diverged: "
+            "train again in a new out_dir with a lower lr, more warmup_steps or dtype=fp32"
+        )
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)

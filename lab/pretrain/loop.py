@@ -13,10 +13,27 @@ device (`Meter`) and read at log steps only; batches go to the GPU from pinned m
 blocking. Evaluation, the probe and checkpoints read values back, so they are timed apart from
 training: the log's ms/step and tokens/s are training alone, their cost is the row's `overhead_s`.
 
-Randomness is a function of (seed, step): every step re-seeds dropout and draws its masking and
-sampling noise for the whole global batch from a generator seeded by (seed, step, micro-step), and
-each rank takes its rows. So a resumed run repeats an uninterrupted one exactly, and N processes
-compute the same losses as one process with the same global batch (with dropout off).
+One global batch, however it is split. A step's `batch_size` examples are split into processes x
+micro-batches (micro-batch m of rank r holds rows (m * world + r) * micro ... of the step's batch, the
+order BatchIterator hands them out in). The step's masking and sampling noise is drawn once for the
+whole global batch and each part takes its rows; the MLM loss is divided by the global batch's
+masked count and the RTD loss by its non-pad count (counted on the device before the first forward,
+one all-reduce under torchrun, no host sync), so the parts' losses add up to the global means, and
+each part's backward is scaled by the number of processes to undo DDP's average. With dropout off,
+any split of the same global batch computes the same losses and updates (tests/test_pretrain.py).
+
+Randomness is a function of (seed, step): `stream_seed` derives every stream (the step's noise,
+each micro-batch's dropout on each rank) from the tuple (seed, purpose, step, micro-batch, rank) with
+numpy's SeedSequence, so a resumed run repeats an uninterrupted one exactly and no two streams share
+a seed.
+
+Non-finite steps are skipped, never applied (`NonFiniteGuard`): the total gradient norm the clip
+computes and the step's loss are checked on the device, and a step where either is not finite
+reaches AdamW (fused) as `found_inf`, which leaves weights and optimizer state untouched. Skipped
+steps are counted in the log rows (`skipped_steps`) and left out of their mean losses; after
+`MAX_SKIPPED_IN_A_ROW` consecutive skips the run stops with an error at the next log or checkpoint
+step (the weights have not moved since the last good step, so nothing is lost by waiting for it).
+Every checkpoint is checked to hold only finite tensors before it is written (lab/pretrain/checkpoint.py).
 
 Run directory (cfg.out_dir): config.json, metrics.jsonl, summary.json, checkpoints/ (a ring of
 checksummed checkpoints, see lab/pretrain/checkpoint.py), tokenizer/spm.model, token_counts.npy,
@@ -33,6 +50,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -47,7 +65,7 @@ from lab.pretrain.checkpoint import CheckpointError
 from lab.pretrain.data import BatchIterator, PreparedCorpus, prepare_corpus
 from lab.pretrain.meter import PROGRESS, Meter, Progress
 from lab.pretrain.probe import gradient_cosine, similarity_pull
-from lab.rtd import MASK_STRATEGIES, RTD_WEIGHT, SHARING_MODES, RTDModel, draw_noise
+from lab.rtd import MASK_STRATEGIES, RTD_WEIGHT, SHARING_MODES, RTDModel, draw_noise, mask_counts
 from lab.training import (
     COMPILE,
     COMPILE_MODES,
@@ -61,6 +79,11 @@ from lab.training import (
 from lab.util import append_jsonl, atomic_write_bytes, atomic_write_json, pick_device, to_device
 
 OPTIMIZATIONS = ("joint", "decoupled")
+# consecutive skipped (non-finite) steps after which a run stops: one bad batch is survivable, a run
+# whose every step overflows is not going to recover by itself
+MAX_SKIPPED_IN_A_ROW = 3
+# the purposes of the random streams a step draws (see stream_seed)
+NOISE, DROPOUT, EVAL_NOISE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,8 @@ class PretrainConfig:
         for name in (*positive, "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PretrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"PretrainConfig.seed={self.seed} must be >= 0")
         if self.seq_len < 8:
             raise ValueError(f"PretrainConfig.seq_len={self.seq_len} is too short; use at least 8")
         if self.compile == "on" and self.optimization == "decoupled" and self.sharing == "es":
@@ -174,6 +199,7 @@ def _train(cfg: PretrainConfig) -> dict:
     step, end = run.start, min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     # the first steps (compilation, CUDA-graph capture, first allocations) are timed as overhead
     meter = Meter(run.device, step, warmup=3 if run.compiled else 1)
+    guard = NonFiniteGuard(run.device)
     progress = Progress(cfg.steps, step, f"pretrain {cfg.sharing}", cfg.progress, run.ddp.main)
     if run.ddp.main and step:
         progress.message(f"resuming {run.out_dir} at step {step} from {run.resumed_from}")
@@ -187,26 +213,29 @@ def _train(cfg: PretrainConfig) -> dict:
                     append_jsonl(run.metrics, {"split": "eval", "step": step, **row})
             # forward / backward over the micro-batches, the probe on the first when due
             probe = cfg.probe_every > 0 and step % cfg.probe_every == 0
-            train_step(run, step, meter, probe)
-            # clip, step
-            clip(model, cfg)
+            losses = train_step(run, step, meter, probe)
+            # clip, then step unless the loss or the gradient is not finite (checked on the device)
+            skip = guard.check(clip(model, cfg), losses)
+            meter.add(SimpleNamespace(**{k: torch.where(skip, 0.0, v) for k, v in losses.items()}), 1)
+            optimizer.found_inf = skip.float()  # fused AdamW leaves everything as it was when it is 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             meter.step_done(step)
             # log (the only place a steady-state step reads values from the device)
             if step % cfg.log_every == 0 or step == end:
-                log_window(run, meter, step, end, progress)
+                log_window(run, meter, guard, step, end, progress)
             if step % cfg.ckpt_every == 0 or step == end:
                 with meter.overhead("checkpoint"):
-                    save_checkpoint(run, step, meter.nonfinite)
+                    guard.stop_if_stuck(run, step)
+                    save_checkpoint(run, step)
     except KeyboardInterrupt:
-        save_checkpoint(run, step, meter.nonfinite)
+        save_checkpoint(run, step)
         progress.message(f"interrupted at step {step}; checkpoint saved in {run.ckpt_dir}; rerun to resume")
         progress.close()
         raise
     progress.close()
-    return finish(run, step, meter)
+    return finish(run, step, meter, guard)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +299,6 @@ class Run:
     def __post_init__(self) -> None:
         self.special = torch.tensor(sorted(self.tok.special_ids), device=self.device)
         self.noise_gen = torch.Generator(device=self.device)
-        self.rows = slice(self.ddp.rank * self.micro, (self.ddp.rank + 1) * self.micro)  # this rank's rows
 
 
 def setup(cfg: PretrainConfig) -> Run:
@@ -397,39 +425,74 @@ def resume_point(cfg: PretrainConfig, folder: Path, device, ddp: Dist) -> checkp
 # The step
 
 
-def train_step(run: Run, step: int, meter: Meter, probe: bool) -> None:
+def stream_seed(seed: int, purpose: int, step: int, micro: int = 0, rank: int = 0) -> int:
+    """The seed of one random stream: the first 64-bit word of numpy's SeedSequence over the tuple
+    (seed, purpose, step, micro-batch, rank). SeedSequence hashes the whole tuple, so distinct tuples
+    give unrelated seeds (a linear mix such as seed * a + step * b + m * c + rank collides)."""
+    return int(np.random.SeedSequence([seed, purpose, step, micro, rank]).generate_state(1, np.uint64)[0])
+
+
+def global_totals(batches, masks, special, mask_prob: float, ddp: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked tokens, non-pad tokens) of the step's global batch: this process's micro-batches
+    counted on the device, summed over processes with one all-reduce (no host sync)."""
+    counts = torch.stack(
+        [
+            torch.stack([mask_counts(ids, mask, special, mask_prob).sum(), mask.sum()])
+            for ids, mask in zip(batches, masks)
+        ]
+    ).sum(0)  # [2]
+    if ddp.world > 1:
+        dist.all_reduce(counts)
+    return counts[0], counts[1]
+
+
+def train_step(run: Run, step: int, meter: Meter, probe: bool) -> dict[str, torch.Tensor]:
     """Forward and backward of one optimizer step, over cfg.grad_accum micro-batches; gradients are
-    left in .grad (all-reduced across processes on the last micro-batch)."""
+    left in .grad (all-reduced across processes on the last micro-batch). Returns this process's
+    part of the step's global-mean losses (on the device; summed over processes, the global means)."""
     cfg, ddp = run.cfg, run.ddp
     run.model.train()
-    for m in range(cfg.grad_accum):
-        ids = to_device(next(run.batches), run.device)
-        mask = torch.ones_like(ids)
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 131 + m * 7 + ddp.rank)  # dropout
-        run.noise_gen.manual_seed(cfg.seed * 1_000_003 + step * 131 + m)  # same on every rank
-        noise = draw_noise(run.micro * ddp.world, cfg.seq_len, cfg.mask_prob, run.noise_gen, run.device)
-        noise = noise.rows(run.rows)  # this rank's share of the global batch's noise
+    batches = [to_device(next(run.batches), run.device) for _ in range(cfg.grad_accum)]
+    masks = [torch.ones_like(ids) for ids in batches]
+    totals = global_totals(batches, masks, run.special, cfg.mask_prob, ddp)
+    run.noise_gen.manual_seed(stream_seed(cfg.seed, NOISE, step))  # the same on every rank
+    noise = draw_noise(cfg.batch_size, cfg.seq_len, cfg.mask_prob, run.noise_gen, run.device)  # global batch
+    losses = {k: torch.zeros((), device=run.device) for k in ("loss", "mlm_loss", "rtd_loss")}
+    for m, (ids, mask) in enumerate(zip(batches, masks)):
+        torch.manual_seed(stream_seed(cfg.seed, DROPOUT, step, m, ddp.rank))
+        first = (m * ddp.world + ddp.rank) * run.micro  # this part's rows of the global batch
+        part = noise.rows(slice(first, first + run.micro))
         synced = ddp.world > 1 and m == cfg.grad_accum - 1  # DDP all-reduces in this backward
         ctx = run.net.no_sync() if ddp.world > 1 and not synced else contextlib.nullcontext()
         # the probe differentiates the graph twice (retain_graph), which a compiled backward refuses
         # (its buffers are donated): a probe step's forward runs eagerly, on every rank alike
         fn = run.net if probe and m == 0 else run.step_fn
-        with ctx:
+        with ctx:  # one block: a no_sync() context manager can be entered only once
             out = rtd_forward(
-                fn, ids, mask, run.special, mask_id=run.tok.mask_id, cfg=cfg, noise=noise, amp=run.amp
+                fn, ids, mask, run.special, mask_id=run.tok.mask_id, cfg=cfg, noise=part, amp=run.amp, totals=totals
             )
-        if probe and m == 0 and ddp.main:
-            with meter.overhead("probe"):
-                row = gradient_probe(run.model, out, cfg.rtd_weight)
-                append_jsonl(run.metrics, {"split": "probe", "step": step, **row})
-        with ctx:
-            backward(run.model, out, cfg, cfg.grad_accum, all_reduce=synced)
-        meter.add(out, cfg.grad_accum)
+            if probe and m == 0 and ddp.main:
+                with meter.overhead("probe"):
+                    # the probe measures this micro-batch's own mean losses, whatever the split
+                    own = SimpleNamespace(
+                        mlm_loss=out.mlm_loss * totals[0] / out.valid.sum().clamp(min=1),
+                        rtd_loss=out.rtd_loss * totals[1] / mask.sum(),
+                    )
+                    row = gradient_probe(run.model, own, cfg.rtd_weight)
+                    append_jsonl(run.metrics, {"split": "probe", "step": step, **row})
+            backward(run.model, out, cfg, ddp.world, all_reduce=synced)
+        for key, value in losses.items():
+            value += getattr(out, key).detach()
+    return losses
 
 
-def backward(model: RTDModel, out, cfg: PretrainConfig, accum: int, all_reduce: bool = False) -> None:
+def backward(model: RTDModel, out, cfg: PretrainConfig, world: int = 1, all_reduce: bool = False) -> None:
     """Joint: one backward of L_MLM + lambda L_RTD. Decoupled (the official two-optimizer loop): under
     ES the shared table keeps only its MLM gradient — which is why decoupled ES is not ES.
+
+    `out`'s losses are this part's share of the global batch's means, so the gradients accumulate
+    over micro-batches by plain summation; they are scaled by `world` because DDP averages the
+    processes' gradients where the global mean needs their sum.
 
     Decoupled ES takes the table's MLM gradient with autograd.grad (which leaves .grad and DDP's
     hooks alone), then runs the one joint backward for every other parameter and puts the MLM-only
@@ -438,34 +501,47 @@ def backward(model: RTDModel, out, cfg: PretrainConfig, accum: int, all_reduce: 
     reducer expects one backward per forward."""
     if cfg.optimization == "decoupled" and cfg.sharing == "es":
         table = model.generator_table
-        (mlm_grad,) = torch.autograd.grad(out.mlm_loss / accum, table, retain_graph=True)
+        (mlm_grad,) = torch.autograd.grad(out.mlm_loss * world, table, retain_graph=True)
         if table.grad is not None:  # earlier micro-batches' MLM-only gradient (local)
             mlm_grad = mlm_grad + table.grad
-        (out.loss / accum).backward()
+        (out.loss * world).backward()
         if all_reduce:
             dist.all_reduce(mlm_grad)
             mlm_grad /= dist.get_world_size()
         table.grad.copy_(mlm_grad)
     else:
-        (out.loss / accum).backward()
+        (out.loss * world).backward()
 
 
-def clip(model: RTDModel, cfg: PretrainConfig) -> None:
-    """Global norm clip; the decoupled mode clips generator and discriminator sides separately."""
+def clip_groups(model: RTDModel) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The decoupled loop's two sides, by ownership as in the official two-optimizer loop: the
+    generator's optimizer owns E_G (under ES the one shared table, which the discriminator only
+    borrows), its encoder, MLM head and EMD; the discriminator's owns its encoder's other parameters,
+    the RTD head and, under GDES, E_delta."""
+    g_side = {id(p) for module in (model.generator, model.mlm_head, model.emd) if module is not None
+              for p in module.parameters()}  # fmt: skip
+    gen = [p for p in model.parameters() if id(p) in g_side]
+    disc = [p for p in model.parameters() if id(p) not in g_side]
+    return gen, disc
+
+
+def clip(model: RTDModel, cfg: PretrainConfig) -> torch.Tensor:
+    """Global norm clip; the decoupled mode clips generator and discriminator sides separately
+    (`clip_groups`). Returns the total gradient norm before clipping (on the device) for the
+    non-finite check."""
     if cfg.optimization == "joint":
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
-        return
-    d_side = set(map(id, [*model.discriminator.parameters(), *model.rtd_head.parameters()]))
-    if model.sharing == "gdes":
-        d_side.add(id(model.embedding_delta))
-    gen = [p for p in model.parameters() if id(p) not in d_side]
-    disc = [p for p in model.parameters() if id(p) in d_side]
-    for params in (gen, disc):
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+    norms = [
+        torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip, foreach=True) for group in clip_groups(model)
+    ]
+    return torch.stack(norms).norm()
 
 
-def rtd_forward(fn, ids, mask, special, *, mask_id: int, cfg: PretrainConfig, noise, amp: torch.dtype | None):
-    """One RTD forward of `fn` (the model, its DDP wrapper or its compiled form) under the run's autocast."""
+def rtd_forward(
+    fn, ids, mask, special, *, mask_id: int, cfg: PretrainConfig, noise, amp: torch.dtype | None, totals=None
+):
+    """One RTD forward of `fn` (the model, its DDP wrapper or its compiled form) under the run's autocast;
+    `totals` (see RTDModel.forward) makes the losses this batch's share of a global batch's means."""
     with autocast(ids.device, amp):
         return fn(
             ids,
@@ -477,6 +553,7 @@ def rtd_forward(fn, ids, mask, special, *, mask_id: int, cfg: PretrainConfig, no
             mask_strategy=cfg.mask_strategy,
             temperature=cfg.temperature,
             noise=noise,
+            totals=totals,
         )
 
 
@@ -500,7 +577,7 @@ def evaluate(model: RTDModel, batches: list[torch.Tensor], tok, cfg: PretrainCon
     for i, ids in enumerate(batches):
         ids = to_device(ids, device)
         mask = torch.ones_like(ids)
-        gen.manual_seed(cfg.seed * 7919 + i)
+        gen.manual_seed(stream_seed(cfg.seed, EVAL_NOISE, i))  # the same batches, the same noise
         noise = draw_noise(ids.shape[0], ids.shape[1], cfg.mask_prob, gen, device)
         out = rtd_forward(model, ids, mask, special, mask_id=tok.mask_id, cfg=cfg, noise=noise, amp=amp)
         n_masked, n_tokens = out.valid.sum(), mask.sum()
@@ -564,10 +641,9 @@ def gradient_probe(model: RTDModel, out, rtd_weight: float) -> dict:
 # Checkpoints and exports
 
 
-def save_checkpoint(run: Run, step: int, nonfinite: torch.Tensor) -> None:
-    """The main process writes the checkpoint of `step` into the ring (see lab/pretrain/checkpoint.py)."""
-    if bool(nonfinite):  # a device read: on checkpoint steps only
-        return  # never save a diverged state over the good ones
+def save_checkpoint(run: Run, step: int) -> None:
+    """The main process writes the checkpoint of `step` into the ring (see lab/pretrain/checkpoint.py, which
+    refuses a state with a non-finite tensor before writing anything)."""
     if run.ddp.main:
         # the data position of the completed steps (an interrupted step may have drawn a batch already)
         state = {
@@ -628,7 +704,7 @@ def export_run(model: RTDModel, out_dir: Path, tok) -> None:
     save_file(head, gen_dir / "mlm_head.safetensors")
 
 
-def finish(run: Run, step: int, meter: Meter) -> dict:
+def finish(run: Run, step: int, meter: Meter, guard: NonFiniteGuard | None = None) -> dict:
     """Final evaluation, export and summary.json (main process); returns the summary."""
     cfg, summary = run.cfg, {}
     if run.ddp.main:
@@ -648,6 +724,7 @@ def finish(run: Run, step: int, meter: Meter) -> dict:
             "rtd_weight": cfg.rtd_weight,
             "steps": step,
             "completed": step >= cfg.steps,
+            "skipped_steps": None if guard is None else guard.skipped_total + int(guard.skipped),
             "tokens_seen": step * tokens_per_step,
             "wall_s_this_invocation": wall,
             # training alone: the warm-up (compilation) steps, evaluation, probe and checkpoints are
@@ -685,22 +762,54 @@ def finish(run: Run, step: int, meter: Meter) -> dict:
 # Logging
 
 
-def log_window(run: Run, meter: Meter, step: int, end: int, progress: Progress) -> None:
-    """Average the window's losses across processes, stop on a non-finite loss, write the train row."""
+class NonFiniteGuard:
+    """Steps whose loss or gradient is not finite, counted on the device (read at log and checkpoint
+    steps only): `check` flags the step, which the optimizer then skips; `stop_if_stuck` raises once
+    MAX_SKIPPED_IN_A_ROW steps in a row were skipped."""
+
+    def __init__(self, device: torch.device):
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)  # in this log window
+        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)  # consecutive, up to now
+        self.longest = torch.zeros((), dtype=torch.long, device=device)  # longest run since the last read
+        self.skipped_total = 0  # read at log steps
+
+    def check(self, grad_norm: torch.Tensor, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """True (a device bool) when the step must be skipped. Under torchrun the gradient norm is the
+        same on every rank (DDP all-reduced the gradients, and a non-finite loss on any rank makes
+        them non-finite everywhere), so every rank takes the same decision."""
+        skip = ~(torch.isfinite(grad_norm) & torch.isfinite(losses["loss"]))
+        self.skipped += skip
+        self.in_a_row.mul_(skip).add_(skip)  # +1 when skipped, back to 0 when not
+        torch.maximum(self.longest, self.in_a_row, out=self.longest)
+        return skip
+
+    def stop_if_stuck(self, run: Run, step: int) -> None:
+        if int(self.longest) >= MAX_SKIPPED_IN_A_ROW:  # a device read: on log / checkpoint steps only
+            newest = checkpoint.candidates(run.ckpt_dir)
+            raise FloatingPointError(
+                f"{int(self.longest)} steps in a row up to step {step} had a non-finite loss or gradient and "
+                f"were skipped (the weights did not change); the last good checkpoint "
+                f"{newest[0] if newest else '(none yet)'} is intact (checkpoints are checked to be finite "
+                "before they are written). Lower lr, raise warmup_steps, or use dtype=fp32"
+            )
+
+
+def log_window(
+    run: Run, meter: Meter, guard: NonFiniteGuard, step: int, end: int, progress: Progress
+) -> None:
+    """Sum the window's losses across processes (each holds its share of the global means), stop
+    after too many non-finite steps in a row, write the train row (means over the applied steps)."""
     cfg, ddp = run.cfg, run.ddp
+    guard.stop_if_stuck(run, step)
     if ddp.world > 1:
         for value in meter.sums.values():
             dist.all_reduce(value)
-            value /= ddp.world
-        dist.all_reduce(meter.nonfinite, op=dist.ReduceOp.MAX)
-    if bool(meter.nonfinite):
-        newest = checkpoint.candidates(run.ckpt_dir)
-        raise FloatingPointError(
-            f"non-finite loss by step {step}; the last good checkpoint "
-            f"{newest[0] if newest else '(none yet)'} is intact. Lower lr, raise warmup_steps, or use dtype=fp32"
-        )
-    n = meter.steps
-    losses = {k: v.item() / n for k, v in meter.sums.items()}
+    skipped = int(guard.skipped)
+    guard.skipped.zero_()
+    guard.longest.copy_(guard.in_a_row)
+    guard.skipped_total += skipped
+    n = meter.steps - skipped
+    losses = {k: v.item() / n if n else float("nan") for k, v in meter.sums.items()}
     first_compile = meter.compile_s is None
     timing = meter.window(time.perf_counter())
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -710,6 +819,7 @@ def log_window(run: Run, meter: Meter, step: int, end: int, progress: Progress) 
         "step": step,
         **losses,
         "lr": run.optimizer.param_groups[0]["lr"],
+        "skipped_steps": skipped,  # non-finite loss or gradient: not applied, not in the mean losses
         "tokens": step * tokens_per_step,
         # training throughput alone; the window's evaluation / probe / checkpoint / warm-up time is
         # in overhead_s and its parts

@@ -126,11 +126,45 @@ def _random_words(special_ids: torch.Tensor, vocab_size: int, pick: torch.Tensor
     return torch.searchsorted(words_up_to, rank + 1)  # [B, K], the first id with rank + 1 words up to it
 
 
+SAMPLE_BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF in `sample`
+
+
 def sample(logits: torch.Tensor, quantile: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """One multinomial draw per row of softmax(logits / T) by inverse CDF: logits [..., V], quantile [...]."""
-    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)  # [..., V]
-    u = (quantile * cdf[..., -1]).unsqueeze(-1)  # scale by the total to absorb rounding in the sum
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    """One draw per row of softmax(logits / temperature) by inverse CDF: logits [N..., V] in their own
+    (compute) dtype, quantile [N...] uniform in [0, 1) -> ids [N...].
+
+    The draw is the first id whose cumulative probability exceeds quantile * total, found in two
+    levels so that no [.., V] CDF is built: the weights exp((logits - max) / temperature) are summed in
+    fp32 per block of SAMPLE_BLOCK ids, the block is found on the cumulative block sums, and the id on
+    the fp32 cumulative sum of that one block. One uniform per row, and each row's draw depends on that
+    row alone, so N processes holding slices of a batch draw what one process draws for all of it.
+    Passes over [.., V]: the max, the weights (the only [.., V] temporary, in the logits' dtype) and
+    the block sums; no softmax copy, no fp32 cumsum over V, no division at temperature 1."""
+    *lead, V = logits.shape
+    logits, quantile = logits.reshape(-1, V), quantile.reshape(-1)  # [N, V], [N]
+    weights = torch.sub(logits, logits.amax(-1, keepdim=True))  # [N, V], <= 0
+    if temperature != 1.0:
+        weights.mul_(1.0 / temperature)
+    weights.exp_()  # unnormalised probabilities, the row's most likely id at 1
+    S = SAMPLE_BLOCK
+    full = V // S
+    block_sums = weights[:, : full * S].view(-1, full, S).sum(-1, dtype=torch.float32)  # [N, full]
+    if V > full * S:  # the last, shorter block
+        tail = weights[:, full * S :].sum(-1, keepdim=True, dtype=torch.float32)  # [N, 1]
+        block_sums = torch.cat([block_sums, tail], dim=-1)  # [N, blocks]
+    block_cdf = block_sums.cumsum(-1)  # [N, blocks]
+    target = (quantile.float() * block_cdf[:, -1]).unsqueeze(-1)  # [N, 1], in [0, total)
+    # side="right": the first block whose cumulative sum exceeds the target (never a zero-weight one)
+    block = torch.searchsorted(block_cdf, target, right=True).clamp(max=block_cdf.shape[-1] - 1)  # [N, 1]
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)  # [N, 1]
+    ids = block * S + torch.arange(S, device=logits.device)  # [N, S], the block's ids
+    in_vocab = ids < V
+    inside = weights.gather(-1, ids.clamp(max=V - 1)).float() * in_vocab  # [N, S]
+    inside_cdf = inside.cumsum(-1)  # [N, S]
+    # rounding can put the remainder at or past this block's own total: stay on its last positive entry
+    rest = torch.minimum(target - before, inside_cdf[:, -1:] * (1 - 2**-20))  # [N, 1]
+    offset = torch.searchsorted(inside_cdf, rest, right=True).clamp(max=S - 1)  # [N, 1]
+    return (block * S + offset).clamp(max=V - 1).view(lead)  # [N...]
 
 
 class MLMHead(nn.Module):
@@ -143,7 +177,7 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return self.norm(F.gelu(self.dense(h))) @ table.t() + self.bias  # [..., V]
+        return F.linear(self.norm(F.gelu(self.dense(h))), table, self.bias)  # [..., V], bias in the product
 
 
 class RTDHead(nn.Module):
@@ -191,7 +225,9 @@ class RTDOutput:
     loss: torch.Tensor  # L_MLM + rtd_weight * L_RTD
     mlm_loss: torch.Tensor
     rtd_loss: torch.Tensor
-    mlm_logits: torch.Tensor  # [B, K, V] at the masked positions
+    # [B, K, V] at the masked positions, in the compute dtype (bf16 under bf16 autocast): the head's
+    # product itself, which the cross-entropy's backward keeps anyway; no fp32 copy is made
+    mlm_logits: torch.Tensor
     positions: torch.Tensor  # [B, K] masked positions
     valid: torch.Tensor  # [B, K] which of them are real
     corrupted_ids: torch.Tensor  # [B, T] the discriminator's input
@@ -307,9 +343,10 @@ class RTDModel(nn.Module):
         masked_hidden = gen_hidden.gather(
             1, positions[..., None].expand(-1, -1, gen_hidden.shape[-1])
         )  # [B, K, D]
-        mlm_logits = self.mlm_head(masked_hidden, self.generator_table).float()  # [B, K, V]
+        mlm_logits = self.mlm_head(masked_hidden, self.generator_table)  # [B, K, V], compute dtype
         targets = input_ids.gather(1, positions)  # [B, K]
-        mlm_loss = masked_lm_loss(mlm_logits, targets, valid)
+        # the loss in fp32: under torch.compile the upcast fuses into the cross-entropy's kernels
+        mlm_loss = masked_lm_loss(mlm_logits.float(), targets, valid)
         # 3. sample replacements, no gradient through the sample
         with torch.no_grad():
             sampled = sample(mlm_logits, noise.quantile, temperature)  # [B, K]

@@ -271,15 +271,31 @@ def test_training_attention_on_the_cpu_equals_reference_with_dropout_as_identity
 
 def test_position_gathers_sum_their_gradient_in_fp32_under_bf16(monkeypatch):
     """At T = 1024 hundreds of pairs saturate at the table's first and last rows; their gradients
-    meet on one address. Summed in bf16 a count of ones sticks at 256; the fp32 gathers keep it exact
-    (to bf16's spacing of 2 when the sum is stored back)."""
+    meet on one address. Summed in bf16 (CUDA's atomic adds) a count of ones sticks at 256; the fp32
+    gathers keep it exact (to bf16's spacing of 2 when the sum is stored back). The CPU's scatter_add
+    happens to accumulate bf16 in fp32, so the test also checks that the backward's scatter runs on
+    fp32 tensors, which is what holds on every device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScatterDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scatter" in func.__name__ or "index_put" in func.__name__:
+                self.seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
     T = 1024
     attention = DisentangledSelfAttention(CFG)
     lo, R, index = relative_index(T, CFG.position_buckets, CFG.max_relative_positions)
     scores = [torch.zeros(1, 1, T, R, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
     monkeypatch.setattr(attention, "position_scores", lambda q, k, rel: tuple(scores))
     c2p, p2c = attention.position_terms(None, None, None, index)
-    (c2p.sum() + p2c.sum()).backward()
+    with ScatterDtypes() as scatters:
+        (c2p.sum() + p2c.sum()).backward()
+    assert scatters.seen and set(scatters.seen) == {torch.float32}, scatters.seen
     pairs = torch.zeros(T, R).scatter_add_(1, index[0], torch.ones(T, T))  # [T(i), R] pairs per row
     key_pairs = torch.zeros(T * R).scatter_add_(0, index[1].flatten(), torch.ones(T * T)).view(T, R)
     assert pairs.max() > 400 and key_pairs.max() > 400  # saturated rows: far beyond bf16's 256

@@ -58,7 +58,19 @@ from lab.util import (
     to_device,
 )
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# compile_mode="auto": the mode measured fastest per preset on a GPU (bf16, one process). xsmall
+# (T=128, batch 128): reduce-overhead 39.3 ms/step against 68.7 eager, the step launch-bound, CUDA graphs
+# win; base (T=512, bf16): default 176 ms against 215 eager (GPU-bound, reduce-overhead not timed).
+# Presets not listed use "default"; `python -m lab gpucheck` times the modes (compile:* parts) to extend this.
+AUTO_COMPILE_MODE = {"xsmall": "reduce-overhead", "base": "default"}
+
+
+def compile_mode(cfg, world: int) -> str:
+    """The torch.compile mode a run uses: cfg.compile_mode, with "auto" resolved (AUTO_COMPILE_MODE)."""
+    if cfg.compile_mode != "auto":
+        return cfg.compile_mode
+    return AUTO_COMPILE_MODE.get(cfg.preset, "default") if world == 1 else "default"
 
 
 @dataclass(frozen=True)
@@ -100,9 +112,10 @@ class PretrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
     compile: str = "auto"  # auto (on for CUDA, off for CPU) | on | off: torch.compile the RTD model
-    # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs.
-    # "default" is provisional: the fastest mode measured on a GPU (lab gpucheck times them) replaces it.
-    compile_mode: str = "default"  # torch.compile mode (default is provisional until timed on a GPU)
+    # torch.compile mode: auto | default | reduce-overhead (CUDA graphs) | max-autotune |
+    # max-autotune-no-cudagraphs. auto: the mode measured fastest for the preset (AUTO_COMPILE_MODE),
+    # "default" for unmeasured presets and for multi-process runs (CUDA graphs untested with DDP's hooks)
+    compile_mode: str = "auto"
     log_every: int = 20
     eval_every: int = 200
     eval_batches: int = 8
@@ -351,7 +364,7 @@ def setup(cfg: PretrainConfig) -> Run:
         )
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     compiled &= not (cfg.optimization == "decoupled" and cfg.sharing == "es")  # see __post_init__
-    step_fn = torch.compile(net, mode=cfg.compile_mode) if compiled else net
+    step_fn = torch.compile(net, mode=compile_mode(cfg, ddp.world)) if compiled else net
 
     eval_set = [corpus.heldout[i] for i in range(min(len(corpus.heldout), cfg.eval_batches * micro))]
     return Run(
@@ -660,7 +673,7 @@ def finish(run: Run, step: int, meter: Meter) -> dict:
             "device": str(run.device),
             "dtype": str(run.amp or torch.float32),
             "compiled": run.compiled,
-            "compile_mode": cfg.compile_mode if run.compiled else None,
+            "compile_mode": compile_mode(cfg, run.ddp.world) if run.compiled else None,
             "vocab_size": run.tok.vocab_size,
             "final_eval": final_eval,
             "corpus_info": run.corpus.describe(),
@@ -721,7 +734,7 @@ def log_window(run: Run, meter: Meter, step: int, end: int, progress: Progress) 
     append_jsonl(run.metrics, row)
     if first_compile and meter.compile_s is not None and run.compiled:
         progress.message(
-            f"compiled in {meter.compile_s:.1f} s (torch.compile mode {cfg.compile_mode}: the extra time of "
+            f"compiled in {meter.compile_s:.1f} s (torch.compile mode {compile_mode(cfg, ddp.world)}: the extra time of "
             f"the first {meter.warmup} steps)"
         )
     done = step - meter.start

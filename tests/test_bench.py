@@ -54,14 +54,15 @@ def test_matmul_peak_is_flops_of_the_best_timing(monkeypatch):
     assert bench.matmul_peak("fp32", CPU, n=64) == 2 * 64**3 / 0.25
 
 
-def test_derived_columns_from_given_times(monkeypatch):
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_derived_columns_from_given_times(monkeypatch, one_at_a_time):
     """compare() with the timer replaced by fixed times (lab-es 0.1 s, lab-gdes 0.2 s, hf 0.4 s per step)
     and the FLOP counter by a constant: every derived column against numbers worked out by hand."""
     fixed = {"lab-es": [0.3, 0.1, 0.05], "lab-gdes": [0.2, 0.2, 0.2], "hf": [0.4, 0.5, 0.1]}
     monkeypatch.setattr(bench, "time_alternating", lambda fns, *a: {k: fixed[k] for k in fns})
     monkeypatch.setattr(bench, "count_flops", lambda fn: 3e9)
     monkeypatch.setattr(bench, "rtd_step_flops", lambda cfg, B, T: 2e9)
-    bc = bench.BenchConfig(tokens_per_step=64, memory=False)
+    bc = bench.BenchConfig(tokens_per_step=64, memory=False, one_at_a_time=one_at_a_time)
     rows = {
         r.impl: r for r in bench.compare("step", "tiny", "fp32", 32, bc, CPU, peak=1e11, log=lambda *a: None)
     }

@@ -209,7 +209,7 @@ def has_padding(attention_mask: torch.Tensor | None) -> bool:
     if attention_mask is None:
         return False
     if attention_mask.device.type == "cpu" and not torch.compiler.is_compiling():
-        return not bool(attention_mask.all())
+        return not attention_mask.detach().numpy().all()  # host memory, read in place
     return True
 
 

@@ -58,7 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lab import tasks as downstream
-from lab.finetune_data import IGNORE, Encoded, load_data
+from lab.finetune_data import IGNORE, Encoded, length_grouped_order, load_data
 from lab.model import Encoder, init_weights
 from lab.results_table import checkpoint_label, results_table
 from lab.tokenizer import Tokenizer
@@ -131,6 +131,9 @@ class FinetuneConfig:
     compile: bool = False  # torch.compile the model (pays a compile per seed; worth it on long CUDA runs)
     device: str = "auto"  # "auto" = cuda if available, else cpu
     bf16: bool = True  # bf16 autocast on CUDA (losses in fp32); ignored on CPU
+    # batches of similar lengths (finetune_data.length_grouped_order: sorted within shuffled mega-batches
+    # of 50 batches): far less padding; off = plain shuffled batches
+    group_by_length: bool = True
 
     def __post_init__(self) -> None:
         downstream.get_task(self.task)  # raises on unknown tasks, listing the known ones
@@ -334,7 +337,11 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
     t0, step = time.time(), 0
     for epoch in range(1, cfg.epochs + 1):
         step_model.train()  # the compiled wrapper too, whose flag evaluation turned off
-        order = torch.randperm(len(train_data), generator=generator)  # the batch order, planned on the host
+        t_epoch = time.time()
+        if cfg.group_by_length:  # the batch order, planned on the host
+            order = length_grouped_order(train_data.lengths_host, cfg.batch_size, generator)
+        else:
+            order = torch.randperm(len(train_data), generator=generator)
         order_dev = to_device(order, device)  # one copy per epoch; each step slices it
         order_host = order.numpy()
         loss_sum = torch.zeros((), device=device)
@@ -352,9 +359,12 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
             loss_sum += loss.detach()  # stays on the device: read once per epoch
             step += 1
             bar.update()
+        train_loss = (loss_sum / steps_per_epoch).item()  # waits for the epoch's last step
+        train_s = time.time() - t_epoch  # training alone: the evaluation below is not in it
         metrics = _score(task, step_model, dev, cfg, device)
-        row = {"seed": seed, "epoch": epoch, "step": step, "train_loss": (loss_sum / steps_per_epoch).item(),
-               "elapsed_s": time.time() - t0, **metrics}  # fmt: skip
+        row = {"seed": seed, "epoch": epoch, "step": step, "train_loss": train_loss,
+               "elapsed_s": time.time() - t0, "train_s": train_s,
+               "train_examples_per_s": len(train_data) / train_s, **metrics}  # fmt: skip
         history.append(row)
         score = metrics[key] if math.isfinite(metrics[key]) else -math.inf  # constant predictions give nan
         if best is None or score > best_score:

@@ -202,15 +202,10 @@ def relative_index(
 
 
 def has_padding(attention_mask: torch.Tensor | None) -> bool:
-    """Whether a batch needs the key-padding bias, decided once per batch on the host without waiting
-    on a device: None means no padding; a mask on the CPU is read (no device involved); a mask on an
-    accelerator (or under torch.compile) is taken to pad, since reading it would synchronise. Callers
-    with packed, unpadded batches on a GPU pass attention_mask=None to skip the bias there too."""
-    if attention_mask is None:
-        return False
-    if attention_mask.device.type == "cpu" and not torch.compiler.is_compiling():
-        return not attention_mask.detach().numpy().all()  # host memory, read in place
-    return True
+    """Whether a batch needs the key-padding bias: decided by the caller, on the host, once per batch
+    and without reading anything back: attention_mask=None means no padding (packed pre-training
+    batches), a mask means padding. Reading a mask to find out would make the host wait on the device."""
+    return attention_mask is not None
 
 
 def key_padding_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -462,8 +457,6 @@ class Encoder(nn.Module):
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"input length {T} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
-        if not has_padding(attention_mask):
-            attention_mask = None  # nothing to zero or mask: skip both passes
         hidden = self.encode(self.embed(input_ids, attention_mask, word_embeds), attention_mask)
         return hidden if return_all else hidden[-1]
 

@@ -210,9 +210,9 @@ class EnhancedMaskDecoder(nn.Module):
                 f"({len(encoder.layers) + 1} tensors), got {len(hidden)}"
             )
         last: Layer = encoder.layers[-1]
-        T = attention_mask.shape[1]
-        rel, index = encoder.relative_positions(T, attention_mask.device)
         context = hidden[-2]  # keys/values: H_{n-1}
+        T = context.shape[1]
+        rel, index = encoder.relative_positions(T, context.device)
         key_mask_bias = key_padding_bias(attention_mask, compute_dtype(context))
         query = context + self.position_embeddings.weight[:T]  # [B, T, D]
         for _ in range(2):
@@ -315,13 +315,18 @@ class RTDModel(nn.Module):
         temperature: float = 1.0,
         noise: Noise | None = None,
     ) -> RTDOutput:
-        """input_ids [B, T] with [CLS]/[SEP] in place; `noise` from draw_noise (drawn here if None).
+        """input_ids [B, T] with [CLS]/[SEP] in place; attention_mask [B, T], or None for a batch
+        without padding (the encoders then add no key-padding bias); `noise` from draw_noise (drawn
+        here if None).
 
         Fixed shapes throughout and no value read back to the host (no .item(), no data-dependent
         branch), so a training step never waits on the device and torch.compile / CUDA graphs apply.
         """
         if noise is None:
             noise = draw_noise(*input_ids.shape, mask_prob, None, input_ids.device)
+        encoder_mask = attention_mask  # what the encoders see: None skips the key-padding bias
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         # 1. mask
         masked_ids, positions, valid = mask_tokens(
             input_ids,
@@ -335,11 +340,11 @@ class RTDModel(nn.Module):
         )
         # 2. generator, MLM loss only at the masked positions (no [B, T, V] logits)
         if self.emd is None:
-            gen_hidden = self.generator(masked_ids, attention_mask)  # [B, T, D]
+            gen_hidden = self.generator(masked_ids, encoder_mask)  # [B, T, D]
         else:
-            embedded = self.generator.embed(masked_ids, attention_mask)  # H_0 [B, T, D]
-            hidden = [embedded, *self.generator.encode(embedded, attention_mask)]  # H_0 .. H_n
-            gen_hidden = self.emd(self.generator, hidden, attention_mask)
+            embedded = self.generator.embed(masked_ids, encoder_mask)  # H_0 [B, T, D]
+            hidden = [embedded, *self.generator.encode(embedded, encoder_mask)]  # H_0 .. H_n
+            gen_hidden = self.emd(self.generator, hidden, encoder_mask)
         masked_hidden = gen_hidden.gather(
             1, positions[..., None].expand(-1, -1, gen_hidden.shape[-1])
         )  # [B, K, D]
@@ -354,7 +359,7 @@ class RTDModel(nn.Module):
             # replaced iff masked AND the sample differs: a sample equal to the original is "original"
             labels = (corrupted != input_ids).float()  # [B, T]
         # 4. discriminator, BCE over every non-pad token ([CLS]/[SEP] included)
-        disc_hidden = self.discriminator(corrupted, attention_mask, self.discriminator_word_embeds(corrupted))
+        disc_hidden = self.discriminator(corrupted, encoder_mask, self.discriminator_word_embeds(corrupted))
         rtd_logits = self.rtd_head(disc_hidden).float()  # [B, T]
         rtd_loss = _masked_mean(
             F.binary_cross_entropy_with_logits(rtd_logits, labels, reduction="none"), attention_mask

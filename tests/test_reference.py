@@ -223,7 +223,7 @@ def test_encoder_equals_reference_forward_and_gradients(T, num_layers, padded):
         mask, ids = torch.ones_like(mask), ids.clamp(min=4)
     weight = torch.randn(3, T, CFG.hidden_size) * mask[..., None]
     params = dict(encoder.named_parameters())
-    out = encoder(ids, mask)
+    out = encoder(ids, mask if padded else None)  # None: no padding, no key-padding bias
     grads = torch.autograd.grad((out * weight).sum(), list(params.values()), allow_unused=True)
 
     ref_inputs = {k: v.detach().double().requires_grad_() for k, v in params.items()}
@@ -359,3 +359,28 @@ def test_sampling_is_the_same_for_any_split_of_the_batch_and_respects_temperatur
     spiky = torch.full((1, 1000), -1e4)
     spiky[0, 700] = 0.0
     assert lab.rtd.sample(spiky, torch.zeros(1)).item() == 700
+
+
+@pytest.mark.parametrize("emd", [False, True])
+def test_rtd_step_without_a_mask_equals_the_step_with_a_mask_of_ones(emd):
+    """attention_mask=None (no padding: no key-padding bias, no pad-row zeroing) changes nothing but
+    the work: same losses, same gradients as a mask of ones."""
+    cfg = replace_strict(CFG, max_seq_len=300)
+    torch.manual_seed(0)
+    model = lab.rtd.RTDModel(cfg, "gdes", emd=emd)
+    ids = torch.randint(4, cfg.vocab_size - 1, (2, 300))
+    ids[:, 0], ids[:, -1] = 1, 2
+    special = torch.tensor([0, 1, 2, 3])
+    noise = lab.rtd.draw_noise(2, 300, 0.15, torch.Generator().manual_seed(0), "cpu")
+    results = []
+    for mask in (torch.ones_like(ids), None):
+        out = model(ids, mask, special, cfg.vocab_size - 1, noise=noise)
+        grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+        results.append((out, grads))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-6, atol=1e-6)
+    assert torch.equal(b.corrupted_ids, a.corrupted_ids)
+    for x, y in zip(ga, gb):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)

@@ -318,8 +318,11 @@ class DisentangledSelfAttention(nn.Module):
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
             B, H, T, Dh = q.shape
-            scores = bias.view(B * H, T, T).baddbmm_(
-                q.reshape(B * H, T, Dh), k.reshape(B * H, T, Dh).transpose(1, 2), alpha=self.scale
+            scores = torch.baddbmm(  # out of place: FlopCounterMode counts baddbmm, not baddbmm_
+                bias.view(B * H, T, T),
+                q.reshape(B * H, T, Dh),
+                k.reshape(B * H, T, Dh).transpose(1, 2),
+                alpha=self.scale,
             )  # [B * H, T(i), T(j)]
             probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p)  # [B * H, T, T]
             return torch.bmm(probs, v.reshape(B * H, T, Dh)).view(B, H, T, Dh)

@@ -154,17 +154,29 @@ def _bucket_of(distance: int, position_buckets: int, max_relative_positions: int
     )
 
 
+ROW_MULTIPLE = 8  # the position matmuls' R: a multiple of 8 keeps bf16 rows 16-byte aligned (tensor cores)
+
+
 def _relative_index(T: int, position_buckets: int, max_relative_positions: int, device) -> tuple:
     pos = torch.arange(T, device=device)
     bucket = log_bucket(pos[:, None] - pos[None, :], position_buckets, max_relative_positions)  # [T, T]
     # buckets grow with the distance, so the farthest pair (T - 1 apart) bounds the rows a sequence
     # reaches; the index saturates at the table's ends, 0 and 2B - 1
+    rows = 2 * position_buckets
     farthest = _bucket_of(T - 1, position_buckets, max_relative_positions)
     lo = max(0, position_buckets - farthest)
-    hi = min(2 * position_buckets - 1, position_buckets + farthest)
-    index = (bucket + position_buckets).clamp(lo, hi) - lo  # [T, T], rows of the slice lo .. hi
-    # the p2c gather reads the index transposed; a contiguous copy keeps that gather a plain row walk
-    return lo, hi - lo + 1, torch.stack([index, index.t()]).contiguous()  # [2, T, T]
+    hi = min(rows - 1, position_buckets + farthest)
+    # R rounded up to a multiple of ROW_MULTIPLE (2 * 255 + 1 = 511 rows at T = 512 would put the
+    # position matmuls on misaligned, slow kernels): the window extends over real table rows that no
+    # index points at (upwards, or downwards at the table's end), so nothing is padded and the table
+    # keeps its 2B rows
+    R = min(rows, -(-(hi - lo + 1) // ROW_MULTIPLE) * ROW_MULTIPLE)
+    lo = min(lo, rows - R)
+    c2p = (bucket + position_buckets).clamp(0, rows - 1) - lo  # [T(i), T(j)], idx(i, j) - lo
+    # p2c reads key j's row of position scores at idx(i, j): as a flat index into the [T(j) * R]
+    # scores, entry [i, j] = j * R + idx(i, j) - lo, so p2c comes out in c2p's [i, j] layout
+    p2c = c2p + pos[None, :] * R  # [T(i), T(j)]
+    return lo, R, torch.stack([c2p, p2c]).contiguous()  # [2, T, T]
 
 
 _relative_index_cached = lru_cache(maxsize=32)(_relative_index)
@@ -175,9 +187,11 @@ def relative_index(
 ) -> tuple[int, int, torch.Tensor]:
     """Rows of the relative table that a length-T sequence uses, and the index into them.
 
-    Returns (lo, R, index): table rows lo .. lo+R-1 are the ones reachable, and index [2, T, T] holds
-    index[0][i, j] = idx(i, j) - lo (the official idx(i, j) = clamp(bucket(i - j) + B, 0, 2B - 1)) for
-    c2p, and index[1] = index[0] transposed (entry [j, i] = idx(i, j) - lo) for p2c, both contiguous.
+    Returns (lo, R, index): table rows lo .. lo+R-1 hold every reachable row (R is their count rounded
+    up to a multiple of ROW_MULTIPLE where the table allows; the extra rows are real rows no index
+    points at), and index [2, T, T] holds index[0][i, j] = idx(i, j) - lo (the official
+    idx(i, j) = clamp(bucket(i - j) + B, 0, 2B - 1)) for c2p, and index[1][i, j] = j * R + idx(i, j) - lo,
+    the same row as a flat index into the [T * R] position scores of key j, for p2c.
     Slicing to R rows instead of all 2B saves most of the position projections for short inputs.
     The index is built on `device` and cached per (T, device) in eager mode, so an encoder forward
     copies nothing between host and device; under torch.compile it is traced (plain tensor ops).
@@ -187,12 +201,22 @@ def relative_index(
     return _relative_index_cached(T, position_buckets, max_relative_positions, torch.device(device))
 
 
-def key_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def has_padding(attention_mask: torch.Tensor | None) -> bool:
+    """Whether a batch needs the key-padding bias: decided by the caller, on the host, once per batch
+    and without reading anything back: attention_mask=None means no padding (packed pre-training
+    batches), a mask means padding. Reading a mask to find out would make the host wait on the device."""
+    return attention_mask is not None
+
+
+def key_padding_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """[B, T] mask -> [B, 1, 1, T] additive bias in `dtype`: 0 for real keys, a large finite negative
-    for padded ones. Half the dtype's lowest value: exp() of it underflows to exactly 0, adding scores
+    for padded ones; None for a batch without padding (has_padding), which then adds nothing to the
+    [B, H, T, T] scores. Half the dtype's lowest value: exp() of it underflows to exactly 0, adding scores
     to it cannot overflow to -inf, and a row whose keys are all padding stays finite (uniform) instead
     of NaN. Padded query rows still attend to real keys; their outputs are meaningless and every
     consumer ignores them (transformers zeroes or uniformises them)."""
+    if not has_padding(attention_mask):
+        return None
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * (torch.finfo(dtype).min / 2)
 
 
@@ -212,6 +236,8 @@ class DisentangledSelfAttention(nn.Module):
     """Content-to-content + content-to-position + position-to-content attention (share_att_key).
 
     S_ij = (Qc_i·Kc_j + Qc_i·Kr[idx(i,j)] + Kc_j·Qr[idx(i,j)]) / sqrt(3 * Dh)
+    The 1/sqrt(3 * Dh) goes into the attention's own scale (c2c) and into the [H, R, Dh] position
+    projections (c2p, p2c), never onto a [B, H, T, T] tensor.
     Two interchangeable implementations (ModelConfig.attention_impl), equal to the float64 reference
     in tests/test_reference.py; neither uses custom autograd, so torch.compile and export work:
       sdpa  the position terms as one additive [B, H, T, T] bias into scaled_dot_product_attention
@@ -235,48 +261,74 @@ class DisentangledSelfAttention(nn.Module):
         return x.view(*lead, T, self.num_heads, self.head_size).transpose(-2, -3)  # [..., H, T, Dh]
 
     def position_scores(self, q, k, rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every query and every key scored against every reachable table row: ([B, H, T, R], same)."""
+        """Every query and every key scored against every table row, already divided by sqrt(3 * Dh):
+        ([B, H, T, R], same). The scale goes on the [H, R, Dh] projections, not on [B, H, T, T] scores."""
         # the position projections reuse the content Q/K layers, biases included (share_att_key)
-        q_rel = self.split_heads(self.query(rel))  # [H, R, Dh]
-        k_rel = self.split_heads(self.key(rel))  # [H, R, Dh]
+        q_rel = self.split_heads(self.query(rel)) * self.scale  # [H, R, Dh]
+        k_rel = self.split_heads(self.key(rel)) * self.scale  # [H, R, Dh]
         return q @ k_rel.transpose(-1, -2), k @ q_rel.transpose(-1, -2)  # Qc·Kr^T, Kc·Qr^T [B, H, T, R]
 
     def position_terms(self, q, k, rel, index) -> tuple[torch.Tensor, torch.Tensor]:
-        """c2p and p2c, each [B, H, T, T] and divided by sqrt(3 * Dh); p2c is a transposed view."""
+        """c2p and p2c, each [B, H, T(i), T(j)] and divided by sqrt(3 * Dh).
+
+        Under bf16 / fp16 the gathers run on fp32 scores: their backward sums every pair's gradient
+        into the R rows it read, and at T >= 1024 about half of all pairs saturate at rows 0 and R - 1,
+        so ~T terms meet on one address; fp32 keeps that sum exact to fp32 rounding."""
         c2p_scores, p2c_scores = self.position_scores(q, k, rel)  # [B, H, T, R] each
-        B, H, T, _ = q.shape
+        if c2p_scores.dtype in (torch.float16, torch.bfloat16):
+            c2p_scores, p2c_scores = c2p_scores.float(), p2c_scores.float()
+        B, H, T, R = c2p_scores.shape
         # c2p[i, j] = Qc_i · Kr[idx(i, j)]: query i's row of scores, picked at the row of distance i - j
         c2p = torch.gather(c2p_scores, -1, index[0].expand(B, H, T, T))  # [B, H, T(i), T(j)]
-        # p2c[i, j] = Kc_j · Qr[idx(i, j)]: the SAME index as c2p (not idx(j, i)). Key j's row of
-        # scores, picked with index[1] (entry [j, i] = idx(i, j)), then transposed back.
-        p2c = torch.gather(p2c_scores, -1, index[1].expand(B, H, T, T))  # [B, H, T(j), T(i)]
-        return c2p * self.scale, p2c.transpose(-1, -2) * self.scale  # [B, H, T(i), T(j)] each
+        # p2c[i, j] = Kc_j · Qr[idx(i, j)]: the SAME index as c2p (not idx(j, i)), read from key j's row;
+        # index[1][i, j] = j * R + idx(i, j) addresses it in the flattened scores, so p2c is built in
+        # c2p's layout (no transposed, strided operand in the sum or in the backward's scatter)
+        p2c = torch.gather(p2c_scores.flatten(-2), -1, index[1].view(1, 1, T * T).expand(B, H, T * T))
+        return c2p, p2c.view(B, H, T, T)  # [B, H, T(i), T(j)] each
 
     def position_bias(self, q, k, rel: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """c2p + p2c as one [B, H, T, T] tensor, already divided by sqrt(3 * Dh)."""
+        """c2p + p2c as one [B, H, T, T] tensor in q's dtype, already divided by sqrt(3 * Dh)."""
         c2p, p2c = self.position_terms(q, k, rel, index)
-        return c2p + p2c  # [B, H, T, T]
+        # in place: a gather's backward needs its index, never its output
+        return c2p.add_(p2c).to(q.dtype)  # [B, H, T, T]
 
     def forward(self, h, rel, index, key_mask_bias, query=None) -> torch.Tensor:
         """h [B, T, D] keys/values (and queries unless `query` [B, T, D] is given, as in the generator's
         enhanced mask decoder); rel [R, D] normalised table rows; index [2, T, T] from relative_index;
-        key_mask_bias [B, 1, 1, T] from key_padding_bias."""
+        key_mask_bias [B, 1, 1, T] from key_padding_bias, or None when the batch has no padding."""
         q = self.split_heads(self.query(h if query is None else query))  # [B, H, T, Dh]
         k, v = self.split_heads(self.key(h)), self.split_heads(self.value(h))  # [B, H, T, Dh]
         if self.impl == "flex":
             context = self.flex_context(q, k, v, rel, index, key_mask_bias)
         else:
-            bias = self.position_bias(q, k, rel, index) + key_mask_bias  # [B, H, T, T]
-            context = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=bias.to(q.dtype),  # a no-op when the caller built the bias in the compute dtype
-                dropout_p=self.dropout_p if self.training else 0.0,
-                scale=self.scale,
-            )  # [B, H, T, Dh]
+            bias = self.position_bias(q, k, rel, index)  # [B, H, T, T]
+            if key_mask_bias is not None:
+                bias = bias.add_(key_mask_bias)  # a fresh tensor: add in place
+            context = self.attend(q, k, v, bias)  # [B, H, T, Dh]
         B, H, T, Dh = context.shape
         return context.transpose(1, 2).reshape(B, T, H * Dh)  # [B, T, D]
+
+    def attend(self, q, k, v, bias) -> torch.Tensor:
+        """softmax(q·k^T / sqrt(3 * Dh) + bias) · v with attention dropout: [B, H, T, Dh].
+
+        scaled_dot_product_attention, except where it would fall back to its unfused math path anyway
+        (dropout on the CPU, eager): there the scores are written out so that the bias is the matmul's
+        accumulator (one [B, H, T, T] pass fewer) and the math path's full-row -inf checks are skipped.
+        Same formula, same dropout."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+            B, H, T, Dh = q.shape
+            scores = torch.baddbmm(  # out of place: FlopCounterMode counts baddbmm, not baddbmm_
+                bias.view(B * H, T, T),
+                q.reshape(B * H, T, Dh),
+                k.reshape(B * H, T, Dh).transpose(1, 2),
+                alpha=self.scale,
+            )  # [B * H, T(i), T(j)]
+            probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p)  # [B * H, T, T]
+            return torch.bmm(probs, v.reshape(B * H, T, Dh)).view(B, H, T, Dh)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale
+        )  # [B, H, T, Dh]
 
     def flex_context(self, q, k, v, rel, index, key_mask_bias) -> torch.Tensor:
         """The same attention through FlexAttention: score_mod adds the position terms entry by entry."""
@@ -292,13 +344,21 @@ class DisentangledSelfAttention(nn.Module):
             )
         c2p_scores, p2c_scores = self.position_scores(q, k, rel)  # [B, H, T, R] each
         c2p_index = index[0]  # [T, T], idx(i, j) - lo
-        key_bias = key_mask_bias[:, 0, 0, :]  # [B, T]
         scale = self.scale
 
-        def score_mod(score, b, h, i, j):
-            # score is Qc_i·Kc_j already scaled; c2p and p2c read the same idx(i, j)
-            row = c2p_index[i, j]
-            return score + (c2p_scores[b, h, i, row] + p2c_scores[b, h, j, row]) * scale + key_bias[b, j]
+        if key_mask_bias is None:
+
+            def score_mod(score, b, h, i, j):
+                # score is Qc_i·Kc_j already scaled, and so are the position scores; both terms read
+                # the same idx(i, j)
+                row = c2p_index[i, j]
+                return score + c2p_scores[b, h, i, row] + p2c_scores[b, h, j, row]
+        else:
+            key_bias = key_mask_bias[:, 0, 0, :]  # [B, T]
+
+            def score_mod(score, b, h, i, j):
+                row = c2p_index[i, j]
+                return score + c2p_scores[b, h, i, row] + p2c_scores[b, h, j, row] + key_bias[b, j]
 
         if torch.compiler.is_compiling() or q.device.type != "cpu":
             return _flex_attention(q.device)(q, k, v, score_mod=score_mod, scale=scale)  # [B, H, T, Dh]
@@ -383,8 +443,9 @@ class Encoder(nn.Module):
     def embed(self, input_ids, attention_mask, word_embeds=None) -> torch.Tensor:
         """LN(word vectors), pad rows zeroed, dropout. `word_embeds` lets a caller supply E[ids]
         from another table (ES / GDES sharing in lab/rtd.py)."""
-        x = self.word_embeddings(input_ids) if word_embeds is None else word_embeds  # [B, T, D]
-        x = self.embedding_norm(x) * attention_mask.unsqueeze(-1).to(x.dtype)
+        x = self.embedding_norm(self.word_embeddings(input_ids) if word_embeds is None else word_embeds)
+        if attention_mask is not None:  # None: no padding (has_padding)
+            x = x * attention_mask.unsqueeze(-1).to(x.dtype)  # [B, T, D]
         return self.dropout(x)
 
     def relative_positions(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,15 +460,14 @@ class Encoder(nn.Module):
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"input length {T} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         hidden = self.encode(self.embed(input_ids, attention_mask, word_embeds), attention_mask)
         return hidden if return_all else hidden[-1]
 
-    def encode(self, h: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-        """The layers on an embedded input h [B, T, D]: every layer's output, [B, T, D] each."""
+    def encode(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """The layers on an embedded input h [B, T, D]: every layer's output, [B, T, D] each.
+        attention_mask [B, T], or None for a batch without padding."""
         rel, index = self.relative_positions(h.shape[1], h.device)
-        # built once per forward, in the dtype the attention scores have (bf16 under bf16 autocast)
+        # built once per forward (None without padding), in the dtype the attention scores have
         key_mask_bias = key_padding_bias(attention_mask, compute_dtype(h))
         hidden = []
         for layer in self.layers:

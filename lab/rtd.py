@@ -173,11 +173,45 @@ def _random_words(special_ids: torch.Tensor, vocab_size: int, pick: torch.Tensor
     return torch.searchsorted(words_up_to, rank + 1)  # [B, K], the first id with rank + 1 words up to it
 
 
+SAMPLE_BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF in `sample`
+
+
 def sample(logits: torch.Tensor, quantile: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """One multinomial draw per row of softmax(logits / T) by inverse CDF: logits [..., V], quantile [...]."""
-    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)  # [..., V]
-    u = (quantile * cdf[..., -1]).unsqueeze(-1)  # scale by the total to absorb rounding in the sum
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    """One draw per row of softmax(logits / temperature) by inverse CDF: logits [N..., V] in their own
+    (compute) dtype, quantile [N...] uniform in [0, 1) -> ids [N...].
+
+    The draw is the first id whose cumulative probability exceeds quantile * total, found in two
+    levels so that no [.., V] CDF is built: the weights exp((logits - max) / temperature) are summed in
+    fp32 per block of SAMPLE_BLOCK ids, the block is found on the cumulative block sums, and the id on
+    the fp32 cumulative sum of that one block. One uniform per row, and each row's draw depends on that
+    row alone, so N processes holding slices of a batch draw what one process draws for all of it.
+    Passes over [.., V]: the max, the weights (the only [.., V] temporary, in the logits' dtype) and
+    the block sums; no softmax copy, no fp32 cumsum over V, no division at temperature 1."""
+    *lead, V = logits.shape
+    logits, quantile = logits.reshape(-1, V), quantile.reshape(-1)  # [N, V], [N]
+    weights = torch.sub(logits, logits.amax(-1, keepdim=True))  # [N, V], <= 0
+    if temperature != 1.0:
+        weights.mul_(1.0 / temperature)
+    weights.exp_()  # unnormalised probabilities, the row's most likely id at 1
+    S = SAMPLE_BLOCK
+    full = V // S
+    block_sums = weights[:, : full * S].view(len(weights), full, S).sum(-1, dtype=torch.float32)  # [N, full]
+    if V > full * S:  # the last, shorter block
+        tail = weights[:, full * S :].sum(-1, keepdim=True, dtype=torch.float32)  # [N, 1]
+        block_sums = torch.cat([block_sums, tail], dim=-1)  # [N, blocks]
+    block_cdf = block_sums.cumsum(-1)  # [N, blocks]
+    target = (quantile.float() * block_cdf[:, -1]).unsqueeze(-1)  # [N, 1], in [0, total)
+    # side="right": the first block whose cumulative sum exceeds the target (never a zero-weight one)
+    block = torch.searchsorted(block_cdf, target, right=True).clamp(max=block_cdf.shape[-1] - 1)  # [N, 1]
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)  # [N, 1]
+    ids = block * S + torch.arange(S, device=logits.device)  # [N, S], the block's ids
+    in_vocab = ids < V
+    inside = weights.gather(-1, ids.clamp(max=V - 1)).float() * in_vocab  # [N, S]
+    inside_cdf = inside.cumsum(-1)  # [N, S]
+    # rounding can put the remainder at or past this block's own total: stay on its last positive entry
+    rest = torch.minimum(target - before, inside_cdf[:, -1:] * (1 - 2**-20))  # [N, 1]
+    offset = torch.searchsorted(inside_cdf, rest, right=True).clamp(max=S - 1)  # [N, 1]
+    return (block * S + offset).clamp(max=V - 1).view(lead)  # [N...]
 
 
 class MLMHead(nn.Module):
@@ -190,7 +224,7 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return self.norm(F.gelu(self.dense(h))) @ table.t() + self.bias  # [..., V]
+        return F.linear(self.norm(F.gelu(self.dense(h))), table, self.bias)  # [..., V], bias in the product
 
 
 class RTDHead(nn.Module):
@@ -223,9 +257,9 @@ class EnhancedMaskDecoder(nn.Module):
                 f"({len(encoder.layers) + 1} tensors), got {len(hidden)}"
             )
         last: Layer = encoder.layers[-1]
-        T = attention_mask.shape[1]
-        rel, index = encoder.relative_positions(T, attention_mask.device)
         context = hidden[-2]  # keys/values: H_{n-1}
+        T = context.shape[1]
+        rel, index = encoder.relative_positions(T, context.device)
         key_mask_bias = key_padding_bias(attention_mask, compute_dtype(context))
         query = context + self.position_embeddings.weight[:T]  # [B, T, D]
         for _ in range(2):
@@ -238,7 +272,9 @@ class RTDOutput:
     loss: torch.Tensor  # L_MLM + rtd_weight * L_RTD
     mlm_loss: torch.Tensor
     rtd_loss: torch.Tensor
-    mlm_logits: torch.Tensor  # [B, K, V] at the masked positions
+    # [B, K, V] at the masked positions, in the compute dtype (bf16 under bf16 autocast): the head's
+    # product itself, which the cross-entropy's backward keeps anyway; no fp32 copy is made
+    mlm_logits: torch.Tensor
     positions: torch.Tensor  # [B, K] masked positions
     valid: torch.Tensor  # [B, K] which of them are real
     corrupted_ids: torch.Tensor  # [B, T] the discriminator's input
@@ -327,16 +363,20 @@ class RTDModel(nn.Module):
         noise: Noise | None = None,
         totals: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> RTDOutput:
-        """input_ids [B, T] with [CLS]/[SEP] in place; `noise` from draw_noise (drawn here if None).
-        `totals` = (masked tokens, non-pad tokens) of the global batch this one is part of: the losses
-        are then this part's sums over those counts (summed over the parts, the global means);
-        None: the means over this batch.
+        """input_ids [B, T] with [CLS]/[SEP] in place; attention_mask [B, T], or None for a batch
+        without padding (the encoders then add no key-padding bias); `noise` from draw_noise (drawn
+        here if None). `totals` = (masked tokens, non-pad tokens) of the global batch this one is part
+        of: the losses are then this part's sums over those counts (summed over the parts, the global
+        means); None: the means over this batch.
 
         Fixed shapes throughout and no value read back to the host (no .item(), no data-dependent
         branch), so a training step never waits on the device and torch.compile / CUDA graphs apply.
         """
         if noise is None:
             noise = draw_noise(*input_ids.shape, mask_prob, None, input_ids.device)
+        encoder_mask = attention_mask  # what the encoders see: None skips the key-padding bias
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         # 1. mask
         masked_ids, positions, valid = mask_tokens(
             input_ids,
@@ -350,17 +390,18 @@ class RTDModel(nn.Module):
         )
         # 2. generator, MLM loss only at the masked positions (no [B, T, V] logits)
         if self.emd is None:
-            gen_hidden = self.generator(masked_ids, attention_mask)  # [B, T, D]
+            gen_hidden = self.generator(masked_ids, encoder_mask)  # [B, T, D]
         else:
-            embedded = self.generator.embed(masked_ids, attention_mask)  # H_0 [B, T, D]
-            hidden = [embedded, *self.generator.encode(embedded, attention_mask)]  # H_0 .. H_n
-            gen_hidden = self.emd(self.generator, hidden, attention_mask)
+            embedded = self.generator.embed(masked_ids, encoder_mask)  # H_0 [B, T, D]
+            hidden = [embedded, *self.generator.encode(embedded, encoder_mask)]  # H_0 .. H_n
+            gen_hidden = self.emd(self.generator, hidden, encoder_mask)
         masked_hidden = gen_hidden.gather(
             1, positions[..., None].expand(-1, -1, gen_hidden.shape[-1])
         )  # [B, K, D]
-        mlm_logits = self.mlm_head(masked_hidden, self.generator_table).float()  # [B, K, V]
+        mlm_logits = self.mlm_head(masked_hidden, self.generator_table)  # [B, K, V], compute dtype
         targets = input_ids.gather(1, positions)  # [B, K]
-        mlm_loss = masked_lm_loss(mlm_logits, targets, valid, None if totals is None else totals[0])
+        # the loss in fp32: under torch.compile the upcast fuses into the cross-entropy's kernels
+        mlm_loss = masked_lm_loss(mlm_logits.float(), targets, valid, None if totals is None else totals[0])
         # 3. sample replacements, no gradient through the sample
         with torch.no_grad():
             sampled = sample(mlm_logits, noise.quantile, temperature)  # [B, K]
@@ -368,7 +409,7 @@ class RTDModel(nn.Module):
             # replaced iff masked AND the sample differs: a sample equal to the original is "original"
             labels = (corrupted != input_ids).float()  # [B, T]
         # 4. discriminator, BCE over every non-pad token ([CLS]/[SEP] included)
-        disc_hidden = self.discriminator(corrupted, attention_mask, self.discriminator_word_embeds(corrupted))
+        disc_hidden = self.discriminator(corrupted, encoder_mask, self.discriminator_word_embeds(corrupted))
         rtd_logits = self.rtd_head(disc_hidden).float()  # [B, T]
         rtd_loss = _reduce(
             F.binary_cross_entropy_with_logits(rtd_logits, labels, reduction="none"),

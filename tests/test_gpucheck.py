@@ -234,3 +234,17 @@ def test_the_check_imports_nothing_the_gpu_machine_lacks():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == ""
+
+
+def test_compile_mode_auto_follows_the_measured_table():
+    """auto: the mode measured fastest for the preset, "default" where nothing was measured and for
+    multi-process runs; an explicit mode is kept."""
+    from lab.pretrain.loop import AUTO_COMPILE_MODE, PretrainConfig, compile_mode
+
+    for name, mode in AUTO_COMPILE_MODE.items():
+        assert compile_mode(PretrainConfig(preset=name), 1) == mode
+        assert compile_mode(PretrainConfig(preset=name), 2) == "default"
+    assert compile_mode(PretrainConfig(preset="xsmall"), 1) == "reduce-overhead"
+    assert compile_mode(PretrainConfig(preset="large"), 1) == "default"
+    assert compile_mode(PretrainConfig(preset="xsmall", compile_mode="max-autotune"), 4) == "max-autotune"
+    assert [p.name for p in gpucheck.PARTS][-1] == "flex"  # a sticky CUDA error there fails nothing else

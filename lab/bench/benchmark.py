@@ -130,6 +130,11 @@ class BenchConfig:
     work_dir: str = param("", "corpora and runs of the pretrain / finetune kinds; '' = a temporary folder")
     out_dir: str = param("", "folder for bench.json and bench.csv; '' = print only")
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
+    one_at_a_time: bool = param(
+        False,
+        "build, time and free one candidate at a time instead of alternating between them: for sizes whose "
+        "candidates do not fit in memory together (base at T=512 on an 80 GB GPU)",
+    )
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
@@ -267,10 +272,21 @@ def compare(kind, name, dtype, T, bc: BenchConfig, device, peak, log=print) -> l
         impl: {"kind": kind, "impl": impl, "preset": name, "dtype": dtype, "T": T, "batch": B}
         for impl in impls
     }
-    fns = {impl: build(spec, device) for impl, spec in specs.items()}
-    times = time_alternating(fns, bc.warmup, bc.repeats, device)
+    times, counted = {}, {}
+    if bc.one_at_a_time:
+        for impl, spec in specs.items():
+            fn = build(spec, device)
+            times.update(time_alternating({impl: fn}, bc.warmup, bc.repeats, device))
+            counted[impl] = count_flops(fn) if kind == "step" else None
+            del fn
+            _release(device)
+    else:
+        fns = {impl: build(spec, device) for impl, spec in specs.items()}
+        times = time_alternating(fns, bc.warmup, bc.repeats, device)
+        counted = {impl: count_flops(fn) if kind == "step" else None for impl, fn in fns.items()}
+        del fns
     rows = []
-    for impl, fn in fns.items():
+    for impl in specs:
         seconds = statistics.median(times[impl])
         row = Row(
             kind,
@@ -286,14 +302,12 @@ def compare(kind, name, dtype, T, bc: BenchConfig, device, peak, log=print) -> l
         if kind == "step":
             # lab's step: the hand count, which FlopCounterMode confirms where it sees every product
             # (tests/test_bench.py) but undercounts behind fused attention kernels; the peer: counted
-            counted = count_flops(fn)
-            flops = rtd_step_flops(model_config(name, T), B, T) if impl.startswith("lab") else counted
-            if abs(counted - flops) > 0.01 * flops:
-                row.note = f"FlopCounterMode saw {counted / 1e9:.1f} GFLOP"
+            flops = rtd_step_flops(model_config(name, T), B, T) if impl.startswith("lab") else counted[impl]
+            if abs(counted[impl] - flops) > 0.01 * flops:
+                row.note = f"FlopCounterMode saw {counted[impl] / 1e9:.1f} GFLOP"
             row.gflop = flops / 1e9
             row.mfu = flops / seconds / peak
         rows.append(row)
-    del fns, fn
     if kind == "step" and bc.memory:
         # one candidate alive at a time, so that a CUDA peak holds nothing of the others
         for row in rows:

@@ -81,7 +81,8 @@ def build_lab_step(
 
     def step():
         with autocast(device, dtype):
-            loss = forward(ids, mask, special, mask_id, rtd_weight=RTD_WEIGHT).loss
+            # the batch has no padding: attention_mask=None skips the key-padding bias
+            loss = forward(ids, None, special, mask_id, rtd_weight=RTD_WEIGHT).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -136,28 +136,33 @@ def summary_text(result: dict) -> str:
         )
     tr = (parts.get("torchrun") or {}).get("result")
     if tr:
-        lines.append(
-            f"torchrun 1 process ({tr['backend']}): {tr['steps']} steps on {tr['device_used']}, world {tr['world_size']}, "
-            f"{tr['tokens_per_s']:,.0f} tok/s, {tr['nccl_log_lines']} NCCL INFO lines"
-        )
+        ar = tr.get("allreduce") or {}
+        lines.append(f"torchrun 1 process: {tr['steps']} steps on {tr['device_used']}, world {tr['world_size']}, "
+                     f"{tr['tokens_per_s']:,.0f} tok/s; all-reduce over {tr['backend']} on {ar.get('device')}: "
+                     f"{ar.get('sum')} (expected {ar.get('expected')}), {tr['nccl_log_lines']} NCCL INFO lines")  # fmt: skip
     ft = (parts.get("finetune") or {}).get("result")
     if ft:
         dev = {k: round(v, 4) for k, v in ft["dev"].items() if isinstance(v, float)}
         source = "the short run" if Path(ft.get("init", "")).name == "short-run" else ft.get("init")
         lines.append(f"fine-tune {ft['task']} from {source}: dev {dev}")
-    compiled = [(n, r["result"]) for n, r in parts.items() if n.startswith("compile:") and r.get("result")]
+    compiled = [(n, r["result"]) for n, r in parts.items()
+                if n.startswith("compile:") and r.get("result") and "shape" not in r["result"]]  # fmt: skip
+    loop = (parts.get("compile:pretrain-default") or {}).get("result")
+    pre = next(iter(_rows({"pretrain": parts["pretrain"]})), None) if "pretrain" in parts else None
+    if loop and pre:
+        lines.append(f"{loop['shape']} loop: compile_mode auto ({loop['auto_mode']}) {pre['tokens_per_s']:,.0f} tok/s, "
+                     f"default {loop['rows'][0]['tokens_per_s']:,.0f} tok/s")  # fmt: skip
     if compiled:
         cells = [
             f"{res['mode']} {res['rows'][0]['ms']:.1f} ms (compile {res['rows'][0]['compile_s']:.0f} s)"
             for _, res in compiled
         ]
         best = min(compiled, key=lambda item: item[1]["rows"][0]["ms"])[1]["mode"]
-        lines.append(
-            "compile sweep (step part's shape; later modes reuse earlier compilation where they can): "
-            + "; ".join(cells)
-            + f"; fastest: {best} (pre-training default compile/mode: "
-            f"{env.get('pretrain_compile_default')})"
-        )
+        lines.append("compile sweep (step part's shape; later modes reuse earlier compilation where they can): "
+                     + "; ".join(cells) + f"; fastest: {best} (pre-training default compile/mode: "
+                     f"{env.get('pretrain_compile_default')})")  # fmt: skip
+    for name, reason in (env.get("skipped_by_design") or {}).items():
+        lines.append(f"skipped: {name}: {reason[:150]}")
     for name, record in parts.items():
         if record["status"] in ("error", "timeout", "skipped"):
             lines.append(

@@ -51,6 +51,7 @@ class FinetuneBench:
     batch: int = 32
     seq_len: int = 128
     epochs: int = 3  # examples/s is taken over epochs 2..epochs
+    compile: bool = False  # torch.compile the fine-tuned model (FinetuneConfig.compile)
 
 
 def random_words(n: int, seed: int = 0) -> list[str]:
@@ -185,18 +186,10 @@ def finetune_row(
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)  # finished seeds there would be skipped, not timed
     cfg = finetune.FinetuneConfig(
-        task=task,
-        glue_dir=glue_dir,
-        init=init,
-        out_dir=str(out),
-        epochs=fb.epochs,
-        batch_size=fb.batch,
-        max_seq_len=fb.seq_len,
-        max_train_examples=fb.examples,
-        max_eval_examples=fb.eval_examples,
-        seeds=(1,),
-        device=str(device),
-    )
+        task=task, glue_dir=glue_dir, init=init, out_dir=str(out), epochs=fb.epochs, batch_size=fb.batch,
+        max_seq_len=fb.seq_len, max_train_examples=fb.examples, max_eval_examples=fb.eval_examples, seeds=(1,),
+        device=str(device), compile="on" if fb.compile else "off",
+    )  # fmt: skip
     log(
         f"finetune: train() {task} from {init}, {fb.examples} examples x {fb.epochs} epochs, batch {fb.batch}"
     )
@@ -208,22 +201,13 @@ def finetune_row(
     wall = time.perf_counter() - start
     history = read_jsonl(out / "metrics.jsonl")
     n = results["n_train_examples"]
-    if len(history) > 1:
-        examples_per_s = (len(history) - 1) * n / (history[-1]["elapsed_s"] - history[0]["elapsed_s"])
-        how = f"epochs 2-{len(history)}"
+    if len(history) > 1:  # training alone (each epoch's evaluation is not timed), warm-up epoch left out
+        examples_per_s = (len(history) - 1) * n / sum(row["train_s"] for row in history[1:])
+        how = f"epochs 2-{len(history)}, training only"
     else:
         examples_per_s, how = fb.epochs * n / wall, "whole run incl. loading"
     key = results["main_metric"]
     dtype = "bf16" if autocast_dtype(cfg.dtype, torch.device(device)) == torch.bfloat16 else "fp32"
-    return Row(
-        "finetune",
-        fb.preset,
-        dtype,
-        fb.seq_len,
-        fb.batch,
-        "lab",
-        1e3 * fb.batch / examples_per_s,
-        None,
-        examples_per_s=examples_per_s,
-        note=f"{task} {n} examples, {how}, dev {key} {results['mean'][key]:.3f}",
-    )
+    return Row("finetune", fb.preset, dtype, fb.seq_len, fb.batch, "lab", 1e3 * fb.batch / examples_per_s, None,
+               examples_per_s=examples_per_s,
+               note=f"{task} {n} examples, {how}, compile={fb.compile}, dev {key} {results['mean'][key]:.3f}")  # fmt: skip

@@ -92,6 +92,11 @@ class FinetuneConfig:
     compile: str = param("off", "torch.compile the model; auto: on for CUDA, off for the CPU", COMPILE)
     device: str = param("auto", "'auto' = cuda if available, else cpu")
     dtype: str = param("auto", "autocast dtype (losses in fp32); auto: bf16 on CUDA, fp32 on the CPU", DTYPES)
+    group_by_length: bool = param(
+        True,
+        "batches of similar lengths (sorted within shuffled mega-batches of 50 batches; "
+        "lab.finetune.data.length_grouped_order): far less padding; off = plain shuffled batches",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -128,6 +128,24 @@ class Encoded:
         return ids, mask, labels
 
 
+def length_grouped_order(
+    lengths: np.ndarray, batch_size: int, generator: torch.Generator, mega_batches: int = 50
+) -> torch.Tensor:
+    """A shuffled order of the examples in which each run of `batch_size` holds similar lengths: the
+    examples are shuffled, cut into mega-batches of `mega_batches * batch_size`, each sorted by length
+    (longest first), cut into batches, and the batch order shuffled. Batches stay random draws of the
+    data (an example's neighbours are random within its mega-batch) and pad far less."""
+    order = torch.randperm(len(lengths), generator=generator).numpy()  # [N]
+    size = mega_batches * batch_size
+    grouped = []
+    for start in range(0, len(order), size):
+        mega = order[start : start + size]
+        mega = mega[np.argsort(-lengths[mega], kind="stable")]  # longest first
+        grouped += [mega[i : i + batch_size] for i in range(0, len(mega), batch_size)]
+    batches = torch.randperm(len(grouped), generator=generator).tolist()
+    return torch.from_numpy(np.concatenate([grouped[b] for b in batches]))  # [N]
+
+
 def load_data(cfg: FinetuneConfig, task, tokenizer: Tokenizer, max_len: int):
     """(train Encoded, {dev split: Encoded}, data record for results.json): tokenised once; the dev
     splits' sizes checked against the official ones."""

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from lab.cli import config_parser, parse_values, run_verb
 from lab.finetune import tasks as downstream
 from lab.finetune.config import FinetuneConfig
-from lab.finetune.data import IGNORE, Encoded, load_data
+from lab.finetune.data import IGNORE, Encoded, length_grouped_order, load_data
 from lab.finetune.table import checkpoint_label, results_table
 from lab.model import Encoder, init_weights
 from lab.tokenizer import Tokenizer
@@ -232,7 +232,11 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
     t0, step = time.time(), 0
     for epoch in range(1, cfg.epochs + 1):
         step_model.train()  # the compiled wrapper too, whose flag evaluation turned off
-        order = torch.randperm(len(train_data), generator=generator)  # the batch order, planned on the host
+        t_epoch = time.time()
+        if cfg.group_by_length:  # the batch order, planned on the host
+            order = length_grouped_order(train_data.lengths_host, cfg.batch_size, generator)
+        else:
+            order = torch.randperm(len(train_data), generator=generator)
         order_dev = to_device(order, device)  # one copy per epoch; each step slices it
         order_host = order.numpy()
         loss_sum = torch.zeros((), device=device)
@@ -250,15 +254,12 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
             loss_sum += loss.detach()  # stays on the device: read once per epoch
             step += 1
             bar.update()
+        train_loss = (loss_sum / steps_per_epoch).item()  # waits for the epoch's last step
+        train_s = time.time() - t_epoch  # training alone: the evaluation below is not in it
         metrics = _score(task, step_model, dev, cfg, device)
-        row = {
-            "seed": seed,
-            "epoch": epoch,
-            "step": step,
-            "train_loss": (loss_sum / steps_per_epoch).item(),
-            "elapsed_s": time.time() - t0,
-            **metrics,
-        }
+        row = {"seed": seed, "epoch": epoch, "step": step, "train_loss": train_loss,
+               "elapsed_s": time.time() - t0, "train_s": train_s,
+               "train_examples_per_s": len(train_data) / train_s, **metrics}  # fmt: skip
         history.append(row)
         score = metrics[key] if math.isfinite(metrics[key]) else -math.inf  # constant predictions give nan
         if best is None or score > best_score:

@@ -84,6 +84,18 @@ OPTIMIZATIONS = ("joint", "decoupled")
 MAX_SKIPPED_IN_A_ROW = 3
 # the purposes of the random streams a step draws (see stream_seed)
 NOISE, DROPOUT, EVAL_NOISE = 0, 1, 2
+# compile_mode="auto": the mode measured fastest per preset on a GPU (bf16, one process). xsmall
+# (T=128, batch 128): reduce-overhead 39.3 ms/step against 68.7 eager, the step launch-bound, CUDA graphs
+# win; base (T=512, bf16): default 176 ms against 215 eager (GPU-bound, reduce-overhead not timed).
+# Presets not listed use "default"; `python -m lab gpucheck` times the modes (compile:* parts) to extend this.
+AUTO_COMPILE_MODE = {"xsmall": "reduce-overhead", "base": "default"}
+
+
+def compile_mode(cfg, world: int) -> str:
+    """The torch.compile mode a run uses: cfg.compile_mode, with "auto" resolved (AUTO_COMPILE_MODE)."""
+    if cfg.compile_mode != "auto":
+        return cfg.compile_mode
+    return AUTO_COMPILE_MODE.get(cfg.preset, "default") if world == 1 else "default"
 
 
 @dataclass(frozen=True)
@@ -135,10 +147,10 @@ class PretrainConfig:
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = param("auto", "autocast dtype; auto: bf16 on CUDA, fp32 on the CPU", DTYPES)
     compile: str = param("auto", "torch.compile the RTD model; auto: on for CUDA, off for the CPU", COMPILE)
-    # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs.
-    # "default" is provisional: the fastest mode measured on a GPU (lab gpucheck times them) replaces it.
+    # auto: the mode measured fastest for the preset (AUTO_COMPILE_MODE), "default" for unmeasured
+    # presets and for multi-process runs (CUDA graphs untested with DDP's hooks)
     compile_mode: str = param(
-        "default", "torch.compile mode (default is provisional until timed on a GPU)", COMPILE_MODES
+        "auto", "torch.compile mode; auto: the one measured fastest for the preset", ("auto", *COMPILE_MODES)
     )
     log_every: int = param(20, "steps between log lines")
     eval_every: int = param(200, "steps between held-out evaluations")
@@ -378,7 +390,7 @@ def setup(cfg: PretrainConfig) -> Run:
         )
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     compiled &= not (cfg.optimization == "decoupled" and cfg.sharing == "es")  # see __post_init__
-    step_fn = torch.compile(net, mode=cfg.compile_mode) if compiled else net
+    step_fn = torch.compile(net, mode=compile_mode(cfg, ddp.world)) if compiled else net
 
     eval_set = [corpus.heldout[i] for i in range(min(len(corpus.heldout), cfg.eval_batches * micro))]
     return Run(
@@ -468,8 +480,17 @@ def train_step(run: Run, step: int, meter: Meter, probe: bool) -> dict[str, torc
         # (its buffers are donated): a probe step's forward runs eagerly, on every rank alike
         fn = run.net if probe and m == 0 else run.step_fn
         with ctx:  # one block: a no_sync() context manager can be entered only once
+            # packed examples have no padding: None spares the encoders the key-padding bias
             out = rtd_forward(
-                fn, ids, mask, run.special, mask_id=run.tok.mask_id, cfg=cfg, noise=part, amp=run.amp, totals=totals
+                fn,
+                ids,
+                None,
+                run.special,
+                mask_id=run.tok.mask_id,
+                cfg=cfg,
+                noise=part,
+                amp=run.amp,
+                totals=totals,
             )
             if probe and m == 0 and ddp.main:
                 with meter.overhead("probe"):
@@ -579,7 +600,7 @@ def evaluate(model: RTDModel, batches: list[torch.Tensor], tok, cfg: PretrainCon
         mask = torch.ones_like(ids)
         gen.manual_seed(stream_seed(cfg.seed, EVAL_NOISE, i))  # the same batches, the same noise
         noise = draw_noise(ids.shape[0], ids.shape[1], cfg.mask_prob, gen, device)
-        out = rtd_forward(model, ids, mask, special, mask_id=tok.mask_id, cfg=cfg, noise=noise, amp=amp)
+        out = rtd_forward(model, ids, None, special, mask_id=tok.mask_id, cfg=cfg, noise=noise, amp=amp)
         n_masked, n_tokens = out.valid.sum(), mask.sum()
         targets = ids.gather(1, out.positions)  # [B, K]
         sums += torch.stack(
@@ -738,7 +759,7 @@ def finish(run: Run, step: int, meter: Meter, guard: NonFiniteGuard | None = Non
             "device": str(run.device),
             "dtype": str(run.amp or torch.float32),
             "compiled": run.compiled,
-            "compile_mode": cfg.compile_mode if run.compiled else None,
+            "compile_mode": compile_mode(cfg, run.ddp.world) if run.compiled else None,
             "vocab_size": run.tok.vocab_size,
             "final_eval": final_eval,
             "corpus_info": run.corpus.describe(),
@@ -832,7 +853,7 @@ def log_window(
     append_jsonl(run.metrics, row)
     if first_compile and meter.compile_s is not None and run.compiled:
         progress.message(
-            f"compiled in {meter.compile_s:.1f} s (torch.compile mode {cfg.compile_mode}: the extra time of "
+            f"compiled in {meter.compile_s:.1f} s (torch.compile mode {compile_mode(cfg, ddp.world)}: the extra time of "
             f"the first {meter.warmup} steps)"
         )
     done = step - meter.start

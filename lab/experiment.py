@@ -504,6 +504,14 @@ def _num(v, signed: bool = False) -> str:
     return "nan" if not math.isfinite(v) else (f"{v:+.4f}" if signed else f"{v:.4f}")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def results_page(out: Path) -> str:
     """The results page (markdown) of the report folder `out`, every number read from its CSV files."""
     design = (
@@ -517,7 +525,7 @@ def results_page(out: Path) -> str:
              "per fine-tuning run and metric). Do not edit by hand; `--report-only` rebuilds it from the rows.", ""]  # fmt: skip
     if design:
         lines += ["## Design (design.csv)", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in design.items()] + [""]
+        lines += [f"| {k} | {v if _is_number(v) else f'`{v}`'} |" for k, v in design.items()] + [""]
     lines += ["The unit of replication is the pre-training seed: downstream scores are averaged over the "
               "fine-tuning seeds of each pre-training seed before modes are compared, paired over "
               "pre-training seeds (n below). Intervals: Student-t (scipy `ttest_rel`), the level in "

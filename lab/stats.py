@@ -321,6 +321,7 @@ def differences_plot(
     if not plotting_available() or not rows:
         return None
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     panels: dict[str, list[Mapping]] = {}
     for r in rows:
@@ -348,6 +349,7 @@ def differences_plot(
         ax.set_ylim(-0.7, len(members) - 0.3)
         ax.set_title(name, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(title + "\n★ red: primary (Holm within its claim); grey: exploratory; "

@@ -238,14 +238,18 @@ def seen_token_ids(run: Run, vocab_rows: int) -> list[int]:
 # Files: every figure is written as PNG + SVG next to the CSV it was drawn from
 
 
-def write_csv(path: Path, rows: list[dict]) -> Path:
+def write_csv(path: Path, rows: list[dict], exact: bool = False) -> Path:
+    """Rows as CSV, floats to 6 significant digits, or every digit (repr) with `exact` (the per-run rows
+    that the statistics are recomputed from)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+            writer.writerow(
+                {k: (v if exact else f"{v:.6g}") if isinstance(v, float) else v for k, v in r.items()}
+            )
     return path
 
 
@@ -642,7 +646,7 @@ def seeded_report(
     per_run = [
         {"mode": mode, "pretrain_seed": seed, **run_quantities(run)} for (mode, seed), run in runs.items()
     ]
-    write_csv(out_dir / "tug_of_war_runs.csv", per_run)
+    write_csv(out_dir / "tug_of_war_runs.csv", per_run, exact=True)
     tables = tug_of_war_tables(read_run_rows(out_dir / "tug_of_war_runs.csv"), out_dir, comparisons, primary)
     figures = []
     for name, split, key, title in (

@@ -361,7 +361,7 @@ def report(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None, skipped:
         summary["tug_of_war"] = analysis.seeded_report(finished, out, COMPARISONS, PRIMARY)
     records = downstream_records(cfg, tasks)
     if records:
-        analysis.write_csv(out / "downstream_runs.csv", records)
+        analysis.write_csv(out / "downstream_runs.csv", records, exact=True)
     design = [
         {"setting": k, "value": v}
         for k, v in (

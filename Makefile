@@ -19,14 +19,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## ES, NES and GDES on the embedded synthetic corpus, then the tug-of-war analysis
 	$(PY) -m lab sweep --corpus synthetic --name demo
 
-results: $(STAMP)  ## ES/NES/GDES x 3 pre-training seeds, fine-tuned on the synthetic tasks; figures/experiment_synthetic
+# The recipe pins the AVX2 CPU kernels (lab experiment re-executes itself with ATEN_CPU_CAPABILITY=avx2
+# ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2), so any x86-64 machine with AVX2 gives the same
+# digits; ARGS="--cpu-kernels native --out-dir runs/experiment/native --report-dir runs/experiment/native/report"
+# runs it on this CPU's own kernels instead. The results page: figures/experiment_synthetic/README.md.
+results: $(STAMP)  ## ES/NES/GDES x 6 pre-training x 3 fine-tuning seeds on synth_tag (~30 min, 2 cores); figures/experiment_synthetic
 	$(PY) -m lab experiment --recipe cpu-results $(ARGS)
 
 # On a GPU box with system python3 (CUDA torch, transformers, sentencepiece, safetensors, scikit-learn,
 # scipy, tqdm) and no venv: `make gpu-recipe DATA=/path/with/wikitext-2/and/glue`.
 GPU_PYTHON ?= python3
 DATA ?= $(LAB_DATA_DIR)
-gpu-recipe:  ## xsmall on WikiText-2, ES/NES/GDES, five GLUE tasks x 3 fine-tuning seeds (~10 min, one H100)
+gpu-recipe:  ## xsmall on WikiText-2, ES/NES/GDES x 3 pre-training seeds, CoLA/SST-2/STS-B x 3 fine-tuning seeds (<= 10 min, one H100)
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m lab experiment --recipe gpu --data-dir "$(DATA)" $(ARGS)
 
 sweep: $(STAMP)

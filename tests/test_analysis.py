@@ -273,7 +273,9 @@ def test_seeded_report_pairs_runs_by_seed(tmp_path):
     assert diffs["mean_train_mlm_loss"]["difference"] == pytest.approx(-0.5 * nes_mean)
     # held-out MLM loss at step 40: 6 / 5 + 0.1 (NES) vs 1.5 * 6 / 5 + 0.1 (ES)
     assert diffs["final_mlm_loss"]["difference"] == pytest.approx(-0.6)
-    assert diffs["final_mlm_loss"]["resolved"] == "yes" and diffs["final_mlm_loss"]["pairs"] == 2
+    assert (
+        diffs["final_mlm_loss"]["n"] == 2 and diffs["final_mlm_loss"]["family"] == "exploratory"
+    )  # no primary family given: every comparison is exploratory
     # ES's discriminator table is its generator table
     per_run = list(csv.DictReader((tmp_path / "report" / "tug_of_war_runs.csv").open()))
     es = [r for r in per_run if r["mode"] == "es"]

@@ -21,9 +21,18 @@ experiment cut short still has complete, paired groups.
 Each run's path, configuration, status and time estimate, and the progress line over the runs, are
 in lab/analysis/runs.py, with the experiment's config; this module drives them and writes the report.
 
-The statistics (lab/analysis/stats.py): per task and mode mean ± std over seeds, and the paired differences
-GDES − ES, GDES − NES and NES − ES over (pre-training seed, fine-tuning seed) pairs with a bootstrap
-95 % CI; the same for the tug-of-war quantities of each pre-training run (pairs: pre-training seeds).
+The statistics (lab/analysis/stats.py): the pre-training seed is the unit. Downstream scores are averaged over
+the fine-tuning seeds of each pre-training seed, then GDES − ES, GDES − NES and NES − ES are compared
+paired over pre-training seeds (t interval, Holm within each claim's named primary family, exact
+sign-flip p, bootstrap and two-level bootstrap); the same for the tug-of-war quantities of each
+pre-training run. Every table is computed from the per-run rows the report writes first
+(tug_of_war_runs.csv, downstream_runs.csv), and the results page (README.md in the report folder) is
+generated from those tables: `--report-only` rebuilds it all from the rows alone.
+
+Kernel pinning: CPU kernels round differently per instruction set, and a few hundred steps amplify
+the last bits, so a recipe with cpu_kernels="avx2" (cpu-results) pins torch, oneDNN and MKL to their
+AVX2 code paths (KERNEL_PIN); `python -m lab experiment` re-executes itself with them set, since they
+only act before torch is imported. `--cpu-kernels native` turns it off.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +66,20 @@ from lab.pretrain.meter import duration
 from lab.util import append_jsonl, atomic_write_json, data_dir, replace_strict
 
 COMPARISONS = (("gdes", "es"), ("gdes", "nes"), ("nes", "es"))
+# The primary comparisons, named before the run, one family per claim (Holm within each); every other
+# comparison in the tables is exploratory. (c) is filled per task with its main metric by the report.
+PRIMARY = {
+    "(a) held-out MLM loss": [(("final_mlm_loss",), "nes - es"), (("final_mlm_loss",), "gdes - es")],
+    "(b) embedding geometry": [
+        (("cos_E_G",), "nes - es"),
+        (("cos_E_G",), "gdes - es"),
+        (("class_gap_E_D",), "gdes - nes"),
+    ],
+}
+DOWNSTREAM_FAMILY = "(c) downstream"
+DOWNSTREAM_PRIMARY = ("gdes - es", "gdes - nes")
+# set before torch is imported, they make torch (ATen), oneDNN and MKL use their AVX2 kernels only
+KERNEL_PIN = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 # Named recipes. Each is sized for its machine; the README states how long each took.
@@ -67,24 +91,28 @@ RECIPES: dict[str, dict] = {
         pretrain_seeds=(0, 1), finetune_seeds=(1, 2), epochs=1, max_train_examples=48,
         max_eval_examples=48, eval_batches=2, calibration_steps=3,
     ),
-    # `make results`: 3 modes x 3 pre-training seeds x 3 fine-tuning seeds on synth_tag, sized for a
-    # 2-core CPU shared with other jobs: `make demo`'s pre-training at 120 steps instead of 300;
-    # fine-tuning 5 epochs on 300 training and 300 dev sentences. (synth_gram stayed at chance with this
-    # little fine-tuning, for 500 sentences x 5 epochs: add it with --tasks synth_tag,synth_gram)
+    # `make results`: 3 modes x 6 pre-training seeds x 3 fine-tuning seeds on synth_tag, sized for <= 30 min
+    # of `--plan`'s estimate on a 2-core CPU: `make demo`'s pre-training at 150 steps instead of 300 (the
+    # held-out MLM curves separate within it: the results page names the step); fine-tuning 5 epochs on
+    # 500 training and 300 dev sentences. Six seeds rather than five: t_{0.975, 5} = 2.57 against 2.78,
+    # and the exact sign-flip p can reach 2 / 64. Kernels pinned to AVX2 (3 % slower here than AVX-512).
+    # (synth_gram stayed at chance with this little fine-tuning: add it with --tasks synth_tag,synth_gram)
     "cpu-results": dict(
-        preset="mini", corpus="synthetic", steps=120, batch_size=16, seq_len=64, lr=1e-3,
-        pretrain_seeds=(0, 1, 2), finetune_seeds=(1, 2, 3), tasks=("synth_tag",),
+        preset="mini", corpus="synthetic", steps=150, batch_size=16, seq_len=64, lr=1e-3,
+        pretrain_seeds=(0, 1, 2, 3, 4, 5), finetune_seeds=(1, 2, 3), tasks=("synth_tag",),
         epochs=5, max_train_examples=500, max_eval_examples=300, report_dir="figures/experiment_synthetic",
+        cpu_kernels="avx2",
     ),
-    # `make gpu-recipe`: xsmall on WikiText-2 (8.2M tokens per run) and five GLUE tasks (4,000 training
-    # examples, 3 epochs) x 3 fine-tuning seeds, sized for <= 10 min on one H100 / H200; `--plan` there
-    # measures the estimate before anything trains. MRPC and RTE are skipped (with the reason) when their
-    # files are missing under <data_dir>/glue.
+    # `make gpu-recipe`: xsmall on WikiText-2 (3.3M tokens per run) x 3 pre-training seeds and three GLUE
+    # tasks (2,000 training examples, 3 epochs) x 3 fine-tuning seeds: the same number of pre-training
+    # steps and fine-tuning examples as the earlier one-seed recipe that fit <= 10 min on one H100, spread
+    # over three pre-training seeds so the claims can be tested (n = 3). `--plan` there measures the
+    # estimate before anything trains.
     "gpu": dict(
-        preset="xsmall", corpus="{data_dir}/wikitext-2/wiki.train.tokens", vocab_size=8000, steps=1000,
-        batch_size=64, seq_len=128, lr=5e-4, warmup_steps=100, eval_batches=8, pretrain_seeds=(0,),
-        finetune_seeds=(1, 2, 3), tasks=("cola", "sst2", "mrpc", "stsb", "rte"), glue_dir="{data_dir}/glue",
-        epochs=3, max_train_examples=4000, device="cuda",
+        preset="xsmall", corpus="{data_dir}/wikitext-2/wiki.train.tokens", vocab_size=8000, steps=400,
+        batch_size=64, seq_len=128, lr=5e-4, warmup_steps=40, eval_batches=8, pretrain_seeds=(0, 1, 2),
+        finetune_seeds=(1, 2, 3), tasks=("cola", "sst2", "stsb"), glue_dir="{data_dir}/glue",
+        epochs=3, max_train_examples=2000, device="cuda",
     ),
 }  # fmt: skip
 
@@ -139,10 +167,28 @@ def check_settings(cfg: ExperimentConfig) -> None:
         )
 
 
+def kernel_path(cfg: ExperimentConfig) -> str:
+    """The CPU kernel path torch runs here ("AVX2", "AVX512", ...). With cpu_kernels="avx2" on a CPU
+    run, anything but AVX2 is refused: the pin acts only when set before torch is imported."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if cfg.cpu_kernels == "avx2" and cfg.device != "cuda" and capability != "AVX2":
+        pins = " ".join(f"{k}={v}" for k, v in KERNEL_PIN.items())
+        raise ValueError(
+            f"cpu_kernels='avx2' but this Python runs torch's {capability} CPU kernels; start it with "
+            f"{pins} set (`python -m lab experiment` does that itself), or use cpu_kernels='native' "
+            "(--cpu-kernels native) and a new out_dir"
+        )
+    return capability
+
+
 def plan(cfg: ExperimentConfig, calibrate_now: bool = True) -> dict:
     """Every run with its status and estimated time; `calibrate_now` times a few steps here first.
     Trains nothing beyond the calibration."""
     check_settings(cfg)
+    if calibrate_now:
+        kernel_path(cfg)
     skipped = {t: why for t in cfg.tasks if (why := missing_data(t, cfg))}
     tasks = tuple(t for t in cfg.tasks if t not in skipped)
     runs = planned_runs(cfg, tasks)
@@ -193,16 +239,8 @@ def run(cfg: ExperimentConfig) -> dict:
         print(f"skipping task {task}: {why}", flush=True)
     tasks = tuple(t for t in cfg.tasks if t not in planned["skipped_tasks"])
     runs = planned_runs(cfg, tasks)
-    append_jsonl(
-        log,
-        {
-            "event": "invocation",
-            "time": _now(),
-            "runs": len(runs),
-            "skipped_tasks": planned["skipped_tasks"],
-            "estimate_s": planned["total_estimate_s"],
-        },
-    )
+    append_jsonl(log, {"event": "invocation", "time": _now(), "runs": len(runs), "cpu_kernels": kernel_path(cfg),
+                       "skipped_tasks": planned["skipped_tasks"], "estimate_s": planned["total_estimate_s"]})  # fmt: skip
     estimates = {r: row["estimate_s"] for r, row in zip(runs, planned["runs"])}
     todo = [r for r in runs if status(r, cfg) != "done"]
     for r in runs:
@@ -281,8 +319,9 @@ def downstream_records(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> list[di
 
 
 def report(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None, skipped: dict | None = None) -> dict:
-    """The tug-of-war over seeds (lab.analysis.tug_of_war.seeded_report) and the downstream tables, into report_dir.
-    `skipped`: tasks left out, with the reason (recorded in summary.json)."""
+    """The per-run rows (tug_of_war_runs.csv via lab.analysis.tug_of_war.seeded_report, downstream_runs.csv),
+    design.csv, then every table, figure and the results page from those rows (`tables_from_rows`),
+    into report_dir. `skipped`: tasks left out, with the reason (recorded in summary.json)."""
     tasks = cfg.tasks if tasks is None else tasks
     out = report_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,48 +331,242 @@ def report(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None, skipped:
         if r.kind == "pretrain" and status(r, cfg) == "done"
     }
     summary = {"experiment": str(cfg.out_dir), "skipped_tasks": skipped or {}, "notes": []}
+    for stale in ("tug_of_war_runs.csv", "downstream_runs.csv"):
+        (out / stale).unlink(missing_ok=True)  # rows of an earlier design must not enter these tables
     if finished:
-        summary["tug_of_war"] = analysis.seeded_report(finished, out, COMPARISONS)
+        summary["tug_of_war"] = analysis.seeded_report(finished, out, COMPARISONS, PRIMARY)
     records = downstream_records(cfg, tasks)
     if records:
-        summary["downstream"] = downstream_tables(records, out)
+        analysis.write_csv(out / "downstream_runs.csv", records, digits=None)
+    design = [
+        {"setting": k, "value": v}
+        for k, v in (
+            ("preset", cfg.preset), ("corpus", cfg.corpus), ("steps", cfg.steps), ("batch_size", cfg.batch_size),
+            ("seq_len", cfg.seq_len), ("pretrain_seeds", len(cfg.pretrain_seeds)),
+            ("finetune_seeds", len(cfg.finetune_seeds)), ("tasks", " ".join(tasks)), ("epochs", cfg.epochs),
+            ("max_train_examples", cfg.max_train_examples), ("cpu_kernels", cfg.cpu_kernels),
+            ("confidence", stats.CONFIDENCE),
+        )
+    ]  # fmt: skip
+    analysis.write_csv(out / "design.csv", design)
+    summary.update(tables_from_rows(out))
     if not stats.plotting_available():
         summary["notes"].append(stats.PLOTTING_UNAVAILABLE)
     atomic_write_json(out / "summary.json", summary)
     return summary
 
 
+def tables_from_rows(out: Path) -> dict:
+    """Every table, the differences figures, failures.csv, mlm_separation.csv and the results page
+    README.md, computed from the per-run rows in `out` alone (tug_of_war_runs.csv, downstream_runs.csv,
+    mlm_loss_heldout.csv, design.csv): so every number on the page can be rechecked from committed rows."""
+    out = Path(out)
+    result: dict = {}
+    tug = out / "tug_of_war_runs.csv"
+    down = out / "downstream_runs.csv"
+    if not tug.is_file() and not down.is_file():
+        raise FileNotFoundError(
+            f"{out} has no tug_of_war_runs.csv or downstream_runs.csv; run the experiment first"
+        )
+    failures = []
+    if tug.is_file():
+        records = analysis.read_run_rows(tug)
+        result["tug_of_war_tables"] = analysis.tug_of_war_tables(records, out, COMPARISONS, PRIMARY)
+        failures += _failures(records, "pre-training", ("pretrain_seed",))
+    if down.is_file():
+        records = _read_csv(down)
+        for r in records:
+            r.update(
+                pretrain_seed=int(r["pretrain_seed"]),
+                finetune_seed=int(r["finetune_seed"]),
+                value=float(r["value"]),
+            )
+        result["downstream"] = downstream_tables(records, out)
+        main = [r for r in records if r["metric"] == r["main"]]
+        failures += _failures(main, "fine-tuning", ("pretrain_seed", "finetune_seed", "task"))
+    analysis.write_csv(out / "failures.csv", failures)
+    result["failures"] = failures
+    heldout = out / "mlm_loss_heldout.csv"
+    if heldout.is_file():
+        result["mlm_separation"] = mlm_separation(_read_csv(heldout), out)
+    (out / "README.md").write_text(results_page(out))
+    return result
+
+
+def _failures(records: list[dict], stage: str, run_keys: tuple[str, ...]) -> list[dict]:
+    """Per mode: runs of this stage, and how many failed (any non-finite value: diverged or collapsed)."""
+    runs: dict[str, dict[tuple, bool]] = {}
+    for r in records:
+        key = tuple(r[k] for k in run_keys)
+        ok = runs.setdefault(r["mode"], {}).get(key, True)
+        runs[r["mode"]][key] = ok and math.isfinite(float(r["value"]))
+    return [{"stage": stage, "mode": mode, "runs": len(v), "failed": sum(not ok for ok in v.values())}
+            for mode, v in runs.items()]  # fmt: skip
+
+
+def mlm_separation(rows: list[dict], out: Path) -> dict:
+    """At every evaluation step, NES − ES and GDES − ES of the held-out MLM loss paired over pre-training
+    seeds (t interval); mlm_separation.csv. `from_step`: the first step from which both intervals stay
+    below 0 (ES's loss the highest) to the end, None when they never do."""
+    by: dict[int, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        by.setdefault(int(r["step"]), {}).setdefault(r["mode"], {})[int(r["pretrain_seed"])] = float(
+            r["mlm_loss"]
+        )
+    table = []
+    for step in sorted(by):
+        for first in ("nes", "gdes"):
+            a, b = by[step].get(first, {}), by[step].get("es", {})
+            seeds = sorted(set(a) & set(b))
+            if len(seeds) < 2:
+                continue
+            test = stats.paired_test([a[s] for s in seeds], [b[s] for s in seeds])
+            table.append({"step": step, "comparison": f"{first} - es", "difference": test["mean"], "n": len(seeds),
+                          "t_low": test["t_low"], "t_high": test["t_high"], "es_highest": test["t_high"] < 0})  # fmt: skip
+    analysis.write_csv(out / "mlm_separation.csv", table)
+    steps = sorted({r["step"] for r in table})
+    below = {s: all(r["es_highest"] for r in table if r["step"] == s) for s in steps}
+    from_step = None
+    for s in reversed(steps):
+        if not below[s]:
+            break
+        from_step = s
+    return {"from_step": from_step, "last_step": steps[-1] if steps else None}
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def downstream_tables(records: list[dict], out: Path) -> dict:
-    """downstream.{csv,md}: mean ± std per task, metric and mode; downstream_differences.{csv,md}: the
-    paired differences between modes; downstream.png: the main metric per task and mode (± std)."""
+    """downstream.{csv,md}: mean ± std per task, metric and mode over all fine-tuning runs (failed runs
+    counted); downstream_differences.{csv,md}: the paired differences between modes over pre-training
+    seeds (means over fine-tuning seeds within each), the main metric's GDES − ES and GDES − NES being
+    claim (c)'s primary family; downstream_differences.png: small multiples; downstream.png: the main
+    metric per task and mode (± std)."""
     table = stats.summarize(records, ("task", "metric", "mode"))
     analysis.write_csv(out / "downstream.csv", table)
     main = {(r["task"], r["metric"]) for r in records if r["metric"] in (r["main"], f"last_{r['main']}")}
     shown = [r for r in table if (r["task"], r["metric"]) in main]
-    analysis.write_markdown(out / "downstream.md", [_pretty(r) for r in shown])
-    diffs = stats.compare_modes(records, ("task", "metric"), COMPARISONS)
+    analysis.write_markdown(out / "downstream.md", shown)
+    primary = {DOWNSTREAM_FAMILY: [((t, m), c) for t, m in sorted({(r["task"], r["main"]) for r in records})
+                                   for c in DOWNSTREAM_PRIMARY]}  # fmt: skip
+    diffs = stats.paired_by_seed(records, ("task", "metric"), COMPARISONS, primary)
     analysis.write_csv(out / "downstream_differences.csv", diffs)
-    analysis.write_markdown(
-        out / "downstream_differences.md", [_pretty(r) for r in diffs if (r["task"], r["metric"]) in main]
-    )
-    figure = stats.bars_with_spread(
-        [r for r in records if r["metric"] == r["main"]],
-        "task",
-        "value",
-        "mode",
-        out / "downstream",
-        title="Fine-tuned discriminator, best dev epoch (mean ± std over seeds)",
-    )
+    shown_diffs = [r for r in diffs if (r["task"], r["metric"]) in main]
+    analysis.write_markdown(out / "downstream_differences.md", shown_diffs)
+    figures = stats.differences_plot(shown_diffs, ("task", "metric"), out / "downstream_differences",
+                                     "Downstream paired differences over pre-training seeds") or []  # fmt: skip
+    bars = stats.bars_with_spread(
+        [r for r in records if r["metric"] == r["main"] and math.isfinite(r["value"])], "task", "value", "mode",
+        out / "downstream", title="Fine-tuned discriminator, best dev epoch (mean ± std over all runs)",
+    )  # fmt: skip
     return {
         "table": shown,
-        "differences": [r for r in diffs if (r["task"], r["metric"]) in main],
-        "figures": [str(p) for p in figure or []],
+        "differences": shown_diffs,
+        "figures": [str(p) for p in [*figures, *(bars or [])]],
     }
 
 
-def _pretty(row: dict) -> dict:
-    """A table row with the numbers rounded for markdown (the CSV keeps full precision)."""
-    return {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()}
+# ---------------------------------------------------------------------------------------------- results page
+
+
+def _num(v, signed: bool = False) -> str:
+    """A number for the results page: 4 decimals, the way tests/test_experiment.py finds it in the CSVs."""
+    v = float(v)
+    return "nan" if not math.isfinite(v) else (f"{v:+.4f}" if signed else f"{v:.4f}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def results_page(out: Path) -> str:
+    """The results page (markdown) of the report folder `out`, every number read from its CSV files."""
+    design = (
+        {r["setting"]: r["value"] for r in _read_csv(out / "design.csv")}
+        if (out / "design.csv").is_file()
+        else {}
+    )
+    lines = ["# Sharing experiment: results", "",
+             "Generated by `python -m lab experiment` (lab/analysis/experiment.py, `results_page`) from the per-run rows "
+             "in this folder: tug_of_war_runs.csv (one row per pre-training run), downstream_runs.csv (one row "
+             "per fine-tuning run and metric). Do not edit by hand; `--report-only` rebuilds it from the rows.", ""]  # fmt: skip
+    if design:
+        lines += ["## Design (design.csv)", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {v if _is_number(v) else f'`{v}`'} |" for k, v in design.items()] + [""]
+    lines += ["The unit of replication is the pre-training seed: downstream scores are averaged over the "
+              "fine-tuning seeds of each pre-training seed before modes are compared, paired over "
+              "pre-training seeds (n below). Intervals: Student-t (scipy `ttest_rel`), the level in "
+              "design.csv. Each claim's primary comparisons are Holm-corrected within the claim; a primary "
+              "comparison is resolved when its Holm-adjusted p is below one minus that level. "
+              "`resolvable` is the smallest difference the design could call resolved at the spread "
+              "seen (t half width at the claim's strictest Holm level), so \"not resolved\" with a "
+              "difference well below it reads \"too few seeds\", not \"no effect\". Everything outside "
+              "the primary families is exploratory (uncorrected).", ""]  # fmt: skip
+    if (out / "failures.csv").is_file():
+        lines += ["## Failures (failures.csv)", "",
+                  "A run with a non-finite value (diverged pre-training, collapsed fine-tuning) is a failure: "
+                  "counted here, and its pre-training seed left out of the comparisons that need it "
+                  "(column failed_seeds).", "", "| stage | mode | runs | failed |", "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {r['stage']} | {r['mode']} | {r['runs']} | {r['failed']} |"
+            for r in _read_csv(out / "failures.csv")
+        ]
+        lines += [""]
+    rows = []
+    for name in ("tug_of_war_differences.csv", "downstream_differences.csv"):
+        if (out / name).is_file():
+            for r in _read_csv(out / name):
+                r["what"] = r.get("quantity") or f"{r.get('task')} {r.get('metric')}"
+                rows.append(r)
+    families = list(dict.fromkeys(r["family"] for r in rows if r["family"] != "exploratory"))
+    lines += ["## Primary comparisons", ""]
+    for family in families:
+        lines += [f"### {family}", "",
+                  "| quantity | comparison | n | failed_seeds | difference | t interval | Holm p | sign-flip p "
+                  "| resolvable | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in (r for r in rows if r["family"] == family):
+            if r.get("p_t", "") == "":
+                lines += [
+                    f"| {r['what']} | {r['comparison']} | {r['n']} | {r['failed_seeds']} | | | | | | {r['reads']} |"
+                ]
+                continue
+            lines += [f"| {r['what']} | {r['comparison']} | {r['n']} | {r['failed_seeds']} | {_num(r['difference'], True)} "
+                      f"| [{_num(r['t_low'], True)}, {_num(r['t_high'], True)}] | {_num(r['p_holm'])} | "
+                      f"{_num(r['p_signflip'])} | {_num(r['resolvable'])} | {r['reads']} |"]  # fmt: skip
+        lines += [""]
+    if (out / "mlm_separation.csv").is_file():
+        sep = _read_csv(out / "mlm_separation.csv")
+        steps = sorted({int(r["step"]) for r in sep})
+        below = {s: all(r["es_highest"] == "True" for r in sep if int(r["step"]) == s) for s in steps}
+        start = None
+        for s in reversed(steps):
+            if not below[s]:
+                break
+            start = s
+        lines += ["## When the held-out MLM curves separate (mlm_separation.csv)", ""]
+        if start is None:
+            lines += ["At no evaluation step up to the last one do both NES − ES and GDES − ES intervals stay "
+                      "below 0 to the end: the curves have not separated in this design.", ""]  # fmt: skip
+        else:
+            lines += [f"From step {start} to the last evaluation (step {steps[-1]}), ES's held-out MLM loss is "
+                      "above both NES's and GDES's at every evaluation, the paired t interval of each "
+                      "difference below 0 (per-step rows in mlm_separation.csv; curves in "
+                      "mlm_loss_heldout.png).", ""]  # fmt: skip
+    lines += ["## Exploratory comparisons", "",
+              "Every other difference, uncorrected: tug_of_war_differences.md and downstream_differences.md "
+              "(CSV beside each, with bootstrap and two-level bootstrap intervals); figures "
+              "tug_of_war_differences.png and downstream_differences.png (one panel per quantity on its own "
+              "scale; primary comparisons starred in red, exploratory grey).", ""]  # fmt: skip
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -341,6 +574,7 @@ def _pretty(row: dict) -> dict:
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m lab experiment`: a recipe, with ExperimentConfig's flags on top of it."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = config_parser(ExperimentConfig, "python -m lab experiment", __doc__.split("\n")[0])
     parser.add_argument(
         "--recipe", help=f"the named settings to start from, one of {', '.join(RECIPES)} [cpu-results]"
@@ -349,17 +583,31 @@ def cli(argv: list[str] | None = None) -> int:
         "--plan", action="store_true", help="list every run with an estimated time; train nothing"
     )
     parser.add_argument("--data-dir", help="data root with wikitext-2/ and glue/ [$LAB_DATA_DIR]")
-    values = parse_values(parser, sys.argv[1:] if argv is None else argv)
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the tables, figures and results page from the per-run CSV rows in the report folder",
+    )
+    values = parse_values(parser, argv)
     name, only_plan = values.pop("recipe", "cpu-results"), values.pop("plan", False)
-    data_root = values.pop("data_dir", None)
+    data_root, report_only = values.pop("data_dir", None), values.pop("report_only", False)
 
     def action() -> None:
         cfg = recipe(name, data_root, **values)
+        if report_only:
+            tables_from_rows(report_dir(cfg))
+            print(f"report: {report_dir(cfg)} rebuilt from its rows (README.md, tables, figures)")
+            return
+        pin = cfg.cpu_kernels == "avx2" and cfg.device != "cuda"
+        if pin and any(os.environ.get(k) != v for k, v in KERNEL_PIN.items()):
+            # the pin acts only before torch is imported: start this command again with it set
+            command = [sys.executable, "-m", "lab", "experiment", *argv]
+            os.execve(sys.executable, command, {**os.environ, **KERNEL_PIN})
         if only_plan:
             print_plan(plan(cfg))
             return
         summary = run(cfg)
-        print(f"report: {report_dir(cfg)} (summary.json, tables, figures)")
+        print(f"report: {report_dir(cfg)} (README.md, summary.json, tables, figures)")
         for note in summary.get("notes", []):
             print(f"note: {note}")
 

@@ -56,6 +56,12 @@ class ExperimentConfig:
     progress: str = param("line", "line: a status line every `progress_every` s; bar: tqdm; none", PROGRESS)
     progress_every: float = param(30.0, "seconds between status lines")
     calibration_steps: int = param(6, "pre-training steps timed for the estimates")
+    cpu_kernels: str = param(
+        "native",
+        "avx2: pin torch, oneDNN and MKL to their AVX2 kernels (KERNEL_PIN in lab/analysis/experiment.py: the "
+        "same digits on any AVX2 machine); native: this CPU's best",
+        ("avx2", "native"),
+    )
 
     def __post_init__(self) -> None:
         for name in ("modes", "pretrain_seeds", "finetune_seeds", "tasks"):

@@ -1,20 +1,28 @@
-"""Statistics over seeds: mean ± std, paired differences between sharing modes with bootstrap CIs.
+"""Statistics over seeds with the pre-training seed as the unit of replication (scipy.stats).
 
-The experiment's question is whether one sharing mode beats another by more than seed noise. Runs are
-paired: the same pre-training seed gives ES, NES and GDES the same initialisation, data order and
-masking noise, and the same fine-tuning seed gives them the same head initialisation and batch order.
-So the comparison is made on per-pair differences (GDES − ES for pair (pre-training seed, fine-tuning
-seed)), which removes the variance the modes share; an unpaired comparison of the two groups of scores
-would count that variance twice and miss real differences (`unpaired_difference` is kept to show it).
+The unit. The same pre-training seed gives ES, NES and GDES the same initialisation, data order and
+masking noise, so modes are compared on per-seed paired differences. Fine-tuning seeds of one
+discriminator share its pre-training draw: they are not independent replicates. A downstream score is
+therefore first averaged over the fine-tuning seeds of each pre-training seed, and the comparison runs
+over the pre-training seeds (n = number of pre-training seeds, n - 1 degrees of freedom). The
+two-level bootstrap (pre-training seeds, then fine-tuning seeds within each) is the second view.
 
-The confidence interval is a percentile bootstrap of the mean difference: resample the pairs with
-replacement, recompute the mean, take the 2.5 and 97.5 percentiles. It is seeded, so a table is
-reproducible to the last digit. A difference is *resolved* when its interval excludes 0 and so does the
-Student-t interval of the same mean (with three pairs the bootstrap alone is far too narrow; see
-`paired_difference`). Caveat:
-pairs that share a pre-training seed are not independent of each other; with few pre-training seeds
-the interval understates the pre-training variance, which is why the tables also list how many
-pre-training seeds each difference rests on.
+The tests (scipy.stats): the Student-t interval of the mean paired difference and its p-value
+(`ttest_rel`), the paired bootstrap interval (`bootstrap(paired=True)`, BCa from `BCA_MIN_N` seeds,
+percentile below, seeded) and the exact sign-flip p-value (`permutation_test(permutation_type=
+"samples")`, all 2^n sign patterns). Decisions rest on the t-test: the exact sign-flip test cannot go
+below 2 / 2^n (0.0625 at n = 5), so it is reported, not used to decide.
+
+Families. Each claim names its primary comparisons before the run (`PRIMARY` in lab/analysis/experiment.py);
+their t p-values are Holm-corrected within the claim's family, and a primary comparison is *resolved*
+when its Holm-adjusted p is below ALPHA. Every other comparison is exploratory: shown with its
+unadjusted interval and labelled so. `resolvable` is the smallest difference the design could call
+resolved at the spread it saw: the half width of the t interval at the family's strictest Holm level
+(ALPHA / family size).
+
+Failures. A non-finite value is a failed run, never a number: every function here refuses NaN / inf
+with `NonFiniteError`; the report counts failures per mode and leaves the failed seeds out of a
+comparison openly (column `failed_seeds`).
 
 numpy / scipy only at import time; the plotting functions import matplotlib / seaborn when called and
 return None (with the reason in `PLOTTING_UNAVAILABLE`) where they are not installed, e.g. on a bare
@@ -24,188 +32,224 @@ GPU box, so the numbers are always written.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE
 RESAMPLES = 10_000
+BCA_MIN_N = 10  # BCa's jackknife acceleration is unreliable on fewer values: percentile below
+EXACT_SIGN_FLIPS = 2**16  # up to n = 16 every sign pattern is enumerated; above, RESAMPLES random ones
 
 
-def mean_std(values: Sequence[float]) -> dict:
-    """mean, sample std (ddof 1; 0 for a single value) and n of the finite values."""
-    x = np.asarray([v for v in values if finite(v)], dtype=float)
+class NonFiniteError(ValueError):
+    """A statistic was given NaN or inf: a failed run must be counted, not averaged."""
+
+
+def require_finite(values, what: str = "values") -> np.ndarray:
+    """`values` as a float array; NonFiniteError naming `what` and the bad positions if any is not finite."""
+    x = np.asarray(values, dtype=float)
+    bad = np.flatnonzero(~np.isfinite(x.ravel()))
+    if bad.size:
+        raise NonFiniteError(
+            f"{what}: {bad.size} non-finite value(s) at position(s) {bad.tolist()} (failed runs); count them "
+            "as failures and leave their seeds out explicitly (see lab.analysis.stats.paired_by_seed) instead"
+        )
+    return x
+
+
+def mean_std(values: Sequence[float], what: str = "values") -> dict:
+    """mean, sample std (ddof 1; 0 for a single value) and n. Refuses non-finite values."""
+    x = require_finite(values, what)
     if x.size == 0:
-        return {"mean": math.nan, "std": math.nan, "n": 0}
+        raise ValueError(f"{what}: no values")
     return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else 0.0, "n": int(x.size)}
 
 
-def bootstrap_ci(
-    values: Sequence[float],
-    statistic: Callable[[np.ndarray], np.ndarray] | None = None,
-    confidence: float = CONFIDENCE,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of `statistic` (default: the mean) of `values`.
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """scipy's one-sample Student-t interval of the mean (nan, nan for fewer than two values)."""
+    from scipy import stats as sps
 
-    Resamples `values` with replacement `resamples` times from a generator seeded with `seed`, so the
-    same inputs always give the same interval. One value gives a zero-width interval at that value.
+    x = require_finite(values, "t_interval")
+    if x.size < 2:
+        return math.nan, math.nan
+    if np.ptp(x) == 0:
+        return float(x[0]), float(x[0])
+    ci = sps.ttest_1samp(x, 0.0).confidence_interval(confidence)
+    return float(ci.low), float(ci.high)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (same order as given): the k-th smallest p times (m - k + 1),
+    made monotone, capped at 1. Reject where adjusted p < alpha."""
+    p = require_finite(pvalues, "holm")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def paired_test(a: Sequence[float], b: Sequence[float], family_size: int = 1, seed: int = 0) -> dict:
+    """a − b over paired values (one pair per pre-training seed), with scipy's tests.
+
+    Returns {mean, std, n, t_low, t_high, p_t, boot_low, boot_high, boot_method, p_signflip,
+    resolvable}: the t interval and p-value (`ttest_rel`), the paired bootstrap interval (BCa from
+    BCA_MIN_N pairs, percentile below; `seed` fixes it), the exact sign-flip p-value and the smallest
+    |difference| this spread could resolve at level ALPHA / family_size. Refuses non-finite values and
+    fewer than two pairs.
     """
-    x = np.asarray(values, dtype=float)
-    if x.ndim != 1 or x.size == 0:
-        raise ValueError(f"bootstrap_ci needs a non-empty 1-d sequence of numbers, got shape {x.shape}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence={confidence} must be in (0, 1), e.g. 0.95")
+    from scipy import stats as sps
+
+    x, y = require_finite(a, "first mode"), require_finite(b, "second mode")
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired_test needs two 1-d sequences of equal length, got {x.shape} and {y.shape}")
+    n = x.size
+    if n < 2:
+        raise ValueError(f"paired_test needs at least two paired seeds, got {n}; add pre-training seeds")
+    d = x - y
+    out = {**mean_std(d), "t_low": float(d[0]), "t_high": float(d[0]), "p_t": 1.0 if d[0] == 0 else 0.0}
+    if np.ptp(d) > 0:  # constant differences: no spread, no test (scipy would return nan)
+        t = sps.ttest_rel(x, y)
+        ci = t.confidence_interval(CONFIDENCE)
+        out.update(t_low=float(ci.low), t_high=float(ci.high), p_t=float(t.pvalue))
+    mean_diff = lambda u, v, axis=-1: np.mean(u - v, axis=axis)  # noqa: E731
+    method = "BCa" if n >= BCA_MIN_N else "percentile"
+    if np.ptp(d) > 0:
+        boot = sps.bootstrap((x, y), mean_diff, paired=True, vectorized=True, n_resamples=RESAMPLES,
+                             confidence_level=CONFIDENCE, method=method, random_state=np.random.default_rng(seed))  # fmt: skip
+        out.update(
+            boot_low=float(boot.confidence_interval.low), boot_high=float(boot.confidence_interval.high)
+        )
+    else:
+        out.update(boot_low=float(d[0]), boot_high=float(d[0]))
+    flips = np.inf if 2**n <= EXACT_SIGN_FLIPS else RESAMPLES
+    perm = sps.permutation_test((x, y), mean_diff, permutation_type="samples", vectorized=True,
+                                n_resamples=flips, random_state=np.random.default_rng(seed))  # fmt: skip
+    q = sps.t.ppf(1 - ALPHA / (2 * family_size), n - 1)
+    out.update(
+        boot_method=method, p_signflip=float(perm.pvalue), resolvable=float(q * out["std"] / math.sqrt(n))
+    )
+    return out
+
+
+def two_level_bootstrap(diffs: Mapping[Hashable, Sequence[float]], seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean difference resampling pre-training seeds with replacement, then
+    the fine-tuning seeds within each picked seed with replacement. `diffs`: pre-training seed ->
+    the per-fine-tuning-seed differences. Seeded. (scipy's bootstrap has no nested resampling.)"""
+    groups = [require_finite(v, f"pre-training seed {k}") for k, v in diffs.items()]
+    if len(groups) < 2 or any(g.size == 0 for g in groups):
+        raise ValueError("two_level_bootstrap needs at least two pre-training seeds, each with a value")
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, x.size, size=(resamples, x.size))  # [resamples, n] indices into x
-    samples = x[picks]  # [resamples, n]
-    stats = samples.mean(axis=1) if statistic is None else statistic(samples)  # [resamples]
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(stats, [alpha, 1 - alpha])
+    means = np.empty(RESAMPLES)
+    for i in range(RESAMPLES):
+        picked = rng.integers(0, len(groups), size=len(groups))
+        means[i] = np.mean(
+            [groups[j][rng.integers(0, groups[j].size, size=groups[j].size)].mean() for j in picked]
+        )
+    low, high = np.quantile(means, [ALPHA / 2, 1 - ALPHA / 2])
     return float(low), float(high)
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Student-t interval of the mean (nan, nan for fewer than two values)."""
-    from scipy.stats import t
-
-    x = np.asarray(values, dtype=float)
-    if x.size < 2:
-        return math.nan, math.nan
-    half = t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
-    return float(x.mean() - half), float(x.mean() + half)
-
-
-def paired_difference(
-    a: Mapping[Hashable, float],
-    b: Mapping[Hashable, float],
-    confidence: float = CONFIDENCE,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-) -> dict:
-    """a − b over the pairs both have (keys such as (pretrain_seed, finetune_seed)), with a bootstrap CI
-    of the mean difference that resamples whole pairs.
-
-    Returns {mean, std, n, ci_low, ci_high, t_low, t_high, resolved}: std is the spread of the per-pair
-    differences; [ci_low, ci_high] the percentile bootstrap interval; [t_low, t_high] the Student-t
-    interval of the same mean. resolved: both intervals exclude 0. Why both: with very few pairs the
-    percentile bootstrap is too narrow (it can never be wider than the range of the differences, so
-    three same-signed differences always "exclude 0", a 1-in-4 event under no effect); the t interval
-    keeps the small-sample width, the bootstrap guards against a skewed or outlying pair. Pairs where
-    either value is missing or not finite are left out (a nan-scored seed cannot be compared).
-    """
-    keys = [k for k in a if k in b and finite(a[k]) and finite(b[k])]
-    if not keys:
-        raise ValueError(
-            f"no common finite pairs to compare: first has {sorted(map(str, a))}, second {sorted(map(str, b))}"
-        )
-    diffs = np.array([a[k] - b[k] for k in sorted(keys, key=str)], dtype=float)
-    low, high = bootstrap_ci(diffs, confidence=confidence, resamples=resamples, seed=seed)
-    t_low, t_high = t_interval(diffs, confidence)
-
-    def excludes(lo, hi):  # False for nan bounds
-        return bool(lo > 0 or hi < 0)
-
-    return {
-        **mean_std(diffs),
-        "ci_low": low,
-        "ci_high": high,
-        "t_low": t_low,
-        "t_high": t_high,
-        "resolved": excludes(low, high) and excludes(t_low, t_high),
-    }
-
-
-def unpaired_difference(
-    a: Sequence[float],
-    b: Sequence[float],
-    confidence: float = CONFIDENCE,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-) -> dict:
-    """mean(a) − mean(b) with each group resampled on its own: what ignoring the pairing would say."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.size == 0 or y.size == 0:
-        raise ValueError("unpaired_difference needs at least one value in each group")
-    rng = np.random.default_rng(seed)
-    means_x = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)  # [resamples]
-    means_y = y[rng.integers(0, y.size, size=(resamples, y.size))].mean(axis=1)  # [resamples]
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means_x - means_y, [alpha, 1 - alpha])
-    return {
-        "mean": float(x.mean() - y.mean()),
-        "ci_low": float(low),
-        "ci_high": float(high),
-        "resolved": bool(low > 0 or high < 0),
-    }
-
-
-def verdict(diff: dict, first: str = "first", second: str = "second") -> str:
-    """The plain-words column of a comparison table: which side is higher, or that it is not resolved."""
-    if not diff.get("resolved"):
-        return "not resolved (an interval includes 0)"
-    return f"{first} higher" if diff["mean"] > 0 else f"{first} lower"
+def verdict(row: Mapping, first: str = "first", second: str = "second") -> str:
+    """The plain-words column of a comparison table."""
+    tag = "" if row.get("family", "exploratory") != "exploratory" else " (exploratory, uncorrected)"
+    if not row.get("resolved"):
+        return "not resolved" + tag
+    return f"{first} {'higher' if row['difference'] > 0 else 'lower'}{tag}"
 
 
 # ---------------------------------------------------------------------------------------------- tables
 
 
 def summarize(records: Sequence[Mapping], group: Sequence[str], value: str = "value") -> list[dict]:
-    """mean ± std over seeds of `value` for each combination of the `group` fields (first-seen order)."""
+    """Per combination of the `group` fields (first-seen order): mean ± std and the t interval over the
+    finite values, with n (finite values) and failed (non-finite values, counted, not averaged)."""
     groups: dict[tuple, list[float]] = {}
     for r in records:
-        groups.setdefault(tuple(r[g] for g in group), []).append(r[value])
-    return [{**dict(zip(group, key)), **mean_std(vals)} for key, vals in groups.items()]
+        groups.setdefault(tuple(r[g] for g in group), []).append(float(r[value]))
+    rows = []
+    for key, vals in groups.items():
+        kept = [v for v in vals if math.isfinite(v)]
+        row = {**dict(zip(group, key)), "mean": math.nan, "std": math.nan, "n": 0}
+        if kept:
+            row.update(mean_std(kept))
+        row["t_low"], row["t_high"] = t_interval(kept) if len(kept) > 1 else (math.nan, math.nan)
+        row["failed"] = len(vals) - len(kept)
+        rows.append(row)
+    return rows
 
 
-def compare_modes(
+def paired_by_seed(
     records: Sequence[Mapping],
     quantity: Sequence[str],
-    pairs: Sequence[tuple[str, str]] = (("gdes", "es"), ("gdes", "nes")),
-    pair_keys: Sequence[str] = ("pretrain_seed", "finetune_seed"),
+    comparisons: Sequence[tuple[str, str]],
+    primary: Mapping[str, Sequence[tuple[tuple, str]]] | None = None,
     seed: int = 0,
 ) -> list[dict]:
-    """Paired differences between modes for every quantity.
+    """Paired differences between modes for every quantity, the pre-training seed as the unit.
 
-    records: {"mode", <quantity fields>, <pair_keys>, "value"} (fields missing from a record count as
-    ""). quantity: the fields that name what is measured (e.g. ("task", "metric")). One output row per
-    quantity and (first, second) mode pair: the difference first − second over the pairs both have,
-    its CI, and the verdict in words.
+    records: {"mode", <quantity fields>, "pretrain_seed", optionally "finetune_seed", "value"}.
+    Within each pre-training seed the values are averaged over fine-tuning seeds; a pre-training seed
+    with a non-finite value in either mode, or without both modes, is left out and counted in
+    `failed_seeds` / `unpaired_seeds`. `primary`: family name -> [(quantity key, "first - second")];
+    those rows are Holm-corrected within their family, all others are "exploratory" (uncorrected).
+    One row per quantity and comparison with fewer than ... at least two usable seeds.
     """
-    by_quantity: dict[tuple, dict[str, dict]] = {}
+    primary = primary or {}
+    family_of = {(tuple(k), c): name for name, items in primary.items() for k, c in items}
+    sizes = {name: len(items) for name, items in primary.items()}
+    cells: dict[tuple, dict[str, dict]] = {}
     for r in records:
         key = tuple(r.get(q, "") for q in quantity)
-        pair = tuple(r.get(k, "") for k in pair_keys)
-        by_quantity.setdefault(key, {}).setdefault(r["mode"], {})[pair] = r["value"]
+        per_seed = cells.setdefault(key, {}).setdefault(r["mode"], {}).setdefault(r["pretrain_seed"], {})
+        per_seed[r.get("finetune_seed", "")] = float(r["value"])
     rows = []
-    for key, modes in by_quantity.items():
-        labels = dict(zip(quantity, key))
-        for first, second in pairs:
+    for key, modes in cells.items():
+        for first, second in comparisons:
             if first not in modes or second not in modes:
                 continue
-            try:
-                diff = paired_difference(modes[first], modes[second], seed=seed)
-            except ValueError:
-                continue  # no common finite pair: nothing to say
-            common = [p for p in modes[first] if p in modes[second]]
-            rows.append(
-                {
-                    **labels,
-                    "comparison": f"{first} - {second}",
-                    "difference": diff["mean"],
-                    "std": diff["std"],
-                    "ci_low": diff["ci_low"],
-                    "ci_high": diff["ci_high"],
-                    "t_low": diff["t_low"],
-                    "t_high": diff["t_high"],
-                    "pairs": diff["n"],
-                    "pretrain_seeds": len({p[0] for p in common}),
-                    "resolved": "yes" if diff["resolved"] else "no",
-                    "reads": verdict(diff, first, second),
-                }
-            )
+            name = f"{first} - {second}"
+            family = family_of.get((key, name), "exploratory")
+            a, b = modes[first], modes[second]
+            common = sorted(set(a) & set(b))
+            bad = [p for p in common if not all(map(math.isfinite, [*a[p].values(), *b[p].values()]))]
+            usable = [p for p in common if p not in bad and set(a[p]) == set(b[p])]
+            row = {**dict(zip(quantity, key)), "comparison": name, "family": family, "n": len(usable),
+                   "failed_seeds": len(bad), "unpaired_seeds": len(set(a) ^ set(b)) + len(common) - len(bad) - len(usable)}  # fmt: skip
+            if len(usable) < 2:
+                rows.append({**row, "difference": math.nan, "resolved": False, "reads": "too few seeds"})
+                continue
+            test = paired_test([np.mean(list(a[p].values())) for p in usable],
+                               [np.mean(list(b[p].values())) for p in usable], sizes.get(family, 1), seed)  # fmt: skip
+            row.update(difference=test["mean"], std=test["std"], t_low=test["t_low"], t_high=test["t_high"],
+                       p_t=test["p_t"], boot_low=test["boot_low"], boot_high=test["boot_high"],
+                       boot_method=test["boot_method"], p_signflip=test["p_signflip"], resolvable=test["resolvable"])  # fmt: skip
+            inner = {len(a[p]) for p in usable}
+            if inner != {1}:
+                row["finetune_seeds"] = min(inner)
+                diffs = {p: [a[p][f] - b[p][f] for f in sorted(a[p], key=str)] for p in usable}
+                row["boot2_low"], row["boot2_high"] = two_level_bootstrap(diffs, seed)
+            rows.append(row)
+    tested = [r for r in rows if "p_t" in r]
+    for family in {r["family"] for r in tested}:
+        members = [r for r in tested if r["family"] == family]
+        adjusted = (
+            holm([r["p_t"] for r in members]) if family != "exploratory" else [r["p_t"] for r in members]
+        )
+        for r, p in zip(members, adjusted):
+            r["p_holm"] = p if family != "exploratory" else math.nan
+            r["resolved"] = bool(p < ALPHA)
+    for r in tested:
+        first, second = r["comparison"].split(" - ")
+        r["reads"] = verdict(r, first, second)
+    for r in rows:
+        r["resolved"] = "yes" if r["resolved"] else "no"
     return rows
 
 
@@ -268,31 +312,48 @@ def bars_with_spread(
 
 
 def differences_plot(
-    rows: Sequence[Mapping], label: Sequence[str], out_stem: Path, title: str = ""
+    rows: Sequence[Mapping], label: Sequence[str], out_stem: Path, title: str = "", ncols: int = 4
 ) -> list[Path] | None:
-    """Forest plot: each comparison's mean difference with its bootstrap CI, 0 marked. None when
-    matplotlib is not installed."""
+    """Small multiples: one panel per quantity (its own x scale), one line per comparison with its
+    t interval (the unit: pre-training seeds). Primary comparisons in colour with a star, resolved
+    ones filled; exploratory comparisons grey. 0 marked. None when matplotlib is not installed."""
+    rows = [r for r in rows if finite(r.get("difference")) and finite(r.get("t_low"))]
     if not plotting_available() or not rows:
         return None
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(7.0, 0.35 * len(rows) + 1.2))
-    ax = fig.subplots()
-    names = [" · ".join(str(r[k]) for k in label) + f"  ({r['comparison']})" for r in rows]
-    ys = np.arange(len(rows))[::-1]
-    for yy, r in zip(ys, rows):
-        color = "C0" if r["resolved"] == "yes" else "0.6"
-        ax.errorbar(
-            r["difference"],
-            yy,
-            xerr=[[r["difference"] - r["ci_low"]], [r["ci_high"] - r["difference"]]],
-            fmt="o",
-            color=color,
-            capsize=3,
-        )
-    ax.axvline(0, color="k", lw=0.6)
-    ax.set_yticks(ys, names, fontsize=7)
-    ax.set(xlabel="paired difference, 95 % bootstrap CI (grey: CI includes 0)", title=title)
+    panels: dict[str, list[Mapping]] = {}
+    for r in rows:
+        panels.setdefault(" · ".join(str(r[k]) for k in label), []).append(r)
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(
+        figsize=(3.2 * ncols, 0.45 * max(len(p) for p in panels.values()) * nrows + 1.1 * nrows + 0.6)
+    )
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, (name, members) in zip(axes, panels.items()):
+        ys = np.arange(len(members))[::-1]
+        for yy, r in zip(ys, members):
+            is_primary = r.get("family", "exploratory") != "exploratory"
+            color = "C3" if is_primary else "0.55"
+            resolved = r.get("resolved") in ("yes", True)
+            ax.errorbar(r["difference"], yy, xerr=[[r["difference"] - r["t_low"]], [r["t_high"] - r["difference"]]],
+                        fmt="o", color=color, mfc=color if resolved else "white", capsize=3)  # fmt: skip
+        ax.axvline(0, color="k", lw=0.6)
+        labels = [
+            ("★ " if r.get("family", "exploratory") != "exploratory" else "") + r["comparison"]
+            for r in members
+        ]
+        ax.set_yticks(ys, labels, fontsize=7)
+        ax.set_ylim(-0.7, len(members) - 0.3)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title + "\n★ red: primary (Holm within its claim); grey: exploratory; "
+                 "filled: resolved; bars: 95 % t interval over pre-training seeds", fontsize=8)  # fmt: skip
     return _save(fig, Path(out_stem))
 
 

@@ -9,6 +9,7 @@ Dimension legend: V rows of a table (vocabulary), D hidden size, n selected rows
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections.abc import Sequence
@@ -533,14 +534,16 @@ def run_quantities(run: RunRecord) -> dict[str, float]:
     """The tug-of-war figures of one run as scalars: final held-out MLM loss and RTD AUC, the mean train
     MLM loss over the run (the area under its curve: lower = converged faster), the average pairwise
     cosine of each table and E_G's minus E_D's, the class-separation gap of E_G and E_D (synthetic
-    corpus) and the probe means (similarity pull of each loss, gradient cosine)."""
+    corpus) and the probe means (similarity pull of each loss, gradient cosine). A diverged run keeps
+    its non-finite values (NaN loss at the last evaluation, NaN mean): it is counted as a failure by
+    the report, never silently averaged over its finite rows."""
     out: dict[str, float] = {}
-    evals = [r for r in run.rows("eval") if finite(r.get("mlm_loss"))]
+    evals = [r for r in run.rows("eval") if "mlm_loss" in r]
     if evals:
-        out["final_mlm_loss"] = evals[-1]["mlm_loss"]
-        if finite(evals[-1].get("rtd_auc")):
-            out["final_rtd_auc"] = evals[-1]["rtd_auc"]
-    train = [r["mlm_loss"] for r in run.rows("train") if finite(r.get("mlm_loss"))]
+        out["final_mlm_loss"] = _number(evals[-1]["mlm_loss"])
+        if "rtd_auc" in evals[-1]:
+            out["final_rtd_auc"] = _number(evals[-1]["rtd_auc"])
+    train = [_number(r["mlm_loss"]) for r in run.rows("train") if "mlm_loss" in r]
     if train:
         out["mean_train_mlm_loss"] = float(np.mean(train))
     tables = run.embeddings()
@@ -552,58 +555,53 @@ def run_quantities(run: RunRecord) -> dict[str, float]:
         for key, name in (("generator", "E_G"), ("discriminator", "E_D")):
             out[f"class_gap_{name}"] = class_separation(tables[key], classes)["gap"]
     for key in ("similarity_pull_mlm", "similarity_pull_rtd", "grad_cos"):
-        values = [r[key] for r in run.rows("probe") if finite(r.get(key))]
+        values = [_number(r[key]) for r in run.rows("probe") if key in r]
         if values:
             out[key] = float(np.mean(values))
     return out
+
+
+def _number(v) -> float:
+    """A logged value as a float; None (what JSON makes of NaN / inf in some writers) as NaN."""
+    return math.nan if v is None else float(v)
+
+
+def read_run_rows(path: Path) -> list[dict]:
+    """tug_of_war_runs.csv back as records {mode, pretrain_seed, quantity, value}: an empty cell is a
+    quantity the run does not have (cos_E_delta outside GDES), 'nan' a failed value."""
+    records = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            mode, seed = row.pop("mode"), int(row.pop("pretrain_seed"))
+            records += [{"mode": mode, "pretrain_seed": seed, "quantity": k, "value": float(v)}
+                        for k, v in row.items() if v != ""]  # fmt: skip
+    return records
 
 
 def seeded_report(
     run_dirs: dict[tuple[str, int], str | Path],
     out_dir: str | Path,
     comparisons=(("gdes", "es"), ("gdes", "nes")),
+    primary: dict | None = None,
 ) -> dict:
     """The tug-of-war over pre-training seeds, for runs keyed by (mode, seed).
 
-    Writes into out_dir: tug_of_war_runs.csv (every quantity of every run), tug_of_war_summary.{csv,md}
-    (mean ± std over seeds, bootstrap and Student-t 95 % intervals of the mean, per mode), tug_of_war_differences.{csv,md}
-    (paired differences between modes over the seeds both have, bootstrap 95 % CI, resolved or not),
-    curves with error bands over seeds (MLM loss train and held-out, the similarity pulls), each next
-    to its CSV, and the single-seed views of `tug_of_war_report` for the first seed in seed-<s>/.
+    Writes into out_dir: tug_of_war_runs.csv (every quantity of every run: the rows every table is
+    computed from), then `tug_of_war_tables` from that file; curves with error bands over seeds (MLM
+    loss train and held-out, the similarity pulls), each next to its CSV, and the single-seed views of
+    `tug_of_war_report` for the first seed in seed-<s>/. `primary`: see lab.analysis.stats.paired_by_seed.
     """
     from lab.analysis import stats
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = {key: load_run(path) for key, path in run_dirs.items()}
-    per_run, records = [], []
-    for (mode, seed), run in runs.items():
-        values = run_quantities(run)
-        per_run.append({"mode": mode, "pretrain_seed": seed, **values})
-        records += [
-            {"mode": mode, "pretrain_seed": seed, "quantity": k, "value": v} for k, v in values.items()
-        ]
-    write_csv(out_dir / "tug_of_war_runs.csv", per_run)
-    summary = stats.summarize(records, ("quantity", "mode"))
-    for row in summary:
-        values = [
-            r["value"] for r in records if r["quantity"] == row["quantity"] and r["mode"] == row["mode"]
-        ]
-        row["ci_low"], row["ci_high"] = stats.bootstrap_ci(values)
-        row["t_low"], row["t_high"] = stats.t_interval(values)
-    write_csv(out_dir / "tug_of_war_summary.csv", summary)
-    write_markdown(out_dir / "tug_of_war_summary.md", summary)
-    diffs = stats.compare_modes(records, ("quantity",), comparisons, pair_keys=("pretrain_seed",))
-    write_csv(out_dir / "tug_of_war_differences.csv", diffs)
-    write_markdown(out_dir / "tug_of_war_differences.md", diffs)
-    figures = [
-        stats.differences_plot(
-            diffs,
-            ("quantity",),
-            out_dir / "tug_of_war_differences",
-            "Paired differences over pre-training seeds",
-        )
+    per_run = [
+        {"mode": mode, "pretrain_seed": seed, **run_quantities(run)} for (mode, seed), run in runs.items()
     ]
+    write_csv(out_dir / "tug_of_war_runs.csv", per_run, digits=None)
+    tables = tug_of_war_tables(read_run_rows(out_dir / "tug_of_war_runs.csv"), out_dir, comparisons, primary)
+    figures = []
     for name, split, key, title in (
         ("mlm_loss_train", "train", "mlm_loss", "generator MLM loss (train), mean ± std over seeds"),
         ("mlm_loss_heldout", "eval", "mlm_loss", "generator MLM loss (held out), mean ± std over seeds"),
@@ -624,8 +622,24 @@ def seeded_report(
     single = tug_of_war_report(detail, out_dir / f"seed-{first_seed}")
     return {
         "runs": {f"{mode}-s{seed}": str(path) for (mode, seed), path in run_dirs.items()},
-        "summary": summary,
-        "differences": diffs,
+        **tables,
         "single_seed_claims": single["paper_claims"],
-        "figures": [str(p) for paths in figures if paths for p in paths],
+        "figures": tables["figures"] + [str(p) for paths in figures if paths for p in paths],
     }
+
+
+def tug_of_war_tables(records: list[dict], out_dir: Path, comparisons, primary: dict | None = None) -> dict:
+    """From the per-run records: tug_of_war_summary.{csv,md} (mean ± std and t interval per quantity
+    and mode over the finite runs, failed runs counted), tug_of_war_differences.{csv,md} (paired over
+    pre-training seeds, primary rows Holm-corrected) and the differences figure as small multiples."""
+    from lab.analysis import stats
+
+    summary = stats.summarize(records, ("quantity", "mode"))
+    write_csv(out_dir / "tug_of_war_summary.csv", summary)
+    write_markdown(out_dir / "tug_of_war_summary.md", summary)
+    diffs = stats.paired_by_seed(records, ("quantity",), comparisons, primary)
+    write_csv(out_dir / "tug_of_war_differences.csv", diffs)
+    write_markdown(out_dir / "tug_of_war_differences.md", diffs)
+    figure = stats.differences_plot(diffs, ("quantity",), out_dir / "tug_of_war_differences",
+                                    "Paired differences over pre-training seeds (each panel its own scale)")  # fmt: skip
+    return {"summary": summary, "differences": diffs, "figures": [str(p) for p in figure or []]}

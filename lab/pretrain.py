@@ -21,7 +21,7 @@ compute the same losses as one process with the same global batch (with dropout 
 Run directory (cfg.out_dir): config.json, metrics.jsonl, summary.json, checkpoints/ (a ring of
 checksummed checkpoints, see lab/checkpoint.py), tokenizer/spm.model, token_counts.npy,
 token_classes.json (synthetic corpus), embeddings.safetensors (generator / discriminator / delta
-tables), export/discriminator and export/generator (HF format).
+tables), embeddings/ (the same tables over training: lab/snapshots.py), export/discriminator and export/generator (HF format).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from lab.hf import save_pretrained
 from lab.meter import Meter, Progress
 from lab.model import preset
 from lab.rtd import MASK_STRATEGIES, SHARING_MODES, RTDModel, draw_noise
+from lab.snapshots import Recorder
 from lab.training import adamw, autocast, linear_schedule, set_lr
 from lab.util import (
     append_jsonl,
@@ -114,6 +115,10 @@ class PretrainConfig:
     )
     stop_after: int = 0  # end this invocation after this step (0 = run to `steps`); a rerun resumes
     progress: str = "line"  # line (a log line per interval) | bar (tqdm, for notebooks) | none
+    # word-table snapshots in embeddings/ (lab/snapshots.py): step 0, every snapshot_every steps, the last
+    snapshot_every: int = 0  # steps between snapshots (0 = at the probe steps)
+    snapshot_rows: int = 1024  # at most this many token ids kept, the most frequent (chosen once per run)
+    snapshot_mb: float = 8.0  # bound on embeddings/: fewer rows when the planned snapshots need it; 0 = off
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # config.json files written before compile took auto/on/off
@@ -134,9 +139,12 @@ class PretrainConfig:
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"PretrainConfig.mask_prob={self.mask_prob} must be in (0, 1)")
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "ckpt_every")
-        for name in (*positive, "keep_checkpoints"):
+        for name in (*positive, "keep_checkpoints", "snapshot_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PretrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("snapshot_every", "snapshot_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.seq_len < 8:
             raise ValueError(f"PretrainConfig.seq_len={self.seq_len} is too short; use at least 8")
         if self.compile == "on" and self.optimization == "decoupled" and self.sharing == "es":
@@ -170,6 +178,7 @@ def _train(cfg: PretrainConfig) -> dict:
     # the first steps (compilation, CUDA-graph capture, first allocations) are timed as overhead
     meter = Meter(run.device, step, warmup=3 if run.compiled else 1)
     progress = Progress(cfg.steps, step, f"pretrain {cfg.sharing}", cfg.progress, run.ddp.main)
+    snapshots = Recorder(run)  # drops the snapshots past a resumed step; writes on the main process only
     if run.ddp.main and step:
         progress.message(f"resuming {run.out_dir} at step {step} from {run.resumed_from}")
     try:
@@ -180,6 +189,9 @@ def _train(cfg: PretrainConfig) -> dict:
                 with meter.overhead("eval"):
                     row = evaluate(model, run.eval_batches, run.tok, cfg, run.device, run.amp)
                     append_jsonl(run.metrics, {"split": "eval", "step": step, **row})
+            if snapshots.due(step):  # the word tables before the step, as eval sees them
+                with meter.overhead("probe"):
+                    snapshots.write(step)
             # forward / backward over the micro-batches, the probe on the first when due
             probe = cfg.probe_every > 0 and step % cfg.probe_every == 0
             train_step(run, step, meter, probe)
@@ -200,6 +212,8 @@ def _train(cfg: PretrainConfig) -> dict:
         progress.message(f"interrupted at step {step}; checkpoint saved in {run.ckpt_dir}; rerun to resume")
         progress.close()
         raise
+    if snapshots.due(step):  # the final tables (or those of a stop_after step that is due)
+        snapshots.write(step)
     progress.close()
     return finish(run, step, meter)
 
@@ -596,6 +610,9 @@ _RESUMABLE_CHANGES = {
     "compile_mode",
     "attention_impl",  # the implementations agree to float rounding (tests/test_reference.py)
     "progress",
+    "snapshot_every",  # snapshots only read the tables; their rows are fixed by embeddings/ids.json
+    "snapshot_rows",
+    "snapshot_mb",
 }
 
 

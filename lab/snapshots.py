@@ -13,7 +13,7 @@ The ids are chosen once per run and recorded in embeddings/ids.json: the most fr
 tokens of the training split, at most `snapshot_rows`, and fewer when the planned snapshots would
 otherwise exceed `snapshot_mb` (three tables of float16 per snapshot, whatever the sharing mode, so
 ES, NES and GDES runs of one configuration keep the same rows). A few MB per run by default: the 300
-steps of `make demo` (18 snapshots, D = 256) keep the 280-odd most frequent of its ~900 words.
+steps of `make demo` (18 snapshots, D = 256) keep the 287 most frequent of its ~900 words.
 
 Only the main process writes, each file atomically (temporary file, fsync, rename). A resumed run
 deletes the snapshots after the step it resumes at (the interrupted invocation wrote them; the resumed
@@ -63,10 +63,14 @@ def choose_ids(token_counts: np.ndarray, special_ids, max_rows: int) -> list[int
     return seen[:max_rows]
 
 
+HEADER_BYTES = 1024  # a file's safetensors header (names, shapes, offsets, metadata) stays below this
+
+
 def rows_within(budget_mb: float, n_snapshots: int, hidden: int, max_rows: int) -> int:
-    """Rows per snapshot so that n_snapshots files of three float16 tables stay within budget_mb."""
-    per_row = n_snapshots * len(TABLES) * hidden * 2  # bytes
-    return max(1, min(max_rows, int(budget_mb * 1e6 // per_row)))
+    """Rows per snapshot so that n_snapshots files (three float16 tables, the int64 ids, a header) stay
+    within budget_mb."""
+    per_row = n_snapshots * (len(TABLES) * hidden * 2 + 8)  # bytes
+    return max(1, min(max_rows, int((budget_mb * 1e6 - n_snapshots * HEADER_BYTES) // per_row)))
 
 
 class Recorder:

@@ -92,7 +92,9 @@ def load_timeline(mode: str, run_dir: str | Path) -> Timeline | None:
     ids = next(iter(snapshots.values()))["ids"].tolist()
     classes = run.token_classes() or {}
     if any(i in classes for i in ids):
-        legend = sorted({classes[i] for i in ids if i in classes} | ({"other"} if set(ids) - set(classes) else set()))
+        legend = sorted(
+            {classes[i] for i in ids if i in classes} | ({"other"} if set(ids) - set(classes) else set())
+        )
         colour = np.array([legend.index(classes.get(i, "other")) for i in ids])
         by_row = {row: classes[i] for row, i in enumerate(ids) if i in classes}
         colour_by = f"latent word class ({len(legend)})"
@@ -152,7 +154,7 @@ def draw_frame(fig, timelines: dict[str, Timeline], step: int) -> None:
         for r, (_, name) in enumerate(TABLES):
             ax = fig.add_subplot(grid[r, 2 * j : 2 * j + 2])
             xy, lim = timeline.coords[name][k], _limits(timeline.coords[name])
-            ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=5, linewidths=0)
+            ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=7, linewidths=0)
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
             shared = " (= E_G, shared)" if mode == "es" and name == "E_D" else ""
             gap = timeline.gap[name][k]
@@ -160,7 +162,9 @@ def draw_frame(fig, timelines: dict[str, Timeline], step: int) -> None:
             ax.set_title(
                 f"{mode.upper()} {name}{shared}\ncos {timeline.cosine[name][k]:.3f}{gap_text}", fontsize=8
             )
-    for c, (key, title) in enumerate((("mlm_loss", "generator MLM loss"), ("rtd_loss", "discriminator RTD loss"))):
+    for c, (key, title) in enumerate(
+        (("mlm_loss", "generator MLM loss"), ("rtd_loss", "discriminator RTD loss"))
+    ):
         ax = fig.add_subplot(grid[2, c * len(modes) : (c + 1) * len(modes)])
         for j, mode in enumerate(modes):
             ax.plot(*timelines[mode].curves[key], color=f"C{j}", lw=1, label=mode.upper())
@@ -216,7 +220,9 @@ def explore(run_dirs: dict[str, str | Path], interval_ms: int = 1500, dpi: int =
         return _missing(run_dirs)
     steps = all_steps(timelines)
     # continuous_update=False: one redraw when the slider is let go, not one per pixel of the drag
-    slider = widgets.SelectionSlider(options=steps, value=steps[0], description="step", continuous_update=False)
+    slider = widgets.SelectionSlider(
+        options=steps, value=steps[0], description="step", continuous_update=False
+    )
     play = widgets.Play(min=0, max=len(steps) - 1, step=1, value=0, interval=interval_ms, description="play")
     widgets.jslink((play, "value"), (slider, "index"))  # in the browser: Play moves the slider
     view = widgets.Output()

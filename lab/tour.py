@@ -21,7 +21,6 @@ from lab.rtd import RTDModel, draw_noise
 from lab.synthetic import SyntheticLanguage
 from lab.tokenizer import Tokenizer
 
-
 DEMO_RUN = "runs/demo/gdes"  # `make demo`'s GDES run, relative to the project root
 TOUR_CORPUS = "synthetic:seed=0,words=60000"  # enough text for a few hundred steps, tokenised in seconds
 
@@ -35,19 +34,22 @@ def default_run(
     steps into out_dir/model (~25 s for the tiny one on 2 CPU cores, with a progress bar; a finished run
     there is reused). So the tour's P(replaced) comes from a discriminator that has learnt something."""
     from lab.checkpoint import candidates
-    from lab.notebook import pretrain_config, project_path
+    from lab.notebook import ROOT, pretrain_config, project_path
     from lab.pretrain import train
+
+    def shown(path: Path) -> str:  # paths under the project read as relative ones
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
     demo = project_path(demo)
     if candidates(demo / "checkpoints"):
-        return demo, f"`make demo`'s GDES run ({demo})"
-    run = Path(out_dir) / "model"
+        return demo, f"`make demo`'s GDES run ({shown(demo)})"
+    run = project_path(out_dir) / "model"
     fields = dict(preset=preset_name, sharing=sharing, seed=seed, corpus=TOUR_CORPUS, vocab_size=1000)
     summary = train(pretrain_config(run, steps, batch_size=16, seq_len=64, lr=2e-3, **fields))
     auc = summary["final_eval"]["rtd_auc"]
     return run, (
         f"a {preset_name} {sharing.upper()} model trained here for {steps} steps on the synthetic corpus "
-        f"({run}; `make demo` would provide a longer-trained one); held-out RTD AUC {auc:.2f} (0.5 = chance)"
+        f"({shown(run)}; `make demo` would provide a longer-trained one); held-out RTD AUC {auc:.2f} (0.5 = chance)"
     )
 
 

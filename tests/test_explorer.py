@@ -36,7 +36,10 @@ def runs(tmp_path_factory):
     from test_analysis import fabricate_run
 
     root = tmp_path_factory.mktemp("runs")
-    return {m: fabricate_snapshots(fabricate_run(root / m, m, seed=i)) for i, m in enumerate(("es", "nes", "gdes"))}
+    return {
+        m: fabricate_snapshots(fabricate_run(root / m, m, seed=i))
+        for i, m in enumerate(("es", "nes", "gdes"))
+    }
 
 
 # ---------------------------------------------------------------------------------------------- alignment
@@ -80,7 +83,9 @@ def test_timeline_titles_carry_the_tables_numbers_at_each_step(runs):
     classes = {int(k): v for k, v in json.loads((runs["nes"] / "token_classes.json").read_text()).items()}
     last = load_file(str(snapshot_path(runs["nes"], 40)))
     by_row = {r: classes[i] for r, i in enumerate(last["ids"].tolist()) if i in classes}
-    assert timeline.gap["E_G"][-1] == pytest.approx(class_separation(last["generator"].float(), by_row)["gap"])
+    assert timeline.gap["E_G"][-1] == pytest.approx(
+        class_separation(last["generator"].float(), by_row)["gap"]
+    )
     # the fabricated E_G clusters by class more and more as the blend moves from noise to the final table
     assert timeline.gap["E_G"][0] < 0.05 < timeline.gap["E_G"][-1]
     assert timeline.index(25) == 2 and timeline.index(40) == 4 and timeline.index(-1) == 0

@@ -10,8 +10,8 @@ from tiny_pretrain import tiny_config
 
 from lab import checkpoint
 from lab.pretrain import cli, train
-from lab.tokenizer import Tokenizer
 from lab.snapshots import choose_ids, load_snapshots, planned_steps, rows_within, snapshot_steps
+from lab.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,9 @@ def test_snapshots_at_step_0_the_probe_steps_and_the_end(gdes_run):
         assert snap["ids"].tolist() == ids
         assert snap["generator"].shape == (len(ids), 64)
         # E_D is what the discriminator reads: E_G + E_delta (float16 rounding apart)
-        torch.testing.assert_close(snap["discriminator"], snap["generator"] + snap["delta"], atol=2e-3, rtol=0)
+        torch.testing.assert_close(
+            snap["discriminator"], snap["generator"] + snap["delta"], atol=2e-3, rtol=0
+        )
     assert snapshots[0]["delta"].abs().max() == 0  # E_delta starts at zero
     assert not torch.equal(snapshots[0]["generator"], snapshots[8]["generator"])  # the tables moved
     final = load_file(str(gdes_run / "embeddings.safetensors"))  # the exported final tables

@@ -69,7 +69,9 @@ def _fabricated_runs(work: Path) -> dict:
     from test_explorer import fabricate_snapshots
 
     modes = ("es", "nes", "gdes")
-    return {f"{m}_run": str(fabricate_snapshots(fabricate_run(work / m, m, seed=i))) for i, m in enumerate(modes)}
+    return {
+        f"{m}_run": str(fabricate_snapshots(fabricate_run(work / m, m, seed=i))) for i, m in enumerate(modes)
+    }
 
 
 def _tiny_run(work: Path) -> dict:

@@ -21,7 +21,8 @@ compute the same losses as one process with the same global batch (with dropout 
 Run directory (cfg.out_dir): config.json, metrics.jsonl, summary.json, checkpoints/ (a ring of
 checksummed checkpoints, see lab/checkpoint.py), tokenizer/spm.model, token_counts.npy,
 token_classes.json (synthetic corpus), embeddings.safetensors (generator / discriminator / delta
-tables), embeddings/ (the same tables over training: lab/snapshots.py), export/discriminator and export/generator (HF format).
+tables), embeddings/ (the same tables over training: lab/snapshots.py), export/discriminator and
+export/generator (HF format).
 """
 
 from __future__ import annotations

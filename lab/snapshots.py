@@ -91,6 +91,8 @@ class Recorder:
             if step > run.start:
                 snapshot_path(run.out_dir, step).unlink()
         record = self.folder / IDS_FILE
+        if run.start == 0:  # a fresh run (none to resume) in a folder an earlier run may have used
+            record.unlink(missing_ok=True)
         if record.is_file():  # chosen once per run: a resumed run keeps the rows it started with
             ids = json.loads(record.read_text())["ids"]
         else:

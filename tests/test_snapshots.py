@@ -63,6 +63,8 @@ def test_es_snapshot_holds_the_shared_table_twice(tmp_path):
 def test_size_bound_cuts_rows_not_steps(tmp_path):
     budget = 0.05  # MB: 50 kB for 5 snapshots of 1 kB header + rows of 3 x 64 x 2 + 8 bytes -> 22 rows
     assert rows_within(budget, 5, 64, 1024) == 22
+    (tmp_path / "embeddings").mkdir()  # left by an earlier run in this folder, whose rows do not carry over
+    (tmp_path / "embeddings" / "ids.json").write_text(json.dumps({"ids": [7]}))
     train(tiny_config(tmp_path, snapshot_mb=budget))
     files = sorted((tmp_path / "embeddings").glob("step-*.safetensors"))
     assert len(files) == 5

@@ -230,10 +230,10 @@ def explore(run_dirs: dict[str, str | Path], interval_ms: int = 1500, dpi: int =
 
     def redraw(_=None):
         step = slider.value
+        view.clear_output(wait=True)
         with view:  # an exception here is shown in the output area, not lost in the kernel log
             if step not in pngs:
                 pngs[step] = figure_png(frame_figure(timelines, step), dpi=dpi)
-            view.clear_output(wait=True)
             display(Image(data=pngs[step]))
 
     slider.observe(redraw, names="value")

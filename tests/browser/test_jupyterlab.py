@@ -84,7 +84,8 @@ def _tiny_run(work: Path) -> dict:
 # One row per notebook: tiny parameters, so that all of them run in a few minutes on 2 CPU cores.
 # A notebook without a row runs with its defaults (each notebook's defaults are a fast CPU size).
 CASES = {
-    "00_tour": Case(min_images=4),  # rtd + attention, then the same two views in the widget area
+    # rtd + attention, then the same two views in the widget area; a short training for its default model
+    "00_tour": Case({"train_steps": 40}, min_images=4),
     "01_pretrain": Case(
         {"steps": 6, "batch_size": 4, "seq_len": 32, "corpus": "synthetic:seed=0,words=30000"}, min_images=1
     ),

@@ -92,17 +92,18 @@ def mask_counts(
 ) -> torch.Tensor:
     """How many tokens `mask_tokens` masks in each row [B] -> LongTensor [B], in integer arithmetic.
 
-        The rule of microsoft/DeBERTa's NGramMaskGenerator with max_gram=1 (DeBERTa/apps/tasks/mlm_task.py,
-        commit 8d492e9, class NGramMaskGenerator from line 41: `mask_window` line 57, `num_to_predict` line 74,
+    The rule of microsoft/DeBERTa's NGramMaskGenerator with max_gram=1 (DeBERTa/apps/tasks/mlm_task.py,
+    commit 8d492e9, class NGramMaskGenerator from line 41: `mask_window` line 57, `num_to_predict` line 74,
     the window loop lines 78-85, the stop lines 89-96), which rtd_task.py builds for RTD:
-            num_to_predict = min(max_preds_per_seq, max(1, int(round(len(tokens) * mask_lm_prob))))
-        where len(tokens) counts the whole row with [CLS] and [SEP] (L = non-pad tokens here), then one
-        token per window of int(1 / mask_prob) eligible tokens, stopping after num_to_predict: a row of U
-        eligible tokens masks min(num_to_predict, ceil(U / window)) (0 when U = 0).
-        mask_prob is taken as the nearest fraction a/b with b <= 10**6 (0.15 = 3/20) and round(L * a / b)
-        is computed exactly with ties to even, which equals the official float64 `round(L * 0.15)` for
-        every L up to 8192 (tests/test_rtd.py checks it). max_preds_per_seq is our slot count K =
-        ceil(mask_prob * T), which never binds."""
+
+        num_to_predict = min(max_preds_per_seq, max(1, int(round(len(tokens) * mask_lm_prob))))
+
+    where len(tokens) counts the whole row with [CLS] and [SEP] (L = non-pad tokens here), then one token
+    per window of int(1 / mask_prob) eligible tokens, stopping after num_to_predict: a row of U eligible
+    tokens masks min(num_to_predict, ceil(U / window)) (0 when U = 0). mask_prob is taken as the nearest
+    fraction a/b with b <= 10**6 (0.15 = 3/20) and round(L * a / b) is computed exactly with ties to
+    even, which equals the official float64 `round(L * 0.15)` for every L up to 8192 (tests/test_rtd.py
+    checks it). max_preds_per_seq is our slot count K = ceil(mask_prob * T), which never binds."""
     fraction = Fraction(mask_prob).limit_denominator(10**6)
     eligible = attention_mask.bool() & ~torch.isin(input_ids, special_ids)  # [B, T]
     n_eligible = eligible.sum(1)  # U [B]

@@ -239,8 +239,17 @@ def run(cfg: ExperimentConfig) -> dict:
         print(f"skipping task {task}: {why}", flush=True)
     tasks = tuple(t for t in cfg.tasks if t not in planned["skipped_tasks"])
     runs = planned_runs(cfg, tasks)
-    append_jsonl(log, {"event": "invocation", "time": _now(), "runs": len(runs), "cpu_kernels": kernel_path(cfg),
-                       "skipped_tasks": planned["skipped_tasks"], "estimate_s": planned["total_estimate_s"]})  # fmt: skip
+    append_jsonl(
+        log,
+        {
+            "event": "invocation",
+            "time": _now(),
+            "runs": len(runs),
+            "cpu_kernels": kernel_path(cfg),
+            "skipped_tasks": planned["skipped_tasks"],
+            "estimate_s": planned["total_estimate_s"],
+        },
+    )
     estimates = {r: row["estimate_s"] for r, row in zip(runs, planned["runs"])}
     todo = [r for r in runs if status(r, cfg) != "done"]
     for r in runs:
@@ -341,13 +350,20 @@ def report(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None, skipped:
     design = [
         {"setting": k, "value": v}
         for k, v in (
-            ("preset", cfg.preset), ("corpus", cfg.corpus), ("steps", cfg.steps), ("batch_size", cfg.batch_size),
-            ("seq_len", cfg.seq_len), ("pretrain_seeds", len(cfg.pretrain_seeds)),
-            ("finetune_seeds", len(cfg.finetune_seeds)), ("tasks", " ".join(tasks)), ("epochs", cfg.epochs),
-            ("max_train_examples", cfg.max_train_examples), ("cpu_kernels", cfg.cpu_kernels),
+            ("preset", cfg.preset),
+            ("corpus", cfg.corpus),
+            ("steps", cfg.steps),
+            ("batch_size", cfg.batch_size),
+            ("seq_len", cfg.seq_len),
+            ("pretrain_seeds", len(cfg.pretrain_seeds)),
+            ("finetune_seeds", len(cfg.finetune_seeds)),
+            ("tasks", " ".join(tasks)),
+            ("epochs", cfg.epochs),
+            ("max_train_examples", cfg.max_train_examples),
+            ("cpu_kernels", cfg.cpu_kernels),
             ("confidence", stats.CONFIDENCE),
         )
-    ]  # fmt: skip
+    ]
     analysis.write_csv(out / "design.csv", design)
     summary.update(tables_from_rows(out))
     if not stats.plotting_available():
@@ -400,8 +416,10 @@ def _failures(records: list[dict], stage: str, run_keys: tuple[str, ...]) -> lis
         key = tuple(r[k] for k in run_keys)
         ok = runs.setdefault(r["mode"], {}).get(key, True)
         runs[r["mode"]][key] = ok and math.isfinite(float(r["value"]))
-    return [{"stage": stage, "mode": mode, "runs": len(v), "failed": sum(not ok for ok in v.values())}
-            for mode, v in runs.items()]  # fmt: skip
+    return [
+        {"stage": stage, "mode": mode, "runs": len(v), "failed": sum(not ok for ok in v.values())}
+        for mode, v in runs.items()
+    ]
 
 
 def mlm_separation(rows: list[dict], out: Path) -> dict:
@@ -421,8 +439,17 @@ def mlm_separation(rows: list[dict], out: Path) -> dict:
             if len(seeds) < 2:
                 continue
             test = stats.paired_test([a[s] for s in seeds], [b[s] for s in seeds])
-            table.append({"step": step, "comparison": f"{first} - es", "difference": test["mean"], "n": len(seeds),
-                          "t_low": test["t_low"], "t_high": test["t_high"], "es_highest": test["t_high"] < 0})  # fmt: skip
+            table.append(
+                {
+                    "step": step,
+                    "comparison": f"{first} - es",
+                    "difference": test["mean"],
+                    "n": len(seeds),
+                    "t_low": test["t_low"],
+                    "t_high": test["t_high"],
+                    "es_highest": test["t_high"] < 0,
+                }
+            )
     analysis.write_csv(out / "mlm_separation.csv", table)
     steps = sorted({r["step"] for r in table})
     below = {s: all(r["es_highest"] for r in table if r["step"] == s) for s in steps}
@@ -452,18 +479,34 @@ def downstream_tables(records: list[dict], out: Path) -> dict:
     main = {(r["task"], r["metric"]) for r in records if r["metric"] in (r["main"], f"last_{r['main']}")}
     shown = [r for r in table if (r["task"], r["metric"]) in main]
     analysis.write_markdown(out / "downstream.md", shown)
-    primary = {DOWNSTREAM_FAMILY: [((t, m), c) for t, m in sorted({(r["task"], r["main"]) for r in records})
-                                   for c in DOWNSTREAM_PRIMARY]}  # fmt: skip
+    primary = {
+        DOWNSTREAM_FAMILY: [
+            ((t, m), c)
+            for t, m in sorted({(r["task"], r["main"]) for r in records})
+            for c in DOWNSTREAM_PRIMARY
+        ]
+    }
     diffs = stats.paired_by_seed(records, ("task", "metric"), COMPARISONS, primary)
     analysis.write_csv(out / "downstream_differences.csv", diffs)
     shown_diffs = [r for r in diffs if (r["task"], r["metric"]) in main]
     analysis.write_markdown(out / "downstream_differences.md", shown_diffs)
-    figures = stats.differences_plot(shown_diffs, ("task", "metric"), out / "downstream_differences",
-                                     "Downstream paired differences over pre-training seeds") or []  # fmt: skip
+    figures = (
+        stats.differences_plot(
+            shown_diffs,
+            ("task", "metric"),
+            out / "downstream_differences",
+            "Downstream paired differences over pre-training seeds",
+        )
+        or []
+    )
     bars = stats.bars_with_spread(
-        [r for r in records if r["metric"] == r["main"] and math.isfinite(r["value"])], "task", "value", "mode",
-        out / "downstream", title="Fine-tuned discriminator, best dev epoch (mean ± std over all runs)",
-    )  # fmt: skip
+        [r for r in records if r["metric"] == r["main"] and math.isfinite(r["value"])],
+        "task",
+        "value",
+        "mode",
+        out / "downstream",
+        title="Fine-tuned discriminator, best dev epoch (mean ± std over all runs)",
+    )
     return {
         "table": shown,
         "differences": shown_diffs,
@@ -495,32 +538,68 @@ def results_page(out: Path) -> str:
         if (out / "design.csv").is_file()
         else {}
     )
-    lines = ["# Sharing experiment: results", "",
-             "Generated by `python -m lab experiment` (lab/analysis/experiment.py, `results_page`) from the per-run rows "
-             "in this folder: tug_of_war_runs.csv (one row per pre-training run), downstream_runs.csv (one row "
-             "per fine-tuning run and metric). Do not edit by hand; `--report-only` rebuilds it from the rows.", ""]  # fmt: skip
+    lines = [
+        "# Sharing experiment: results",
+        "",
+        "Generated by `python -m lab experiment` (lab/analysis/experiment.py, `results_page`) from the per-run rows "
+        "in this folder: tug_of_war_runs.csv (one row per pre-training run), downstream_runs.csv (one row "
+        "per fine-tuning run and metric). Do not edit by hand; `--report-only` rebuilds it from the rows.",
+        "",
+    ]
     if design:
         lines += ["## Design (design.csv)", "", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {v if _is_number(v) else f'`{v}`'} |" for k, v in design.items()] + [""]
-    lines += ["The unit of replication is the pre-training seed: downstream scores are averaged over the "
-              "fine-tuning seeds of each pre-training seed before modes are compared, paired over "
-              "pre-training seeds (n below). Intervals: Student-t (scipy `ttest_rel`), the level in "
-              "design.csv. Each claim's primary comparisons are Holm-corrected within the claim; a primary "
-              "comparison is resolved when its Holm-adjusted p is below one minus that level. "
-              "`resolvable` is the smallest difference the design could call resolved at the spread "
-              "seen (t half width at the claim's strictest Holm level), so \"not resolved\" with a "
-              "difference well below it reads \"too few seeds\", not \"no effect\". Everything outside "
-              "the primary families is exploratory (uncorrected).", ""]  # fmt: skip
+    lines += [
+        "The unit of replication is the pre-training seed: downstream scores are averaged over the "
+        "fine-tuning seeds of each pre-training seed before modes are compared, paired over "
+        "pre-training seeds (n below). Intervals: Student-t (scipy `ttest_rel`), the level in "
+        "design.csv. Each claim's primary comparisons are Holm-corrected within the claim; a primary "
+        "comparison is resolved when its Holm-adjusted p is below one minus that level. "
+        "`resolvable` is the smallest difference the design could call resolved at the spread "
+        'seen (t half width at the claim\'s strictest Holm level), so "not resolved" with a '
+        'difference well below it reads "too few seeds", not "no effect". Everything outside '
+        "the primary families is exploratory (uncorrected).",
+        "",
+    ]
+    lines += _failures_section(out)
+    lines += _primary_section(out)
+    lines += _separation_section(out)
+    lines += [
+        "## Exploratory comparisons",
+        "",
+        "Every other difference, uncorrected: tug_of_war_differences.md and downstream_differences.md "
+        "(CSV beside each, with bootstrap and two-level bootstrap intervals); figures "
+        "tug_of_war_differences.png and downstream_differences.png (one panel per quantity on its own "
+        "scale; primary comparisons starred in red, exploratory grey).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _failures_section(out: Path) -> list[str]:
+    lines: list[str] = []
     if (out / "failures.csv").is_file():
-        lines += ["## Failures (failures.csv)", "",
-                  "A run with a non-finite value (diverged pre-training, collapsed fine-tuning) is a failure: "
-                  "counted here, and its pre-training seed left out of the comparisons that need it "
-                  "(column failed_seeds).", "", "| stage | mode | runs | failed |", "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Failures (failures.csv)",
+            "",
+            "A run with a non-finite value (diverged pre-training, collapsed fine-tuning) is a failure: "
+            "counted here, and its pre-training seed left out of the comparisons that need it "
+            "(column failed_seeds).",
+            "",
+            "| stage | mode | runs | failed |",
+            "|---|---|---|---|",
+        ]
         lines += [
             f"| {r['stage']} | {r['mode']} | {r['runs']} | {r['failed']} |"
             for r in _read_csv(out / "failures.csv")
         ]
         lines += [""]
+    return lines
+
+
+def _primary_section(out: Path) -> list[str]:
+    """The primary comparisons of every claim, a table per family, from the two differences CSVs."""
+    lines: list[str] = []
     rows = []
     for name in ("tug_of_war_differences.csv", "downstream_differences.csv"):
         if (out / name).is_file():
@@ -530,19 +609,31 @@ def results_page(out: Path) -> str:
     families = list(dict.fromkeys(r["family"] for r in rows if r["family"] != "exploratory"))
     lines += ["## Primary comparisons", ""]
     for family in families:
-        lines += [f"### {family}", "",
-                  "| quantity | comparison | n | failed_seeds | difference | t interval | Holm p | sign-flip p "
-                  "| resolvable | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"### {family}",
+            "",
+            "| quantity | comparison | n | failed_seeds | difference | t interval | Holm p | sign-flip p "
+            "| resolvable | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in (r for r in rows if r["family"] == family):
             if r.get("p_t", "") == "":
                 lines += [
                     f"| {r['what']} | {r['comparison']} | {r['n']} | {r['failed_seeds']} | | | | | | {r['reads']} |"
                 ]
                 continue
-            lines += [f"| {r['what']} | {r['comparison']} | {r['n']} | {r['failed_seeds']} | {_num(r['difference'], True)} "
-                      f"| [{_num(r['t_low'], True)}, {_num(r['t_high'], True)}] | {_num(r['p_holm'])} | "
-                      f"{_num(r['p_signflip'])} | {_num(r['resolvable'])} | {r['reads']} |"]  # fmt: skip
+            lines += [
+                f"| {r['what']} | {r['comparison']} | {r['n']} | {r['failed_seeds']} | {_num(r['difference'], True)} "
+                f"| [{_num(r['t_low'], True)}, {_num(r['t_high'], True)}] | {_num(r['p_holm'])} | "
+                f"{_num(r['p_signflip'])} | {_num(r['resolvable'])} | {r['reads']} |"
+            ]
         lines += [""]
+    return lines
+
+
+def _separation_section(out: Path) -> list[str]:
+    """From which evaluation step on ES's held-out MLM loss stays above both others (mlm_separation.csv)."""
+    lines: list[str] = []
     if (out / "mlm_separation.csv").is_file():
         sep = _read_csv(out / "mlm_separation.csv")
         steps = sorted({int(r["step"]) for r in sep})
@@ -554,19 +645,20 @@ def results_page(out: Path) -> str:
             start = s
         lines += ["## When the held-out MLM curves separate (mlm_separation.csv)", ""]
         if start is None:
-            lines += ["At no evaluation step up to the last one do both NES − ES and GDES − ES intervals stay "
-                      "below 0 to the end: the curves have not separated in this design.", ""]  # fmt: skip
+            lines += [
+                "At no evaluation step up to the last one do both NES − ES and GDES − ES intervals stay "
+                "below 0 to the end: the curves have not separated in this design.",
+                "",
+            ]
         else:
-            lines += [f"From step {start} to the last evaluation (step {steps[-1]}), ES's held-out MLM loss is "
-                      "above both NES's and GDES's at every evaluation, the paired t interval of each "
-                      "difference below 0 (per-step rows in mlm_separation.csv; curves in "
-                      "mlm_loss_heldout.png).", ""]  # fmt: skip
-    lines += ["## Exploratory comparisons", "",
-              "Every other difference, uncorrected: tug_of_war_differences.md and downstream_differences.md "
-              "(CSV beside each, with bootstrap and two-level bootstrap intervals); figures "
-              "tug_of_war_differences.png and downstream_differences.png (one panel per quantity on its own "
-              "scale; primary comparisons starred in red, exploratory grey).", ""]  # fmt: skip
-    return "\n".join(lines)
+            lines += [
+                f"From step {start} to the last evaluation (step {steps[-1]}), ES's held-out MLM loss is "
+                "above both NES's and GDES's at every evaluation, the paired t interval of each "
+                "difference below 0 (per-step rows in mlm_separation.csv; curves in "
+                "mlm_loss_heldout.png).",
+                "",
+            ]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- CLI

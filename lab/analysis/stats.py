@@ -121,16 +121,30 @@ def paired_test(a: Sequence[float], b: Sequence[float], family_size: int = 1, se
     mean_diff = lambda u, v, axis=-1: np.mean(u - v, axis=axis)  # noqa: E731
     method = "BCa" if n >= BCA_MIN_N else "percentile"
     if np.ptp(d) > 0:
-        boot = sps.bootstrap((x, y), mean_diff, paired=True, vectorized=True, n_resamples=RESAMPLES,
-                             confidence_level=CONFIDENCE, method=method, random_state=np.random.default_rng(seed))  # fmt: skip
+        boot = sps.bootstrap(
+            (x, y),
+            mean_diff,
+            paired=True,
+            vectorized=True,
+            n_resamples=RESAMPLES,
+            confidence_level=CONFIDENCE,
+            method=method,
+            random_state=np.random.default_rng(seed),
+        )
         out.update(
             boot_low=float(boot.confidence_interval.low), boot_high=float(boot.confidence_interval.high)
         )
     else:
         out.update(boot_low=float(d[0]), boot_high=float(d[0]))
     flips = np.inf if 2**n <= EXACT_SIGN_FLIPS else RESAMPLES
-    perm = sps.permutation_test((x, y), mean_diff, permutation_type="samples", vectorized=True,
-                                n_resamples=flips, random_state=np.random.default_rng(seed))  # fmt: skip
+    perm = sps.permutation_test(
+        (x, y),
+        mean_diff,
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=flips,
+        random_state=np.random.default_rng(seed),
+    )
     q = sps.t.ppf(1 - ALPHA / (2 * family_size), n - 1)
     out.update(
         boot_method=method, p_signflip=float(perm.pvalue), resolvable=float(q * out["std"] / math.sqrt(n))
@@ -199,7 +213,8 @@ def paired_by_seed(
     with a non-finite value in either mode, or without both modes, is left out and counted in
     `failed_seeds` / `unpaired_seeds`. `primary`: family name -> [(quantity key, "first - second")];
     those rows are Holm-corrected within their family, all others are "exploratory" (uncorrected).
-    One row per quantity and comparison with fewer than ... at least two usable seeds.
+    One row per quantity and comparison; with fewer than two usable seeds its difference is NaN and it
+    reads "too few seeds".
     """
     primary = primary or {}
     family_of = {(tuple(k), c): name for name, items in primary.items() for k, c in items}
@@ -220,22 +235,47 @@ def paired_by_seed(
             common = sorted(set(a) & set(b))
             bad = [p for p in common if not all(map(math.isfinite, [*a[p].values(), *b[p].values()]))]
             usable = [p for p in common if p not in bad and set(a[p]) == set(b[p])]
-            row = {**dict(zip(quantity, key)), "comparison": name, "family": family, "n": len(usable),
-                   "failed_seeds": len(bad), "unpaired_seeds": len(set(a) ^ set(b)) + len(common) - len(bad) - len(usable)}  # fmt: skip
+            row = {
+                **dict(zip(quantity, key)),
+                "comparison": name,
+                "family": family,
+                "n": len(usable),
+                "failed_seeds": len(bad),
+                "unpaired_seeds": len(set(a) ^ set(b)) + len(common) - len(bad) - len(usable),
+            }
             if len(usable) < 2:
                 rows.append({**row, "difference": math.nan, "resolved": False, "reads": "too few seeds"})
                 continue
-            test = paired_test([np.mean(list(a[p].values())) for p in usable],
-                               [np.mean(list(b[p].values())) for p in usable], sizes.get(family, 1), seed)  # fmt: skip
-            row.update(difference=test["mean"], std=test["std"], t_low=test["t_low"], t_high=test["t_high"],
-                       p_t=test["p_t"], boot_low=test["boot_low"], boot_high=test["boot_high"],
-                       boot_method=test["boot_method"], p_signflip=test["p_signflip"], resolvable=test["resolvable"])  # fmt: skip
+            test = paired_test(
+                [np.mean(list(a[p].values())) for p in usable],
+                [np.mean(list(b[p].values())) for p in usable],
+                sizes.get(family, 1),
+                seed,
+            )
+            row.update(
+                difference=test["mean"],
+                std=test["std"],
+                t_low=test["t_low"],
+                t_high=test["t_high"],
+                p_t=test["p_t"],
+                boot_low=test["boot_low"],
+                boot_high=test["boot_high"],
+                boot_method=test["boot_method"],
+                p_signflip=test["p_signflip"],
+                resolvable=test["resolvable"],
+            )
             inner = {len(a[p]) for p in usable}
             if inner != {1}:
                 row["finetune_seeds"] = min(inner)
                 diffs = {p: [a[p][f] - b[p][f] for f in sorted(a[p], key=str)] for p in usable}
                 row["boot2_low"], row["boot2_high"] = two_level_bootstrap(diffs, seed)
             rows.append(row)
+    return _resolve_within_families(rows)
+
+
+def _resolve_within_families(rows: list[dict]) -> list[dict]:
+    """Holm within each named family (exploratory rows keep their own p), then `resolved` (adjusted p below
+    ALPHA, as "yes" / "no") and the plain-words `reads` of every tested row."""
     tested = [r for r in rows if "p_t" in r]
     for family in {r["family"] for r in tested}:
         members = [r for r in tested if r["family"] == family]
@@ -338,8 +378,15 @@ def differences_plot(
             is_primary = r.get("family", "exploratory") != "exploratory"
             color = "C3" if is_primary else "0.55"
             resolved = r.get("resolved") in ("yes", True)
-            ax.errorbar(r["difference"], yy, xerr=[[r["difference"] - r["t_low"]], [r["t_high"] - r["difference"]]],
-                        fmt="o", color=color, mfc=color if resolved else "white", capsize=3)  # fmt: skip
+            ax.errorbar(
+                r["difference"],
+                yy,
+                xerr=[[r["difference"] - r["t_low"]], [r["t_high"] - r["difference"]]],
+                fmt="o",
+                color=color,
+                mfc=color if resolved else "white",
+                capsize=3,
+            )
         ax.axvline(0, color="k", lw=0.6)
         labels = [
             ("★ " if r.get("family", "exploratory") != "exploratory" else "") + r["comparison"]
@@ -352,8 +399,11 @@ def differences_plot(
         ax.xaxis.set_major_locator(MaxNLocator(4))
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle(title + "\n★ red: primary (Holm within its claim); grey: exploratory; "
-                 "filled: resolved; bars: 95 % t interval over pre-training seeds", fontsize=8)  # fmt: skip
+    fig.suptitle(
+        title + "\n★ red: primary (Holm within its claim); grey: exploratory; "
+        "filled: resolved; bars: 95 % t interval over pre-training seeds",
+        fontsize=8,
+    )
     return _save(fig, Path(out_stem))
 
 

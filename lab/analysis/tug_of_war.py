@@ -573,8 +573,11 @@ def read_run_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             mode, seed = row.pop("mode"), int(row.pop("pretrain_seed"))
-            records += [{"mode": mode, "pretrain_seed": seed, "quantity": k, "value": float(v)}
-                        for k, v in row.items() if v != ""]  # fmt: skip
+            records += [
+                {"mode": mode, "pretrain_seed": seed, "quantity": k, "value": float(v)}
+                for k, v in row.items()
+                if v != ""
+            ]
     return records
 
 
@@ -640,6 +643,10 @@ def tug_of_war_tables(records: list[dict], out_dir: Path, comparisons, primary: 
     diffs = stats.paired_by_seed(records, ("quantity",), comparisons, primary)
     write_csv(out_dir / "tug_of_war_differences.csv", diffs)
     write_markdown(out_dir / "tug_of_war_differences.md", diffs)
-    figure = stats.differences_plot(diffs, ("quantity",), out_dir / "tug_of_war_differences",
-                                    "Paired differences over pre-training seeds (each panel its own scale)")  # fmt: skip
+    figure = stats.differences_plot(
+        diffs,
+        ("quantity",),
+        out_dir / "tug_of_war_differences",
+        "Paired differences over pre-training seeds (each panel its own scale)",
+    )
     return {"summary": summary, "differences": diffs, "figures": [str(p) for p in figure or []]}

@@ -154,8 +154,10 @@ def part_env(c: Check) -> dict:
     defaults = PretrainConfig()
     info["pretrain_compile_default"] = f"{defaults.compile}/{defaults.compile_mode}"
     info["skipped_by_design"] = SKIPPED_BY_DESIGN
-    c.log(f"{info['device_name']}: bf16 {rate(c.peaks['bf16'])}, fp32 {rate(c.peaks['fp32'])} at {c.sizes.peak_n}^3; "
-          f"attention {info['attention_impls']}")  # fmt: skip
+    c.log(
+        f"{info['device_name']}: bf16 {rate(c.peaks['bf16'])}, fp32 {rate(c.peaks['fp32'])} at {c.sizes.peak_n}^3; "
+        f"attention {info['attention_impls']}"
+    )
     return info
 
 
@@ -199,8 +201,15 @@ def _bench_config(c: Check, **kw) -> bench.BenchConfig:
 def part_step(c: Check) -> dict:
     name, T, B, dtype = c.sizes.step
     # one candidate in memory at a time: the peer alone peaked at 60 GB at base T=512 batch 32
-    bc = _bench_config(c, presets=(name,), dtypes=(dtype,), step_seq_lens=(T,), tokens_per_step=B * T,
-                       kinds=("step",), one_at_a_time=True)  # fmt: skip
+    bc = _bench_config(
+        c,
+        presets=(name,),
+        dtypes=(dtype,),
+        step_seq_lens=(T,),
+        tokens_per_step=B * T,
+        kinds=("step",),
+        one_at_a_time=True,
+    )
     c.log(HEADER)
     rows = bench.compare("step", name, dtype, T, bc, c.device, c.peaks[dtype], c.log)
     c.state["step_rows"] = rows
@@ -210,8 +219,14 @@ def part_step(c: Check) -> dict:
 def part_attention(c: Check) -> dict:
     name, lengths, tokens, dtype = c.sizes.attention
     impls = tuple(i for i in attention_impls(c.device) if i != "flex")  # flex: the last part, isolated
-    bc = _bench_config(c, presets=(name,), dtypes=(dtype,), tokens_per_step=tokens, kinds=("attention",),
-                       attention_impls=impls)  # fmt: skip
+    bc = _bench_config(
+        c,
+        presets=(name,),
+        dtypes=(dtype,),
+        tokens_per_step=tokens,
+        kinds=("attention",),
+        attention_impls=impls,
+    )
     c.log(HEADER)
     rows = c.partial.setdefault("rows", [])
     for T in lengths:
@@ -310,8 +325,10 @@ def run_process_group(command: list[str], env: dict, timeout: float) -> subproce
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        raise TimeoutError(f"{' '.join(command[:6])} ... killed (process group) after {timeout:.0f} s:\n"
-                           f"{(stdout + stderr)[-2000:]}") from None  # fmt: skip
+        raise TimeoutError(
+            f"{' '.join(command[:6])} ... killed (process group) after {timeout:.0f} s:\n"
+            f"{(stdout + stderr)[-2000:]}"
+        ) from None
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
@@ -339,8 +356,13 @@ def allreduce_child(device_type: str) -> dict:
     x = torch.full((4,), float(rank + 1), device=device)
     dist.all_reduce(x)
     world = dist.get_world_size()
-    result = {"backend": dist.get_backend(), "world_size": world, "sum": float(x[0]),
-              "expected": world * (world + 1) / 2, "device": str(x.device)}  # fmt: skip
+    result = {
+        "backend": dist.get_backend(),
+        "world_size": world,
+        "sum": float(x[0]),
+        "expected": world * (world + 1) / 2,
+        "device": str(x.device),
+    }
     dist.destroy_process_group()
     return result
 
@@ -370,23 +392,13 @@ def part_torchrun(c: Check) -> dict:
     env = _child_env()
     if c.device.type == "cuda":
         env["NCCL_DEBUG"] = "INFO"  # evidence in the log that a NCCL communicator was created
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "1",
-        "-m",
-        "lab",
-        "pretrain",
-        *argv,
-    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    command = [*torchrun, "-m", "lab", "pretrain", *argv]
     c.log("  " + " ".join(command[1:]))
     start = time.perf_counter()
     # a world of one never all-reduces in the loop (DDP is not wrapped), so a second launch does one
     # all-reduce on the device and says which backend carried it
-    reduce_command = [*command[:6], "-m", "lab.bench.gpucheck", "--allreduce-child", c.device.type]
+    reduce_command = [*torchrun, "-m", "lab.bench.gpucheck", "--allreduce-child", c.device.type]
     reduce = run_process_group(reduce_command, env, timeout=min(120.0, remaining_s()))
     if reduce.returncode != 0:
         raise RuntimeError(
@@ -410,15 +422,22 @@ def part_torchrun(c: Check) -> dict:
     summary = json.loads((out_dir / "summary.json").read_text())
     losses = [r["loss"] for r in read_jsonl(out_dir / "metrics.jsonl") if r["split"] == "train"]
     result.update(
-        world_size=summary["world_size"], device_used=summary["device"], steps=summary["steps"],
-        tokens_per_s=summary["tokens_per_s"], train_losses=losses,
-        ok=summary["steps"] == size.steps and bool(losses) and all(math.isfinite(x) for x in losses)
+        world_size=summary["world_size"],
+        device_used=summary["device"],
+        steps=summary["steps"],
+        tokens_per_s=summary["tokens_per_s"],
+        train_losses=losses,
+        ok=summary["steps"] == size.steps
+        and bool(losses)
+        and all(math.isfinite(x) for x in losses)
         and allreduce["sum"] == allreduce["expected"],
-    )  # fmt: skip
-    c.log(f"  torchrun: exit 0, {summary['steps']} steps on {summary['device']}, world {summary['world_size']}, "
-          f"losses {', '.join(f'{x:.3f}' for x in losses)}; all-reduce over {allreduce['backend']} on "
-          f"{allreduce['device']}: {allreduce['sum']} (expected {allreduce['expected']}); "
-          f"{result['nccl_log_lines']} NCCL INFO lines")  # fmt: skip
+    )
+    c.log(
+        f"  torchrun: exit 0, {summary['steps']} steps on {summary['device']}, world {summary['world_size']}, "
+        f"losses {', '.join(f'{x:.3f}' for x in losses)}; all-reduce over {allreduce['backend']} on "
+        f"{allreduce['device']}: {allreduce['sum']} (expected {allreduce['expected']}); "
+        f"{result['nccl_log_lines']} NCCL INFO lines"
+    )
     return result
 
 
@@ -496,8 +515,16 @@ def flex_child(smoke: bool, device_type: str) -> dict:
             except Exception as err:
                 checks[f"encoder[flex]/{dtype}"] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
     name, lengths, tokens, dtype = sizes.attention
-    bc = bench.BenchConfig(warmup=sizes.warmup, repeats=sizes.repeats, memory=False, presets=(name,),
-                           dtypes=(dtype,), tokens_per_step=tokens, kinds=("attention",), attention_impls=("flex",))  # fmt: skip
+    bc = bench.BenchConfig(
+        warmup=sizes.warmup,
+        repeats=sizes.repeats,
+        memory=False,
+        presets=(name,),
+        dtypes=(dtype,),
+        tokens_per_step=tokens,
+        kinds=("attention",),
+        attention_impls=("flex",),
+    )
     peak = matmul_peak(dtype, device, sizes.peak_n)
     rows = []
     for T in lengths:
@@ -531,13 +558,24 @@ def part_compile_pretrain(c: Check) -> dict:
     the loop's own default (compile_mode="auto": reduce-overhead at xsmall): does auto's pick hold?"""
     from lab.pretrain.loop import PretrainConfig, compile_mode
 
-    row = pretrain_row(c.sizes.pretrain, c.device, c.work / "pretrain-default", peaks=c.peaks, log=c.log,
-                       compile="on", compile_mode="default")  # fmt: skip
+    row = pretrain_row(
+        c.sizes.pretrain,
+        c.device,
+        c.work / "pretrain-default",
+        peaks=c.peaks,
+        log=c.log,
+        compile="on",
+        compile_mode="default",
+    )
     row.impl += "+default"
     c.log(format_row(row))
     auto = PretrainConfig(preset=c.sizes.pretrain.preset)
-    return {"rows": [row], "mode": "default", "shape": f"pretrain {c.sizes.pretrain.preset}",
-            "auto_mode": compile_mode(auto, 1)}  # fmt: skip
+    return {
+        "rows": [row],
+        "mode": "default",
+        "shape": f"pretrain {c.sizes.pretrain.preset}",
+        "auto_mode": compile_mode(auto, 1),
+    }
 
 
 # In order of what the issue-9 targets need; the budgets (expected seconds on an H100 / H200) add up to

@@ -92,6 +92,54 @@ def targets(records: dict, device_name: str) -> list[dict]:
     return out
 
 
+def target_lines(targets: list[dict]) -> list[str]:
+    """One line per target: its measured value, its goal and met / MISSED (blank when not measured)."""
+    lines = ["targets:"]
+    for t in targets:
+        if t["value"] is None:
+            value = "not measured"
+        elif t["unit"] == "%":
+            value = f"{100 * t['value']:.1f} %"
+        elif t["unit"] == "x":
+            value = f"{t['value']:,.2f} {t['unit']}"
+        else:
+            value = f"{t['value']:,.0f} {t['unit']}"
+        goal = f"{100 * t['min']:.0f} %" if t["unit"] == "%" else f"{t['min']:,} {t['unit']}"
+        verdict = "" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        lines.append(f"  {t['target']:<58} {value:>16}  (>= {goal}) {verdict}")
+    return lines
+
+
+def compile_lines(parts: dict, env: dict) -> list[str]:
+    """The compile parts: the pre-training loop's auto mode against default, and the step's mode sweep."""
+    lines: list[str] = []
+    compiled = [
+        (n, r["result"])
+        for n, r in parts.items()
+        if n.startswith("compile:") and r.get("result") and "shape" not in r["result"]
+    ]
+    loop = (parts.get("compile:pretrain-default") or {}).get("result")
+    pre = next(iter(_rows({"pretrain": parts["pretrain"]})), None) if "pretrain" in parts else None
+    if loop and pre:
+        lines.append(
+            f"{loop['shape']} loop: compile_mode auto ({loop['auto_mode']}) {pre['tokens_per_s']:,.0f} tok/s, "
+            f"default {loop['rows'][0]['tokens_per_s']:,.0f} tok/s"
+        )
+    if compiled:
+        cells = [
+            f"{res['mode']} {res['rows'][0]['ms']:.1f} ms (compile {res['rows'][0]['compile_s']:.0f} s)"
+            for _, res in compiled
+        ]
+        best = min(compiled, key=lambda item: item[1]["rows"][0]["ms"])[1]["mode"]
+        lines.append(
+            "compile sweep (step part's shape; later modes reuse earlier compilation where they can): "
+            + "; ".join(cells)
+            + f"; fastest: {best} (pre-training default compile/mode: "
+            f"{env.get('pretrain_compile_default')})"
+        )
+    return lines
+
+
 def summary_text(result: dict) -> str:
     env = (result["parts"].get("env") or {}).get("result") or {}
     parts = result["parts"]
@@ -105,22 +153,7 @@ def summary_text(result: dict) -> str:
         lines.append(f"matmul peak at {env['matmul_peak_n']}^3: bf16 {rate(1e12 * peaks['bf16'])}, fp32 {rate(1e12 * peaks['fp32'])}; "
                      f"attention impls {env.get('attention_impls')}, disentangled-flash {env.get('disentangled_flash') or 'absent'}")  # fmt: skip
     lines.append("parts: " + ", ".join(f"{n} {r['status']}" + (f" {r['seconds']:.0f}s" if "seconds" in r else "") for n, r in parts.items()))  # fmt: skip
-    lines.append("targets:")
-    for t in result["targets"]:
-        value = (
-            "not measured"
-            if t["value"] is None
-            else (
-                f"{100 * t['value']:.1f} %"
-                if t["unit"] == "%"
-                else f"{t['value']:,.2f} {t['unit']}"
-                if t["unit"] == "x"
-                else f"{t['value']:,.0f} {t['unit']}"
-            )
-        )
-        goal = f"{100 * t['min']:.0f} %" if t["unit"] == "%" else f"{t['min']:,} {t['unit']}"
-        verdict = "" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        lines.append(f"  {t['target']:<58} {value:>16}  (>= {goal}) {verdict}")
+    lines += target_lines(result["targets"])
     corr = (parts.get("correctness") or {}).get("result")
     if corr:
         lines.append("correctness on the device (vs float64 reference):")
@@ -137,30 +170,17 @@ def summary_text(result: dict) -> str:
     tr = (parts.get("torchrun") or {}).get("result")
     if tr:
         ar = tr.get("allreduce") or {}
-        lines.append(f"torchrun 1 process: {tr['steps']} steps on {tr['device_used']}, world {tr['world_size']}, "
-                     f"{tr['tokens_per_s']:,.0f} tok/s; all-reduce over {tr['backend']} on {ar.get('device')}: "
-                     f"{ar.get('sum')} (expected {ar.get('expected')}), {tr['nccl_log_lines']} NCCL INFO lines")  # fmt: skip
+        lines.append(
+            f"torchrun 1 process: {tr['steps']} steps on {tr['device_used']}, world {tr['world_size']}, "
+            f"{tr['tokens_per_s']:,.0f} tok/s; all-reduce over {tr['backend']} on {ar.get('device')}: "
+            f"{ar.get('sum')} (expected {ar.get('expected')}), {tr['nccl_log_lines']} NCCL INFO lines"
+        )
     ft = (parts.get("finetune") or {}).get("result")
     if ft:
         dev = {k: round(v, 4) for k, v in ft["dev"].items() if isinstance(v, float)}
         source = "the short run" if Path(ft.get("init", "")).name == "short-run" else ft.get("init")
         lines.append(f"fine-tune {ft['task']} from {source}: dev {dev}")
-    compiled = [(n, r["result"]) for n, r in parts.items()
-                if n.startswith("compile:") and r.get("result") and "shape" not in r["result"]]  # fmt: skip
-    loop = (parts.get("compile:pretrain-default") or {}).get("result")
-    pre = next(iter(_rows({"pretrain": parts["pretrain"]})), None) if "pretrain" in parts else None
-    if loop and pre:
-        lines.append(f"{loop['shape']} loop: compile_mode auto ({loop['auto_mode']}) {pre['tokens_per_s']:,.0f} tok/s, "
-                     f"default {loop['rows'][0]['tokens_per_s']:,.0f} tok/s")  # fmt: skip
-    if compiled:
-        cells = [
-            f"{res['mode']} {res['rows'][0]['ms']:.1f} ms (compile {res['rows'][0]['compile_s']:.0f} s)"
-            for _, res in compiled
-        ]
-        best = min(compiled, key=lambda item: item[1]["rows"][0]["ms"])[1]["mode"]
-        lines.append("compile sweep (step part's shape; later modes reuse earlier compilation where they can): "
-                     + "; ".join(cells) + f"; fastest: {best} (pre-training default compile/mode: "
-                     f"{env.get('pretrain_compile_default')})")  # fmt: skip
+    lines += compile_lines(parts, env)
     for name, reason in (env.get("skipped_by_design") or {}).items():
         lines.append(f"skipped: {name}: {reason[:150]}")
     for name, record in parts.items():

@@ -186,10 +186,19 @@ def finetune_row(
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)  # finished seeds there would be skipped, not timed
     cfg = finetune.FinetuneConfig(
-        task=task, glue_dir=glue_dir, init=init, out_dir=str(out), epochs=fb.epochs, batch_size=fb.batch,
-        max_seq_len=fb.seq_len, max_train_examples=fb.examples, max_eval_examples=fb.eval_examples, seeds=(1,),
-        device=str(device), compile="on" if fb.compile else "off",
-    )  # fmt: skip
+        task=task,
+        glue_dir=glue_dir,
+        init=init,
+        out_dir=str(out),
+        epochs=fb.epochs,
+        batch_size=fb.batch,
+        max_seq_len=fb.seq_len,
+        max_train_examples=fb.examples,
+        max_eval_examples=fb.eval_examples,
+        seeds=(1,),
+        device=str(device),
+        compile="on" if fb.compile else "off",
+    )
     log(
         f"finetune: train() {task} from {init}, {fb.examples} examples x {fb.epochs} epochs, batch {fb.batch}"
     )
@@ -208,6 +217,15 @@ def finetune_row(
         examples_per_s, how = fb.epochs * n / wall, "whole run incl. loading"
     key = results["main_metric"]
     dtype = "bf16" if autocast_dtype(cfg.dtype, torch.device(device)) == torch.bfloat16 else "fp32"
-    return Row("finetune", fb.preset, dtype, fb.seq_len, fb.batch, "lab", 1e3 * fb.batch / examples_per_s, None,
-               examples_per_s=examples_per_s,
-               note=f"{task} {n} examples, {how}, compile={fb.compile}, dev {key} {results['mean'][key]:.3f}")  # fmt: skip
+    return Row(
+        "finetune",
+        fb.preset,
+        dtype,
+        fb.seq_len,
+        fb.batch,
+        "lab",
+        1e3 * fb.batch / examples_per_s,
+        None,
+        examples_per_s=examples_per_s,
+        note=f"{task} {n} examples, {how}, compile={fb.compile}, dev {key} {results['mean'][key]:.3f}",
+    )

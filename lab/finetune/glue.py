@@ -181,7 +181,7 @@ def metric(name: str, preds: np.ndarray, gold: np.ndarray) -> float:
     coefficient gives a classifier that always answers the same class (sklearn's convention too),
     and the score of a prediction that carries no information about the labels — never NaN, and a
     ConstantPredictionWarning names the metric and the constant side, so the caller can record it
-    (lab/finetune.py's history keeps the metric; a NaN would have sorted an epoch last or first)."""
+    (lab/finetune/loop.py's history keeps the metric; a NaN would have sorted an epoch last or first)."""
     if name in ("mcc", "pearson", "spearman"):
         constant = _constant_side(preds, gold)
         if constant is not None:

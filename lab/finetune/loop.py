@@ -257,9 +257,16 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
         train_loss = (loss_sum / steps_per_epoch).item()  # waits for the epoch's last step
         train_s = time.time() - t_epoch  # training alone: the evaluation below is not in it
         metrics = _score(task, step_model, dev, cfg, device)
-        row = {"seed": seed, "epoch": epoch, "step": step, "train_loss": train_loss,
-               "elapsed_s": time.time() - t0, "train_s": train_s,
-               "train_examples_per_s": len(train_data) / train_s, **metrics}  # fmt: skip
+        row = {
+            "seed": seed,
+            "epoch": epoch,
+            "step": step,
+            "train_loss": train_loss,
+            "elapsed_s": time.time() - t0,
+            "train_s": train_s,
+            "train_examples_per_s": len(train_data) / train_s,
+            **metrics,
+        }
         history.append(row)
         score = metrics[key] if math.isfinite(metrics[key]) else -math.inf  # constant predictions give nan
         if best is None or score > best_score:

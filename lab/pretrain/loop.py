@@ -38,7 +38,8 @@ Every checkpoint is checked to hold only finite tensors before it is written (la
 Run directory (cfg.out_dir): config.json, metrics.jsonl, summary.json, checkpoints/ (a ring of
 checksummed checkpoints, see lab/pretrain/checkpoint.py), tokenizer/spm.model, token_counts.npy,
 token_classes.json (synthetic corpus), embeddings.safetensors (generator / discriminator / delta
-tables), export/discriminator and export/generator (HF format).
+tables), embeddings/ (the same tables over training: lab/pretrain/snapshots.py), export/discriminator and
+export/generator (HF format).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from lab.pretrain.checkpoint import CheckpointError
 from lab.pretrain.data import BatchIterator, PreparedCorpus, prepare_corpus
 from lab.pretrain.meter import PROGRESS, Meter, Progress
 from lab.pretrain.probe import gradient_cosine, similarity_pull
+from lab.pretrain.snapshots import Recorder
 from lab.rtd import MASK_STRATEGIES, RTD_WEIGHT, SHARING_MODES, RTDModel, draw_noise, mask_counts
 from lab.training import (
     COMPILE,
@@ -73,6 +75,7 @@ from lab.training import (
     adamw,
     autocast,
     autocast_dtype,
+    compile_on,
     linear_schedule,
     set_lr,
 )
@@ -165,6 +168,14 @@ class PretrainConfig:
     )
     stop_after: int = param(0, "end this invocation after this step (0 = run to `steps`); a rerun resumes")
     progress: str = param("line", "line: a log line per interval; bar: tqdm, for notebooks; none", PROGRESS)
+    # word-table snapshots in embeddings/ (lab/pretrain/snapshots.py): step 0, every snapshot_every steps, the last
+    snapshot_every: int = param(0, "steps between word-table snapshots (0 = at the probe steps)")
+    snapshot_rows: int = param(
+        1024, "at most this many token ids snapshotted, the most frequent (chosen once per run)"
+    )
+    snapshot_mb: float = param(
+        8.0, "bound on embeddings/: fewer rows when the planned snapshots need it; 0 = off"
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # config.json files written before compile took auto/on/off
@@ -174,11 +185,14 @@ class PretrainConfig:
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"PretrainConfig.mask_prob={self.mask_prob} must be in (0, 1)")
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "ckpt_every")
-        for name in (*positive, "keep_checkpoints"):
+        for name in (*positive, "keep_checkpoints", "snapshot_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PretrainConfig.{name} must be positive, got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"PretrainConfig.seed={self.seed} must be >= 0")
+        for name in ("snapshot_every", "snapshot_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.seq_len < 8:
             raise ValueError(f"PretrainConfig.seq_len={self.seq_len} is too short; use at least 8")
         if self.compile == "on" and self.optimization == "decoupled" and self.sharing == "es":
@@ -213,6 +227,7 @@ def _train(cfg: PretrainConfig) -> dict:
     meter = Meter(run.device, step, warmup=3 if run.compiled else 1)
     guard = NonFiniteGuard(run.device)
     progress = Progress(cfg.steps, step, f"pretrain {cfg.sharing}", cfg.progress, run.ddp.main)
+    snapshots = Recorder(run)  # drops the snapshots past a resumed step; writes on the main process only
     if run.ddp.main and step:
         progress.message(f"resuming {run.out_dir} at step {step} from {run.resumed_from}")
     try:
@@ -223,6 +238,9 @@ def _train(cfg: PretrainConfig) -> dict:
                 with meter.overhead("eval"):
                     row = evaluate(model, run.eval_batches, run.tok, cfg, run.device, run.amp)
                     append_jsonl(run.metrics, {"split": "eval", "step": step, **row})
+            if snapshots.due(step):  # the word tables before the step, as eval sees them
+                with meter.overhead("probe"):
+                    snapshots.write(step)
             # forward / backward over the micro-batches, the probe on the first when due
             probe = cfg.probe_every > 0 and step % cfg.probe_every == 0
             losses = train_step(run, step, meter, probe)
@@ -246,6 +264,8 @@ def _train(cfg: PretrainConfig) -> dict:
         progress.message(f"interrupted at step {step}; checkpoint saved in {run.ckpt_dir}; rerun to resume")
         progress.close()
         raise
+    if snapshots.due(step):  # the final tables (or those of a stop_after step that is due)
+        snapshots.write(step)
     progress.close()
     return finish(run, step, meter, guard)
 
@@ -328,18 +348,7 @@ def setup(cfg: PretrainConfig) -> Run:
         )
     out_dir = Path(cfg.out_dir)
 
-    # -- data (rank 0 tokenises and caches first; the others then read the cache)
-    if not ddp.main:
-        dist.barrier()
-    corpus = prepare_corpus(
-        cfg.corpus,
-        tokenizer=cfg.tokenizer or None,
-        vocab_size=cfg.vocab_size,
-        seq_len=cfg.seq_len,
-        heldout_fraction=cfg.heldout_fraction,
-    )
-    if ddp.main and ddp.world > 1:
-        dist.barrier()
+    corpus = load_corpus(cfg, ddp)
     tok = corpus.tokenizer
 
     # -- model and optimizer
@@ -356,31 +365,8 @@ def setup(cfg: PretrainConfig) -> Run:
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps)
 
     # -- resume, or start the run directory
-    found = resume_point(cfg, out_dir / "checkpoints", device, ddp)
-    start, position = 0, 0
-    if found is not None:
-        check_resumable(found.state["config"], cfg, found.path)
-        rows = found.state["model"]["generator.word_embeddings.weight"].shape[0]
-        if rows != tok.vocab_size:
-            raise ValueError(
-                f"{found.path} has a vocabulary of {rows} rows but the tokenizer has {tok.vocab_size} ids; "
-                "resume with the tokenizer the run started with (its tokenizer/spm.model), or use a new out_dir"
-            )
-        model.load_state_dict(found.state["model"])
-        optimizer.load_state_dict(found.state["optimizer"])
-        start, position = found.state["step"], found.state["data"]["position"]
-    elif ddp.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        atomic_write_json(out_dir / "config.json", asdict(cfg))
-        tok.save(out_dir / "tokenizer")
-        np.save(out_dir / "token_counts.npy", corpus.token_counts)
-        if corpus.token_classes is not None:
-            atomic_write_json(
-                out_dir / "token_classes.json", {str(k): v for k, v in corpus.token_classes.items()}
-            )
-    if ddp.main:
-        _truncate_metrics(out_dir / "metrics.jsonl", start)
+    found = start_or_resume(cfg, model, optimizer, corpus, out_dir, device, ddp)
+    start, position = (0, 0) if found is None else (found.state["step"], found.state["data"]["position"])
 
     # -- the training forward: DDP wrapper, then torch.compile
     net = model
@@ -388,7 +374,7 @@ def setup(cfg: PretrainConfig) -> Run:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    compiled = compile_on(cfg.compile, device)
     compiled &= not (cfg.optimization == "decoupled" and cfg.sharing == "es")  # see __post_init__
     step_fn = torch.compile(net, mode=compile_mode(cfg, ddp.world)) if compiled else net
 
@@ -411,6 +397,55 @@ def setup(cfg: PretrainConfig) -> Run:
         start=start,
         resumed_from=None if found is None else found.path,
     )
+
+
+def load_corpus(cfg: PretrainConfig, ddp: Dist) -> PreparedCorpus:
+    """The tokenised corpus; under torchrun rank 0 tokenises and caches first, the others then read the cache."""
+    if not ddp.main:
+        dist.barrier()
+    corpus = prepare_corpus(
+        cfg.corpus,
+        tokenizer=cfg.tokenizer or None,
+        vocab_size=cfg.vocab_size,
+        seq_len=cfg.seq_len,
+        heldout_fraction=cfg.heldout_fraction,
+    )
+    if ddp.main and ddp.world > 1:
+        dist.barrier()
+    return corpus
+
+
+def start_or_resume(
+    cfg: PretrainConfig, model: RTDModel, optimizer, corpus: PreparedCorpus, out_dir: Path, device, ddp: Dist
+) -> checkpoint.Found | None:
+    """Load the newest usable checkpoint of out_dir into `model` and `optimizer` and return it; with none,
+    start the run directory (config, tokenizer, token counts and classes). Either way the metrics log
+    keeps only the rows of the steps before the one this invocation starts at."""
+    tok = corpus.tokenizer
+    found = resume_point(cfg, out_dir / "checkpoints", device, ddp)
+    if found is not None:
+        check_resumable(found.state["config"], cfg, found.path)
+        rows = found.state["model"]["generator.word_embeddings.weight"].shape[0]
+        if rows != tok.vocab_size:
+            raise ValueError(
+                f"{found.path} has a vocabulary of {rows} rows but the tokenizer has {tok.vocab_size} ids; "
+                "resume with the tokenizer the run started with (its tokenizer/spm.model), or use a new out_dir"
+            )
+        model.load_state_dict(found.state["model"])
+        optimizer.load_state_dict(found.state["optimizer"])
+    elif ddp.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        atomic_write_json(out_dir / "config.json", asdict(cfg))
+        tok.save(out_dir / "tokenizer")
+        np.save(out_dir / "token_counts.npy", corpus.token_counts)
+        if corpus.token_classes is not None:
+            atomic_write_json(
+                out_dir / "token_classes.json", {str(k): v for k, v in corpus.token_classes.items()}
+            )
+    if ddp.main:
+        _truncate_metrics(out_dir / "metrics.jsonl", 0 if found is None else found.state["step"])
+    return found
 
 
 def resume_point(cfg: PretrainConfig, folder: Path, device, ddp: Dist) -> checkpoint.Found | None:
@@ -539,8 +574,12 @@ def clip_groups(model: RTDModel) -> tuple[list[torch.nn.Parameter], list[torch.n
     generator's optimizer owns E_G (under ES the one shared table, which the discriminator only
     borrows), its encoder, MLM head and EMD; the discriminator's owns its encoder's other parameters,
     the RTD head and, under GDES, E_delta."""
-    g_side = {id(p) for module in (model.generator, model.mlm_head, model.emd) if module is not None
-              for p in module.parameters()}  # fmt: skip
+    g_side = {
+        id(p)
+        for module in (model.generator, model.mlm_head, model.emd)
+        if module is not None
+        for p in module.parameters()
+    }
     gen = [p for p in model.parameters() if id(p) in g_side]
     disc = [p for p in model.parameters() if id(p) not in g_side]
     return gen, disc
@@ -694,6 +733,9 @@ _RESUMABLE_CHANGES = {
     "compile_mode",
     "attention_impl",  # the implementations agree to float rounding (tests/test_reference.py)
     "progress",
+    "snapshot_every",  # snapshots only read the tables; their rows are fixed by embeddings/ids.json
+    "snapshot_rows",
+    "snapshot_mb",
 }
 
 

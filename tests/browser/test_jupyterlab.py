@@ -6,7 +6,8 @@ Each notebook in notebooks/ is copied with its tiny parameters injected (papermi
 outputs cleared), opened in JupyterLab, run with Run > Run All Cells, and checked: no error output, no
 browser console error, every figure shown as an image (a matplotlib Figure that reaches the front end
 without an image formatter shows up as the text `<Figure size 630x180 with 1 Axes>`), and, in the
-tour, that typing a sentence and moving a slider redraw the picture. Screenshots of every notebook
+tour, that typing a sentence and moving a slider redraw the picture, and in 02, that moving the step
+slider and pressing Play change the time-lapse frame. Screenshots of every notebook
 after its run go to runs/browser/ (git-ignored; LAB_BROWSER_ARTIFACTS moves them) for a failure to be
 looked at.
 
@@ -62,10 +63,15 @@ class Case:
 
 
 def _fabricated_runs(work: Path) -> dict:
-    """Three run directories with the files 02 reads (tests/test_analysis.py), instead of training."""
+    """Three run directories with the files 02 reads (tests/test_analysis.py) and word-table snapshots
+    for its explorer (tests/test_explorer.py), instead of training."""
     from test_analysis import fabricate_run
+    from test_explorer import fabricate_snapshots
 
-    return {f"{m}_run": str(fabricate_run(work / m, m, seed=i)) for i, m in enumerate(("es", "nes", "gdes"))}
+    modes = ("es", "nes", "gdes")
+    return {
+        f"{m}_run": str(fabricate_snapshots(fabricate_run(work / m, m, seed=i))) for i, m in enumerate(modes)
+    }
 
 
 def _tiny_run(work: Path) -> dict:
@@ -78,11 +84,12 @@ def _tiny_run(work: Path) -> dict:
 # One row per notebook: tiny parameters, so that all of them run in a few minutes on 2 CPU cores.
 # A notebook without a row runs with its defaults (each notebook's defaults are a fast CPU size).
 CASES = {
-    "00_tour": Case(min_images=4),  # rtd + attention, then the same two views in the widget area
+    # rtd + attention, then the same two views in the widget area; a short training for its default model
+    "00_tour": Case({"train_steps": 40}, min_images=4),
     "01_pretrain": Case(
         {"steps": 6, "batch_size": 4, "seq_len": 32, "corpus": "synthetic:seed=0,words=30000"}, min_images=1
     ),
-    "02_tug_of_war": Case(setup=_fabricated_runs, min_images=4),
+    "02_tug_of_war": Case(setup=_fabricated_runs, min_images=5),  # four figures, then the explorer's frame
     "03_downstream": Case({"max_train_examples": 8}, setup=_tiny_run, min_images=1),
     "04_experiment": Case(
         {"tasks": ["synth_gram"], "steps": 4, "pretrain_seeds": [0], "finetune_seeds": [1]}, min_images=2
@@ -345,7 +352,27 @@ def check_tour_widgets(page) -> None:
     cell.screenshot(path=str(ARTIFACTS / "00_tour-interactive.png"))
 
 
-INTERACTIONS = {"00_tour": check_tour_widgets}
+def check_explorer(page) -> None:
+    """Move the step slider, then press Play: each must show another frame of the time-lapse."""
+    first = widget_images(page)
+    assert len(first) == 1, f"the explorer shows {len(first)} images, expected 1"
+    slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="step"))
+    readout = slider.locator(".widget-readout")
+    start_value = readout.inner_text()
+    slider.locator(".noUi-handle").focus()
+    page.keyboard.press("ArrowRight")
+    moved = wait_for_new_images(page, first)
+    assert readout.inner_text() != start_value, "the step slider did not move"
+    assert moved != first, f"moving the step slider to {readout.inner_text()} did not change the image"
+    page.locator(".widget-play button").first.click()  # Play: the slider advances by itself
+    played = wait_for_new_images(page, moved)
+    assert played != moved, "Play did not advance the frame"
+    cell = page.locator(".jp-CodeCell", has=page.locator(".widget-play"))
+    cell.scroll_into_view_if_needed()
+    cell.screenshot(path=str(ARTIFACTS / "02_tug_of_war-explorer.png"))
+
+
+INTERACTIONS = {"00_tour": check_tour_widgets, "02_tug_of_war": check_explorer}
 
 
 def screenshot_whole(page, path: Path) -> None:

@@ -147,3 +147,14 @@ def test_animation_is_a_gif_with_a_frame_per_step(runs, tmp_path):
     assert durations == [500] * (len(STEPS) - 1) + [1000]  # 2 frames/s, the last step held twice as long
     assert path.stat().st_size < 3e6
     assert not list(tmp_path.glob(".*"))  # no temporary file left
+    # the titles' numbers beside the GIF: a row per mode, table and step, equal to the timelines'
+    import csv
+
+    with open(path.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    timelines = explorer.load_timelines(runs)
+    assert len(rows) == sum(len(tl.cosine) * len(tl.steps) for tl in timelines.values())
+    last = next(r for r in reversed(rows) if r["table"] == "E_G")
+    tl = timelines[last["mode"]]
+    assert int(last["step"]) == tl.steps[-1]
+    assert float(last["avg_cosine"]) == pytest.approx(tl.cosine["E_G"][-1], rel=1e-5)

@@ -30,6 +30,7 @@ import torch
 from lab.analysis.tug_of_war import class_separation, load_run
 from lab.pretrain.probe import average_pairwise_cosine
 from lab.pretrain.snapshots import load_snapshots
+from lab.util import write_csv
 
 TABLES = (("generator", "E_G"), ("discriminator", "E_D"))
 MODES = ("es", "nes", "gdes")
@@ -243,8 +244,9 @@ def explore(run_dirs: dict[str, str | Path], interval_ms: int = 1500, dpi: int =
 
 
 def write_animation(run_dirs: dict[str, str | Path], path: str | Path, fps: float = 2.0, dpi: int = 60):
-    """Every snapshot step as one GIF frame (matplotlib's PillowWriter), written atomically; returns the
-    path, or None when no run has snapshots."""
+    """Every snapshot step as one GIF frame (matplotlib's PillowWriter), written atomically, and beside
+    it <stem>.csv with the numbers the panel titles show (mode, step, table, tokens, average cosine,
+    within - between-class gap); returns the GIF's path, or None when no run has snapshots."""
     from matplotlib.animation import PillowWriter
 
     timelines = load_timelines(run_dirs)
@@ -265,4 +267,18 @@ def write_animation(run_dirs: dict[str, str | Path], path: str | Path, fps: floa
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+    rows = [
+        {
+            "mode": mode,
+            "step": step,
+            "table": name,
+            "tokens": len(tl.colour),
+            "avg_cosine": tl.cosine[name][i],
+            "class_gap": tl.gap[name][i],
+        }
+        for mode, tl in timelines.items()
+        for name in tl.cosine
+        for i, step in enumerate(tl.steps)
+    ]
+    write_csv(path.with_suffix(".csv"), rows)
     return path

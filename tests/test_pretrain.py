@@ -295,6 +295,12 @@ def train_losses(run_dir):
     return [r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["split"] == "train"]
 
 
+def eval_metrics(run_dir):
+    """The held-out rows' MLM and RTD losses, step by step."""
+    rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["split"] == "eval"]
+    return [(r["step"], r["mlm_loss"], r["rtd_loss"]) for r in rows]
+
+
 @pytest.mark.parametrize("sharing", ["es", "nes", "gdes"])
 def test_train_writes_the_run_directory_and_hf_loads_the_discriminator(tmp_path, sharing):
     summary = train(quick(tmp_path, sharing=sharing))
@@ -594,18 +600,28 @@ def max_weight_difference(a: dict, b: dict) -> float:
 
 
 def test_gradient_accumulation_trains_exactly_like_one_batch(tmp_path):
-    """1, 2 and 4 micro-batches of the same global batch: the same per-step losses (1e-5 relative) and
-    the same weights after 4 updates; and the updates are large enough that a wrong split would show."""
+    """1, 2 and 4 micro-batches of the same global batch: the same per-step losses (1e-5 relative), the
+    same held-out numbers (the same rows and noise, whatever the split) and the same weights after 4
+    updates; and the updates are large enough that a wrong split would show."""
     runs = {}
     for accum in (1, 2, 4):
         name = f"accum{accum}"
         train(quick(tmp_path, name, steps=4, grad_accum=accum, probe_every=0, **SPLIT_SENSITIVE))
-        runs[accum] = (train_losses(tmp_path / name), final_weights(tmp_path / name))
-    ref_losses, ref_weights = runs[1]
+        runs[accum] = (
+            train_losses(tmp_path / name),
+            final_weights(tmp_path / name),
+            eval_metrics(tmp_path / name),
+        )
+    ref_losses, ref_weights, ref_eval = runs[1]
+    assert [row[0] for row in ref_eval] == [0, 4]
     for accum in (2, 4):
-        losses, weights = runs[accum]
+        losses, weights, held_out = runs[accum]
         assert max(abs(x - y) / abs(x) for x, y in zip(ref_losses, losses)) < 1e-5, accum
         assert max_weight_difference(ref_weights, weights) < 1e-5, accum
+        assert [r[0] for r in held_out] == [0, 4]
+        assert (
+            max(abs(x - y) / abs(x) for a, b in zip(ref_eval, held_out) for x, y in zip(a[1:], b[1:])) < 1e-5
+        )
     initial = RTDModel(
         preset("tiny", vocab_size=ref_weights["embedding_delta"].shape[0], max_seq_len=512), "gdes"
     )
@@ -640,6 +656,9 @@ def test_two_process_torchrun_trains_exactly_like_one_process(tmp_path, sharing,
     assert len(a) == len(b) == 3
     assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-5
     assert max_weight_difference(final_weights(tmp_path / "one"), final_weights(tmp_path / "two")) < 1e-5
+    one, two = eval_metrics(tmp_path / "one"), eval_metrics(tmp_path / "two")
+    assert [r[0] for r in one] == [r[0] for r in two] == [0, 3]
+    assert max(abs(x - y) / abs(x) for a, b in zip(one, two) for x, y in zip(a[1:], b[1:])) < 1e-5
 
 
 def test_stream_seeds_never_collide():

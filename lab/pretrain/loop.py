@@ -157,7 +157,7 @@ class PretrainConfig:
     )
     log_every: int = param(20, "steps between log lines")
     eval_every: int = param(200, "steps between held-out evaluations")
-    eval_batches: int = param(8, "held-out batches per evaluation")
+    eval_batches: int = param(8, "held-out batches of batch_size rows per evaluation")
     probe_every: int = param(50, "gradient-conflict probe (0 = off)")
     ckpt_every: int = param(200, "steps between checkpoints")
     keep_checkpoints: int = param(
@@ -236,7 +236,7 @@ def _train(cfg: PretrainConfig) -> dict:
             # eval (before the step, so step 0 records the untrained model)
             if run.ddp.main and step % cfg.eval_every == 0 and run.eval_batches:
                 with meter.overhead("eval"):
-                    row = evaluate(model, run.eval_batches, run.tok, cfg, run.device, run.amp)
+                    row = evaluate(model, run.eval_batches, run.tok, cfg, run.device, run.amp, run.micro)
                     append_jsonl(run.metrics, {"split": "eval", "step": step, **row})
             if snapshots.due(step):  # the word tables before the step, as eval sees them
                 with meter.overhead("probe"):
@@ -378,7 +378,9 @@ def setup(cfg: PretrainConfig) -> Run:
     compiled &= not (cfg.optimization == "decoupled" and cfg.sharing == "es")  # see __post_init__
     step_fn = torch.compile(net, mode=compile_mode(cfg, ddp.world)) if compiled else net
 
-    eval_set = [corpus.heldout[i] for i in range(min(len(corpus.heldout), cfg.eval_batches * micro))]
+    # held-out batches of the global batch size, however training is split: the same rows, the same noise
+    eval_set = [corpus.heldout[i] for i in range(min(len(corpus.heldout), cfg.eval_batches * cfg.batch_size))]
+    eval_rows = cfg.batch_size
     return Run(
         cfg=cfg,
         device=device,
@@ -392,7 +394,7 @@ def setup(cfg: PretrainConfig) -> Run:
         compiled=compiled,
         optimizer=optimizer,
         batches=BatchIterator(corpus.train, micro, cfg.seed, ddp.rank, ddp.world, position),
-        eval_batches=[torch.stack(eval_set[i : i + micro]) for i in range(0, len(eval_set), micro)],
+        eval_batches=[torch.stack(eval_set[i : i + eval_rows]) for i in range(0, len(eval_set), eval_rows)],
         micro=micro,
         start=start,
         resumed_from=None if found is None else found.path,
@@ -622,8 +624,18 @@ def rtd_forward(
 
 
 @torch.no_grad()
-def evaluate(model: RTDModel, batches: list[torch.Tensor], tok, cfg: PretrainConfig, device, amp) -> dict:
+def evaluate(
+    model: RTDModel,
+    batches: list[torch.Tensor],
+    tok,
+    cfg: PretrainConfig,
+    device,
+    amp,
+    chunk: int | None = None,
+) -> dict:
     """Held-out MLM loss/accuracy, RTD loss/accuracy/AUC and replaced-token rate, with fixed noise.
+    Each batch's noise is drawn whole and the forward runs `chunk` rows at a time (the training
+    micro-batch), so the numbers do not depend on how training splits its batch.
     Sums stay on the device; they are read back once, at the end."""
     from sklearn.metrics import roc_auc_score
 
@@ -634,11 +646,15 @@ def evaluate(model: RTDModel, batches: list[torch.Tensor], tok, cfg: PretrainCon
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     labels, scores = [], []
     gen = torch.Generator(device=device)
-    for i, ids in enumerate(batches):
+    parts = []
+    for i, batch in enumerate(batches):
+        gen.manual_seed(stream_seed(cfg.seed, EVAL_NOISE, i))  # the same batches, the same noise
+        noise = draw_noise(batch.shape[0], batch.shape[1], cfg.mask_prob, gen, device)
+        step = chunk or batch.shape[0]
+        parts += [(batch[j : j + step], noise.rows(slice(j, j + step))) for j in range(0, len(batch), step)]
+    for ids, noise in parts:
         ids = to_device(ids, device)
         mask = torch.ones_like(ids)
-        gen.manual_seed(stream_seed(cfg.seed, EVAL_NOISE, i))  # the same batches, the same noise
-        noise = draw_noise(ids.shape[0], ids.shape[1], cfg.mask_prob, gen, device)
         out = rtd_forward(model, ids, None, special, mask_id=tok.mask_id, cfg=cfg, noise=noise, amp=amp)
         n_masked, n_tokens = out.valid.sum(), mask.sum()
         targets = ids.gather(1, out.positions)  # [B, K]
@@ -772,7 +788,7 @@ def finish(run: Run, step: int, meter: Meter, guard: NonFiniteGuard | None = Non
     cfg, summary = run.cfg, {}
     if run.ddp.main:
         final_eval = (
-            evaluate(run.model, run.eval_batches, run.tok, cfg, run.device, run.amp)
+            evaluate(run.model, run.eval_batches, run.tok, cfg, run.device, run.amp, run.micro)
             if run.eval_batches
             else {}
         )

@@ -45,6 +45,17 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     return replace_strict(cls(), **values)
 
 
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
+def replace_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a finished temp file over `path`, with the permissions a plain open() would have given it
+    (mkstemp makes files private: 0600)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
     path = Path(path)
@@ -55,7 +66,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -306,3 +306,14 @@ def test_ci_runs_the_slow_tests():
     assert "make test-slow" in ci and ci.index("make test-slow") > ci.index("make test")
     target = (root / "Makefile").read_text().split("\ntest-slow:")[1].split("\n\n")[0]
     assert "-m slow" in target
+
+
+def test_atomically_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """The temp file behind every atomic write is private (mkstemp: 0600); the finished file must be
+    readable like any other the user writes (umask applied), or a shared figures/ folder is unreadable."""
+    from lab import util
+
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"x")
+    util.atomic_write_bytes(tmp_path / "atomic.txt", b"x")
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -30,7 +30,7 @@ import torch
 from lab.analysis.tug_of_war import class_separation, load_run
 from lab.pretrain.probe import average_pairwise_cosine
 from lab.pretrain.snapshots import load_snapshots
-from lab.util import write_csv
+from lab.util import replace_file, write_csv
 
 TABLES = (("generator", "E_G"), ("discriminator", "E_D"))
 MODES = ("es", "nes", "gdes")
@@ -264,7 +264,7 @@ def write_animation(run_dirs: dict[str, str | Path], path: str | Path, fps: floa
             for step in [*steps, steps[-1]]:  # the last frame twice: a pause before the loop restarts
                 draw_frame(fig, timelines, step)
                 writer.grab_frame()
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     rows = [

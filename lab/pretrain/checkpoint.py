@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lab.util import atomic_write_bytes
+from lab.util import atomic_write_bytes, replace_file
 
 LEGACY_NAME = "last.pt"
 REQUIRED_KEYS = ("step", "model", "optimizer", "data", "config")
@@ -143,7 +143,7 @@ def save(state: dict[str, Any], folder: str | os.PathLike, step: int, keep: int 
             os.fsync(f.fileno())
         atomic_write_bytes(sidecar(path), f"{sha256_file(Path(tmp))}  {path.name}\n".encode())
         _fault_point("kill-before-rename", path)
-        os.replace(tmp, path)
+        replace_file(tmp, path)
         tmp = None
         _fsync_dir(folder)
     except OSError as err:

@@ -105,7 +105,7 @@ def load_timeline(mode: str, run_dir: str | Path) -> Timeline | None:
         legend = [f"frequency ranks {a + 1}-{b}" for a, b in zip(edges[:-1], edges[1:])]
         colour = np.searchsorted(edges[1:], np.arange(len(ids)), side="right")
         by_row = {}
-        colour_by = "frequency band (" + ", ".join(legend) + ")"
+        colour_by = f"frequency band ({BANDS} bands of the {len(ids)} most frequent tokens kept)"
     coords, cosine, gap = {}, {}, {}
     for key, name in TABLES:
         tables = [snapshot[key] for snapshot in snapshots.values()]

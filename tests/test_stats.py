@@ -170,3 +170,21 @@ def test_curves_with_bands_writes_png_and_svg(tmp_path):
             for s in range(4) for m in ("es", "gdes") for k in range(3)]  # fmt: skip
     paths = stats.curves_with_bands(rows, "step", "loss", "mode", tmp_path / "curve")
     assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_differences_figure_with_one_seed_says_why_it_has_no_intervals(tmp_path):
+    """One pre-training seed gives no t interval: the figure is still written (a notebook shows it),
+    and says why instead of drawing nothing; two seeds draw the panels."""
+    one = records_from({(0, 1): 1.0}, "es", quantity="q") + records_from({(0, 1): 2.0}, "gdes", quantity="q")
+    rows = stats.paired_by_seed(one, ("quantity",), [("gdes", "es")])
+    assert rows[0]["n"] == 1 and rows[0]["reads"] == "too few seeds"
+    paths = stats.differences_plot(rows, ("quantity",), tmp_path / "one")
+    assert paths and all(p.stat().st_size > 0 for p in paths)
+    assert "two pre-training seeds" in (tmp_path / "one.svg").read_text()
+    two = records_from({(0, 1): 1.0, (1, 1): 1.5}, "es", quantity="q")
+    two += records_from({(0, 1): 2.0, (1, 1): 2.2}, "gdes", quantity="q")
+    paths = stats.differences_plot(
+        stats.paired_by_seed(two, ("quantity",), [("gdes", "es")]), ("quantity",), tmp_path / "two"
+    )
+    assert paths and "two pre-training seeds" not in (tmp_path / "two.svg").read_text()
+    assert stats.differences_plot([], ("quantity",), tmp_path / "none") is None

@@ -356,12 +356,27 @@ def differences_plot(
 ) -> list[Path] | None:
     """Small multiples: one panel per quantity (its own x scale), one line per comparison with its
     t interval (the unit: pre-training seeds). Primary comparisons in colour with a star, resolved
-    ones filled; exploratory comparisons grey. 0 marked. None when matplotlib is not installed."""
-    rows = [r for r in rows if finite(r.get("difference")) and finite(r.get("t_low"))]
+    ones filled; exploratory comparisons grey. 0 marked. With no interval to draw (fewer than two
+    pre-training seeds) the figure says so. None when matplotlib is not installed or rows is empty."""
     if not plotting_available() or not rows:
         return None
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
+
+    drawable = [r for r in rows if finite(r.get("difference")) and finite(r.get("t_low"))]
+    if not drawable:
+        fig = Figure(figsize=(6.4, 1.6))
+        fig.text(
+            0.5,
+            0.5,
+            f"{title}\nno interval to draw: a paired t interval needs at least two pre-training seeds\n"
+            f"(the largest n here: {max(int(r.get('n') or 0) for r in rows)})",
+            ha="center",
+            va="center",
+            fontsize=9,
+        )
+        return _save(fig, Path(out_stem))
+    rows = drawable
 
     panels: dict[str, list[Mapping]] = {}
     for r in rows:

@@ -380,7 +380,6 @@ def setup(cfg: PretrainConfig) -> Run:
 
     # held-out batches of the global batch size, however training is split: the same rows, the same noise
     eval_set = [corpus.heldout[i] for i in range(min(len(corpus.heldout), cfg.eval_batches * cfg.batch_size))]
-    eval_rows = cfg.batch_size
     return Run(
         cfg=cfg,
         device=device,
@@ -394,7 +393,9 @@ def setup(cfg: PretrainConfig) -> Run:
         compiled=compiled,
         optimizer=optimizer,
         batches=BatchIterator(corpus.train, micro, cfg.seed, ddp.rank, ddp.world, position),
-        eval_batches=[torch.stack(eval_set[i : i + eval_rows]) for i in range(0, len(eval_set), eval_rows)],
+        eval_batches=[
+            torch.stack(eval_set[i : i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)
+        ],
         micro=micro,
         start=start,
         resumed_from=None if found is None else found.path,
@@ -650,8 +651,8 @@ def evaluate(
     for i, batch in enumerate(batches):
         gen.manual_seed(stream_seed(cfg.seed, EVAL_NOISE, i))  # the same batches, the same noise
         noise = draw_noise(batch.shape[0], batch.shape[1], cfg.mask_prob, gen, device)
-        step = chunk or batch.shape[0]
-        parts += [(batch[j : j + step], noise.rows(slice(j, j + step))) for j in range(0, len(batch), step)]
+        rows = chunk or batch.shape[0]
+        parts += [(batch[j : j + rows], noise.rows(slice(j, j + rows))) for j in range(0, len(batch), rows)]
     for ids, noise in parts:
         ids = to_device(ids, device)
         mask = torch.ones_like(ids)

@@ -240,14 +240,16 @@ def power_paired_t(dz: float, n: int, alpha: float = ALPHA) -> float:
     true mean / sd equals `dz`. At an *observed* dz this is the power the design would have if the
     effect were exactly what one sample showed — a planning number, not evidence. Under H1 the t
     statistic follows a noncentral t with n - 1 degrees of freedom and noncentrality dz * sqrt(n)
-    (`scipy.stats.nct`); power = P(|T| > t_{1 - alpha/2, n - 1})."""
+    (`scipy.stats.nct`); power = P(|T| > t_{1 - alpha/2, n - 1}), both tails counted."""
     if n < 2:
         raise ValueError(f"power_paired_t needs n >= 2 pairs, got {n}")
     if not math.isfinite(dz):
         raise ValueError(f"power_paired_t: dz must be finite, got {dz!r}")
     df, nc = n - 1, dz * math.sqrt(n)
     q = sps.t.ppf(1 - alpha / 2, df)
-    return float(sps.nct.sf(q, df, nc) + sps.nct.cdf(-q, df, nc))
+    # P(T < -q) written as P(T' > q) with T' = -T ~ nct(df, -nc): scipy's nct.cdf is nan that far into
+    # its lower tail (df 5, nc 10), its sf is not
+    return float(sps.nct.sf(q, df, nc) + sps.nct.sf(q, df, -nc))
 
 
 def n_for_power(dz: float, power: float = 0.8, alpha: float = ALPHA, n_max: int = 100_000) -> int | None:

@@ -167,3 +167,16 @@ def test_where_the_mean_curves_cross():
     missing = [r for r in rows if not (r["mode"] == "es" and r["pretrain_seed"] == 1 and r["step"] == 40)]
     with pytest.raises(ValueError, match="lacks seeds"):
         claims.curve_crossings(missing, "nes", "es")
+
+
+def test_mode_seed_means_average_finetuning_seeds_and_drop_failed_seeds_from_every_mode():
+    records = [
+        {"mode": m, "pretrain_seed": p, "finetune_seed": f, "value": 10 * p + f + (m == "gdes")}
+        for m in ("es", "gdes")
+        for p in range(3)
+        for f in range(2)
+    ]
+    records[-1]["value"] = float("nan")  # gdes, pre-training seed 2, fine-tuning seed 1 failed
+    values, failed = claims.mode_seed_means(records)
+    assert failed == [2] and values == {"es": {0: 0.5, 1: 10.5}, "gdes": {0: 1.5, 1: 11.5}}
+    assert claims.paired_differences(claims.ORDERING[0], values).tolist() == [1.0, 1.0]

@@ -7,7 +7,7 @@ chosen after the data: `evaluate_family` tests every member, adjusts within the 
 one whatever direction the data take — "agrees with the paper", "against the paper" or "not resolved".
 
 The unit of replication is the pre-training seed throughout: a mode's value for a seed is the mean over
-its fine-tuning seeds (lab.analysis.stats.seed_means), and the paired difference between two modes is
+its fine-tuning seeds (mode_seed_means), and the paired difference between two modes is
 taken within each pre-training seed (same initialisation, data order and masking noise).
 
 (c), the paper's Table 6 (He, Gao, Chen, ICLR 2023, arXiv 2111.09543: base models, MNLI-m 88.8 ES,
@@ -78,10 +78,26 @@ ORDERING = (
 )
 
 
+def mode_seed_means(records: Sequence[Mapping], value: str = "value") -> tuple[dict[str, dict], list]:
+    """From run records {"mode", "pretrain_seed", optionally "finetune_seed", value} of one quantity to
+    what evaluate_family takes: mode -> {pretrain_seed: mean over its fine-tuning seeds}. A pre-training
+    seed with a non-finite value in any mode is a failed seed: left out of every mode (the pairing stays
+    intact) and returned in the second element, sorted, so the report can count it."""
+    by_mode = {key[0]: per_seed for key, per_seed in stats.seed_means(records, ("mode",), value).items()}
+    failed = {
+        s for per_seed in by_mode.values() for s, v in per_seed.items() if not all(map(math.isfinite, v))
+    }
+    values = {
+        m: {s: float(np.mean(v)) for s, v in per_seed.items() if s not in failed}
+        for m, per_seed in by_mode.items()
+    }
+    return values, sorted(failed, key=str)
+
+
 def paired_differences(claim: Claim, seed_values: Mapping[str, Mapping[Hashable, float]]) -> np.ndarray:
     """first - second of the claim per pre-training seed, in sorted seed order. `seed_values`: mode ->
-    {pretrain_seed: value}, fine-tuning seeds already averaged. Both modes must hold the same seeds:
-    leave failed seeds out of both (lab.analysis.stats.paired_by_seed counts them) before calling."""
+    {pretrain_seed: value}, fine-tuning seeds already averaged (mode_seed_means). Both modes must hold the
+    same seeds: failed seeds are left out of both before calling (mode_seed_means does)."""
     first, second = claim.modes
     missing = [m for m in (first, second) if m not in seed_values]
     if missing:
@@ -121,14 +137,15 @@ def evaluate_family(
 ) -> list[dict]:
     """Test every claim of one family, Holm-adjust within it and read each one.
 
-    Unit: the pre-training seed (`seed_values`: mode -> {pretrain_seed: value}, fine-tuning seeds averaged;
-    see paired_differences). A difference claim gets the two-sided paired t-test (assumed: normal
-    differences) with its 95 % t interval, the paired bootstrap with its small-n caveat, the exact sign-flip
-    p (symmetric differences) Holm-adjusted over the family, and the power at the observed dz at `alpha`
-    and at Holm's strictest level alpha / m, with the seeds 80 % power would need at each. An equivalence
-    claim gets TOST at its margin (stats.tost_paired, its (1 - 2 alpha) interval in tost_low / tost_high)
-    and its p_tost stands in the Holm family (and in the sign-flip view, which has no equivalence form);
-    its power columns are empty. `resolved`: Holm-adjusted p below `alpha`.
+    Unit: the pre-training seed (`seed_values`: mode -> {pretrain_seed: value}, fine-tuning seeds
+    averaged; built by mode_seed_means from run records). A difference claim gets the two-sided paired
+    t-test (assumed: normal differences) with its 95 % t interval, the paired bootstrap with its small-n
+    caveat, the exact sign-flip p (assumed: differences symmetric about 0) Holm-adjusted over the family,
+    and the power at the observed dz at `alpha` and at Holm's strictest level alpha / m, with the seeds
+    80 % power would need at each. An equivalence claim gets TOST at its margin (stats.tost_paired, its
+    (1 - 2 alpha) interval in tost_low / tost_high); its p_tost stands in the Holm family (and in the
+    sign-flip view, which has no equivalence form) and its power columns are empty. `resolved`:
+    Holm-adjusted p below `alpha`.
 
     Returns one row per claim, in the family's order.
     """

@@ -199,8 +199,8 @@ def tost_paired(diffs: Sequence[float], margin: float, alpha: float = ALPHA) -> 
     d = require_finite(diffs, "tost_paired differences")
     if not (isinstance(margin, int | float) and math.isfinite(margin) and margin > 0):
         raise ValueError(
-            f"tost_paired: margin must be a positive number, got {margin!r}; state before the run the largest "
-            "|difference| that counts as no difference, in the quantity's units"
+            f"tost_paired: margin must be a positive number, got {margin!r}; state before the run the "
+            "largest |difference| that counts as no difference, in the quantity's units"
         )
     if not 0 < alpha < 0.5:
         raise ValueError(f"tost_paired: alpha must lie in (0, 0.5), got {alpha!r}")

@@ -341,3 +341,16 @@ def test_per_mode_intervals_take_the_pretraining_seed_as_the_unit():
     # the fine-tuning runs taken as nine replicates give a narrower, dishonest interval
     (naive,) = stats.summarize(records_from(values, "gdes"), ("mode",))
     assert naive["n"] == 9 and naive["t_high"] - naive["t_low"] < row["t_high"] - row["t_low"]
+
+
+def test_power_columns_of_a_comparison_row():
+    row = stats.power_columns(mean=0.5, std=0.5, n=6, family_size=2)
+    assert row["dz"] == pytest.approx(1.0)
+    assert row["power"] == pytest.approx(power_by_integration(1.0, 6, stats.ALPHA), abs=1e-6)
+    assert row["power_holm"] == pytest.approx(power_by_integration(1.0, 6, stats.ALPHA / 2), abs=1e-6)
+    assert (row["n_for_80"], row["n_for_80_holm"]) == (
+        stats.n_for_power(1.0),
+        stats.n_for_power(1.0, alpha=stats.ALPHA / 2),
+    )
+    empty = stats.power_columns(mean=0.0, std=0.5, n=6)
+    assert math.isnan(empty["power"]) and empty["n_for_80"] is None

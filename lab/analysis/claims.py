@@ -145,7 +145,7 @@ def evaluate_family(
     80 % power would need at each. An equivalence claim gets TOST at its margin (stats.tost_paired, its
     (1 - 2 alpha) interval in tost_low / tost_high); its p_tost stands in the Holm family (and in the
     sign-flip view, which has no equivalence form) and its power columns are empty. `resolved`:
-    Holm-adjusted p below `alpha`.
+    Holm-adjusted p below `alpha` (`resolvable` stays at stats.ALPHA / m, as paired_test gives it).
 
     Returns one row per claim, in the family's order.
     """
@@ -172,7 +172,7 @@ def evaluate_family(
             "t_low": test["t_low"],
             "t_high": test["t_high"],
             "resolvable": test["resolvable"],
-            **_difference_views(test, d, m, alpha),
+            **_difference_views(test, m, alpha),
         }
         if claim.kind == "equivalence":
             tost = stats.tost_paired(d, claim.margin, alpha)
@@ -194,22 +194,15 @@ def evaluate_family(
     return rows
 
 
-def _difference_views(test: dict, d: np.ndarray, m: int, alpha: float) -> dict:
+def _difference_views(test: dict, m: int, alpha: float) -> dict:
     """The two-sided t p, power and seeds needed at the observed dz, bootstrap and sign-flip of one claim."""
-    dz = stats.effect_size_dz(d)
-    finite_dz = math.isfinite(dz) and dz != 0
-    n = test["n"]
     return {
         "p": test["p_t"],
-        "dz": dz,
-        "power": stats.power_paired_t(dz, n, alpha) if finite_dz else math.nan,
-        "power_holm": stats.power_paired_t(dz, n, alpha / m) if finite_dz else math.nan,
-        "n_for_80": stats.n_for_power(dz, 0.8, alpha) if finite_dz else None,
-        "n_for_80_holm": stats.n_for_power(dz, 0.8, alpha / m) if finite_dz else None,
+        **stats.power_columns(test["mean"], test["std"], test["n"], m, alpha),
         "boot_low": test["boot_low"],
         "boot_high": test["boot_high"],
         "boot_method": test["boot_method"],
-        "boot_note": stats.bootstrap_caveat(n),
+        "boot_note": stats.bootstrap_caveat(test["n"]),
         "p_signflip": test["p_signflip"],
     }
 

@@ -272,6 +272,23 @@ def n_for_power(dz: float, power: float = 0.8, alpha: float = ALPHA, n_max: int 
     return high
 
 
+def power_columns(mean: float, std: float, n: int, family_size: int = 1, alpha: float = ALPHA) -> dict:
+    """The power columns of one paired comparison row (mean, std and n of its per-pre-training-seed
+    differences, as `paired_test` and `paired_by_seed` give them): the observed dz, the power at it at
+    `alpha` and at Holm's strictest level alpha / family_size, and the seeds 80 % power would need at
+    each (see power_paired_t for what is assumed). nan / None where dz is 0 or undefined."""
+    dz = mean / std if std > 0 else math.nan
+    if not math.isfinite(dz) or dz == 0 or n < 2:
+        return {"dz": dz, "power": math.nan, "power_holm": math.nan, "n_for_80": None, "n_for_80_holm": None}
+    return {
+        "dz": dz,
+        "power": power_paired_t(dz, n, alpha),
+        "power_holm": power_paired_t(dz, n, alpha / family_size),
+        "n_for_80": n_for_power(dz, 0.8, alpha),
+        "n_for_80_holm": n_for_power(dz, 0.8, alpha / family_size),
+    }
+
+
 # --------------------------------------------------------------------------------- secondary views
 
 

@@ -20,6 +20,16 @@ unadjusted interval and labelled so. `resolvable` is the smallest difference the
 resolved at the spread it saw: the half width of the t interval at the family's strictest Holm level
 (ALPHA / family size).
 
+Equivalence and power. A claim that two modes do *not* differ is tested by TOST within a margin fixed
+before the run (`tost_paired`); not resolving a difference is not evidence of equivalence. Each paired
+comparison's power at its observed dz, and the pre-training seeds 80 % power would need, come from the
+noncentral t (`power_paired_t`, `n_for_power`, `power_columns`): planning numbers, not evidence.
+
+Secondary views, labelled as such. The sign-flip p Holm-adjusted like the t p with the floor it can never
+pass (`signflip_holm`); the bootstrap interval's caveat below BCA_MIN_N seeds (`bootstrap_caveat`); per-mode
+intervals over pre-training seed means (`summarize_by_seed`; `summarize` counts every run as a replicate).
+The claims and their families themselves live in lab/analysis/claims.py.
+
 Failures. A non-finite value is a failed run, never a number: every function here refuses NaN / inf
 with `NonFiniteError`; the report counts failures per mode and leaves the failed seeds out of a
 comparison openly (column `failed_seeds`).

@@ -188,3 +188,169 @@ def test_differences_figure_with_one_seed_says_why_it_has_no_intervals(tmp_path)
     )
     assert paths and "two pre-training seeds" not in (tmp_path / "two.svg").read_text()
     assert stats.differences_plot([], ("quantity",), tmp_path / "none") is None
+
+
+# --------------------------------------------------------------------------- equivalence, power, views
+
+# six differences with mean 0 and sample std sqrt((0.01 + 0.01 + 0.04 + 0.04) / 5) = sqrt(0.02)
+CENTRED = np.array([0.1, -0.1, 0.2, -0.2, 0.0, 0.0])
+
+
+def test_tost_matches_two_one_sided_t_tests_computed_by_hand():
+    from scipy import stats as sps
+
+    d = CENTRED + 0.05  # mean 0.05
+    se = math.sqrt(0.02) / math.sqrt(6)
+    result = stats.tost_paired(d, margin=0.3, alpha=0.05)
+    assert result["mean"] == pytest.approx(0.05) and result["std"] == pytest.approx(math.sqrt(0.02))
+    # by hand: t = (mean + margin) / se against the upper tail, (mean - margin) / se against the lower one
+    assert result["p_lower"] == pytest.approx(sps.t.sf((0.05 + 0.3) / se, 5))
+    assert result["p_upper"] == pytest.approx(sps.t.cdf((0.05 - 0.3) / se, 5))
+    # and the same through scipy's one-sided one-sample tests, computed here independently
+    assert result["p_lower"] == pytest.approx(sps.ttest_1samp(d, -0.3, alternative="greater").pvalue)
+    assert result["p_upper"] == pytest.approx(sps.ttest_1samp(d, 0.3, alternative="less").pvalue)
+    assert result["p_tost"] == max(result["p_lower"], result["p_upper"])
+    # the 90 % interval (1 - 2 alpha) by hand; inside ±0.3, so equivalent
+    half = sps.t.ppf(0.95, 5) * se
+    assert (result["low"], result["high"]) == pytest.approx((0.05 - half, 0.05 + half))
+    assert result["confidence"] == pytest.approx(0.90) and result["margin"] == 0.3
+    assert result["equivalent"] and result["reads"] == "equivalent within ±0.3"
+    assert -0.3 < result["low"] and result["high"] < 0.3
+
+
+def test_tost_says_not_equivalent_when_the_interval_reaches_past_the_margin():
+    d = CENTRED + 0.05
+    result = stats.tost_paired(d, margin=0.1, alpha=0.05)
+    assert result["p_upper"] > 0.05 and not result["equivalent"]
+    assert result["high"] > 0.1  # the same decision read off the 90 % interval
+    assert result["reads"] == "not shown equivalent within ±0.1"
+    # a clear difference (mean 1) is never equivalent within a small margin, whatever its spread
+    assert not stats.tost_paired(CENTRED + 1.0, margin=0.5)["equivalent"]
+
+
+def test_tost_refuses_a_margin_that_is_not_positive():
+    for margin in (0, 0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="margin must be a positive number"):
+            stats.tost_paired(CENTRED, margin=margin)
+    with pytest.raises(ValueError, match="at least two"):
+        stats.tost_paired([0.1], margin=0.5)
+    with pytest.raises(stats.NonFiniteError):
+        stats.tost_paired([0.1, float("nan"), 0.0], margin=0.5)
+
+
+def power_by_integration(dz: float, n: int, alpha: float) -> float:
+    """An independent route to the paired t power: condition on the sample variance. With Z ~ N(dz sqrt(n), 1)
+    and V ~ chi2(n - 1), T = Z / sqrt(V / (n - 1)), so P(|T| > q) = E_V[Phi(-q s + delta) + Phi(-q s - delta)]
+    with s = sqrt(V / (n - 1)): a one-dimensional integral over the chi-square density."""
+    from scipy import integrate
+    from scipy import stats as sps
+
+    df, delta = n - 1, dz * math.sqrt(n)
+    q = sps.t.ppf(1 - alpha / 2, df)
+
+    def integrand(v):
+        s = math.sqrt(v / df)
+        return (sps.norm.cdf(-q * s + delta) + sps.norm.cdf(-q * s - delta)) * sps.chi2.pdf(v, df)
+
+    return integrate.quad(integrand, 0, np.inf, limit=200)[0]
+
+
+def test_power_of_the_paired_t_test_agrees_with_integration_and_simulation():
+    from scipy import stats as sps
+
+    for dz, n, alpha in (
+        (1.0, 6, 0.05),
+        (1.0, 10, 0.05),
+        (0.5, 20, 0.025),
+        (-1.0, 13, 0.025),
+        (3.0, 4, 0.05),
+    ):
+        assert stats.power_paired_t(dz, n, alpha) == pytest.approx(
+            power_by_integration(dz, n, alpha), abs=1e-6
+        )
+    # Monte Carlo: 20 000 samples of six N(1, 1) differences; standard error of the rate about 0.0035
+    draws = np.random.default_rng(0).normal(1.0, 1.0, size=(20_000, 6))
+    simulated = np.mean(sps.ttest_1samp(draws, 0.0, axis=1).pvalue < 0.05)
+    assert stats.power_paired_t(1.0, 6) == pytest.approx(simulated, abs=0.015)
+    assert 0.50 < stats.power_paired_t(1.0, 6) < 0.52
+    assert stats.power_paired_t(0.0, 6) == pytest.approx(0.05)  # no effect: the test's own level
+    assert stats.power_paired_t(20.0, 6) == pytest.approx(1.0)  # far tail: finite, not nan
+
+
+def test_seeds_needed_for_eighty_percent_power():
+    for dz, alpha in ((1.0, 0.05), (1.0, 0.025), (0.4, 0.05), (2.5, 0.05)):
+        n = stats.n_for_power(dz, 0.8, alpha)
+        # the smallest such n, checked against the integral, not against the function's own search
+        assert power_by_integration(dz, n, alpha) >= 0.8
+        assert n == 2 or power_by_integration(dz, n - 1, alpha) < 0.8
+    assert stats.n_for_power(1.0) == 10 and stats.n_for_power(1.0, alpha=0.025) == 13
+    assert stats.n_for_power(-1.0) == 10  # two-sided: the sign does not matter
+    assert stats.n_for_power(0.0) is None and stats.n_for_power(0.01, n_max=1000) is None
+    assert stats.effect_size_dz(CENTRED + 0.05) == pytest.approx(0.05 / math.sqrt(0.02))
+
+
+def test_signflip_p_holm_adjusted_with_the_floor_it_can_never_pass():
+    a = [1.1, 1.5, 3.0, 2.2, 1.9, 1.4]
+    b = [1.0] * 6
+    # all six differences positive: the sign-flip p is at its floor 2 / 2^6
+    assert stats.paired_test(a, b)["p_signflip"] == pytest.approx(stats.signflip_floor(6)) == 2 / 64
+    rows = stats.signflip_holm([2 / 64, 2 / 64, 0.5], 6)
+    # Holm by hand: sorted 2/64, 2/64, 0.5 -> 3 * 2/64, max(3 * 2/64, 2 * 2/64), max(., 0.5)
+    assert [r["p_signflip_holm"] for r in rows] == pytest.approx([6 / 64, 6 / 64, 0.5])
+    assert all(r["best_holm"] == pytest.approx(6 / 64) and not r["can_resolve"] for r in rows)
+    # ten seeds: the floor 2 / 1024 times three is below 0.05, so the view can resolve
+    assert all(r["can_resolve"] for r in stats.signflip_holm([0.002, 0.3, 0.04], 10))
+    # above EXACT_SIGN_FLIPS patterns the signs are sampled: the floor is that of RESAMPLES draws
+    assert stats.paired_test([1.0 + 0.1 * i for i in range(17)], [0.0] * 17)["p_signflip"] == pytest.approx(
+        stats.signflip_floor(17)
+    )
+    with pytest.raises(ValueError, match="pair counts"):
+        stats.signflip_holm([0.1, 0.2], [6])
+
+
+def test_bootstrap_caveat_below_ten_seeds_is_what_a_simulation_shows():
+    from scipy import stats as sps
+
+    assert "read the t interval" in stats.bootstrap_caveat(6) and "n = 6" in stats.bootstrap_caveat(6)
+    assert stats.bootstrap_caveat(stats.BCA_MIN_N) == ""
+    # coverage of the 95 % percentile bootstrap and of the t interval over six N(0, 1) differences
+    rng = np.random.default_rng(0)
+    boot_hits = t_hits = 0
+    trials = 300
+    for _ in range(trials):
+        d = rng.normal(size=6)
+        ci = sps.bootstrap((d,), np.mean, n_resamples=1000, method="percentile", random_state=rng)
+        boot_hits += ci.confidence_interval.low < 0 < ci.confidence_interval.high
+        low, high = stats.t_interval(d)
+        t_hits += low < 0 < high
+    assert boot_hits / trials < 0.92 < t_hits / trials
+
+
+def test_per_mode_intervals_take_the_pretraining_seed_as_the_unit():
+    from scipy import stats as sps
+
+    # three pre-training seeds, three fine-tuning seeds each; the seed means are 1, 2, 6
+    within = [-0.1, 0.0, 0.1]
+    values = {(p, f): m + within[f] for p, m in enumerate((1.0, 2.0, 6.0)) for f in range(3)}
+    values[3, 0] = float("nan")  # a fourth pre-training seed whose fine-tuning failed
+    (row,) = stats.summarize_by_seed(records_from(values, "gdes"), ("mode",))
+    assert row["n"] == 3 and row["finetune_seeds"] == 3 and row["failed_seeds"] == 1
+    assert row["mean"] == pytest.approx(3.0) and row["std"] == pytest.approx(math.sqrt(7))
+    ci = sps.ttest_1samp([1.0, 2.0, 6.0], 0.0).confidence_interval()
+    assert (row["t_low"], row["t_high"]) == pytest.approx((ci.low, ci.high))
+    # the fine-tuning runs taken as nine replicates give a narrower, dishonest interval
+    (naive,) = stats.summarize(records_from(values, "gdes"), ("mode",))
+    assert naive["n"] == 9 and naive["t_high"] - naive["t_low"] < row["t_high"] - row["t_low"]
+
+
+def test_power_columns_of_a_comparison_row():
+    row = stats.power_columns(mean=0.5, std=0.5, n=6, family_size=2)
+    assert row["dz"] == pytest.approx(1.0)
+    assert row["power"] == pytest.approx(power_by_integration(1.0, 6, stats.ALPHA), abs=1e-6)
+    assert row["power_holm"] == pytest.approx(power_by_integration(1.0, 6, stats.ALPHA / 2), abs=1e-6)
+    assert (row["n_for_80"], row["n_for_80_holm"]) == (
+        stats.n_for_power(1.0),
+        stats.n_for_power(1.0, alpha=stats.ALPHA / 2),
+    )
+    empty = stats.power_columns(mean=0.0, std=0.5, n=6)
+    assert math.isnan(empty["power"]) and empty["n_for_80"] is None

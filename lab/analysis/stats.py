@@ -20,6 +20,16 @@ unadjusted interval and labelled so. `resolvable` is the smallest difference the
 resolved at the spread it saw: the half width of the t interval at the family's strictest Holm level
 (ALPHA / family size).
 
+Equivalence and power. A claim that two modes do *not* differ is tested by TOST within a margin fixed
+before the run (`tost_paired`); not resolving a difference is not evidence of equivalence. Each paired
+comparison's power at its observed dz, and the pre-training seeds 80 % power would need, come from the
+noncentral t (`power_paired_t`, `n_for_power`, `power_columns`): planning numbers, not evidence.
+
+Secondary views, labelled as such. The sign-flip p Holm-adjusted like the t p with the floor it can never
+pass (`signflip_holm`); the bootstrap interval's caveat below BCA_MIN_N seeds (`bootstrap_caveat`); per-mode
+intervals over pre-training seed means (`summarize_by_seed`; `summarize` counts every run as a replicate).
+The claims and their families themselves live in lab/analysis/claims.py.
+
 Failures. A non-finite value is a failed run, never a number: every function here refuses NaN / inf
 with `NonFiniteError`; the report counts failures per mode and leaves the failed seeds out of a
 comparison openly (column `failed_seeds`).
@@ -36,6 +46,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy import stats as sps
 
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
@@ -70,8 +81,6 @@ def mean_std(values: Sequence[float], what: str = "values") -> dict:
 
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
     """scipy's one-sample Student-t interval of the mean (nan, nan for fewer than two values)."""
-    from scipy import stats as sps
-
     x = require_finite(values, "t_interval")
     if x.size < 2:
         return math.nan, math.nan
@@ -104,8 +113,6 @@ def paired_test(a: Sequence[float], b: Sequence[float], family_size: int = 1, se
     |difference| this spread could resolve at level ALPHA / family_size. Refuses non-finite values and
     fewer than two pairs.
     """
-    from scipy import stats as sps
-
     x, y = require_finite(a, "first mode"), require_finite(b, "second mode")
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"paired_test needs two 1-d sequences of equal length, got {x.shape} and {y.shape}")
@@ -176,6 +183,213 @@ def verdict(row: Mapping, first: str = "first", second: str = "second") -> str:
     if not row.get("resolved"):
         return "not resolved" + tag
     return f"{first} {'higher' if row['difference'] > 0 else 'lower'}{tag}"
+
+
+# ------------------------------------------------------------------------------- equivalence and power
+
+
+def tost_paired(diffs: Sequence[float], margin: float, alpha: float = ALPHA) -> dict:
+    """Two one-sided t-tests (TOST) that the mean paired difference lies within ±margin.
+
+    Unit of replication: the pre-training seed. `diffs` holds one difference per pre-training seed
+    (fine-tuning seeds already averaged within it). Assumed: the differences are independent draws from
+    one normal distribution (Student t, n - 1 degrees of freedom), and `margin` — the largest |difference|
+    that counts as none, in the quantity's own units — was fixed before the run; a margin picked after
+    seeing the data decides nothing. Failing to show equivalence is not evidence of a difference.
+
+    p_lower tests H0 mean <= -margin against mean > -margin (`ttest_1samp(d, -margin,
+    alternative="greater")`), p_upper tests H0 mean >= +margin against mean < +margin
+    (`alternative="less"`). Equivalent at level `alpha` when both are below it, that is when
+    p_tost = max(p_lower, p_upper) < alpha, which is the same as the (1 - 2 alpha) t interval
+    [low, high] lying inside (-margin, +margin).
+
+    Returns {mean, std, n, margin, alpha, p_lower, p_upper, p_tost, low, high, confidence, equivalent,
+    reads}.
+    """
+    d = require_finite(diffs, "tost_paired differences")
+    if not (isinstance(margin, int | float) and math.isfinite(margin) and margin > 0):
+        raise ValueError(
+            f"tost_paired: margin must be a positive number, got {margin!r}; state before the run the "
+            "largest |difference| that counts as no difference, in the quantity's units"
+        )
+    if not 0 < alpha < 0.5:
+        raise ValueError(f"tost_paired: alpha must lie in (0, 0.5), got {alpha!r}")
+    if d.ndim != 1 or d.size < 2:
+        raise ValueError(f"tost_paired needs at least two paired differences, got shape {d.shape}")
+    out = {**mean_std(d), "margin": float(margin), "alpha": float(alpha), "confidence": 1 - 2 * alpha}
+    if np.ptp(d) == 0:  # no spread, no t statistic: the constant difference decides alone
+        inside = abs(float(d[0])) < margin
+        out.update(p_lower=float(not inside), p_upper=float(not inside), low=float(d[0]), high=float(d[0]))
+    else:
+        lower = sps.ttest_1samp(d, -margin, alternative="greater")
+        upper = sps.ttest_1samp(d, margin, alternative="less")
+        ci = sps.ttest_1samp(d, 0.0).confidence_interval(1 - 2 * alpha)
+        out.update(
+            p_lower=float(lower.pvalue), p_upper=float(upper.pvalue), low=float(ci.low), high=float(ci.high)
+        )
+    out["p_tost"] = max(out["p_lower"], out["p_upper"])
+    out["equivalent"] = bool(out["p_tost"] < alpha)
+    out["reads"] = ("" if out["equivalent"] else "not shown ") + f"equivalent within ±{margin:g}"
+    return out
+
+
+def effect_size_dz(diffs: Sequence[float]) -> float:
+    """Cohen's dz of paired differences: mean / sample std (ddof 1), one difference per pre-training seed.
+    nan when the differences have no spread."""
+    d = require_finite(diffs, "effect_size_dz differences")
+    if d.size < 2:
+        raise ValueError(f"effect_size_dz needs at least two paired differences, got {d.size}")
+    sd = float(d.std(ddof=1))
+    return float(d.mean()) / sd if sd > 0 else math.nan
+
+
+def power_paired_t(dz: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test at standardised effect `dz` with `n` pairs, level `alpha`.
+
+    Unit: the pre-training seed (n pairs, n - 1 degrees of freedom). Assumed: normal differences whose
+    true mean / sd equals `dz`. At an *observed* dz this is the power the design would have if the
+    effect were exactly what one sample showed — a planning number, not evidence. Under H1 the t
+    statistic follows a noncentral t with n - 1 degrees of freedom and noncentrality dz * sqrt(n)
+    (`scipy.stats.nct`); power = P(|T| > t_{1 - alpha/2, n - 1}), both tails counted."""
+    if n < 2:
+        raise ValueError(f"power_paired_t needs n >= 2 pairs, got {n}")
+    if not math.isfinite(dz):
+        raise ValueError(f"power_paired_t: dz must be finite, got {dz!r}")
+    df, nc = n - 1, dz * math.sqrt(n)
+    q = sps.t.ppf(1 - alpha / 2, df)
+    # P(T < -q) written as P(T' > q) with T' = -T ~ nct(df, -nc): scipy's nct.cdf is nan that far into
+    # its lower tail (df 5, nc 10), its sf is not
+    return float(sps.nct.sf(q, df, nc) + sps.nct.sf(q, df, -nc))
+
+
+def n_for_power(dz: float, power: float = 0.8, alpha: float = ALPHA, n_max: int = 100_000) -> int | None:
+    """The smallest number of pre-training seeds n >= 2 whose two-sided paired t-test at level `alpha` has
+    at least `power` at effect `dz` (see power_paired_t for what is assumed); None when dz is 0 or more
+    than `n_max` seeds would be needed. Power grows with n, so the search doubles then bisects."""
+    if not 0 < power < 1:
+        raise ValueError(f"n_for_power: power must lie in (0, 1), got {power!r}")
+    if dz == 0 or not math.isfinite(dz):
+        return None
+    high = 2
+    while power_paired_t(dz, high, alpha) < power:
+        if high >= n_max:
+            return None
+        high = min(2 * high, n_max)
+    low = high // 2  # the previous high (power below target), or 1
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if power_paired_t(dz, mid, alpha) >= power else (mid, high)
+    return high
+
+
+def power_columns(mean: float, std: float, n: int, family_size: int = 1, alpha: float = ALPHA) -> dict:
+    """The power columns of one paired comparison row (mean, std and n of its per-pre-training-seed
+    differences, as `paired_test` and `paired_by_seed` give them): the observed dz, the power at it at
+    `alpha` and at Holm's strictest level alpha / family_size, and the seeds 80 % power would need at
+    each (see power_paired_t for what is assumed). nan / None where dz is 0 or undefined."""
+    dz = mean / std if std > 0 else math.nan
+    if not math.isfinite(dz) or dz == 0 or n < 2:
+        return {"dz": dz, "power": math.nan, "power_holm": math.nan, "n_for_80": None, "n_for_80_holm": None}
+    return {
+        "dz": dz,
+        "power": power_paired_t(dz, n, alpha),
+        "power_holm": power_paired_t(dz, n, alpha / family_size),
+        "n_for_80": n_for_power(dz, 0.8, alpha),
+        "n_for_80_holm": n_for_power(dz, 0.8, alpha / family_size),
+    }
+
+
+# --------------------------------------------------------------------------------- secondary views
+
+
+def signflip_floor(n: int) -> float:
+    """The smallest two-sided p the sign-flip test of `paired_test` can give with n pairs: 2 / 2^n when
+    every sign pattern is enumerated (all differences one sign), 2 / (RESAMPLES + 1) when sampled."""
+    return 2 / 2**n if 2**n <= EXACT_SIGN_FLIPS else 2 / (RESAMPLES + 1)
+
+
+def signflip_holm(p_signflip: Sequence[float], n: int | Sequence[int], alpha: float = ALPHA) -> list[dict]:
+    """The family's exact sign-flip p-values Holm-adjusted like its t p-values (same order as given).
+
+    Unit: the pre-training seed; `n` is the number of pairs behind each p (one int for all). Assumed
+    only that the differences are symmetric about 0 under H0 (no normality). Each row also carries the
+    floor 2 / 2^n and the best Holm-adjusted p the comparison could ever reach (family size x floor):
+    when that is not below `alpha` (e.g. 2 x 2/64 = 0.0625 for two comparisons over 6 seeds) the
+    sign-flip view can never resolve it, whatever the data, and `can_resolve` says so.
+
+    Returns [{p_signflip, p_signflip_holm, floor, best_holm, can_resolve}].
+    """
+    p = require_finite(p_signflip, "signflip_holm p-values")
+    sizes = [int(n)] * p.size if isinstance(n, int | np.integer) else [int(k) for k in n]
+    if len(sizes) != p.size:
+        raise ValueError(f"signflip_holm: {p.size} p-values but {len(sizes)} pair counts n")
+    rows = []
+    for value, adjusted, k in zip(p, holm(p), sizes):
+        floor = signflip_floor(k)
+        best = min(1.0, p.size * floor)
+        rows.append(
+            {
+                "p_signflip": float(value),
+                "p_signflip_holm": adjusted,
+                "floor": floor,
+                "best_holm": best,
+                "can_resolve": best < alpha,
+            }
+        )
+    return rows
+
+
+def bootstrap_caveat(n: int) -> str:
+    """The label a paired bootstrap interval over n pre-training seeds carries: "" from BCA_MIN_N seeds on,
+    below that a note that the percentile interval covers less than its nominal level (it resamples only
+    n values; at n = 6 a simulation in tests/test_stats.py finds well under 95 %) and the t interval is
+    the one to read."""
+    if n >= BCA_MIN_N:
+        return ""
+    return (
+        f"percentile bootstrap over n = {n} pre-training seeds covers less than its nominal "
+        f"{CONFIDENCE:.0%} below n = {BCA_MIN_N}: read the t interval"
+    )
+
+
+def seed_means(
+    records: Sequence[Mapping], group: Sequence[str], value: str = "value"
+) -> dict[tuple, dict[Hashable, list[float]]]:
+    """Per combination of the `group` fields (first-seen order): pre-training seed -> the values of its
+    fine-tuning seeds (one value when there are none). The grouping every seed-level statistic starts
+    from: the fine-tuning seeds of one pre-training seed share its draw."""
+    cells: dict[tuple, dict[Hashable, list[float]]] = {}
+    for r in records:
+        key = tuple(r[g] for g in group)
+        cells.setdefault(key, {}).setdefault(r["pretrain_seed"], []).append(float(r[value]))
+    return cells
+
+
+def summarize_by_seed(
+    records: Sequence[Mapping], group: Sequence[str], value: str = "value", confidence: float = CONFIDENCE
+) -> list[dict]:
+    """Per-mode (per `group` combination) intervals with the pre-training seed as the unit.
+
+    The fine-tuning seeds of each pre-training seed are averaged first; mean, std and the Student-t
+    interval then run over the n pre-training seed means (n - 1 degrees of freedom). Assumed: the seed
+    means are independent normal draws. A pre-training seed with any non-finite value is a failed run:
+    left out and counted in `failed_seeds`. `finetune_seeds`: the fewest fine-tuning seeds behind a mean.
+    Unlike `summarize`, which treats every fine-tuning run as a replicate, this interval is honest.
+    """
+    rows = []
+    for key, per_seed in seed_means(records, group, value).items():
+        kept = {s: v for s, v in per_seed.items() if all(map(math.isfinite, v))}
+        means = [float(np.mean(v)) for v in kept.values()]
+        row = {**dict(zip(group, key)), "mean": math.nan, "std": math.nan, "n": len(means)}
+        if means:
+            row.update(mean_std(means))
+        row["t_low"], row["t_high"] = (
+            t_interval(means, confidence) if len(means) > 1 else (math.nan, math.nan)
+        )
+        row["finetune_seeds"] = min((len(v) for v in kept.values()), default=0)
+        row["failed_seeds"] = len(per_seed) - len(kept)
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- tables

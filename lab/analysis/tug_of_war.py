@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lab import sharing
-from lab.analysis.stats import finite
+from lab.analysis.stats import finite, save_figure
 from lab.pretrain.probe import average_pairwise_cosine
 from lab.util import atomic_write_json, read_jsonl, write_csv
 
@@ -198,14 +198,6 @@ def new_figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
     fig = Figure(figsize=(width, height))
     axes = fig.subplots(1, ncols)
     return fig, axes
-
-
-def save_figure(fig, stem: Path) -> list[Path]:
-    fig.tight_layout()
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=120)
-    fig.savefig(paths[1], metadata={"Date": None})  # no timestamp: reruns give identical files
-    return paths
 
 
 def figure(stem: Path, draw, width: float = 6.0, height: float = 3.6, ncols: int = 1) -> list[Path]:

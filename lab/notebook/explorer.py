@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.linalg import orthogonal_procrustes
+from sklearn.decomposition import PCA
 
 from lab import sharing
 from lab.analysis.tug_of_war import class_separation, load_run
@@ -41,18 +43,15 @@ BANDS = 4  # frequency bands on a corpus without classes
 
 
 def pca_2d(rows: np.ndarray) -> np.ndarray:
-    """[N, D] -> [N, 2]: the unit-length rows, centred, on their two leading principal axes."""
+    """[N, D] -> [N, 2]: the unit-length rows, centred, on their two leading principal axes (exact SVD)."""
     u = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-    u = u - u.mean(axis=0)
-    _, _, vt = np.linalg.svd(u, full_matrices=False)  # vt: [min(N, D), D]
-    out = u @ vt[:2].T  # [N, <=2]
+    out = PCA(n_components=min(2, *u.shape), svd_solver="full").fit_transform(u)  # [N, <=2]
     return np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
 
 
 def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """The orthogonal R (rotation or reflection, [k, k]) minimising ||source @ R - target||_F."""
-    u, _, vt = np.linalg.svd(source.T @ target)
-    return u @ vt
+    return orthogonal_procrustes(source, target)[0]
 
 
 def aligned_frames(frames: list[np.ndarray]) -> list[np.ndarray]:

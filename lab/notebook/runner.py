@@ -175,7 +175,8 @@ def resolve_init(init: str | Path) -> str:
 def run_curves(run_dir: str | Path) -> Path:
     """Loss curves of one run from its metrics.jsonl: total, MLM and RTD train loss plus the held-out
     rows; written as figures/curves.{csv,png,svg} in the run directory. Returns the PNG."""
-    from lab.analysis.tug_of_war import load_run, new_figure, save_figure
+    from lab.analysis.stats import save_figure
+    from lab.analysis.tug_of_war import load_run, new_figure
     from lab.util import write_csv
 
     run = load_run(project_path(run_dir))

@@ -117,7 +117,7 @@ def test_the_isolation_check_catches_a_mode_that_lies():
     """A mode declaring ES's table unshared fails the check: the check can fail."""
     liar = sharing.SharedTable("liar", "liar", "C4", shares_generator_table=False)
     model = tiny_rtd(sharing.ES.name)
-    object.__setattr__(model, "sharing", liar)
+    model.sharing = liar
     with pytest.raises(AssertionError):
         check_declared_isolation(model)
 

@@ -5,11 +5,8 @@ official recipe is DeBERTa/apps/tasks/rtd_task.py of microsoft/DeBERTa):
     mask 15% -> generator -> MLM loss at masked rows -> sample (no grad) -> replace -> labels
     -> discriminator -> BCE over non-pad tokens -> L_MLM + rtd_weight * L_RTD
 
-Sharing of the word table E between generator G and discriminator D:
-    es    one table, updated by both losses (the tug-of-war)
-    nes   two tables, each updated by its own loss
-    gdes  E_D = stopgrad(E_G) + E_delta, E_delta starting at zero: MLM alone trains E_G, RTD alone
-          trains E_delta, and D still sees G's semantics
+The word table E is shared between generator G and discriminator D as the model's sharing mode says
+(lab/sharing.py: ES, NES and GDES, E_D = stopgrad(E_G) + E_delta).
 """
 
 from __future__ import annotations
@@ -22,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lab.sharing
 from lab.model import Encoder, Layer, ModelConfig, compute_dtype, init_weights, key_padding_bias
 from lab.util import replace_strict
 
-SHARING_MODES = ("es", "nes", "gdes")
 RTD_WEIGHT = 50.0  # lambda in L_MLM + lambda * L_RTD: ELECTRA's 50 (the official DeBERTa code uses 10)
 # "mask": every selected token becomes [MASK], DeBERTa's RTD setting (rtd_task.py builds its
 # NGramMaskGenerator with mask_prob=1, keep_prob=0); "bert": BERT's 80 % [MASK] / 10 % random / 10 %
@@ -296,15 +293,14 @@ class RTDModel(nn.Module):
         emd: bool = False,
     ):
         super().__init__()
-        if sharing not in SHARING_MODES:
-            raise ValueError(f"sharing={sharing!r} is not a sharing mode; choose one of {SHARING_MODES}")
+        mode = lab.sharing.get(sharing)  # raises on an unknown name, listing the known ones
         gen_cfg = generator_config(cfg, gen_depth_ratio, gen_width_ratio)
-        if sharing != "nes" and gen_cfg.hidden_size != cfg.hidden_size:
+        if mode.same_width and gen_cfg.hidden_size != cfg.hidden_size:
             raise ValueError(
                 f"sharing={sharing!r} needs a generator as wide as the discriminator; set gen_width_ratio=1.0 "
-                "or sharing='nes'"
+                f"or sharing={lab.sharing.NES.name!r}"
             )
-        self.sharing = sharing
+        self.sharing = mode
         self.generator = Encoder(gen_cfg)
         self.discriminator = Encoder(cfg)
         self.mlm_head = MLMHead(gen_cfg)
@@ -312,13 +308,9 @@ class RTDModel(nn.Module):
         self.emd = EnhancedMaskDecoder(gen_cfg) if emd else None
         for head in (self.mlm_head, self.rtd_head):
             head.apply(lambda m: init_weights(m, cfg.initializer_range))
-        if sharing == "es":
-            self.discriminator.word_embeddings = self.generator.word_embeddings  # one table, two users
-        elif sharing == "gdes":
-            self.discriminator.word_embeddings = None  # D reads stopgrad(E_G) + E_delta instead
-            self.embedding_delta = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.hidden_size))
+        mode.attach(self)  # the word tables of the mode (lab/sharing.py)
 
-    # -- the tables ------------------------------------------------------------------------------
+    # -- the tables (the sharing mode forms them) -------------------------------------------------
 
     @property
     def generator_table(self) -> torch.Tensor:
@@ -326,20 +318,19 @@ class RTDModel(nn.Module):
 
     def discriminator_table(self) -> torch.Tensor:
         """E_D as D uses it (merged for GDES): what gets exported and fine-tuned."""
-        if self.sharing == "gdes":
-            return self.generator_table.detach() + self.embedding_delta
-        return self.discriminator.word_embeddings.weight
+        return self.sharing.discriminator_table(self)
 
-    def discriminator_own_table(self) -> torch.Tensor:
+    def discriminator_own_table(self) -> torch.Tensor | None:
         """The parameter the RTD loss trains on D's side: E_G (es), E_D (nes) or E_delta (gdes)."""
-        return self.embedding_delta if self.sharing == "gdes" else self.discriminator.word_embeddings.weight
+        return self.sharing.rtd_table(self)
 
     def discriminator_word_embeds(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.sharing == "gdes":
-            # GDES: E_D = sg(E_G) + E_delta, looked up row by row (equal to indexing the summed table,
-            # without building a [V, D] sum every step)
-            return F.embedding(ids, self.generator_table.detach()) + F.embedding(ids, self.embedding_delta)
-        return self.discriminator.word_embeddings(ids)  # es: G's own table; nes: D's table
+        return self.sharing.discriminator_embeds(self, ids)
+
+    def exported_tables(self) -> dict[str, torch.Tensor]:
+        """The tables a run snapshots and exports: E_G, E_D as D reads it, and the mode's own extras."""
+        tables = {"generator": self.generator_table, "discriminator": self.discriminator_table()}
+        return {**tables, **self.sharing.extra_tables(self)}
 
     def discriminator_state_dict(self) -> dict[str, torch.Tensor]:
         """D's Encoder state dict with the merged table under the normal name (GDES: E_G + E_delta)."""

@@ -287,3 +287,17 @@ def test_seeded_report_pairs_runs_by_seed(tmp_path):
         "seed-0/embedding_cosine.csv",
     ):
         assert (tmp_path / "report" / name).is_file()
+
+
+def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
+    """A rerun rewrites no committed figure: the PNG and the SVG (dates, element ids) come out identical."""
+    from lab.analysis.stats import save_figure
+
+    written = []
+    for run in ("first", "second"):
+        fig, ax = analysis.new_figure()
+        ax.plot([0, 1, 2], [1.0, 3.0, 2.0], label="curve")
+        ax.bar([0, 1], [1.0, 2.0])
+        ax.legend()
+        written.append([p.read_bytes() for p in save_figure(fig, tmp_path / run / "figure")])
+    assert written[0] == written[1]

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lab import sharing
 from lab.analysis import experiment
 from lab.analysis import runs as experiment_runs
-from lab.rtd import SHARING_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("synth_tag", "synth_gram")
@@ -101,7 +101,7 @@ def test_experiment_writes_the_report_end_to_end(resumed):
     assert json.loads((report / "summary.json").read_text())["experiment"] == cfg.out_dir
     # every mode x task x metric has 2 x 2 paired seeds; every comparison is listed with its verdict
     table = summary["downstream"]["table"]
-    assert {(r["task"], r["mode"]) for r in table} == {(t, m) for t in TASKS for m in SHARING_MODES}
+    assert {(r["task"], r["mode"]) for r in table} == {(t, m) for t in TASKS for m in cfg.modes}
     assert all(r["n"] == 4 for r in table)
     diffs = summary["downstream"]["differences"]
     assert {r["comparison"] for r in diffs} == {"gdes - es", "gdes - nes", "nes - es"}
@@ -111,7 +111,7 @@ def test_experiment_writes_the_report_end_to_end(resumed):
     # the tug-of-war quantities of every pre-training run, two seeds per mode
     rows = summary["tug_of_war"]["summary"]
     cos = {r["mode"]: r for r in rows if r["quantity"] == "cos_E_G"}
-    assert set(cos) == set(SHARING_MODES) and all(r["n"] == 2 for r in cos.values())
+    assert set(cos) == set(cfg.modes) and all(r["n"] == 2 for r in cos.values())
     assert {r["quantity"] for r in rows} >= {
         "final_mlm_loss",
         "cos_E_D",
@@ -341,7 +341,11 @@ def test_the_experiment_imports_without_plotting_or_notebook_packages():
 def test_gpu_recipe_reads_the_data_folder_it_is_given(tmp_path):
     cfg = experiment.recipe("gpu", tmp_path)
     assert cfg.corpus == f"{tmp_path}/wikitext-2/wiki.train.tokens" and cfg.glue_dir == f"{tmp_path}/glue"
-    assert cfg.preset == "xsmall" and cfg.modes == SHARING_MODES and cfg.finetune_seeds == (1, 2, 3)
+    assert (
+        cfg.preset == "xsmall"
+        and cfg.modes == (sharing.ES.name, sharing.NES.name, sharing.GDES.name)
+        and cfg.finetune_seeds == (1, 2, 3)
+    )
     assert set(cfg.tasks) == {"cola", "sst2", "stsb"} and len(cfg.pretrain_seeds) >= 3
     assert "MRPC" in experiment_runs.missing_data("mrpc", cfg)
 

@@ -184,7 +184,9 @@ def test_02_tug_of_war_on_fabricated_runs(tmp_path):
         if row["split"] in ("train", "eval"):
             row["mlm_loss"] *= 0.5
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    notebook.run_notebook("02_tug_of_war", {f"{m}_run": str(p) for m, p in runs.items()}, tmp_path / "report")
+    notebook.run_notebook(
+        "02_tug_of_war", {"runs": {m: str(p) for m, p in runs.items()}}, tmp_path / "report"
+    )
     summary = _summary(tmp_path / "report")
     final = summary["final_smoothed_mlm_loss"]
     assert final["es"] < min(final["nes"], final["gdes"])

@@ -1,5 +1,5 @@
-"""RTD pre-training: masking and labels, gradient isolation per sharing mode, overfitting, resume,
-torchrun equivalence, export, and bad input."""
+"""RTD pre-training: masking and labels, overfitting, resume, torchrun equivalence, export, and bad
+input (the gradient isolation of each sharing mode is in test_sharing.py)."""
 
 import dataclasses
 import json
@@ -113,15 +113,8 @@ def test_a_sample_equal_to_the_original_is_labelled_original():
     assert out.labels.sum() == out.valid.sum()
 
 
-# -- gradient isolation ---------------------------------------------------------------------------
-
-
 def grads(model, loss, params):
     return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-
-
-def norm(g):
-    return 0.0 if g is None else g.abs().sum().item()
 
 
 def test_evaluate_matches_hand_computed_values():
@@ -152,39 +145,6 @@ def test_evaluate_matches_hand_computed_values():
         "replaced_rate": pytest.approx(4 / 92),
         "replaced_of_masked": pytest.approx(4 / 12),
     }
-
-
-def test_gdes_gradients_are_disentangled():
-    model = tiny_rtd("gdes")
-    out = model(*packed_batch(), SPECIAL, 999)
-    E_G, delta = model.generator_table, model.embedding_delta
-    g_rtd_EG, g_rtd_delta = grads(model, out.rtd_loss, [E_G, delta])
-    g_mlm_EG, g_mlm_delta = grads(model, out.mlm_loss, [E_G, delta])
-    assert norm(g_rtd_EG) == 0.0  # RTD never reaches E_G
-    assert norm(g_mlm_delta) == 0.0  # MLM never reaches E_delta
-    assert norm(g_mlm_EG) > 0 and norm(g_rtd_delta) > 0
-    assert torch.count_nonzero(delta) == 0  # E_delta starts at zero
-    torch.testing.assert_close(model.discriminator_table(), E_G)
-
-
-def test_es_shares_one_table_that_both_losses_update():
-    model = tiny_rtd("es")
-    assert model.discriminator.word_embeddings is model.generator.word_embeddings
-    out = model(*packed_batch(), SPECIAL, 999)
-    (g_rtd,) = grads(model, out.rtd_loss, [model.generator_table])
-    (g_mlm,) = grads(model, out.mlm_loss, [model.generator_table])
-    assert norm(g_rtd) > 0 and norm(g_mlm) > 0
-
-
-def test_nes_tables_each_get_only_their_own_loss():
-    model = tiny_rtd("nes")
-    E_G, E_D = model.generator_table, model.discriminator.word_embeddings.weight
-    assert E_G is not E_D
-    out = model(*packed_batch(), SPECIAL, 999)
-    g_rtd_EG, g_rtd_ED = grads(model, out.rtd_loss, [E_G, E_D])
-    g_mlm_EG, g_mlm_ED = grads(model, out.mlm_loss, [E_G, E_D])
-    assert norm(g_rtd_EG) == 0.0 and norm(g_mlm_ED) == 0.0
-    assert norm(g_rtd_ED) > 0 and norm(g_mlm_EG) > 0
 
 
 def global_batch_parts(model, ids, mask, noise, parts):

@@ -63,9 +63,10 @@ from lab.analysis.runs import (
 )
 from lab.cli import INTERRUPTED, config_parser, parse_values, run_verb
 from lab.pretrain.meter import duration
+from lab.sharing import ES, GDES, NES
 from lab.util import append_jsonl, atomic_write_json, data_dir, replace_strict
 
-COMPARISONS = (("gdes", "es"), ("gdes", "nes"), ("nes", "es"))
+COMPARISONS = ((GDES.name, ES.name), (GDES.name, NES.name), (NES.name, ES.name))
 # The primary comparisons, named before the run, one family per claim (Holm within each); every other
 # comparison in the tables is exploratory. (c) is filled per task with its main metric by the report.
 PRIMARY = {
@@ -433,8 +434,8 @@ def mlm_separation(rows: list[dict], out: Path) -> dict:
         )
     table = []
     for step in sorted(by):
-        for first in ("nes", "gdes"):
-            a, b = by[step].get(first, {}), by[step].get("es", {})
+        for first in (NES.name, GDES.name):
+            a, b = by[step].get(first, {}), by[step].get(ES.name, {})
             seeds = sorted(set(a) & set(b))
             if len(seeds) < 2:
                 continue
@@ -442,7 +443,7 @@ def mlm_separation(rows: list[dict], out: Path) -> dict:
             table.append(
                 {
                     "step": step,
-                    "comparison": f"{first} - es",
+                    "comparison": f"{first} - {ES.name}",
                     "difference": test["mean"],
                     "n": len(seeds),
                     "t_low": test["t_low"],

@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab import sharing
 from lab.cli import check_choices, param
 from lab.pretrain import checkpoint
 from lab.pretrain.meter import PROGRESS, duration
-from lab.rtd import RTD_WEIGHT, SHARING_MODES
+from lab.rtd import RTD_WEIGHT
 from lab.training import DTYPES
 from lab.util import atomic_write_json, replace_strict
 
@@ -26,7 +27,7 @@ from lab.util import atomic_write_json, replace_strict
 class ExperimentConfig:
     out_dir: str = param("runs/experiment", "the experiment directory (see lab/analysis/experiment.py)")
     report_dir: str = param("", "where tables and figures go; '' = <out_dir>/report")
-    modes: tuple[str, ...] = param(SHARING_MODES, "sharing modes to compare")
+    modes: tuple[str, ...] = param(sharing.names(), "sharing modes to compare (lab/sharing.py)")
     pretrain_seeds: tuple[int, ...] = param((0, 1, 2), "one pre-training run per mode and seed")
     finetune_seeds: tuple[int, ...] = param((1, 2, 3), "one fine-tuning run per discriminator, task and seed")
     tasks: tuple[str, ...] = param(
@@ -76,9 +77,9 @@ class ExperimentConfig:
             if len(set(value)) != len(value):
                 raise ValueError(f"ExperimentConfig.{name}={value} repeats an entry")
             object.__setattr__(self, name, value)
-        unknown = sorted(set(self.modes) - set(SHARING_MODES))
+        unknown = sorted(set(self.modes) - set(sharing.names()))
         if unknown:
-            raise ValueError(f"ExperimentConfig.modes has {unknown}; choose from {SHARING_MODES}")
+            raise ValueError(f"ExperimentConfig.modes has {unknown}; choose from {sharing.names()}")
         check_choices(self)
         for name in ("steps", "batch_size", "seq_len", "calibration_steps"):
             if getattr(self, name) <= 0:

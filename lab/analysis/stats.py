@@ -543,7 +543,7 @@ def curves_with_bands(
     frame = pd.DataFrame([{x: r[x], y: r[y], hue: r[hue]} for r in rows if finite(r.get(y))])
     sns.lineplot(data=frame, x=x, y=y, hue=hue, errorbar="sd", ax=ax)
     ax.set(title=title, ylabel=ylabel or y)
-    return _save(fig, Path(out_stem))
+    return save_figure(fig, out_stem)
 
 
 def bars_with_spread(
@@ -562,7 +562,7 @@ def bars_with_spread(
     frame = pd.DataFrame([{x: r[x], y: r[y], hue: r[hue]} for r in rows if finite(r.get(y))])
     sns.barplot(data=frame, x=x, y=y, hue=hue, errorbar="sd", ax=ax, capsize=0.1)
     ax.set(title=title)
-    return _save(fig, Path(out_stem))
+    return save_figure(fig, out_stem)
 
 
 def differences_plot(
@@ -589,7 +589,7 @@ def differences_plot(
             va="center",
             fontsize=9,
         )
-        return _save(fig, Path(out_stem))
+        return save_figure(fig, out_stem)
     rows = drawable
 
     panels: dict[str, list[Mapping]] = {}
@@ -633,13 +633,20 @@ def differences_plot(
         "filled: resolved; bars: 95 % t interval over pre-training seeds",
         fontsize=8,
     )
-    return _save(fig, Path(out_stem))
+    return save_figure(fig, out_stem)
 
 
-def _save(fig, stem: Path) -> list[Path]:
+def save_figure(fig, stem: Path) -> list[Path]:
+    """`fig` as <stem>.png and <stem>.svg, every figure's one way to the disk. A rerun writes identical
+    bytes: the SVG has no date in its metadata, and its element ids are hashed with a fixed salt (the
+    file's name) instead of a random one."""
+    from matplotlib import rc_context  # matplotlib is optional: every caller checks it is there
+
+    stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     fig.savefig(paths[0], dpi=120)
-    fig.savefig(paths[1], metadata={"Date": None})  # no timestamp: reruns give identical files
+    with rc_context({"svg.hashsalt": stem.name}):
+        fig.savefig(paths[1], metadata={"Date": None})
     return paths

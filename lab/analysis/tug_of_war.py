@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lab.analysis.stats import finite
+from lab import sharing
+from lab.analysis.stats import finite, save_figure
 from lab.pretrain.probe import average_pairwise_cosine
 from lab.util import atomic_write_json, read_jsonl, write_csv
 
@@ -199,14 +200,6 @@ def new_figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
     return fig, axes
 
 
-def save_figure(fig, stem: Path) -> list[Path]:
-    fig.tight_layout()
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=120)
-    fig.savefig(paths[1], metadata={"Date": None})  # no timestamp: reruns give identical files
-    return paths
-
-
 def figure(stem: Path, draw, width: float = 6.0, height: float = 3.6, ncols: int = 1) -> list[Path]:
     """Draw with `draw(axes)` on a new figure and save it as PNG + SVG at `stem`; [] where matplotlib is
     not installed (a bare GPU box): the CSV written beside it holds every number."""
@@ -248,8 +241,8 @@ def mlm_loss_curves(runs: dict[str, RunRecord], out_dir: Path, window: int | Non
     csv_path = write_csv(out_dir / "mlm_loss.csv", rows)
 
     def draw(ax):
-        for i, mode in enumerate(runs):
-            color = f"C{i}"
+        for mode in runs:
+            color = sharing.get(mode).color
             train = [r for r in rows if r["mode"] == mode and r["split"] == "train"]
             steps = [r["step"] for r in train]
             ax.plot(steps, [r["mlm_loss"] for r in train], color=color, alpha=0.2, lw=0.8)
@@ -335,10 +328,10 @@ def gradient_conflict(runs: dict[str, RunRecord], out_dir: Path) -> dict:
 
     def draw(axes):
         for ax, key in zip(np.atleast_1d(axes), keys):
-            for i, mode in enumerate(runs):
+            for mode in runs:
                 pts = [(r["step"], r[key]) for r in rows if r["mode"] == mode and finite(r.get(key))]
                 if pts:
-                    ax.plot(*zip(*pts), "o-", ms=3, color=f"C{i}", label=mode)
+                    ax.plot(*zip(*pts), "o-", ms=3, color=sharing.get(mode).color, label=mode)
             ax.axhline(0, color="k", lw=0.5)
             ax.set(xlabel="step", ylabel=key, title=PROBE_TITLES[key])
             ax.legend(fontsize=7)
@@ -456,7 +449,7 @@ def final_eval(runs: dict[str, RunRecord], out_dir: Path) -> dict:
             ax.bar(
                 [r["mode"] for r in rows],
                 [r.get(key, float("nan")) for r in rows],
-                color=[f"C{i}" for i in range(len(rows))],
+                color=[sharing.get(r["mode"]).color for r in rows],
             )
             ax.set(title=f"held-out {key}")
 
@@ -465,7 +458,7 @@ def final_eval(runs: dict[str, RunRecord], out_dir: Path) -> dict:
 
 
 def tug_of_war_report(run_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
-    """All five views for runs keyed by mode ({"es": path, "nes": path, "gdes": path}); writes every
+    """All five views for runs keyed by sharing mode (name -> run directory); writes every
     CSV / PNG / SVG / markdown table and summary.json into out_dir, and returns the summary."""
     if not run_dirs:
         raise ValueError("run_dirs is empty; pass {'es': run_dir, 'nes': run_dir, 'gdes': run_dir}")
@@ -516,13 +509,14 @@ def _paper_claims(summary: dict) -> dict:
     (NES: E_G more self-similar than E_D; ES's shared table below NES's E_G). True / False; absent
     when a mode is missing."""
     mlm, cos = summary["final_smoothed_mlm_loss"], summary["embedding_cosine"]
+    es, nes, gdes = sharing.ES.name, sharing.NES.name, sharing.GDES.name
     claims = {}
-    if {"es", "nes", "gdes"} <= mlm.keys():
-        claims["es_mlm_loss_highest"] = bool(mlm["es"] > max(mlm["nes"], mlm["gdes"]))
-    if "nes" in cos:
-        claims["nes_generator_more_similar_than_discriminator"] = bool(cos["nes"]["E_G"] > cos["nes"]["E_D"])
-    if {"es", "nes"} <= cos.keys():
-        claims["es_table_below_nes_generator"] = bool(cos["es"]["E_G"] < cos["nes"]["E_G"])
+    if {es, nes, gdes} <= mlm.keys():
+        claims["es_mlm_loss_highest"] = bool(mlm[es] > max(mlm[nes], mlm[gdes]))
+    if nes in cos:
+        claims["nes_generator_more_similar_than_discriminator"] = bool(cos[nes]["E_G"] > cos[nes]["E_D"])
+    if {es, nes} <= cos.keys():
+        claims["es_table_below_nes_generator"] = bool(cos[es]["E_G"] < cos[nes]["E_G"])
     return claims
 
 
@@ -584,7 +578,7 @@ def read_run_rows(path: Path) -> list[dict]:
 def seeded_report(
     run_dirs: dict[tuple[str, int], str | Path],
     out_dir: str | Path,
-    comparisons=(("gdes", "es"), ("gdes", "nes")),
+    comparisons=((sharing.GDES.name, sharing.ES.name), (sharing.GDES.name, sharing.NES.name)),
     primary: dict | None = None,
 ) -> dict:
     """The tug-of-war over pre-training seeds, for runs keyed by (mode, seed).

@@ -26,14 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.linalg import orthogonal_procrustes
+from sklearn.decomposition import PCA
 
+from lab import sharing
 from lab.analysis.tug_of_war import class_separation, load_run
 from lab.pretrain.probe import average_pairwise_cosine
 from lab.pretrain.snapshots import load_snapshots
 from lab.util import replace_file, write_csv
 
 TABLES = (("generator", "E_G"), ("discriminator", "E_D"))
-MODES = ("es", "nes", "gdes")
 BANDS = 4  # frequency bands on a corpus without classes
 
 
@@ -41,18 +43,15 @@ BANDS = 4  # frequency bands on a corpus without classes
 
 
 def pca_2d(rows: np.ndarray) -> np.ndarray:
-    """[N, D] -> [N, 2]: the unit-length rows, centred, on their two leading principal axes."""
+    """[N, D] -> [N, 2]: the unit-length rows, centred, on their two leading principal axes (exact SVD)."""
     u = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-    u = u - u.mean(axis=0)
-    _, _, vt = np.linalg.svd(u, full_matrices=False)  # vt: [min(N, D), D]
-    out = u @ vt[:2].T  # [N, <=2]
+    out = PCA(n_components=min(2, *u.shape), svd_solver="full").fit_transform(u)  # [N, <=2]
     return np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
 
 
 def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """The orthogonal R (rotation or reflection, [k, k]) minimising ||source @ R - target||_F."""
-    u, _, vt = np.linalg.svd(source.T @ target)
-    return u @ vt
+    return orthogonal_procrustes(source, target)[0]
 
 
 def aligned_frames(frames: list[np.ndarray]) -> list[np.ndarray]:
@@ -127,8 +126,11 @@ def _gap(table: torch.Tensor, by_row: dict[int, str]) -> float:
 
 
 def load_timelines(run_dirs: dict[str, str | Path]) -> dict[str, Timeline]:
-    """Timelines by mode (ES, NES, GDES first, in that order), for the runs that have snapshots."""
-    order = sorted(run_dirs, key=lambda m: (MODES.index(m) if m in MODES else len(MODES), m))
+    """Timelines by mode (in the order the modes were registered: ES, NES, GDES first), for the runs that
+    have snapshots."""
+    for mode in run_dirs:
+        sharing.get(mode)  # raises on a name that is no sharing mode, listing the known ones
+    order = [mode for mode in sharing.names() if mode in run_dirs]
     loaded = {mode: load_timeline(mode, run_dirs[mode]) for mode in order if run_dirs[mode]}
     return {mode: t for mode, t in loaded.items() if t is not None}
 
@@ -150,7 +152,7 @@ def draw_frame(fig, timelines: dict[str, Timeline], step: int) -> None:
     grid = fig.add_gridspec(3, 2 * len(modes), height_ratios=(1, 1, 0.75), hspace=0.55, wspace=0.5)
     palette = [*colormaps["tab20"].colors, *colormaps["tab20b"].colors]
     for j, mode in enumerate(modes):
-        timeline = timelines[mode]
+        timeline, style = timelines[mode], sharing.get(mode)
         k = timeline.index(step)
         colours = [palette[c % len(palette)] for c in timeline.colour]
         for r, (_, name) in enumerate(TABLES):
@@ -158,18 +160,19 @@ def draw_frame(fig, timelines: dict[str, Timeline], step: int) -> None:
             xy, lim = timeline.coords[name][k], _limits(timeline.coords[name])
             ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=7, linewidths=0)
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
-            shared = " (= E_G, shared)" if mode == "es" and name == "E_D" else ""
+            shared = " (= E_G, shared)" if style.shares_generator_table and name == "E_D" else ""
             gap = timeline.gap[name][k]
             gap_text = "" if math.isnan(gap) else f" · gap {gap:+.3f}"
             ax.set_title(
-                f"{mode.upper()} {name}{shared}\ncos {timeline.cosine[name][k]:.3f}{gap_text}", fontsize=8
+                f"{style.label} {name}{shared}\ncos {timeline.cosine[name][k]:.3f}{gap_text}", fontsize=8
             )
     for c, (key, title) in enumerate(
         (("mlm_loss", "generator MLM loss"), ("rtd_loss", "discriminator RTD loss"))
     ):
         ax = fig.add_subplot(grid[2, c * len(modes) : (c + 1) * len(modes)])
-        for j, mode in enumerate(modes):
-            ax.plot(*timelines[mode].curves[key], color=f"C{j}", lw=1, label=mode.upper())
+        for mode in modes:
+            style = sharing.get(mode)
+            ax.plot(*timelines[mode].curves[key], color=style.color, lw=1, label=style.label)
         ax.axvline(step, color="k", lw=1)
         ax.set_xlabel("step", fontsize=8)
         ax.set_title(title, fontsize=8)
@@ -209,8 +212,8 @@ def _missing(run_dirs: dict[str, str | Path]):
 
 
 def explore(run_dirs: dict[str, str | Path], interval_ms: int = 1500, dpi: int = 80):
-    """Play button + step slider over the snapshot steps of the runs ({"es": dir, "nes": dir, "gdes":
-    dir}); each move redraws the frame as a PNG (cached per step). A note instead when no run has
+    """Play button + step slider over the snapshot steps of the runs (sharing mode -> run directory);
+    each move redraws the frame as a PNG (cached per step). A note instead when no run has
     snapshots."""
     import ipywidgets as widgets
     from IPython.display import Image, display

@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab import sharing
 from lab.cli import USER_ERROR, config_parser, param, parse_config
-from lab.rtd import SHARING_MODES
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -39,6 +39,13 @@ def project_path(path: str | Path) -> Path:
         return path
     base = ROOT if (ROOT / "pyproject.toml").exists() else Path.cwd()
     return base / path
+
+
+def relative_path(path: str | Path) -> Path:
+    """`path` relative to the project root when it lies under it (as printed in a notebook, the same on
+    every machine; project_path turns it back), else as given."""
+    path = Path(path)
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -168,7 +175,8 @@ def resolve_init(init: str | Path) -> str:
 def run_curves(run_dir: str | Path) -> Path:
     """Loss curves of one run from its metrics.jsonl: total, MLM and RTD train loss plus the held-out
     rows; written as figures/curves.{csv,png,svg} in the run directory. Returns the PNG."""
-    from lab.analysis.tug_of_war import load_run, new_figure, save_figure
+    from lab.analysis.stats import save_figure
+    from lab.analysis.tug_of_war import load_run, new_figure
     from lab.util import write_csv
 
     run = load_run(project_path(run_dir))
@@ -272,7 +280,7 @@ def cli_sweep(argv: list[str]) -> int:
     root = project_path(Path("runs") / args.name)
     start = time.time()
     runs = {}
-    for mode in SHARING_MODES:
+    for mode in sharing.names():
         runs[mode] = root / mode
         t = time.time()
         if cli_run(["01_pretrain", "--name", f"{args.name}/{mode}", *_flags({**common, "sharing": mode})]):
@@ -281,8 +289,14 @@ def cli_sweep(argv: list[str]) -> int:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
         print(f"[{mode}] {time.time() - t:.0f}s  {shown}  -> {runs[mode]}", flush=True)
     report = root / "tug_of_war"
-    parameters = {f"{mode}_run": str(path) for mode, path in runs.items()}
-    if cli_run(["02_tug_of_war", "--name", f"{args.name}/tug_of_war", *_flags(parameters)]):
+    if cli_run(
+        [
+            "02_tug_of_war",
+            "--name",
+            f"{args.name}/tug_of_war",
+            *_flags({"runs": {m: str(relative_path(p)) for m, p in runs.items()}}),
+        ]
+    ):
         return 1
     summary = _read_summary(report)
     print(f"tug-of-war report ({time.time() - start:.0f}s total): {report}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import lab.sharing
 from lab.analysis.tug_of_war import attention_terms
 from lab.model import count_parameters, preset
 from lab.pretrain.checkpoint import load_state
@@ -37,23 +38,20 @@ def default_run(
     when it has a checkpoint, else a `preset_name` model trained now on the synthetic corpus for `steps`
     steps into out_dir/model (~25 s for the tiny one on 2 CPU cores, with a progress bar; a finished run
     there is reused). So the tour's P(replaced) comes from a discriminator that has learnt something."""
-    from lab.notebook.runner import ROOT, pretrain_config, project_path
+    from lab.notebook.runner import pretrain_config, project_path, relative_path
     from lab.pretrain.checkpoint import candidates
     from lab.pretrain.loop import train
 
-    def shown(path: Path) -> str:  # paths under the project read as relative ones
-        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
     demo = project_path(demo)
     if candidates(demo / "checkpoints"):
-        return demo, f"`make demo`'s GDES run ({shown(demo)})"
+        return demo, f"`make demo`'s GDES run ({relative_path(demo)})"
     run = project_path(out_dir) / "model"
     fields = dict(preset=preset_name, sharing=sharing, seed=seed, corpus=TOUR_CORPUS, vocab_size=1000)
     summary = train(pretrain_config(run, steps, batch_size=16, seq_len=64, lr=2e-3, **fields))
     auc = summary["final_eval"]["rtd_auc"]
     return run, (
-        f"a {preset_name} {sharing.upper()} model trained here for {steps} steps on the synthetic corpus "
-        f"({shown(run)}; `make demo` would provide a longer-trained one); held-out RTD AUC {auc:.2f} (0.5 = chance)"
+        f"a {preset_name} {lab.sharing.get(sharing).label} model trained here for {steps} steps on the synthetic corpus "
+        f"({relative_path(run)}; `make demo` would provide a longer-trained one); held-out RTD AUC {auc:.2f} (0.5 = chance)"
     )
 
 

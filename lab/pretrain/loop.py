@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+import lab.sharing
 from lab.cli import check_choices, config_parser, param, parse_config
 from lab.hf import save_pretrained
 from lab.model import preset
@@ -67,7 +68,7 @@ from lab.pretrain.data import BatchIterator, PreparedCorpus, prepare_corpus
 from lab.pretrain.meter import PROGRESS, Meter, Progress
 from lab.pretrain.probe import gradient_cosine, similarity_pull
 from lab.pretrain.snapshots import Recorder
-from lab.rtd import MASK_STRATEGIES, RTD_WEIGHT, SHARING_MODES, RTDModel, draw_noise, mask_counts
+from lab.rtd import MASK_STRATEGIES, RTD_WEIGHT, RTDModel, draw_noise, mask_counts
 from lab.training import (
     COMPILE,
     COMPILE_MODES,
@@ -122,7 +123,9 @@ class PretrainConfig:
     vocab_size: int = param(4000, "SentencePiece size when a tokenizer is trained")
     heldout_fraction: float = param(0.02, "share of packed examples kept for evaluation")
     # RTD
-    sharing: str = param("gdes", "embedding sharing between generator and discriminator", SHARING_MODES)
+    sharing: str = param(
+        "gdes", "embedding sharing between generator and discriminator (lab/sharing.py)", lab.sharing.NAMES
+    )
     mask_prob: float = param(0.15, "share of tokens masked for the generator")
     mask_strategy: str = param("mask", "mask: all [MASK], as released; bert: 80/10/10", MASK_STRATEGIES)
     rtd_weight: float = param(
@@ -195,11 +198,12 @@ class PretrainConfig:
                 raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.seq_len < 8:
             raise ValueError(f"PretrainConfig.seq_len={self.seq_len} is too short; use at least 8")
-        if self.compile == "on" and self.optimization == "decoupled" and self.sharing == "es":
+        mode = lab.sharing.get(self.sharing)
+        if self.compile == "on" and self.optimization == "decoupled" and mode.shares_generator_table:
             raise ValueError(
-                "PretrainConfig(compile='on', optimization='decoupled', sharing='es'): decoupled ES "
-                "differentiates each step's graph twice, which a compiled backward refuses; use compile='off' "
-                "(or 'auto', which keeps this combination eager)"
+                f"PretrainConfig(compile='on', optimization='decoupled', sharing={self.sharing!r}): decoupled "
+                f"{mode.label} differentiates each step's graph twice, which a compiled backward refuses; "
+                "use compile='off' (or 'auto', which keeps this combination eager)"
             )
 
 
@@ -375,7 +379,8 @@ def setup(cfg: PretrainConfig) -> Run:
             model, device_ids=[device] if device.type == "cuda" else None
         )
     compiled = compile_on(cfg.compile, device)
-    compiled &= not (cfg.optimization == "decoupled" and cfg.sharing == "es")  # see __post_init__
+    # decoupled ES stays eager (see __post_init__)
+    compiled &= not (cfg.optimization == "decoupled" and model.sharing.shares_generator_table)
     step_fn = torch.compile(net, mode=compile_mode(cfg, ddp.world)) if compiled else net
 
     # held-out batches of the global batch size, however training is split: the same rows, the same noise
@@ -558,7 +563,7 @@ def backward(model: RTDModel, out, cfg: PretrainConfig, world: int = 1, all_redu
     gradient back on the table; `all_reduce` (the micro-batch on which DDP synchronises) averages it
     across processes as DDP did the others. Calling backward twice instead breaks under DDP, whose
     reducer expects one backward per forward."""
-    if cfg.optimization == "decoupled" and cfg.sharing == "es":
+    if cfg.optimization == "decoupled" and model.sharing.shares_generator_table:
         table = model.generator_table
         (mlm_grad,) = torch.autograd.grad(out.mlm_loss * world, table, retain_graph=True)
         if table.grad is not None:  # earlier micro-batches' MLM-only gradient (local)
@@ -699,10 +704,15 @@ def gradient_probe(model: RTDModel, out, rtd_weight: float) -> dict:
     """
     gen_table, own = model.generator_table, model.discriminator_own_table()
     g_mlm = torch.autograd.grad(out.mlm_loss, gen_table, retain_graph=True)[0]
+    # a mode whose RTD loss trains no word table (own is None): D's side gets a zero gradient, no conflict
     g_rtd_own, g_rtd_gen = torch.autograd.grad(
-        rtd_weight * out.rtd_loss, [own, gen_table], retain_graph=True, allow_unused=True
+        rtd_weight * out.rtd_loss,
+        [gen_table if own is None else own, gen_table],
+        retain_graph=True,
+        allow_unused=True,
     )
     g_rtd_gen = torch.zeros_like(gen_table) if g_rtd_gen is None else g_rtd_gen
+    g_rtd_own = torch.zeros_like(gen_table) if g_rtd_own is None else g_rtd_own
     return {
         "grad_cos": gradient_cosine(g_mlm, g_rtd_own),
         # > 0 pulls the rows of the table together, < 0 pushes them apart (per unit learning rate)
@@ -769,11 +779,8 @@ def check_resumable(saved: dict, cfg: PretrainConfig, path: Path) -> None:
 
 def export_run(model: RTDModel, out_dir: Path, tok) -> None:
     """Tables for the analysis, plus HF-format discriminator (merged E_D) and generator."""
-    tables = {"generator": model.generator_table, "discriminator": model.discriminator_table()}
-    if model.sharing == "gdes":
-        tables["delta"] = model.embedding_delta
     save_file(
-        {k: v.detach().float().cpu().clone() for k, v in tables.items()},
+        {k: v.detach().float().cpu().clone() for k, v in model.exported_tables().items()},
         out_dir / "embeddings.safetensors",
     )
     save_pretrained(

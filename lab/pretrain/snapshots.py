@@ -121,12 +121,14 @@ class Recorder:
         from safetensors.torch import save
 
         model = self.run.model
-        tables = {"generator": model.generator_table, "discriminator": model.discriminator_table()}
-        if model.sharing == "gdes":
-            tables["delta"] = model.embedding_delta
         index = self.ids.to(model.generator_table.device)
-        rows = {k: v.detach()[index].to("cpu", torch.float16).contiguous() for k, v in tables.items()}
-        data = save({**rows, "ids": self.ids.clone()}, metadata={"step": str(step), "sharing": model.sharing})
+        rows = {
+            k: v.detach()[index].to("cpu", torch.float16).contiguous()
+            for k, v in model.exported_tables().items()
+        }
+        data = save(
+            {**rows, "ids": self.ids.clone()}, metadata={"step": str(step), "sharing": model.sharing.name}
+        )
         path = snapshot_path(self.run.out_dir, step)
         atomic_write_bytes(path, data)
         return path

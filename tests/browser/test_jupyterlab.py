@@ -70,7 +70,7 @@ def _fabricated_runs(work: Path) -> dict:
 
     modes = ("es", "nes", "gdes")
     return {
-        f"{m}_run": str(fabricate_snapshots(fabricate_run(work / m, m, seed=i))) for i, m in enumerate(modes)
+        "runs": {m: str(fabricate_snapshots(fabricate_run(work / m, m, seed=i))) for i, m in enumerate(modes)}
     }
 
 

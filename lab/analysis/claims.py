@@ -1,7 +1,7 @@
 """The paper's claims fixed in code before the run, the family test that decides them, and the
 convergence quantities claim (a) rests on.
 
-A `Claim` names one comparison between two sharing modes (lab.rtd.SHARING_MODES), the direction the
+A `Claim` names one comparison between two sharing modes (lab.sharing), the direction the
 paper expects, and the family it is Holm-corrected in. A family is a tuple of claims written here, not
 chosen after the data: `evaluate_family` tests every member, adjusts within the family and reads each
 one whatever direction the data take — "agrees with the paper", "against the paper" or "not resolved".

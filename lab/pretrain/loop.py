@@ -804,10 +804,9 @@ def export_run(model: RTDModel, out_dir: Path, tok) -> None:
     disc_dir = save_pretrained(
         model.discriminator, out_dir / "export" / "discriminator", tok, state=model.discriminator_state_dict()
     )
+    # the RTD head beside it, which continued pre-training reads back (lab.hf.read_heads)
     rtd = {f"rtd_head.{k}": v.detach().cpu().contiguous() for k, v in model.rtd_head.state_dict().items()}
-    save_file(
-        rtd, disc_dir / "rtd_head.safetensors"
-    )  # read back by continued pre-training (lab.hf.read_heads)
+    save_file(rtd, disc_dir / "rtd_head.safetensors")
     gen_dir = save_pretrained(model.generator, out_dir / "export" / "generator", tok)
     head = {f"mlm_head.{k}": v.detach().cpu().contiguous() for k, v in model.mlm_head.state_dict().items()}
     save_file(head, gen_dir / "mlm_head.safetensors")

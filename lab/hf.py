@@ -241,7 +241,7 @@ HEAD_NAMES = {
 
 def read_heads(directory: Path, weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """The pre-training heads a checkpoint carries ({"mlm_head": state, "rtd_head": state}, each only where
-    present), from its weights or the head files beside them; a head with only some of its tensors is an error."""
+    all its tensors are present), from its weights or the head files beside them."""
     heads = {}
     for head, names in HEAD_NAMES.items():
         side = directory / f"{head}.safetensors"
@@ -251,12 +251,7 @@ def read_heads(directory: Path, weights: dict[str, torch.Tensor]) -> dict[str, d
             hit = next((n for n in (f"{head}.{ours}", *theirs) if n in pool), None)
             if hit is not None:
                 found[ours] = pool[hit].float()
-        if found and len(found) < len(names):
-            missing = sorted(set(names) - set(found))
-            raise ValueError(
-                f"{directory}: the {head.replace('_', ' ')} lacks {missing}; the checkpoint is incomplete"
-            )
-        if found:
+        if len(found) == len(names):
             heads[head] = found
     return heads
 
@@ -271,8 +266,9 @@ class Checkpoint:
     heads: dict[str, dict[str, torch.Tensor]]  # "mlm_head" / "rtd_head" -> state dict, where present
 
 
-def load_checkpoint(path_or_name: str | Path, attention_impl: str = "sdpa") -> Checkpoint:
-    """Read a DeBERTa-v3 checkpoint (a folder or a hub name), checking that its weights match its config."""
+def load_checkpoint(path_or_name: str | Path, attention_impl: str = "sdpa", heads: bool = True) -> Checkpoint:
+    """Read a DeBERTa-v3 checkpoint (a folder or a hub name), checking that its weights match its config;
+    its pre-training heads too unless `heads` is False."""
     directory = resolve(path_or_name)
     cfg = read_config(directory, attention_impl)
     weights = read_weights(directory)
@@ -290,13 +286,13 @@ def load_checkpoint(path_or_name: str | Path, attention_impl: str = "sdpa") -> C
                 f"{directory}: weight {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name])}"
             )
     encoder = {k: v.float() for k, v in state.items()}
-    return Checkpoint(directory, cfg, encoder, read_heads(directory, weights))
+    return Checkpoint(directory, cfg, encoder, read_heads(directory, weights) if heads else {})
 
 
 def from_pretrained(path_or_name: str | Path, attention_impl: str = "sdpa") -> Encoder:
     """Load a DeBERTa-v3 encoder from an HF-format directory or hub name (weights in fp32, eval mode),
     computing attention with `attention_impl` (see lab.model.available_attention_impls)."""
-    checkpoint = load_checkpoint(path_or_name, attention_impl)
+    checkpoint = load_checkpoint(path_or_name, attention_impl, heads=False)
     model = Encoder(checkpoint.cfg)
     model.load_state_dict(checkpoint.encoder)
     return model.eval()

@@ -304,6 +304,10 @@ BAD = {
         ],
         "vocab_size=700",
     ),
+    "generator without MLM head": (
+        lambda a, r: ["--init-discriminator", str(a / "disc"), "--init-generator", str(a / "plain")],
+        "no complete MLM head",
+    ),
     "preset contradicts": (
         lambda a, r: ["--init-discriminator", str(a / "disc"), "--preset", "base"],
         "preset='base'",

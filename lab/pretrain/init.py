@@ -257,7 +257,7 @@ def _check_generator(generator: hf.Checkpoint, disc: hf.Checkpoint, tokenizer: T
         )
     if "mlm_head" not in generator.heads:
         raise ValueError(
-            f"init_generator {name!r} has no MLM head (cls.predictions.* / lm_predictions.lm_head.*); pass a "
+            f"init_generator {name!r} has no complete MLM head (cls.predictions.* / lm_predictions.lm_head.*); pass a "
             "DebertaV2ForMaskedLM checkpoint, or --init-generator half"
         )
     spm = generator.directory / MODEL_FILENAME

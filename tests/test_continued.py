@@ -223,10 +223,12 @@ def test_a_continued_run_continues_and_fine_tunes(assets, tmp_path):
     """A run's export is itself a checkpoint to continue from (with its RTD head), and fine-tunes."""
     first = tmp_path / "first"
     train(config(assets, first, sharing="gdes", steps=4, ckpt_every=4))
-    cfg = config(assets, tmp_path / "second", init_discriminator=str(first), sharing="gdes")
+    cfg = config(assets, tmp_path / "second", init_discriminator=str(first), init_generator=str(first))
     model = continued.open_checkpoints(cfg).model(cfg)
     heads = load_file(first / "export" / "discriminator" / "rtd_head.safetensors")
     assert torch.equal(model.rtd_head.dense.weight, heads["rtd_head.dense.weight"])
+    heads = load_file(first / "export" / "generator" / "mlm_head.safetensors")
+    assert torch.equal(model.mlm_head.bias, heads["mlm_head.bias"])
     from lab.finetune.loop import load_encoder
 
     encoder, tokenizer = load_encoder(str(first))

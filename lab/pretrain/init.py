@@ -73,18 +73,14 @@ def _default(cfg, name: str):
     return next(f.default for f in dataclasses.fields(cfg) if f.name == name)
 
 
-def _checkpoint_folder(path_or_name: str) -> str | Path:
-    """A pre-training run of this workbench stands for its exported model."""
-    run = Path(path_or_name).expanduser()
-    for part in ("discriminator", "generator"):
-        if run.name != part and (run / "export" / part / "config.json").is_file():
-            return run / "export" / part
-    return path_or_name
-
-
 def _open(path_or_name: str, role: str, attention_impl: str) -> hf.Checkpoint:
+    """The checkpoint of `role` (init_discriminator / init_generator); a pre-training run of this
+    workbench stands for its export/discriminator or export/generator."""
+    exported = Path(path_or_name).expanduser() / "export" / role.removeprefix("init_")
     try:
-        return hf.load_checkpoint(_checkpoint_folder(path_or_name), attention_impl)
+        return hf.load_checkpoint(
+            exported if (exported / "config.json").is_file() else path_or_name, attention_impl
+        )
     except ValueError as err:
         raise ValueError(f"{role} {path_or_name!r}: {err}") from None
 

@@ -314,6 +314,14 @@ BAD = {
         lambda a, r: ["--init-discriminator", str(a / "disc"), "--preset", "base"],
         "preset='base'",
     ),
+    "a tokenizer of its own": (
+        lambda a, r: ["--init-discriminator", str(a / "disc"), "--tokenizer", str(a / "spm" / "spm.model")],
+        "drop --tokenizer",
+    ),
+    "longer than the checkpoint": (
+        lambda a, r: ["--init-discriminator", str(a / "disc"), "--seq-len", "1024"],
+        "max_position_embeddings=512",
+    ),
     "generator without discriminator": (lambda a, r: ["--init-generator", "new"], "needs init_discriminator"),
 }
 

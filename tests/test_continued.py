@@ -400,3 +400,21 @@ def test_tensorboard_events_repeat_metrics_and_the_probes(assets, tmp_path):
     assert sorted(cosines) == [0, 4, 8]
     snapshot = load_snapshot(snapshot_path(run, 8))
     assert abs(cosines[8] - average_pairwise_cosine(snapshot["discriminator"])) < 1e-6
+
+
+# -- the notebook ----------------------------------------------------------------------------------------
+
+
+def test_01_pretrain_continues_a_checkpoint_given_as_init_discriminator(assets, tmp_path):
+    from lab.notebook import runner
+
+    out = tmp_path / "nb"
+    params = {"init_discriminator": str(assets / "disc"), "corpus": str(assets / "text"), "steps": 4}
+    runner.run_notebook("01_pretrain", {**params, "batch_size": 4, "seq_len": 32}, out)
+    config = json.loads((out / "config.json").read_text())
+    assert (
+        config["init_discriminator"] == str(assets / "disc")
+        and json.loads((out / "summary.json").read_text())["completed"]
+    )
+    assert (out / "tokenizer" / "spm.model").read_bytes() == (assets / "disc" / "spm.model").read_bytes()
+    assert DebertaV2Config.from_pretrained(out / "export" / "discriminator").num_hidden_layers == 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -173,10 +174,11 @@ def resolve(path_or_name: str | Path) -> Path:
         patterns = ["config.json", "*.safetensors", "pytorch_model.bin", "spm.model", "tokenizer_config.json"]
         return Path(snapshot_download(str(path_or_name), allow_patterns=patterns))
     except Exception as err:  # network errors, unknown repo, ...
+        detail = " ".join(str(err).split())  # one line: hub errors span several
         raise ValueError(
-            f"could not download {path_or_name!r} from the hub ({type(err).__name__}: {err}); "
-            "check the name and your connection, or pass a local checkpoint folder"
-        ) from err
+            f"could not download {path_or_name!r} from the hub ({type(err).__name__}: {detail}); "
+            "check the name and your connection (HF_HUB_OFFLINE unset), or pass a local checkpoint folder"
+        ) from None
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -187,26 +189,112 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
 
 
-def from_pretrained(path_or_name: str | Path, attention_impl: str = "sdpa") -> Encoder:
-    """Load a DeBERTa-v3 encoder from an HF-format directory or hub name (weights in fp32, eval mode),
-    computing attention with `attention_impl` (see lab.model.available_attention_impls)."""
-    directory = resolve(path_or_name)
+def read_config(directory: Path, attention_impl: str = "sdpa") -> ModelConfig:
+    """The ModelConfig of a checkpoint folder's config.json, refusing anything but DeBERTa-v2 with the v3
+    settings (a BERT or DeBERTa-v1 folder, a damaged file) with one message naming the file."""
     config_file = directory / "config.json"
-    cfg = from_hf_config(json.loads(config_file.read_text()), str(config_file), attention_impl)
-    state, _ignored = from_hf_state_dict(read_weights(directory))
-    model = Encoder(cfg)
-    missing = sorted(set(model.state_dict()) - set(state))
+    try:
+        hf = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{config_file} is not a readable JSON config ({err}); pass a DeBERTa-v3 checkpoint"
+        ) from None
+    model_type = hf.get("model_type", "deberta-v2") if isinstance(hf, dict) else None
+    if model_type != "deberta-v2":
+        raise ValueError(
+            f"{config_file} describes a {model_type!r} model, not DeBERTa-v2/v3 (model_type 'deberta-v2'); "
+            "pass a DeBERTa-v3 checkpoint folder"
+        )
+    try:
+        return from_hf_config(hf, str(config_file), attention_impl)
+    except KeyError as err:
+        raise ValueError(
+            f"{config_file} lacks the field {err}; pass a complete DeBERTa-v3 config.json"
+        ) from None
+
+
+# The pre-training heads, by our names (lab.rtd.MLMHead / RTDHead) and the names checkpoints use for them:
+# transformers' DebertaV2ForMaskedLM (legacy `cls.predictions`, newer `lm_predictions.lm_head`, which is
+# also the official code's), the official RTD head `mask_predictions`, and this workbench's own exports
+# (mlm_head.safetensors / rtd_head.safetensors beside model.safetensors).
+HEAD_NAMES = {
+    "mlm_head": {
+        "dense.weight": ("cls.predictions.transform.dense.weight", "lm_predictions.lm_head.dense.weight"),
+        "dense.bias": ("cls.predictions.transform.dense.bias", "lm_predictions.lm_head.dense.bias"),
+        "norm.weight": (
+            "cls.predictions.transform.LayerNorm.weight",
+            "lm_predictions.lm_head.LayerNorm.weight",
+        ),
+        "norm.bias": ("cls.predictions.transform.LayerNorm.bias", "lm_predictions.lm_head.LayerNorm.bias"),
+        "bias": ("cls.predictions.bias", "cls.predictions.decoder.bias", "lm_predictions.lm_head.bias"),
+    },
+    "rtd_head": {
+        "norm.weight": ("mask_predictions.LayerNorm.weight",),
+        "norm.bias": ("mask_predictions.LayerNorm.bias",),
+        "dense.weight": ("mask_predictions.dense.weight",),
+        "dense.bias": ("mask_predictions.dense.bias",),
+        "classifier.weight": ("mask_predictions.classifier.weight",),
+        "classifier.bias": ("mask_predictions.classifier.bias",),
+    },
+}
+
+
+def read_heads(directory: Path, weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The pre-training heads a checkpoint carries ({"mlm_head": state, "rtd_head": state}, each only where
+    all its tensors are present), from its weights or the head files beside them."""
+    heads = {}
+    for head, names in HEAD_NAMES.items():
+        side = directory / f"{head}.safetensors"
+        pool = {**weights, **(load_file(side) if side.is_file() else {})}
+        found = {}
+        for ours, theirs in names.items():
+            hit = next((n for n in (f"{head}.{ours}", *theirs) if n in pool), None)
+            if hit is not None:
+                found[ours] = pool[hit].float()
+        if len(found) == len(names):
+            heads[head] = found
+    return heads
+
+
+@dataclass
+class Checkpoint:
+    """What an HF-format DeBERTa-v3 folder holds, in this workbench's names and in fp32."""
+
+    directory: Path
+    cfg: ModelConfig
+    encoder: dict[str, torch.Tensor]  # an Encoder state dict
+    heads: dict[str, dict[str, torch.Tensor]]  # "mlm_head" / "rtd_head" -> state dict, where present
+
+
+def load_checkpoint(path_or_name: str | Path, attention_impl: str = "sdpa", heads: bool = True) -> Checkpoint:
+    """Read a DeBERTa-v3 checkpoint (a folder or a hub name), checking that its weights match its config;
+    its pre-training heads too unless `heads` is False."""
+    directory = resolve(path_or_name)
+    cfg = read_config(directory, attention_impl)
+    weights = read_weights(directory)
+    state, _ignored = from_hf_state_dict(weights)
+    with torch.device("meta"):  # the expected shapes, without allocating a model
+        expected = {k: v.shape for k, v in Encoder(cfg).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(
             f"{directory} lacks encoder weights {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     for name, tensor in state.items():
-        expected = model.state_dict()[name].shape
-        if tensor.shape != expected:
+        if tensor.shape != expected[name]:
             raise ValueError(
-                f"{directory}: weight {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected)}"
+                f"{directory}: weight {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name])}"
             )
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    encoder = {k: v.float() for k, v in state.items()}
+    return Checkpoint(directory, cfg, encoder, read_heads(directory, weights) if heads else {})
+
+
+def from_pretrained(path_or_name: str | Path, attention_impl: str = "sdpa") -> Encoder:
+    """Load a DeBERTa-v3 encoder from an HF-format directory or hub name (weights in fp32, eval mode),
+    computing attention with `attention_impl` (see lab.model.available_attention_impls)."""
+    checkpoint = load_checkpoint(path_or_name, attention_impl, heads=False)
+    model = Encoder(checkpoint.cfg)
+    model.load_state_dict(checkpoint.encoder)
     return model.eval()
 
 

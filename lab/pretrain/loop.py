@@ -62,7 +62,8 @@ import lab.sharing
 from lab.cli import check_choices, config_parser, param, parse_config
 from lab.hf import save_pretrained
 from lab.model import preset
-from lab.pretrain import checkpoint
+from lab.pretrain import checkpoint, tensorboard
+from lab.pretrain import init as continued
 from lab.pretrain.checkpoint import CheckpointError
 from lab.pretrain.data import BatchIterator, PreparedCorpus, prepare_corpus
 from lab.pretrain.meter import PROGRESS, Meter, Progress
@@ -179,11 +180,26 @@ class PretrainConfig:
     snapshot_mb: float = param(
         8.0, "bound on embeddings/: fewer rows when the planned snapshots need it; 0 = off"
     )
+    tensorboard: bool = param(False, "also write metrics.jsonl's rows as TensorBoard events in tensorboard/")
+    # continued pre-training (lab/pretrain/init.py): the architecture and tokenizer come from the checkpoint
+    init_discriminator: str = param(
+        "",
+        "HF folder, hub name or run to continue ('' = from scratch); lr and warmup_steps left at their "
+        "defaults become 1e-4 and 10",
+    )
+    init_generator: str = param(
+        "half",
+        "with init_discriminator: a generator checkpoint, half (D's embeddings + bottom layers) or new (random)",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # config.json files written before compile took auto/on/off
             object.__setattr__(self, "compile", "on" if self.compile else "off")
         check_choices(self)
+        for name, value in continued.continuing_defaults(self).items():
+            object.__setattr__(self, name, value)
+        if self.tensorboard:
+            tensorboard.require()
         preset(self.preset, attention_impl=self.attention_impl)  # raises on an unknown preset / impl
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"PretrainConfig.mask_prob={self.mask_prob} must be in (0, 1)")
@@ -351,8 +367,10 @@ def setup(cfg: PretrainConfig) -> Run:
             f"({cfg.grad_accum}); choose a multiple of {ddp.world * cfg.grad_accum}"
         )
     out_dir = Path(cfg.out_dir)
+    # a continued run's checkpoints, opened and checked before anything is written (None from scratch)
+    pretrained = continued.open_checkpoints(cfg)
 
-    corpus = load_corpus(cfg, ddp)
+    corpus = load_corpus(cfg, ddp, None if pretrained is None else pretrained.tokenizer)
     tok = corpus.tokenizer
 
     # -- model and optimizer
@@ -365,7 +383,11 @@ def setup(cfg: PretrainConfig) -> Run:
         attention_impl=cfg.attention_impl,
     )
     torch.manual_seed(cfg.seed)
-    model = RTDModel(model_cfg, cfg.sharing, cfg.gen_depth_ratio, cfg.gen_width_ratio, cfg.emd).to(device)
+    if pretrained is None:
+        model = RTDModel(model_cfg, cfg.sharing, cfg.gen_depth_ratio, cfg.gen_width_ratio, cfg.emd)
+    else:
+        model = pretrained.model(cfg)
+    model = model.to(device)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps)
 
     # -- resume, or start the run directory
@@ -407,13 +429,14 @@ def setup(cfg: PretrainConfig) -> Run:
     )
 
 
-def load_corpus(cfg: PretrainConfig, ddp: Dist) -> PreparedCorpus:
-    """The tokenised corpus; under torchrun rank 0 tokenises and caches first, the others then read the cache."""
+def load_corpus(cfg: PretrainConfig, ddp: Dist, tokenizer=None) -> PreparedCorpus:
+    """The tokenised corpus (with `tokenizer`, else cfg.tokenizer, else one trained on it); under torchrun
+    rank 0 tokenises and caches first, the others then read the cache."""
     if not ddp.main:
         dist.barrier()
     corpus = prepare_corpus(
         cfg.corpus,
-        tokenizer=cfg.tokenizer or None,
+        tokenizer=tokenizer or cfg.tokenizer or None,
         vocab_size=cfg.vocab_size,
         seq_len=cfg.seq_len,
         heldout_fraction=cfg.heldout_fraction,
@@ -434,7 +457,8 @@ def start_or_resume(
     if found is not None:
         check_resumable(found.state["config"], cfg, found.path)
         rows = found.state["model"]["generator.word_embeddings.weight"].shape[0]
-        if rows != tok.vocab_size:
+        # a released checkpoint's table may have more rows than its tokenizer has ids (128100 for 128001)
+        if rows != model.generator_table.shape[0] or rows < tok.vocab_size:
             raise ValueError(
                 f"{found.path} has a vocabulary of {rows} rows but the tokenizer has {tok.vocab_size} ids; "
                 "resume with the tokenizer the run started with (its tokenizer/spm.model), or use a new out_dir"
@@ -763,6 +787,7 @@ _RESUMABLE_CHANGES = {
     "snapshot_every",  # snapshots only read the tables; their rows are fixed by embeddings/ids.json
     "snapshot_rows",
     "snapshot_mb",
+    "tensorboard",
 }
 
 
@@ -783,9 +808,12 @@ def export_run(model: RTDModel, out_dir: Path, tok) -> None:
         {k: v.detach().float().cpu().clone() for k, v in model.exported_tables().items()},
         out_dir / "embeddings.safetensors",
     )
-    save_pretrained(
+    disc_dir = save_pretrained(
         model.discriminator, out_dir / "export" / "discriminator", tok, state=model.discriminator_state_dict()
     )
+    # the RTD head beside it, which continued pre-training reads back (lab.hf.read_heads)
+    rtd = {f"rtd_head.{k}": v.detach().cpu().contiguous() for k, v in model.rtd_head.state_dict().items()}
+    save_file(rtd, disc_dir / "rtd_head.safetensors")
     gen_dir = save_pretrained(model.generator, out_dir / "export" / "generator", tok)
     head = {f"mlm_head.{k}": v.detach().cpu().contiguous() for k, v in model.mlm_head.state_dict().items()}
     save_file(head, gen_dir / "mlm_head.safetensors")
@@ -801,6 +829,8 @@ def finish(run: Run, step: int, meter: Meter, guard: NonFiniteGuard | None = Non
             else {}
         )
         append_jsonl(run.metrics, {"split": "eval", "step": step, **final_eval})
+        if cfg.tensorboard:
+            tensorboard.mirror(run, close=True)
         wall = time.perf_counter() - meter.t_start
         train_s = wall - sum(meter.total_overhead.values())
         tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -917,6 +947,8 @@ def log_window(
     if not ddp.main:
         return
     append_jsonl(run.metrics, row)
+    if cfg.tensorboard:
+        tensorboard.mirror(run)
     if first_compile and meter.compile_s is not None and run.compiled:
         progress.message(
             f"compiled in {meter.compile_s:.1f} s (torch.compile mode {compile_mode(cfg, ddp.world)}: the extra time of "

@@ -48,7 +48,7 @@ class Part:
 
 
 class PartTimeout(Exception):
-    pass
+    """A part ran out of its time: stopped by the alarm, or one of its subprocesses timed out."""
 
 
 class Interrupted(BaseException):
@@ -57,6 +57,7 @@ class Interrupted(BaseException):
 
 _DEADLINE = [math.inf]  # perf_counter time at which the running part must end (its stop, or the total)
 _GROUPS: set[int] = set()  # process groups started by run_process_group and not yet killed
+SMOKE_MIN_S = 5.0  # the smoke run starts a part while this much of the total is left
 CHILD_MARGIN_S = 2.0  # a subprocess is timed out this long before its part is stopped: its output is kept
 
 
@@ -69,7 +70,8 @@ def remaining_s() -> float:
 def run_process_group(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
     """subprocess.run in a session of its own, at most remaining_s() long. Its whole process group
     (torchrun's workers and their compile workers included, not only the launcher) is killed however
-    this call ends: on a timeout (then TimeoutError), an exception, Ctrl-C or the part's stop."""
+    this call ends: on a timeout (then PartTimeout, with the end of its output), an exception, Ctrl-C
+    or the part's stop."""
     timeout = min(timeout, remaining_s())
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -80,8 +82,8 @@ def run_process_group(command: list[str], env: dict, timeout: float) -> subproce
     except subprocess.TimeoutExpired:
         _kill_group(proc.pid)
         stdout, stderr = proc.communicate()
-        raise TimeoutError(
-            f"{' '.join(command[:6])} ... killed (process group) after {timeout:.0f} s:\n"
+        raise PartTimeout(
+            f"subprocess `{' '.join(command)[:160].replace(chr(10), ' ')}` killed (process group) after {timeout:.0f} s:\n"
             f"{(stdout + stderr)[-2000:]}"
         ) from None
     finally:
@@ -182,7 +184,7 @@ def run_parts(c: PartContext, parts, budget_s: float, write: Callable[[dict], No
         elapsed = time.perf_counter() - start
         left = budget_s - elapsed
         # on the CPU smoke run the GPU budgets mean nothing; there every part runs until the total is spent
-        need = part.budget_s if not c.smoke else 1.0
+        need = part.budget_s if not c.smoke else SMOKE_MIN_S
         record = records[part.name] = {"budget_s": part.budget_s, "started_at_s": round(elapsed, 1)}
         if c.smoke and not part.smoke:
             # the parts left out of the smoke run are gpucheck's extra compile modes

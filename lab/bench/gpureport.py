@@ -151,7 +151,7 @@ def summary_text(result: dict) -> str:
     if env.get("matmul_peak_tflops"):
         peaks = env["matmul_peak_tflops"]
         lines.append(f"matmul peak at {env['matmul_peak_n']}^3: bf16 {rate(1e12 * peaks['bf16'])}, fp32 {rate(1e12 * peaks['fp32'])}; "
-                     f"attention impls {env.get('attention_impls')}, disentangled-flash {env.get('disentangled_flash') or 'absent'}")  # fmt: skip
+                     f"attention impls {env.get('attention_impls')}")  # fmt: skip
     lines.append("parts: " + ", ".join(f"{n} {r['status']}" + (f" {r['seconds']:.0f}s" if "seconds" in r else "") for n, r in parts.items()))  # fmt: skip
     lines += target_lines(result["targets"])
     corr = (parts.get("correctness") or {}).get("result")

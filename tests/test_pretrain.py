@@ -533,7 +533,7 @@ def test_compile_on_runs_on_cpu_and_reports_its_compile_time(tmp_path, capsys):
 def test_compile_modes_reach_torch_compile_and_auto_is_off_on_cpu(tmp_path, monkeypatch, capsys):
     modes = []
 
-    def fake_compile(module, mode=None):  # the wiring only: the module runs eagerly
+    def fake_compile(module, mode=None, backend=None):  # the wiring only: the module runs eagerly
         modes.append(mode)
         return module
 

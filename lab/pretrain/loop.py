@@ -75,7 +75,9 @@ from lab.training import (
     adamw,
     autocast,
     autocast_dtype,
+    compile_model,
     compile_on,
+    compile_scope,
     linear_schedule,
     set_lr,
 )
@@ -376,7 +378,9 @@ def setup(cfg: PretrainConfig) -> Run:
         )
     compiled = compile_on(cfg.compile, device)
     compiled &= not (cfg.optimization == "decoupled" and cfg.sharing == "es")  # see __post_init__
-    step_fn = torch.compile(net, mode=compile_mode(cfg, ddp.world)) if compiled else net
+    # compile_scope auto: the encoder Layer compiled once for every layer of G and D (regional), or the
+    # whole step under CUDA graphs (lab/training.py, COMPILE_SCOPES)
+    step_fn = compile_model(net, compile_mode(cfg, ddp.world)) if compiled else net
 
     # held-out batches of the global batch size, however training is split: the same rows, the same noise
     eval_set = [corpus.heldout[i] for i in range(min(len(corpus.heldout), cfg.eval_batches * cfg.batch_size))]
@@ -819,6 +823,9 @@ def finish(run: Run, step: int, meter: Meter, guard: NonFiniteGuard | None = Non
             "dtype": str(run.amp or torch.float32),
             "compiled": run.compiled,
             "compile_mode": compile_mode(cfg, run.ddp.world) if run.compiled else None,
+            "compile_scope": compile_scope("auto", compile_mode(cfg, run.ddp.world))
+            if run.compiled
+            else None,
             "vocab_size": run.tok.vocab_size,
             "final_eval": final_eval,
             "corpus_info": run.corpus.describe(),
@@ -912,7 +919,8 @@ def log_window(
     append_jsonl(run.metrics, row)
     if first_compile and meter.compile_s is not None and run.compiled:
         progress.message(
-            f"compiled in {meter.compile_s:.1f} s (torch.compile mode {compile_mode(cfg, ddp.world)}: the extra time of "
+            f"compiled in {meter.compile_s:.1f} s (torch.compile mode {compile_mode(cfg, ddp.world)}, "
+            f"{compile_scope('auto', compile_mode(cfg, ddp.world))}: the extra time of "
             f"the first {meter.warmup} steps)"
         )
     done = step - meter.start

@@ -379,3 +379,31 @@ def test_a_subprocess_that_times_out_is_killed_with_its_group(tmp_path):
         budget.run_process_group(command, env, timeout=3)
     pids = [int(p) for p in pids_file.read_text().split()]
     assert len(pids) == 2 and wait_until_dead(pids) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("ending", [ValueError, KeyboardInterrupt])
+def test_a_part_that_fails_or_is_interrupted_leaves_no_process(tmp_path, ending):
+    pids_file = tmp_path / "pids.txt"
+
+    def run(c):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        budget.run_process_group([sys.executable, "-c", PLANTED_LAUNCHER, str(pids_file), "exit"], env, 600)
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        pids_file.write_text(pids_file.read_text() + f"{worker.pid}\n")
+        raise ending("planted")
+
+    c = gpucheck.Check(
+        torch.device("cpu"), gpucheck.SMOKE, tmp_path, tmp_path, smoke=False, log=lambda s: None
+    )
+    written = []
+    parts = [budget.Part("ends", 5, run), budget.Part("after", 1, lambda c: {})]
+    if ending is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            budget.run_parts(c, parts, budget_s=60, write=lambda r: written.append(dict(r)))
+        assert [r["status"] for r in written[-1].values()] == ["interrupted"]  # recorded, then re-raised
+    else:
+        records = budget.run_parts(c, parts, budget_s=60, write=lambda r: written.append(dict(r)))
+        assert [r["status"] for r in records.values()] == ["error", "ok"]
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert len(pids) == 3 and wait_until_dead(pids) == []

@@ -181,10 +181,20 @@ def summary_text(result: dict) -> str:
         source = "the short run" if Path(ft.get("init", "")).name == "short-run" else ft.get("init")
         lines.append(f"fine-tune {ft['task']} from {source}: dev {dev}")
     lines += compile_lines(parts, env)
+    trained = sorted(
+        {k for r in parts.values() for k in (r.get("result") or {}).get("tokenizers_trained_here", [])}
+    )
+    lines.append(f"tokenizers: {len(env.get('shipped_tokenizers', []))} shipped in the data folder, "
+                 f"{len(trained)} trained here" + (" (run --prepare-data where the data is)" if trained else ""))  # fmt: skip
+    killed = {n: r["killed"] for n, r in parts.items() if r.get("killed")}
+    if killed:
+        lines.append(
+            "processes killed when their part ended: " + ", ".join(f"{n} {k}" for n, k in killed.items())
+        )
     for name, reason in (env.get("skipped_by_design") or {}).items():
         lines.append(f"skipped: {name}: {reason[:150]}")
     for name, record in parts.items():
-        if record["status"] in ("error", "timeout", "skipped"):
+        if record["status"] in ("error", "timeout", "interrupted", "skipped"):
             lines.append(
                 f"{record['status']}: {name}: {(record.get('error') or record.get('note', '')).splitlines()[0][:150]}"
             )

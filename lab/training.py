@@ -95,8 +95,9 @@ def compile_model(
     place (nn.Module.compile), one compiled code for all of them, since dynamo keys its cache on the
     code of Layer.forward and reads the parameters as inputs; `model` itself is returned, its state
     dict keys unchanged. `mode` None or "default" is torch.compile's default mode."""
+    scope = compile_scope(scope, mode)
     mode = None if mode == "default" or backend != "inductor" else mode  # other backends take no mode
-    if compile_scope(scope, mode) == "model":
+    if scope == "model":
         return torch.compile(model, mode=mode, backend=backend)
     layers = [m for m in model.modules() if isinstance(m, Layer)]
     if not layers:

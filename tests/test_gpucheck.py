@@ -407,3 +407,10 @@ def test_a_part_that_fails_or_is_interrupted_leaves_no_process(tmp_path, ending)
         assert [r["status"] for r in records.values()] == ["error", "ok"]
     pids = [int(p) for p in pids_file.read_text().split()]
     assert len(pids) == 3 and wait_until_dead(pids) == []
+
+
+def test_part_budgets_fit_the_total_in_the_order_a_first_run_needs():
+    names = [p.name for p in gpucheck.PARTS]
+    assert names[:5] == ["env", "correctness", "step", "pretrain", "finetune"]
+    assert sum(p.budget_s for p in gpucheck.PARTS) <= gpucheck.GPU_BUDGET_S
+    assert not set(gpucheck.SKIPPED_BY_DESIGN) & set(names)

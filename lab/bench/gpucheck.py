@@ -85,9 +85,17 @@ GPU = Sizes(
     pretrain=PretrainBench("xsmall", 32000, 128, 128, steps=30, log_every=10),
     short_run=PretrainBench("xsmall", 32000, 128, 128, steps=30, log_every=10),
     torchrun=PretrainBench("xsmall", 32000, 128, 32, steps=8, log_every=4),
-    # two padded widths (64, 128): a compiled fine-tune meets two shapes, far from the recompile limit
+    # compiled (the encoder layer, once) at two padded widths, 64 and 128: a handful of graphs (training
+    # and evaluation, then one with a dynamic width), far from dynamo's recompile limit
     finetune=FinetuneBench(
-        "xsmall", 32000, examples=1024, eval_examples=872, batch=32, seq_len=128, length_bucket=64
+        "xsmall",
+        32000,
+        examples=1024,
+        eval_examples=872,
+        batch=32,
+        seq_len=128,
+        compile=True,
+        length_bucket=64,
     ),
     compile_backend="inductor",
     warmup=2,

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -130,22 +131,21 @@ def kill_started_since(before: dict[int, int]) -> int:
     """Kill what was started since `before` (a _descendants() snapshot): the process groups that
     run_process_group started, each new descendant's own group when it is not this process's group,
     and the new descendants themselves. Returns how many groups and processes were signalled."""
-    if "torch._inductor.async_compile" in sys.modules:
-        # compile workers started during the part: shut their pool down cleanly, so the next part's
-        # compilation starts a fresh one instead of writing to dead pipes
-        new = set(_descendants()) - set(before)
-        if new:
-            sys.modules["torch._inductor.async_compile"].shutdown_compile_workers()
     killed = sum(_kill_group(pgid) for pgid in list(_GROUPS))
     own = os.getpgrp()
-    for pid, pgid in _descendants().items():
-        if pid in before:
-            continue
+    new = {pid: pgid for pid, pgid in _descendants().items() if pid not in before}
+    for pid, pgid in new.items():
         if pgid != own:
             killed += _kill_group(pgid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             killed += 1
+    if new and "torch._inductor.async_compile" in sys.modules:
+        # compile workers were among them: forget their pool (killed first, so its shutdown does not
+        # wait on a busy worker), and the next compilation starts a fresh one
+        with warnings.catch_warnings(), contextlib.suppress(Exception):
+            warnings.simplefilter("ignore")
+            sys.modules["torch._inductor.async_compile"].shutdown_compile_workers()
     return killed
 
 

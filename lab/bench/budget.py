@@ -83,9 +83,9 @@ def run_process_group(command: list[str], env: dict, timeout: float) -> subproce
     except subprocess.TimeoutExpired:
         _kill_group(proc.pid)
         stdout, stderr = proc.communicate()
+        shown = " ".join(command)[:160].replace("\n", " ")
         raise PartTimeout(
-            f"subprocess `{' '.join(command)[:160].replace(chr(10), ' ')}` killed (process group) after {timeout:.0f} s:\n"
-            f"{(stdout + stderr)[-2000:]}"
+            f"subprocess `{shown}` killed (process group) after {timeout:.0f} s:\n{(stdout + stderr)[-2000:]}"
         ) from None
     finally:
         _kill_group(proc.pid)  # what the launcher left behind, or all of it if this call was interrupted

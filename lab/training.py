@@ -61,8 +61,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # of the generator and the discriminator runs the same compiled code, parameters as inputs), "model" the
 # whole forward with its layers unrolled; "auto" = layers, except in the modes that capture CUDA graphs
 # (reduce-overhead, max-autotune), where one graph of the whole step is what removes the launches.
-# Measured on the CPU with a cold inductor cache (figures/bench/README.md, "Compile time"): layers
-# compiles xsmall 4.6x and base 4.1x faster, at the same steady ms/step within the noise.
+# Measured on a CPU with a cold inductor cache (figures/bench/README.md, "Compile time"): layers took
+# 5.0x (xsmall) and 4.5x (base) fewer CPU seconds to compile than model, and its step ran 3-7 % slower
+# there, so it wins the short runs (fine-tuning compiles once per seed) and loses past ~1,000 CPU steps.
 COMPILE_SCOPES = ("auto", "layers", "model")
 
 

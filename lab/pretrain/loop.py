@@ -71,6 +71,7 @@ from lab.rtd import MASK_STRATEGIES, RTD_WEIGHT, SHARING_MODES, RTDModel, draw_n
 from lab.training import (
     COMPILE,
     COMPILE_MODES,
+    COMPILE_SCOPES,
     DTYPES,
     adamw,
     autocast,
@@ -156,6 +157,14 @@ class PretrainConfig:
     # presets and for multi-process runs (CUDA graphs untested with DDP's hooks)
     compile_mode: str = param(
         "auto", "torch.compile mode; auto: the one measured fastest for the preset", ("auto", *COMPILE_MODES)
+    )
+    # layers compiles ~5x faster than model on a CPU, and its step ran 3-7 % slower there
+    # (figures/bench/README.md, "Compile time"): model pays off on runs of more than ~1,000 CPU steps
+    compile_scope: str = param(
+        "auto",
+        "what torch.compile covers: layers (the encoder layer, once) | model; auto: layers, "
+        "model under CUDA graphs",
+        COMPILE_SCOPES,
     )
     log_every: int = param(20, "steps between log lines")
     eval_every: int = param(200, "steps between held-out evaluations")
@@ -380,7 +389,7 @@ def setup(cfg: PretrainConfig) -> Run:
     compiled &= not (cfg.optimization == "decoupled" and cfg.sharing == "es")  # see __post_init__
     # compile_scope auto: the encoder Layer compiled once for every layer of G and D (regional), or the
     # whole step under CUDA graphs (lab/training.py, COMPILE_SCOPES)
-    step_fn = compile_model(net, compile_mode(cfg, ddp.world)) if compiled else net
+    step_fn = compile_model(net, compile_mode(cfg, ddp.world), scope=cfg.compile_scope) if compiled else net
 
     # held-out batches of the global batch size, however training is split: the same rows, the same noise
     eval_set = [corpus.heldout[i] for i in range(min(len(corpus.heldout), cfg.eval_batches * cfg.batch_size))]
@@ -752,6 +761,7 @@ _RESUMABLE_CHANGES = {
     "device",
     "compile",
     "compile_mode",
+    "compile_scope",
     "attention_impl",  # the implementations agree to float rounding (tests/test_reference.py)
     "progress",
     "snapshot_every",  # snapshots only read the tables; their rows are fixed by embeddings/ids.json
@@ -823,7 +833,7 @@ def finish(run: Run, step: int, meter: Meter, guard: NonFiniteGuard | None = Non
             "dtype": str(run.amp or torch.float32),
             "compiled": run.compiled,
             "compile_mode": compile_mode(cfg, run.ddp.world) if run.compiled else None,
-            "compile_scope": compile_scope("auto", compile_mode(cfg, run.ddp.world))
+            "compile_scope": compile_scope(cfg.compile_scope, compile_mode(cfg, run.ddp.world))
             if run.compiled
             else None,
             "vocab_size": run.tok.vocab_size,
@@ -920,7 +930,7 @@ def log_window(
     if first_compile and meter.compile_s is not None and run.compiled:
         progress.message(
             f"compiled in {meter.compile_s:.1f} s (torch.compile mode {compile_mode(cfg, ddp.world)}, "
-            f"{compile_scope('auto', compile_mode(cfg, ddp.world))}: the extra time of "
+            f"{compile_scope(cfg.compile_scope, compile_mode(cfg, ddp.world))}: the extra time of "
             f"the first {meter.warmup} steps)"
         )
     done = step - meter.start

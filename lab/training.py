@@ -62,8 +62,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # whole forward with its layers unrolled; "auto" = layers, except in the modes that capture CUDA graphs
 # (reduce-overhead, max-autotune), where one graph of the whole step is what removes the launches.
 # Measured on a CPU with a cold inductor cache (figures/bench/README.md, "Compile time"): layers took
-# 5.0x (xsmall) and 4.5x (base) fewer CPU seconds to compile than model, and its step ran 3-7 % slower
-# there, so it wins the short runs (fine-tuning compiles once per seed) and loses past ~1,000 CPU steps.
+# 5.0x (xsmall) and 4.5x (base) fewer CPU seconds to compile than model, and its step ran 3-10 % slower
+# there, so it wins the short runs (fine-tuning compiles once per seed) and loses past 200-1,200 CPU steps.
 COMPILE_SCOPES = ("auto", "layers", "model")
 
 

@@ -158,8 +158,8 @@ class PretrainConfig:
     compile_mode: str = param(
         "auto", "torch.compile mode; auto: the one measured fastest for the preset", ("auto", *COMPILE_MODES)
     )
-    # layers compiles ~5x faster than model on a CPU, and its step ran 3-7 % slower there
-    # (figures/bench/README.md, "Compile time"): model pays off on runs of more than ~1,000 CPU steps
+    # layers compiles ~5x faster than model on a CPU, and its step ran 3-10 % slower there
+    # (figures/bench/README.md, "Compile time"): model pays off past 200-1,200 CPU steps
     compile_scope: str = param(
         "auto",
         "what torch.compile covers: layers (the encoder layer, once) | model; auto: layers, "

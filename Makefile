@@ -57,7 +57,8 @@ bench: $(STAMP)
 
 # On a lent GPU machine, with its system python3 and nothing installed (no $(STAMP)): the prepared
 # check, at most 8 minutes. First, here: `python -m lab gpucheck --prepare-data` copies the data it
-# reads from $$LAB_DATA_DIR into the git-ignored .gpudata/, which goes along with the checkout; there:
+# reads from $$LAB_DATA_DIR into the git-ignored .gpudata/ and trains its tokenizers there; that folder
+# goes along with the checkout; there:
 # `make gpu-check OUT=$$OUT` = PYTHONPATH=. python3 -m lab gpucheck --out-dir $$OUT --data-dir .gpudata
 gpu-check:
 	PYTHONPATH=. $(PYTHON) -m lab gpucheck --out-dir $(or $(OUT),runs/gpucheck) --data-dir .gpudata

@@ -60,6 +60,30 @@ def test_second_prepare_reuses_the_token_cache():
     assert other_length.from_cache  # seq_len only changes the packing, not the token file
 
 
+def test_file_caches_are_keyed_by_content_not_path_or_time(tmp_path, monkeypatch):
+    """A copy of a corpus elsewhere, with another mtime, finds its tokenizer and token file (what a GPU
+    machine's copy of prepared data relies on); one changed byte does not."""
+    import lab.pretrain.data as data
+
+    text = "\n\n".join(" ".join(f"w{(7 * i + j) % 300}" for j in range(60)) for i in range(80)) + "\n"
+    first = tmp_path / "a" / "corpus.txt"
+    first.parent.mkdir()
+    first.write_text(text)
+    prepared = prepare_corpus(str(first), vocab_size=200, seq_len=32)
+    copy = tmp_path / "b" / "renamed.txt"
+    copy.parent.mkdir()
+    copy.write_text(text)
+    os.utime(copy, ns=(1, 1))
+    monkeypatch.setattr(
+        data, "train_tokenizer", lambda *a, **k: pytest.fail("the tokenizer was trained again")
+    )
+    again = prepare_corpus(str(copy), vocab_size=200, seq_len=32)
+    assert again.from_cache and again.tokenizer.fingerprint == prepared.tokenizer.fingerprint
+    assert open_corpus(str(copy)).identity == open_corpus(str(first)).identity
+    copy.write_text(text.replace("w1 ", "w2 ", 1))
+    assert open_corpus(str(copy)).identity != open_corpus(str(first)).identity
+
+
 def test_batch_iterator_deterministic_resumable_and_sharded(synthetic):
     train = synthetic.train
     first = [next(BatchIterator(train, 4, seed=7)) for _ in range(2)]

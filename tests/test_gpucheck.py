@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import torch
 
 from lab.bench import budget, devicecheck, gpucheck, gpureport, syncs
 from lab.bench.builders import default_attention_impl
-from lab.bench.loops import random_words, write_sst2_like
+from lab.bench.loops import bench_corpus, random_words, write_sst2_like
 from lab.bench.measure import COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,6 +170,8 @@ def test_parts_run_within_the_budget_and_failures_do_not_stop_the_rest():
 
     parts = [
         budget.Part("first", 1, lambda c: {"rows": []}),
+        # a subprocess's timeout: what is left of the part's own limit (1.5 x 10 s), less the margin
+        budget.Part("bounded", 10, lambda c: {"child_timeout": budget.remaining_s()}),
         budget.Part("broken", 1, broken),
         budget.Part("slow", 1, lambda c: time.sleep(10)),
         budget.Part("too_big", 1000, lambda c: {}),
@@ -177,21 +180,55 @@ def test_parts_run_within_the_budget_and_failures_do_not_stop_the_rest():
     written = []
     records = budget.run_parts(c, parts, budget_s=60, write=lambda r: written.append(dict(r)))
     status = {name: r["status"] for name, r in records.items()}
-    assert status == {"first": "ok", "broken": "error", "slow": "timeout", "too_big": "skipped", "last": "ok"}
+    assert status == {"first": "ok", "bounded": "ok", "broken": "error", "slow": "timeout", "too_big": "skipped",
+                      "last": "ok"}  # fmt: skip
+    assert (
+        15 - budget.CHILD_MARGIN_S - 1
+        < records["bounded"]["result"]["child_timeout"]
+        <= 15 - budget.CHILD_MARGIN_S
+    )
     assert (
         "planted" in records["broken"]["error"] and records["slow"]["seconds"] < 5
     )  # stopped at 1.5x budget
-    assert [len(w) for w in written] == [1, 2, 3, 4, 5]  # results written after every part
+    assert [len(w) for w in written] == [1, 2, 3, 4, 5, 6]  # results written after every part
 
 
-def test_prepare_data_copies_what_the_device_needs(tmp_path, monkeypatch):
+def test_prepare_data_copies_what_the_device_needs_and_its_tokenizers(tmp_path, monkeypatch):
+    import lab.pretrain.data
+
     source = fake_data(tmp_path / "source")
     monkeypatch.setenv("LAB_DATA_DIR", str(source))
+    monkeypatch.setattr(gpucheck, "GPU", gpucheck.SMOKE)  # the GPU sizes' 32k-piece tokenizers take minutes
     assert gpucheck.cli(["--prepare-data", "--data-dir", str(tmp_path / "dest")]) == 0
     copied = sorted(
         str(p.relative_to(tmp_path / "dest")) for p in (tmp_path / "dest").rglob("*") if p.is_file()
     )
-    assert copied == ["glue/SST-2/dev.tsv", "glue/SST-2/train.tsv", "wikitext-2/wiki.train.tokens"]
+    tokenizers = [p for p in copied if p.startswith("tokenizers/")]
+    assert sorted(set(copied) - set(tokenizers)) == [
+        "glue/SST-2/dev.tsv",
+        "glue/SST-2/train.tsv",
+        "wikitext-2/wiki.train.tokens",
+    ]
+    # WikiText-2's (short_run and torchrun share a vocabulary size) and the random-word corpus's
+    assert len(tokenizers) == 2 and all(p.endswith("/spm.model") for p in tokenizers)
+    # on the device: the data's copy elsewhere, the tokenizers installed into the run's cache, and
+    # the parts' corpora find them without training (the cache key is the files' content)
+    device_data = tmp_path / "device" / ".gpudata"
+    shutil.copytree(tmp_path / "dest", device_data)
+    cache = tmp_path / "device" / "cache"
+    assert gpucheck.install_tokenizers(device_data, cache) == 2
+    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
+    monkeypatch.setattr(
+        lab.pretrain.data, "train_tokenizer", lambda *a, **k: pytest.fail("trained on the device")
+    )
+    corpus = str(device_data / "wikitext-2" / "wiki.train.tokens")
+    lab.pretrain.data.corpus_tokenizer(lab.pretrain.data.open_corpus(corpus), gpucheck.SMOKE.short_run.vocab)
+    random_corpus = bench_corpus(gpucheck.SMOKE.pretrain, tmp_path / "device" / "work")
+    lab.pretrain.data.corpus_tokenizer(
+        lab.pretrain.data.open_corpus(str(random_corpus)), gpucheck.SMOKE.pretrain.vocab
+    )
+    c = gpucheck.Check(torch.device("cpu"), gpucheck.SMOKE, device_data, tmp_path / "device", smoke=True)
+    assert gpucheck.tokenizers_trained_here(c) == []
     assert (tmp_path / "dest" / "wikitext-2" / "wiki.train.tokens").read_bytes() == (
         source / "wikitext-2" / "wiki.train.tokens"
     ).read_bytes()
@@ -248,3 +285,132 @@ def test_compile_mode_auto_follows_the_measured_table():
     assert compile_mode(PretrainConfig(preset="large"), 1) == "default"
     assert compile_mode(PretrainConfig(preset="xsmall", compile_mode="max-autotune"), 4) == "max-autotune"
     assert [p.name for p in gpucheck.PARTS][-1] == "flex"  # a sticky CUDA error there fails nothing else
+
+
+# a launcher that starts a process in its own group and then exits or waits: what torchrun leaves
+# behind when its launcher dies before its workers (the worker is no longer this test's descendant)
+PLANTED_LAUNCHER = """
+import os, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+with open(sys.argv[1], "a") as f:
+    f.write(f"{os.getpid()} {worker.pid}\\n")
+if sys.argv[2] == "wait":
+    time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a killed orphan may stay one under a non-reaping init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def planted_overrun(pids_file: Path):
+    """A part that starts processes three ways and then never ends: a launcher in its own session that
+    exits at once, its worker left in its group (through run_process_group); a plain child in this
+    process's group (as inductor's compile workers are); a launcher in a session of its own that keeps
+    running (started directly, as a part that forgot the helper would)."""
+
+    def run(c):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        budget.run_process_group([sys.executable, "-c", PLANTED_LAUNCHER, str(pids_file), "exit"], env, 600)
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", PLANTED_LAUNCHER, str(pids_file), "wait"], env=env, start_new_session=True
+        )
+        with open(pids_file, "a") as f:
+            f.write(f"{worker.pid}\n")
+        c.partial["started"] = [worker.pid, launcher.pid]
+        time.sleep(600)
+        return {"unreachable": True}
+
+    return run
+
+
+def wait_until_dead(pids: list[int], seconds: float = 5.0) -> list[int]:
+    """The pids still alive after up to `seconds` (SIGKILL is asynchronous)."""
+    deadline = time.time() + seconds
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_rehearsal_a_part_is_stopped_the_rest_skipped_and_nothing_it_started_survives(tmp_path, monkeypatch):
+    """gpucheck --smoke under a budget it cannot meet: env finishes, a planted part that overruns is
+    stopped when the budget runs out, the parts after it are skipped, gpucheck.json says so, and no
+    process the planted part started is left (killed by process group and by descent)."""
+    pids_file = tmp_path / "pids.txt"
+    parts = (gpucheck.PARTS[0], budget.Part("overrun", 5, planted_overrun(pids_file)), *gpucheck.PARTS[1:3])
+    monkeypatch.setattr(gpucheck, "PARTS", parts)
+    for name in ("LAB_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # cli sets them
+        monkeypatch.setenv(name, str(tmp_path / name))
+    out = tmp_path / "out"
+    data = fake_data(tmp_path / "data")
+    start = time.perf_counter()
+    assert gpucheck.cli(["--smoke", "--budget-s", "20", "--out-dir", str(out), "--data-dir", str(data)]) == 0
+    assert time.perf_counter() - start < 40
+
+    result = json.loads((out / "gpucheck.json").read_text())
+    records = result["parts"]
+    assert [records[p.name]["status"] for p in parts] == ["ok", "timeout", "skipped", "skipped"]
+    assert records["env"]["result"]["matmul_peak_tflops"]["fp32"] > 0  # what finished is kept
+    stopped = records["overrun"]
+    assert "stopped after" in stopped["error"] and "time limit" in stopped["error"]
+    assert len(stopped["result"]["started"]) == 2 and stopped["killed"] >= 2
+    assert all("left of 20 s" in records[p.name]["note"] for p in parts[2:])
+    assert "timeout: overrun: stopped after" in (out / "summary.txt").read_text()
+
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert len(pids) == 5  # two launchers with a worker each, one plain child
+    assert wait_until_dead(pids) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_subprocess_that_times_out_is_killed_with_its_group(tmp_path):
+    pids_file = tmp_path / "pids.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", PLANTED_LAUNCHER, str(pids_file), "wait"]
+    with pytest.raises(budget.PartTimeout, match="killed \\(process group\\) after 3 s"):
+        budget.run_process_group(command, env, timeout=3)
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert len(pids) == 2 and wait_until_dead(pids) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("ending", [ValueError, KeyboardInterrupt])
+def test_a_part_that_fails_or_is_interrupted_leaves_no_process(tmp_path, ending):
+    pids_file = tmp_path / "pids.txt"
+
+    def run(c):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        budget.run_process_group([sys.executable, "-c", PLANTED_LAUNCHER, str(pids_file), "exit"], env, 600)
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        pids_file.write_text(pids_file.read_text() + f"{worker.pid}\n")
+        raise ending("planted")
+
+    c = gpucheck.Check(
+        torch.device("cpu"), gpucheck.SMOKE, tmp_path, tmp_path, smoke=False, log=lambda s: None
+    )
+    written = []
+    parts = [budget.Part("ends", 5, run), budget.Part("after", 1, lambda c: {})]
+    if ending is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            budget.run_parts(c, parts, budget_s=60, write=lambda r: written.append(dict(r)))
+        assert [r["status"] for r in written[-1].values()] == ["interrupted"]  # recorded, then re-raised
+    else:
+        records = budget.run_parts(c, parts, budget_s=60, write=lambda r: written.append(dict(r)))
+        assert [r["status"] for r in records.values()] == ["error", "ok"]
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert len(pids) == 3 and wait_until_dead(pids) == []
+
+
+def test_part_budgets_fit_the_total_in_the_order_a_first_run_needs():
+    names = [p.name for p in gpucheck.PARTS]
+    assert names[:5] == ["env", "correctness", "step", "pretrain", "finetune"]
+    assert sum(p.budget_s for p in gpucheck.PARTS) <= gpucheck.GPU_BUDGET_S
+    assert not set(gpucheck.SKIPPED_BY_DESIGN) & set(names)

@@ -493,7 +493,7 @@ def test_compile_on_runs_on_cpu_and_reports_its_compile_time(tmp_path, capsys):
 def test_compile_modes_reach_torch_compile_and_auto_is_off_on_cpu(tmp_path, monkeypatch, capsys):
     modes = []
 
-    def fake_compile(module, mode=None):  # the wiring only: the module runs eagerly
+    def fake_compile(module, mode=None, backend=None):  # the wiring only: the module runs eagerly
         modes.append(mode)
         return module
 
@@ -508,6 +508,15 @@ def test_compile_modes_reach_torch_compile_and_auto_is_off_on_cpu(tmp_path, monk
     assert all(r["warmup_s"] > 0 for r in rows[:3]) and all(r["warmup_s"] == 0 for r in rows[3:])
     assert "compiled in" in capsys.readouterr().out
     assert not train(quick(tmp_path, "auto", steps=2))["compiled"] and modes == ["max-autotune"]
+    assert summary["compile_scope"] == "model"  # auto under a CUDA-graph mode: the whole step
+    # mode default: every encoder layer of G and D compiled (regionally), unless the scope says model
+    regional = train(quick(tmp_path, "layers", steps=2, compile="on", compile_mode="default"))
+    layers = len(modes) - 1
+    assert regional["compile_scope"] == "layers" and layers >= 3 and modes[1:] == [None] * layers
+    whole = train(
+        quick(tmp_path, "model", steps=2, compile="on", compile_mode="default", compile_scope="model")
+    )
+    assert whole["compile_scope"] == "model" and len(modes) == layers + 2  # one call, for the whole step
 
 
 def test_compile_accepts_the_old_boolean_and_rejects_unknown_modes():

@@ -91,7 +91,7 @@ from lab.bench.measure import (
     time_alternating,
 )
 from lab.cli import config_parser, param, parse_values, run_verb
-from lab.training import COMPILE_MODES
+from lab.training import COMPILE_MODES, compile_scope
 from lab.util import atomic_write_json, pick_device, replace_strict, write_csv
 
 CLASSIC_KINDS = ("step", "encoder", "attention")
@@ -381,7 +381,7 @@ def compiled_step_rows(
             gflop=gflop,
             vocab=model_config(name, T).vocab_size,
             compile_s=compile_s,
-            note=f"torch.compile backend={backend}",
+            note=f"torch.compile backend={backend}, {compile_scope('auto', mode)} compiled",
         )
         if peak:
             row.mfu = gflop * 1e9 / seconds / peak

@@ -20,7 +20,7 @@ from torch import nn
 
 from lab.model import DisentangledSelfAttention, Encoder, available_attention_impls, preset, relative_index
 from lab.rtd import RTD_WEIGHT, RTDModel, generator_config, masked_count
-from lab.training import adamw, autocast
+from lab.training import adamw, autocast, compile_model
 
 SPECIAL_IDS = (0, 1, 2, 3)  # [PAD] [CLS] [SEP] [UNK]
 
@@ -66,6 +66,7 @@ def build_lab_step(
     sharing: str,
     compile_mode: str | None = None,
     compile_backend: str = "inductor",
+    compile_scope: str = "auto",
 ):
     cfg = model_config(name, T)
     model = RTDModel(cfg, sharing=sharing).to(device).train()
@@ -75,9 +76,7 @@ def build_lab_step(
     mask_id = cfg.vocab_size - 1
     forward = model
     if compile_mode is not None:
-        # "default" is torch.compile's own default; other backends take no mode
-        mode = None if compile_mode == "default" or compile_backend != "inductor" else compile_mode
-        forward = torch.compile(model, mode=mode, backend=compile_backend)
+        forward = compile_model(model, compile_mode, compile_backend, compile_scope)
 
     def step():
         with autocast(device, dtype):

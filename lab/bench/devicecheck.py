@@ -109,14 +109,14 @@ def check_encoder(impl: str | None, dtype: str, device, shape: Shape) -> dict:
     """lab's Encoder with one attention implementation against transformers' DebertaV2Model in
     float64 with the same weights: hidden states on non-pad rows, and the gradient of every parameter
     of a loss over non-pad rows (pad-query rows differ between implementations by design and feed
-    nothing else). impl "disentangled-flash": transformers' model with that package's attention."""
+    nothing else)."""
     from transformers import DebertaV2Config, DebertaV2Model
 
     from lab.hf import to_hf_config, to_hf_state_dict
     from lab.model import Encoder, preset
 
     name, layers, T, B = shape
-    overrides = {"attention_impl": impl} if impl not in (None, "disentangled-flash") else {}
+    overrides = {"attention_impl": impl} if impl is not None else {}
     cfg = preset(name, vocab_size=1000, num_layers=layers, hidden_dropout=0.0, attention_dropout=0.0,
                  max_seq_len=max(512, T), **overrides)  # fmt: skip
     torch.manual_seed(0)
@@ -127,12 +127,6 @@ def check_encoder(impl: str | None, dtype: str, device, shape: Shape) -> dict:
     if unexpected or any(n in dict(reference.named_parameters()) for n in missing):
         raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
     reference = reference.double().to(device)
-    if impl == "disentangled-flash":
-        from disentangled_flash import optimize_deberta  # optional, CUDA only
-
-        ours = DebertaV2Model(DebertaV2Config(**to_hf_config(cfg))).eval()
-        ours.load_state_dict(weights, strict=False)
-        optimize_deberta(ours, sequence_lengths=[T])
     ours = ours.to(device)
     ids, mask = _padded_batch(cfg.vocab_size, B, T, device)
     projection = torch.randn(B, T, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).to(device)
@@ -152,12 +146,7 @@ def check_encoder(impl: str | None, dtype: str, device, shape: Shape) -> dict:
     hidden = run(ours, autocast(device, dtype))
     ref_hidden = run(reference, contextlib.nullcontext())
     ref_params = dict(reference.named_parameters())
-    if isinstance(ours, Encoder):
-        pairs = [
-            (p.grad, ref_params[n].grad) for n, p in to_hf_state_dict(dict(ours.named_parameters())).items()
-        ]
-    else:
-        pairs = [(p.grad, ref_params[n].grad) for n, p in ours.named_parameters() if n in ref_params]
+    pairs = [(p.grad, ref_params[n].grad) for n, p in to_hf_state_dict(dict(ours.named_parameters())).items()]
     pairs = [(a, b) for a, b in pairs if b is not None]
     grads = torch.cat(
         [a.flatten().double() if a is not None else torch.zeros_like(b).flatten() for a, b in pairs]

@@ -151,7 +151,7 @@ def summary_text(result: dict) -> str:
     if env.get("matmul_peak_tflops"):
         peaks = env["matmul_peak_tflops"]
         lines.append(f"matmul peak at {env['matmul_peak_n']}^3: bf16 {rate(1e12 * peaks['bf16'])}, fp32 {rate(1e12 * peaks['fp32'])}; "
-                     f"attention impls {env.get('attention_impls')}, disentangled-flash {env.get('disentangled_flash') or 'absent'}")  # fmt: skip
+                     f"attention impls {env.get('attention_impls')}")  # fmt: skip
     lines.append("parts: " + ", ".join(f"{n} {r['status']}" + (f" {r['seconds']:.0f}s" if "seconds" in r else "") for n, r in parts.items()))  # fmt: skip
     lines += target_lines(result["targets"])
     corr = (parts.get("correctness") or {}).get("result")
@@ -181,10 +181,20 @@ def summary_text(result: dict) -> str:
         source = "the short run" if Path(ft.get("init", "")).name == "short-run" else ft.get("init")
         lines.append(f"fine-tune {ft['task']} from {source}: dev {dev}")
     lines += compile_lines(parts, env)
+    trained = sorted(
+        {k for r in parts.values() for k in (r.get("result") or {}).get("tokenizers_trained_here", [])}
+    )
+    lines.append(f"tokenizers: {len(env.get('shipped_tokenizers', []))} shipped in the data folder, "
+                 f"{len(trained)} trained here" + (" (run --prepare-data where the data is)" if trained else ""))  # fmt: skip
+    killed = {n: r["killed"] for n, r in parts.items() if r.get("killed")}
+    if killed:
+        lines.append(
+            "processes killed when their part ended: " + ", ".join(f"{n} {k}" for n, k in killed.items())
+        )
     for name, reason in (env.get("skipped_by_design") or {}).items():
         lines.append(f"skipped: {name}: {reason[:150]}")
     for name, record in parts.items():
-        if record["status"] in ("error", "timeout", "skipped"):
+        if record["status"] in ("error", "timeout", "interrupted", "skipped"):
             lines.append(
                 f"{record['status']}: {name}: {(record.get('error') or record.get('note', '')).splitlines()[0][:150]}"
             )

@@ -52,6 +52,7 @@ class FinetuneBench:
     seq_len: int = 128
     epochs: int = 3  # examples/s is taken over epochs 2..epochs
     compile: bool = False  # torch.compile the fine-tuned model (FinetuneConfig.compile)
+    length_bucket: int = 0  # batch widths a multiple of this (FinetuneConfig.length_bucket); 0 = its default
 
 
 def random_words(n: int, seed: int = 0) -> list[str]:
@@ -76,6 +77,14 @@ def write_random_corpus(
     return path
 
 
+def bench_corpus(pb: PretrainBench, folder: Path) -> Path:
+    """folder/corpus.txt: the random-word corpus pretrain_row trains on, about two passes' worth of text
+    for the timed steps (200..3000 lines of 100 words); the same bytes for the same `pb` wherever it is
+    written, so its tokenizer is found in the cache (keyed by content)."""
+    lines = min(3000, max(200, 2 * pb.steps * pb.batch * pb.seq_len // 100))
+    return write_random_corpus(Path(folder) / "corpus.txt", pb.vocab, lines)
+
+
 def train_windows(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["split"] == "train"]
 
@@ -96,10 +105,7 @@ def pretrain_row(
     from lab.pretrain.loop import PretrainConfig, train
 
     work = Path(work)
-    if not corpus:
-        # about two passes' worth of text for the timed steps, within 200..3000 lines of 100 words
-        lines = min(3000, max(200, 2 * pb.steps * pb.batch * pb.seq_len // 100))
-        corpus = str(write_random_corpus(work / "corpus.txt", pb.vocab, lines))
+    corpus = corpus or str(bench_corpus(pb, work))
     out_dir = work / "run"
     shutil.rmtree(out_dir, ignore_errors=True)  # an existing checkpoint would be resumed
     cfg = PretrainConfig(
@@ -198,6 +204,7 @@ def finetune_row(
         seeds=(1,),
         device=str(device),
         compile="on" if fb.compile else "off",
+        length_bucket=fb.length_bucket,
     )
     log(
         f"finetune: train() {task} from {init}, {fb.examples} examples x {fb.epochs} epochs, batch {fb.batch}"

@@ -57,7 +57,7 @@ from lab.finetune.data import IGNORE, Encoded, length_grouped_order, load_data
 from lab.finetune.table import checkpoint_label, results_table
 from lab.model import Encoder, init_weights
 from lab.tokenizer import Tokenizer
-from lab.training import adamw, autocast, autocast_dtype, compile_on, linear_schedule, set_lr
+from lab.training import adamw, autocast, autocast_dtype, compile_model, compile_on, linear_schedule, set_lr
 from lab.util import atomic_write_bytes, atomic_write_json, pick_device, replace_strict, to_device
 
 # ---------------------------------------------------------------------------------------------- model
@@ -219,7 +219,8 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
     torch.manual_seed(seed)
     head = TokenClassifier if downstream.is_token_level(task) else Classifier
     model = head(copy.deepcopy(encoder), task.num_labels, cfg.head_dropout).to(device)
-    step_model = torch.compile(model) if compile_on(cfg.compile, device) else model
+    # regional: the encoder Layer compiled once, in place, so evaluation runs it compiled too
+    step_model = compile_model(model) if compile_on(cfg.compile, device) else model
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     bucket = _bucket(cfg, device)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)

@@ -13,7 +13,7 @@ Undecodable bytes are replaced by U+FFFD, counted, and reported per file as a wa
 
 Token cache: a corpus is tokenised once, streaming in chunks of documents, into a flat file of token ids
 (uint16 when the vocabulary fits, else uint32) under `cache_dir()/tokens/<key>/` with a `meta.json`.
-The key hashes the corpus identity (paths with sizes and mtimes, or the synthetic seed and size), the
+The key hashes the corpus identity (the files' sha256, or the synthetic seed and size), the
 tokenizer model bytes and the format version; the folder is written under a temporary name and renamed,
 so a reader never sees half a cache. Documents are separated by one [SEP] (as DeBERTa/BERT mark segment
 boundaries); the stream is otherwise packed continuously across documents, like ELECTRA.
@@ -118,7 +118,9 @@ def open_corpus(spec: str | CorpusSpec) -> Corpus:
         )
     files = _find_files(source)
     identity = {
-        "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        # the files' content, not their paths or times: a copy elsewhere (a GPU machine's checkout, a
+        # benchmark's scratch folder) finds the tokenizer and tokens already made from the same text
+        "files": [file_sha256(p) for p in files],
         "txt_documents": spec.txt_documents,
         "text_field": spec.text_field,
     }
@@ -128,6 +130,15 @@ def open_corpus(spec: str | CorpusSpec) -> Corpus:
             yield from _read_file(path, spec, issues)
 
     return Corpus(source, identity, read, spec.max_documents)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB chunks (about a second per GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def parse_synthetic(source: str) -> tuple[int, int]:

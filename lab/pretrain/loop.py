@@ -73,11 +73,14 @@ from lab.rtd import MASK_STRATEGIES, RTD_WEIGHT, RTDModel, draw_noise, mask_coun
 from lab.training import (
     COMPILE,
     COMPILE_MODES,
+    COMPILE_SCOPES,
     DTYPES,
     adamw,
     autocast,
     autocast_dtype,
+    compile_model,
     compile_on,
+    compile_scope,
     linear_schedule,
     set_lr,
 )
@@ -158,6 +161,14 @@ class PretrainConfig:
     # presets and for multi-process runs (CUDA graphs untested with DDP's hooks)
     compile_mode: str = param(
         "auto", "torch.compile mode; auto: the one measured fastest for the preset", ("auto", *COMPILE_MODES)
+    )
+    # layers compiles ~5x faster than model on a CPU, and its step ran 3-10 % slower there
+    # (figures/bench/README.md, "Compile time"): model pays off past 200-1,200 CPU steps
+    compile_scope: str = param(
+        "auto",
+        "what torch.compile covers: layers (the encoder layer, once) | model; auto: layers, "
+        "model under CUDA graphs",
+        COMPILE_SCOPES,
     )
     log_every: int = param(20, "steps between log lines")
     eval_every: int = param(200, "steps between held-out evaluations")
@@ -403,7 +414,9 @@ def setup(cfg: PretrainConfig) -> Run:
     compiled = compile_on(cfg.compile, device)
     # decoupled ES stays eager (see __post_init__)
     compiled &= not (cfg.optimization == "decoupled" and model.sharing.shares_generator_table)
-    step_fn = torch.compile(net, mode=compile_mode(cfg, ddp.world)) if compiled else net
+    # compile_scope auto: the encoder Layer compiled once for every layer of G and D (regional), or the
+    # whole step under CUDA graphs (lab/training.py, COMPILE_SCOPES)
+    step_fn = compile_model(net, compile_mode(cfg, ddp.world), scope=cfg.compile_scope) if compiled else net
 
     # held-out batches of the global batch size, however training is split: the same rows, the same noise
     eval_set = [corpus.heldout[i] for i in range(min(len(corpus.heldout), cfg.eval_batches * cfg.batch_size))]
@@ -782,6 +795,7 @@ _RESUMABLE_CHANGES = {
     "device",
     "compile",
     "compile_mode",
+    "compile_scope",
     "attention_impl",  # the implementations agree to float rounding (tests/test_reference.py)
     "progress",
     "snapshot_every",  # snapshots only read the tables; their rows are fixed by embeddings/ids.json
@@ -856,6 +870,9 @@ def finish(run: Run, step: int, meter: Meter, guard: NonFiniteGuard | None = Non
             "dtype": str(run.amp or torch.float32),
             "compiled": run.compiled,
             "compile_mode": compile_mode(cfg, run.ddp.world) if run.compiled else None,
+            "compile_scope": compile_scope(cfg.compile_scope, compile_mode(cfg, run.ddp.world))
+            if run.compiled
+            else None,
             "vocab_size": run.tok.vocab_size,
             "final_eval": final_eval,
             "corpus_info": run.corpus.describe(),
@@ -951,7 +968,8 @@ def log_window(
         tensorboard.mirror(run)
     if first_compile and meter.compile_s is not None and run.compiled:
         progress.message(
-            f"compiled in {meter.compile_s:.1f} s (torch.compile mode {compile_mode(cfg, ddp.world)}: the extra time of "
+            f"compiled in {meter.compile_s:.1f} s (torch.compile mode {compile_mode(cfg, ddp.world)}, "
+            f"{compile_scope(cfg.compile_scope, compile_mode(cfg, ddp.world))}: the extra time of "
             f"the first {meter.warmup} steps)"
         )
     done = step - meter.start

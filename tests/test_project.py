@@ -128,7 +128,7 @@ def verb_configs():
     from lab.finetune.config import FinetuneConfig
     from lab.finetune.table import TableConfig
     from lab.notebook.runner import SweepConfig
-    from lab.pretrain.loop import PretrainConfig
+    from lab.pretrain.config import PretrainConfig
 
     return [
         PretrainConfig,
@@ -160,7 +160,7 @@ def test_one_vocabulary_across_verbs():
     import dataclasses
 
     from lab.finetune.config import FinetuneConfig
-    from lab.pretrain.loop import PretrainConfig
+    from lab.pretrain.config import PretrainConfig
 
     for cls in verb_configs():
         names = {f.name for f in dataclasses.fields(cls)}
@@ -174,10 +174,10 @@ def test_one_vocabulary_across_verbs():
 def test_user_errors_exit_2_with_the_refusal_named(capsys):
     import pytest
 
-    from lab.pretrain import loop
+    from lab.pretrain.cli import cli
 
     with pytest.raises(SystemExit) as stop:
-        loop.cli(["--steps", "-1"])
+        cli(["--steps", "-1"])
     assert stop.value.code == 2 and "PretrainConfig.steps must be positive" in capsys.readouterr().err
 
 

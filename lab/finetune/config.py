@@ -1,62 +1,16 @@
-"""Fine-tuning's config, `FinetuneConfig`, and the per-task defaults its None fields resolve to.
-
-Defaults per task (`TASK_DEFAULTS`) start from the official DeBERTaV3-large recipe and are scaled
-for the small models this workbench trains:
-  * learning rate x6: the official small/xsmall MNLI rate is 4.5e-5 against 7e-6 for large;
-  * at least 3 epochs (the small-model MNLI recipe uses 3 where large uses 2);
-  * warmup as a fraction of all steps (10%) instead of the paper's step counts, which assume the full
-    training sets and would swallow a whole run on a `max_train_examples` slice;
-  * batch size, head dropout and max length as in the paper (max length is capped by the model's).
-"""
+"""Fine-tuning's config, `FinetuneConfig`. Its None fields resolve to the task's defaults
+(`Task.defaults`: GLUE's are the official DeBERTaV3-large recipe scaled for small models,
+lab/finetune/glue.py; the synthetic tasks' are lab/finetune/synthetic_tasks.py's)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from lab.cli import check_choices, param
-from lab.finetune import tasks as downstream
+from lab.finetune.tasks import get_task
 from lab.training import COMPILE, DTYPES
 from lab.util import replace_strict
-
-# Official DeBERTaV3-large recipe: epochs, warmup steps, lr, batch, head dropout, max len, from the
-# fine-tuning scripts of microsoft/DeBERTa (`experiments/glue/*.sh`) and the paper's appendix (He, Gao,
-# Chen, "DeBERTaV3", ICLR 2023, arXiv 2111.09543).
-PAPER_RECIPE = {
-    "mnli": (2, 500, 7e-6, 64, 0.3, 256),
-    "qqp": (6, 1000, 1e-5, 64, 0.2, 320),
-    "qnli": (6, 200, 7e-6, 64, 0.2, 512),
-    "sst2": (8, 500, 6e-6, 32, 0.1, 128),
-    "cola": (10, 50, 5.5e-6, 32, 0.1, 64),
-    "stsb": (4, 50, 7e-6, 32, 0.1, 128),
-    "rte": (6, 50, 1e-5, 32, 0.3, 320),
-    "mrpc": (6, 50, 6e-6, 32, 0.2, 128),
-    "wnli": (6, 50, 6e-6, 32, 0.1, 128),  # not in the paper's table; MRPC-like settings
-}
-LR_SCALE = 6.0  # small-model rate / large-model rate in the official MNLI recipes (4.5e-5 / 7e-6)
-# a table, one entry per line, easier to read across than reflowed (so the formatter skips it)
-TASK_DEFAULTS = {
-    task: {"epochs": max(epochs, 3), "lr": lr * LR_SCALE, "batch_size": batch, "head_dropout": dropout,
-           "max_seq_len": max_len}
-    for task, (epochs, _warmup, lr, batch, dropout, max_len) in PAPER_RECIPE.items()
-}  # fmt: skip
-# The synthetic tasks are small (300 / 2,000 training sentences of ~8 words), so they get more epochs
-# and higher rates than GLUE. Chosen on a `tiny` discriminator pre-trained 600 steps on synthetic:0
-# against the same model untrained (accuracy 0.83 vs 0.79 on synth_tag, MCC 0.60-0.65 vs 0.0 on
-# synth_gram); synth_tag at 1e-4 or 3e-4 does not converge in its ~100 steps.
-TASK_DEFAULTS["synth_tag"] = {
-    "epochs": 10,
-    "lr": 1e-3,
-    "batch_size": 32,
-    "head_dropout": 0.1,
-    "max_seq_len": 128,
-}
-TASK_DEFAULTS["synth_gram"] = {
-    "epochs": 5,
-    "lr": 1e-4,
-    "batch_size": 32,
-    "head_dropout": 0.1,
-    "max_seq_len": 128,
-}
 
 
 @dataclass(frozen=True)
@@ -70,7 +24,9 @@ class FinetuneConfig:
     synthetic_seed: int | None = param(
         None, "synthetic tasks' language; None = the init run's corpus seed, else 0"
     )
-    epochs: int | None = param(None, "passes over the training set; None = task default (TASK_DEFAULTS)")
+    epochs: int | None = param(
+        None, "passes over the training set; None = the task's default (Task.defaults)"
+    )
     lr: float | None = param(None, "peak learning rate; None = task default")
     batch_size: int | None = param(None, "examples per step; None = task default")
     warmup_steps: int | None = param(None, "linear warmup steps; None = warmup_ratio of all steps")
@@ -100,7 +56,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        downstream.get_task(self.task)  # raises on unknown tasks, listing the known ones
+        get_task(self.task)  # raises on unknown tasks, listing the known ones
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         if not self.seeds:
             raise ValueError("FinetuneConfig.seeds is empty; give at least one seed, e.g. (1,)")
@@ -124,6 +80,6 @@ class FinetuneConfig:
     def resolved(self) -> FinetuneConfig:
         """The config with the task's canonical name and every None default replaced by its value
         (synthetic_seed is resolved by `train`, which reads the init run)."""
-        task = downstream.get_task(self.task).name
-        defaults = {k: v for k, v in TASK_DEFAULTS[task].items() if getattr(self, k) is None}
-        return replace_strict(self, task=task, **defaults)
+        task = get_task(self.task)
+        defaults = {k: v for k, v in dataclasses.asdict(task.defaults).items() if getattr(self, k) is None}
+        return replace_strict(self, task=task.name, **defaults)

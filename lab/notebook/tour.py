@@ -17,8 +17,8 @@ import torch
 from lab.analysis.tug_of_war import attention_terms
 from lab.model import count_parameters, preset
 from lab.pretrain.checkpoint import load_state
-from lab.pretrain.synthetic import SyntheticLanguage
 from lab.rtd import RTDModel, draw_noise
+from lab.synthetic import SyntheticLanguage
 from lab.tokenizer import Tokenizer
 
 DEMO_RUN = "runs/demo/gdes"  # `make demo`'s GDES run, relative to the project root

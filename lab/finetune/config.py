@@ -19,8 +19,17 @@ class FinetuneConfig:
         "mrpc", "GLUE: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; synthetic: synth_tag, synth_gram"
     )
     glue_dir: str = param("", "GLUE root with <TASK>/train.tsv ...; '' = $LAB_DATA_DIR/glue")
-    init: str = param("", "pre-training run dir (uses export/discriminator/), HF-format dir, or hub name")
-    out_dir: str = param("runs/finetune", "where config.json, seeds/, metrics.jsonl and results.json go")
+    # the init's weights themselves are checked on resume (a digest), not the path they are read from
+    init: str = param(
+        "",
+        "pre-training run dir (uses export/discriminator/), HF-format dir, or hub name",
+        may_change_on_resume=True,
+    )
+    out_dir: str = param(
+        "runs/finetune",
+        "where config.json, seeds/, metrics.jsonl and results.json go",
+        may_change_on_resume=True,
+    )
     synthetic_seed: int | None = param(
         None, "synthetic tasks' language; None = the init run's corpus seed, else 0"
     )
@@ -36,17 +45,27 @@ class FinetuneConfig:
     max_seq_len: int | None = param(
         None, "tokens incl. [CLS]/[SEP]; None = task default, capped by the model"
     )
-    seeds: tuple[int, ...] = param((1,), "one fine-tuning run per seed (head init + batch order)")
+    seeds: tuple[int, ...] = param(
+        (1,), "one fine-tuning run per seed (head init + batch order)", may_change_on_resume=True
+    )
     max_train_examples: int | None = param(None, "a fixed random slice (same for every seed); None = all")
     max_eval_examples: int | None = param(None, "dev examples scored per split; None = all")
     eval_batch_size: int = param(128, "examples per evaluation batch")
     grad_clip: float = param(1.0, "global grad-norm clip")
+    # padding to a bucket does not change a batch's loss (tests/test_finetune.py)
     length_bucket: int = param(
-        0, "batch widths rounded up to a multiple of this; 0 = 16 on CUDA, 1 (exact) on CPU"
+        0,
+        "batch widths rounded up to a multiple of this; 0 = 16 on CUDA, 1 (exact) on CPU",
+        may_change_on_resume=True,
     )
     # off by default, unlike pre-training: each seed pays its own compile, worth it on long CUDA runs only
-    compile: str = param("off", "torch.compile the model; auto: on for CUDA, off for the CPU", COMPILE)
-    device: str = param("auto", "'auto' = cuda if available, else cpu")
+    compile: str = param(
+        "off",
+        "torch.compile the model; auto: on for CUDA, off for the CPU",
+        COMPILE,
+        may_change_on_resume=True,
+    )
+    device: str = param("auto", "'auto' = cuda if available, else cpu", may_change_on_resume=True)
     dtype: str = param("auto", "autocast dtype (losses in fp32); auto: bf16 on CUDA, fp32 on the CPU", DTYPES)
     group_by_length: bool = param(
         True,

@@ -233,7 +233,7 @@ def _read_hf_split(t: GlueTask, split: str) -> LabelledSplit:
     if split not in t.splits:
         raise ValueError(f"{t.name} has splits {t.splits}, not {split!r}")
     try:
-        import datasets  # optional: only this loader needs it (the `hf` extra)
+        import datasets  # optional (the dev extra): only this loader needs it
     except ImportError as e:
         raise ValueError(
             f"loading GLUE {t.name} from the HuggingFace hub needs the `datasets` package "

@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lab import hf
-from lab.cli import config_parser, parse_values, run_verb
+from lab.cli import config_parser, may_change_on_resume, parse_values, run_verb
 from lab.finetune.config import FinetuneConfig
 from lab.finetune.data import IGNORE, Encoded, length_grouped_order, load_data
 from lab.finetune.table import checkpoint_label, results_table
@@ -305,7 +305,8 @@ def _weights_digest(init: str) -> str:
 
 def _identity(cfg: FinetuneConfig) -> dict:
     """What a finished seed's results depend on besides its seed (JSON-normalised for comparison)."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seeds", "out_dir")}
+    free = may_change_on_resume(cfg)
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
     return json.loads(json.dumps({"config": config, "init_weights": _weights_digest(cfg.init)}))
 
 

@@ -250,7 +250,7 @@ def _read_wikitext(path: Path, issues: dict) -> Iterator[str]:
 
 def _read_hf(name: str, config: str | None, spec: CorpusSpec) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # optional (the dev extra): only an hf: corpus needs it
     except ImportError:
         raise ValueError(
             f"corpus hf:{name} needs the `datasets` package: pip install datasets (or pass local files)"

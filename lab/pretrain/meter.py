@@ -10,12 +10,9 @@ import contextlib
 import time
 
 import torch
+from tqdm.auto import tqdm
 
-
-def sync(device: torch.device) -> None:
-    """Wait for the device: only where a step reads values anyway (eval, probe, checkpoint, warm-up)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from lab.training import sync
 
 
 class Meter:
@@ -104,8 +101,6 @@ class Progress:
         self.total, self.enabled = total, enabled and mode != "none"
         self.bar = None
         if self.enabled and mode == "bar":
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
 
     def update(self, row: dict, eta_s: float | None, n: int) -> None:

@@ -104,6 +104,19 @@ def test_a_glue_like_task_is_one_entry(registered, synthetic, tmp_path):
                                  metrics=("mcc",), main_metric="mcc", hf_name="", hf_text_columns=()))  # fmt: skip
 
 
+def test_the_logged_learning_rate_is_the_schedule(synthetic, tmp_path):
+    """32 examples in batches of 16: 2 steps per epoch, 6 in all, 2 of warmup. Each epoch's row holds the
+    lr of its last step s (1, 3, 5): warmup (s + 1) / 2, then (6 - s) / 4, by hand."""
+    root, ckpt = synthetic
+    cfg = FinetuneConfig(task="sst2", glue_dir=str(root), init=str(ckpt), out_dir=str(tmp_path), epochs=3,
+                         lr=1e-3, batch_size=16, warmup_steps=2, max_train_examples=32, max_eval_examples=16,
+                         seeds=(1,), device="cpu")  # fmt: skip
+    finetune.train(cfg)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4, 6]
+    assert [h["lr"] for h in history] == pytest.approx([1e-3 * 2 / 2, 1e-3 * 3 / 4, 1e-3 * 1 / 4], rel=1e-12)
+
+
 def test_summary_is_mean_median_and_sample_std_hand_computed():
     per_seed = [
         {"seed": 1, "accuracy": 0.5, "best_epoch": 2, "last_accuracy": 0.4},

@@ -358,6 +358,16 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
 
 
+def test_the_logged_learning_rate_is_the_schedule(tmp_path):
+    """TINY_RUN: lr 2e-3, 2 warmup steps, 8 steps, a train row after every step with the lr of that
+    step (0-based s = row step - 1): warmup (s + 1) / 2, then (8 - s) / 6, by hand."""
+    train(quick(tmp_path, "lr", eval_every=8, probe_every=0))
+    rows = [r for r in read_jsonl(tmp_path / "lr" / "metrics.jsonl") if r["split"] == "train"]
+    by_hand = [1 / 2, 1, 6 / 6, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * f for f in by_hand], rel=1e-12)
+
+
 def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_clip = pretrain.clip

@@ -258,6 +258,7 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
             "seed": seed,
             "epoch": epoch,
             "step": step,
+            "lr": opt.param_groups[0]["lr"],  # the learning rate of the epoch's last step
             "train_loss": train_loss,
             "elapsed_s": time.time() - t0,
             "train_s": train_s,

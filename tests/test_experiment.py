@@ -342,7 +342,9 @@ def test_the_experiment_imports_without_plotting_or_notebook_packages():
 def test_gpu_recipe_reads_the_data_folder_it_is_given(tmp_path):
     cfg = experiment.recipe("gpu", tmp_path)
     assert cfg.pretrain.corpus == f"{tmp_path}/wikitext-2/wiki.train.tokens"
-    assert cfg.finetune.glue_dir == f"{tmp_path}/glue" and cfg.pretrain.device == cfg.finetune.device == "cuda"
+    assert (
+        cfg.finetune.glue_dir == f"{tmp_path}/glue" and cfg.pretrain.device == cfg.finetune.device == "cuda"
+    )
     assert cfg.pretrain.preset == "xsmall" and cfg.modes == SHARING_MODES and cfg.finetune_seeds == (1, 2, 3)
     assert set(cfg.tasks) == {"cola", "sst2", "stsb"} and len(cfg.pretrain_seeds) >= 3
     assert "MRPC" in experiment_runs.missing_data("mrpc", cfg)

@@ -127,7 +127,9 @@ def setup(cfg: PretrainConfig) -> Run:
             model, device_ids=[device] if device.type == "cuda" else None
         )
     compiled = compile_on(cfg.compile, device)
-    compiled &= not (cfg.optimization == "decoupled" and cfg.sharing == "es")  # see PretrainConfig.__post_init__
+    compiled &= not (
+        cfg.optimization == "decoupled" and cfg.sharing == "es"
+    )  # see PretrainConfig.__post_init__
     step_fn = torch.compile(net, mode=compile_mode(cfg, ddp.world)) if compiled else net
 
     # held-out batches of the global batch size, however training is split: the same rows, the same noise

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lab.finetune import glue
-from lab.finetune.task import ConstantPredictionWarning
+from lab.finetune.task import ConstantPredictionWarning, Task
 from lab.finetune.tasks import get_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
@@ -226,3 +226,12 @@ def test_real_glue_files(data_root, task, n_train, n_dev):
     if task == "stsb":
         assert min(splits["dev"].labels) == 0.0 and max(splits["dev"].labels) == 5.0
         assert splits["dev"].texts_a[0] == "A man with a hard hat is dancing."
+
+
+def test_a_task_that_contradicts_itself_is_refused():
+    with pytest.raises(ValueError, match="level 'sentence'; choose one of"):
+        Task("x", "sentence", ("0", "1"), ("mcc",), "mcc")
+    with pytest.raises(ValueError, match="main_metric 'f1' is not one of"):
+        Task("x", "sequence", ("0", "1"), ("mcc",), "f1")
+    with pytest.raises(ValueError, match="1 official sizes for the splits"):
+        Task("x", "sequence", ("0", "1"), ("mcc",), "mcc", official_sizes=(10,))

@@ -19,6 +19,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+LEVELS = ("sequence", "token")  # one label per sequence (or pair), or one per word
 # Prefix of a dev split's metric keys in multi-dev tasks (MNLI reports "m_accuracy", "mm_accuracy").
 SPLIT_PREFIX = {"dev": "", "dev_matched": "m_", "dev_mismatched": "mm_"}
 
@@ -49,6 +50,18 @@ class Task:
     defaults: TaskDefaults = TaskDefaults()  # what FinetuneConfig's None fields become
 
     generated = False  # True: the examples are generated from the synthetic language (seeded), not read
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"task {self.name}: level {self.level!r}; choose one of {LEVELS}")
+        if self.main_metric not in self.metrics:
+            raise ValueError(
+                f"task {self.name}: main_metric {self.main_metric!r} is not one of {self.metrics}"
+            )
+        if self.official_sizes and len(self.official_sizes) != len(self.splits):
+            raise ValueError(
+                f"task {self.name}: {len(self.official_sizes)} official sizes for the splits {self.splits}"
+            )
 
     @property
     def num_labels(self) -> int:

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)  ## ES, NES and GDES on the embedded synthetic corpus, then the tug-of-war analysis
-	$(PY) -m lab sweep --corpus synthetic --name demo
+	$(PY) -m lab sweep --pretrain.corpus synthetic --out-dir runs/demo
 
 # The recipe pins the AVX2 CPU kernels (lab experiment re-executes itself with ATEN_CPU_CAPABILITY=avx2
 # ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2), so any x86-64 machine with AVX2 gives the same

@@ -6,7 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "pretrain": ("lab.pretrain.loop", "cli", "RTD pre-training (ES / NES / GDES)"),
+    "pretrain": ("lab.pretrain.cli", "cli", "RTD pre-training (ES / NES / GDES)"),
     "finetune": ("lab.finetune.loop", "cli", "fine-tuning on GLUE or the synthetic tasks, over seeds"),
     "table": ("lab.finetune.table", "cli", "fine-tuning results of several checkpoints in one table"),
     "run": ("lab.notebook.runner", "cli_run", "run a notebook with papermill parameters"),

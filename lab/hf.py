@@ -164,7 +164,7 @@ def resolve(path_or_name: str | Path) -> Path:
     if path.exists() or str(path_or_name).startswith((".", "/", "~")):
         raise ValueError(f"checkpoint {path_or_name!r} is not a directory; pass a folder with config.json")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # optional: only a hub download needs it
     except ImportError as err:
         raise ValueError(
             f"{path_or_name!r} is not a local directory, and huggingface_hub is not installed to fetch it "

@@ -371,7 +371,7 @@ def _flex_attention(device: torch.device):
     """flex_attention itself under torch.compile (the model is being compiled and fuses it); in eager
     mode a compiled copy on CUDA (the uncompiled one materialises every score) and the plain one on
     the CPU, whose compile takes longer than the forward passes it serves."""
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # only when asked for: sdpa runs without it
 
     if torch.compiler.is_compiling() or device.type == "cpu":
         return flex_attention

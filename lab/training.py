@@ -120,3 +120,10 @@ def autocast(device: torch.device | str, dtype: torch.dtype | str | None):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=dtype)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device (CUDA; a no-op elsewhere): only where a loop reads values anyway (evaluation,
+    the probe, checkpoints, warm-up steps) or a benchmark times a call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

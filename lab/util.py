@@ -30,19 +30,25 @@ def cache_dir() -> Path:
 
 
 def replace_strict(cfg: T, **changes: Any) -> T:
-    """`dataclasses.replace` with an error that names the unknown field and lists the valid ones."""
+    """`dataclasses.replace` with an error that names the unknown field and lists the valid ones.
+    A field holding a config takes a dict of its own changes, or dotted keys: `pretrain={"steps": 5}`
+    or `**{"pretrain.steps": 5}`."""
     names = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(changes) - names)
+    unknown = sorted({k.split(".")[0] for k in changes} - names)
     if unknown:
         raise ValueError(
             f"unknown {type(cfg).__name__} field(s) {unknown}; valid fields are: {', '.join(sorted(names))}"
         )
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in list(changes.items()):  # whole dicts first, dotted keys on top of them
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(cfg, key)):
+            nested.setdefault(key, {}).update(changes.pop(key))
+    for key in [k for k in changes if "." in k]:
+        head, _, rest = key.partition(".")
+        nested.setdefault(head, {})[rest] = changes.pop(key)
+    for head, sub in nested.items():
+        changes[head] = replace_strict(getattr(cfg, head), **sub)
     return dataclasses.replace(cfg, **changes)
-
-
-def from_dict(cls: type[T], values: dict[str, Any]) -> T:
-    """Build a config dataclass from a dict (e.g. a run's config.json), rejecting unknown keys."""
-    return replace_strict(cls(), **values)
 
 
 _UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)

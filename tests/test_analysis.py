@@ -75,7 +75,7 @@ def fabricate_run(path, sharing: str, seed: int = 0, steps: int = 40, slow: floa
     import numpy as np
     from safetensors.torch import save_file
 
-    from lab.pretrain.synthetic import SyntheticLanguage
+    from lab.synthetic import SyntheticLanguage
     from lab.tokenizer import train_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)

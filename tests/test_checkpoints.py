@@ -15,8 +15,7 @@ import pytest
 import torch
 from tiny_pretrain import TINY_RUN
 
-from lab.pretrain import checkpoint
-from lab.pretrain import loop as pretrain
+from lab.pretrain import checkpoint, export
 from lab.pretrain.checkpoint import CheckpointError, CheckpointWarning
 from lab.pretrain.loop import PretrainConfig, train
 from lab.util import read_jsonl
@@ -234,7 +233,7 @@ def test_a_failing_export_keeps_the_checkpoint_and_a_rerun_finishes(straight, tm
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pretrain, "save_pretrained", no_space)
+    monkeypatch.setattr(export, "save_pretrained", no_space)
     with pytest.raises(CheckpointError, match="export.*step-00000008.pt is intact.*rerun"):
         train(quick(run_dir))
     monkeypatch.undo()

@@ -17,6 +17,7 @@ from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model
 import lab
 from lab.pretrain import init as continued
 from lab.pretrain import loop as pretrain
+from lab.pretrain.cli import cli as pretrain_cli
 from lab.pretrain.data import open_corpus
 from lab.pretrain.loop import PretrainConfig, train
 from lab.pretrain.probe import average_pairwise_cosine
@@ -329,7 +330,7 @@ BAD = {
 def exit_code(argv: list[str]) -> int:
     """`python -m lab pretrain ARGV`'s exit code (argparse exits on a value the config refuses)."""
     try:
-        return pretrain.cli(argv)
+        return pretrain_cli(argv)
     except SystemExit as stop:
         return stop.code
 

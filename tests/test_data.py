@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lab.pretrain.data import BatchIterator, CorpusSpec, PackedDataset, open_corpus, prepare_corpus
-from lab.pretrain.synthetic import SyntheticLanguage
+from lab.synthetic import SyntheticLanguage
 
 SMALL_SYNTHETIC = "synthetic:seed=1,words=20000"
 

@@ -12,6 +12,7 @@ import pytest
 from lab import sharing
 from lab.analysis import experiment
 from lab.analysis import runs as experiment_runs
+from lab.util import replace_strict
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("synth_tag", "synth_gram")
@@ -20,7 +21,7 @@ GLUE_FIXTURE = str(ROOT / "tests" / "fixtures" / "glue")
 
 def tiny(out_dir, **changes) -> experiment.ExperimentConfig:
     """The smoke recipe: tiny preset, 8 steps, 2 pre-training x 2 fine-tuning seeds, 2 tasks."""
-    fields = {"out_dir": str(out_dir), "tasks": TASKS, "glue_dir": GLUE_FIXTURE, "progress": "none"}
+    fields = {"out_dir": str(out_dir), "tasks": TASKS, "finetune.glue_dir": GLUE_FIXTURE, "progress": "none"}
     return experiment.recipe("smoke", **{**fields, **changes})
 
 
@@ -87,7 +88,7 @@ def test_interrupted_experiment_resumes_without_redoing_finished_runs(resumed):
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished.items())
     # the resumed run continued at step 4 instead of starting over: one train row per step, in order
     rows = [json.loads(line) for line in (Path(cfg.out_dir) / "pretrain" / "es-s1" / "metrics.jsonl").open()]
-    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, cfg.steps + 1))
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, cfg.pretrain.steps + 1))
 
 
 def test_experiment_writes_the_report_end_to_end(resumed):
@@ -276,8 +277,8 @@ def test_a_rerun_of_a_finished_experiment_trains_nothing(resumed):
 
 def test_other_settings_in_the_same_directory_are_refused(resumed):
     cfg, _, _ = resumed
-    with pytest.raises(ValueError, match="steps: 8 -> 9"):
-        experiment.run(dataclasses.replace(cfg, steps=9))
+    with pytest.raises(ValueError, match="pretrain.steps: 8 -> 9"):
+        experiment.run(replace_strict(cfg, **{"pretrain.steps": 9}))
 
 
 def test_report_without_matplotlib_writes_the_numbers(resumed, tmp_path, monkeypatch):
@@ -340,9 +341,12 @@ def test_the_experiment_imports_without_plotting_or_notebook_packages():
 
 def test_gpu_recipe_reads_the_data_folder_it_is_given(tmp_path):
     cfg = experiment.recipe("gpu", tmp_path)
-    assert cfg.corpus == f"{tmp_path}/wikitext-2/wiki.train.tokens" and cfg.glue_dir == f"{tmp_path}/glue"
+    assert cfg.pretrain.corpus == f"{tmp_path}/wikitext-2/wiki.train.tokens"
     assert (
-        cfg.preset == "xsmall"
+        cfg.finetune.glue_dir == f"{tmp_path}/glue" and cfg.pretrain.device == cfg.finetune.device == "cuda"
+    )
+    assert (
+        cfg.pretrain.preset == "xsmall"
         and cfg.modes == (sharing.ES.name, sharing.NES.name, sharing.GDES.name)
         and cfg.finetune_seeds == (1, 2, 3)
     )

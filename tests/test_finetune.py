@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from lab.finetune import config as finetune_config
 from lab.finetune import data as finetune_data
-from lab.finetune import glue
+from lab.finetune import glue, tasks
 from lab.finetune import loop as finetune
 from lab.finetune import table as results_table
 from lab.finetune.loop import FinetuneConfig
+from lab.finetune.task import LabelledSplit, TaskDefaults
+from lab.finetune.tasks import get_task
 from lab.hf import save_pretrained
 from lab.model import Encoder, preset
 from lab.tokenizer import train_tokenizer
@@ -51,7 +52,7 @@ def make_checkpoint(path, texts, vocab_size=120, vocab_rows=None):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = synthetic_sst2(tmp_path_factory.mktemp("glue"))
-    texts = [" ".join(WORDS + ["zebra"])] * 3 + glue.load_split("sst2", "train", root).texts_a
+    texts = [" ".join(WORDS + ["zebra"])] * 3 + get_task("sst2").load_split("train", root).texts_a
     return root, make_checkpoint(tmp_path_factory.mktemp("ckpt"), texts, vocab_size=48)
 
 
@@ -69,6 +70,51 @@ def test_learns_a_trivial_task_above_90_percent(synthetic, tmp_path):
     best = max(history, key=lambda h: h["accuracy"])
     assert seed["best_epoch"] == best["epoch"] and seed["accuracy"] == best["accuracy"]
     assert seed["last_accuracy"] == history[-1]["accuracy"]
+
+
+@pytest.fixture
+def registered():
+    """`tasks.register` for a test: its tasks are gone after it."""
+    added = []
+    yield lambda task: added.append(tasks.register(task))
+    for task in added:
+        del tasks.TASKS[task.name]
+
+
+def test_a_glue_like_task_is_one_entry(registered, synthetic, tmp_path):
+    # the "zebra" files under a folder and a name of their own, with no fine-tuning defaults given
+    root, ckpt = synthetic
+    shutil.copytree(root / "SST-2", root / "Zebra")
+    registered(glue.GlueTask(name="zebra_spotting", dir_name="Zebra", official_sizes=(256, 128), header=True,
+                             num_columns=None, text_columns=("sentence",), label_column="label",
+                             labels=("0", "1"), metrics=("mcc", "accuracy"), main_metric="mcc",
+                             hf_name="", hf_text_columns=()))  # fmt: skip
+    cfg = FinetuneConfig(task="Zebra-Spotting", glue_dir=str(root), init=str(ckpt), out_dir=str(tmp_path),
+                         epochs=1, max_train_examples=32, seeds=(1,), device="cpu")  # fmt: skip
+    assert cfg.resolved().lr == TaskDefaults().lr  # a task naming no defaults gets the generic ones
+    results = finetune.train(cfg)
+    assert results["task"] == "zebra_spotting" and results["main_metric"] == "mcc"
+    assert set(results["mean"]) == {"mcc", "accuracy", "last_mcc", "last_accuracy"}
+    assert results["dev_splits"]["dev"]["official"] == 128 and results["dev_complete"]
+    rows = results_table.results_table(tmp_path, tmp_path / "table", include_paper=False)
+    assert "zebra_spotting" in rows[0]
+    with pytest.raises(ValueError, match="already registered as 'zebra_spotting'"):
+        registered(glue.GlueTask(name="ZEBRA-spotting", dir_name="Zebra", header=True, num_columns=None,
+                                 text_columns=("sentence",), label_column="label", labels=("0", "1"),
+                                 metrics=("mcc",), main_metric="mcc", hf_name="", hf_text_columns=()))  # fmt: skip
+
+
+def test_the_logged_learning_rate_is_the_schedule(synthetic, tmp_path):
+    """32 examples in batches of 16: 2 steps per epoch, 6 in all, 2 of warmup. Each epoch's row holds the
+    lr of its last step s (1, 3, 5): warmup (s + 1) / 2, then (6 - s) / 4, by hand."""
+    root, ckpt = synthetic
+    cfg = FinetuneConfig(task="sst2", glue_dir=str(root), init=str(ckpt), out_dir=str(tmp_path), epochs=3,
+                         lr=1e-3, batch_size=16, warmup_steps=2, max_train_examples=32, max_eval_examples=16,
+                         seeds=(1,), device="cpu")  # fmt: skip
+    finetune.train(cfg)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4, 6]
+    assert [h["lr"] for h in history] == pytest.approx([1e-3 * 2 / 2, 1e-3 * 3 / 4, 1e-3 * 1 / 4], rel=1e-12)
 
 
 def test_summary_is_mean_median_and_sample_std_hand_computed():
@@ -107,14 +153,12 @@ def test_seeds_and_results_files_agree(synthetic, tmp_path):
         assert m["accuracy"] == rows[m["best_epoch"] - 1]["accuracy"] == max(h["accuracy"] for h in rows)
         assert m["last_accuracy"] == rows[-1]["accuracy"]
         assert json.loads((tmp_path / "seeds" / f"seed_{m['seed']}.json").read_text())["metrics"] == m
-    assert on_disk["config"]["lr"] == pytest.approx(
-        6e-6 * finetune_config.LR_SCALE
-    )  # SST-2 default, resolved
+    assert on_disk["config"]["lr"] == pytest.approx(6e-6 * glue.LR_SCALE)  # SST-2 default, resolved
 
 
 @pytest.mark.parametrize("task,metric", [("cola", "mcc"), ("sst2", "accuracy"), ("stsb", "pearson")])
 def test_real_glue_slice_end_to_end(data_root, tmp_path, task, metric):
-    split = glue.load_split(task, "train", data_root / "glue").take(300)
+    split = get_task(task).load_split("train", data_root / "glue").take(300)
     texts = split.texts_a + (split.texts_b or [])
     ckpt = make_checkpoint(tmp_path / "ckpt", texts, vocab_size=400)
     cfg = FinetuneConfig(task=task, glue_dir=str(data_root / "glue"), init=str(ckpt), out_dir=str(tmp_path / "out"),
@@ -122,10 +166,10 @@ def test_real_glue_slice_end_to_end(data_root, tmp_path, task, metric):
                          device="cpu")  # fmt: skip
     finetune.train(cfg)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    metrics = glue.get_task(task).metrics
+    metrics = get_task(task).metrics
     assert results["main_metric"] == metric and results["n_dev_examples"] == 64
     assert set(results["mean"]) == {*metrics, *(f"last_{m}" for m in metrics)}
-    official = glue.official_size(task, "dev")
+    official = get_task(task).official_size("dev")
     assert results["official_dev_examples"] == official and results["dev_complete"]
     assert results["dev_splits"]["dev"] == {"used": 64, "loaded": official, "official": official, "malformed": 0,
                                             "sliced": True}  # fmt: skip
@@ -167,11 +211,11 @@ def test_pair_encoding_truncates_like_transformers_longest_first():
              (4, 4, 5): (2, 3), (10, 2, 7): (5, 2), (6, 5, 8): (4, 4), (2, 3, 7): (2, 3)}  # fmt: skip
     for (len_a, len_b, budget), kept in cases.items():
         assert finetune_data._pair_lengths(len_a, len_b, budget) == kept, (len_a, len_b, budget)
-    split = glue.GlueSplit("rte", "dev", "-", ["a " * 6, "a a"], ["bb " * 5, "bb " * 3], [0, 1])
+    split = LabelledSplit("rte", "dev", "-", ["a " * 6, "a a"], ["bb " * 5, "bb " * 3], [0, 1])
     rows = finetune_data.encode_split(split, Words(), max_len=10)  # budget 7 for the two texts
     assert rows[0] == [1, 11, 11, 11, 11, 2, 12, 12, 12, 2]  # a keeps 4 of 6, b 3 of 5
     assert rows[1] == [1, 11, 11, 2, 12, 12, 12, 2]  # fits: nothing cut
-    single = glue.GlueSplit("sst2", "dev", "-", ["a " * 10], None, [0])
+    single = LabelledSplit("sst2", "dev", "-", ["a " * 10], None, [0])
     assert finetune_data.encode_split(single, Words(), max_len=5) == [[1, 11, 11, 11, 2]]
 
 
@@ -229,7 +273,7 @@ def test_bad_inputs_give_clear_errors(synthetic, tmp_path):
     with pytest.raises(ValueError, match="5 of 5 rows are unusable for sst2"):
         finetune.train(FinetuneConfig(**{**base, "glue_dir": str(bad)}))
 
-    texts = glue.load_split("sst2", "train", root).texts_a
+    texts = get_task("sst2").load_split("train", root).texts_a
     small = make_checkpoint(tmp_path / "small", texts, vocab_size=48, vocab_rows=40)
     with pytest.raises(
         ValueError,
@@ -458,7 +502,7 @@ def test_training_steps_make_no_host_sync(synthetic, tmp_path, monkeypatch):
         cfg = FinetuneConfig(task="sst2", glue_dir=str(root), init=str(ckpt), out_dir=str(tmp_path / str(batch_size)),
                              epochs=2, batch_size=batch_size, max_train_examples=64, max_eval_examples=32,
                              seeds=(1,), device="cpu")  # fmt: skip
-        finetune.finetune_seed(cfg.resolved(), 1, glue.get_task("sst2"), *_prepared(cfg))
+        finetune.finetune_seed(cfg.resolved(), 1, get_task("sst2"), *_prepared(cfg))
         seen[batch_size] = dict(counts)
     assert seen[16] == seen[8], seen
 
@@ -466,7 +510,7 @@ def test_training_steps_make_no_host_sync(synthetic, tmp_path, monkeypatch):
 def _prepared(cfg):
     cfg = cfg.resolved()
     encoder, tokenizer = finetune.load_encoder(cfg.init)
-    train_data, dev, _ = finetune_data.load_data(cfg, glue.get_task(cfg.task), tokenizer, 64)
+    train_data, dev, _ = finetune_data.load_data(cfg, get_task(cfg.task), tokenizer, 64)
     return encoder, train_data, dev, torch.device("cpu")
 
 
@@ -492,7 +536,7 @@ def test_interrupted_task_table_resumes_finished_tasks(synthetic, tmp_path, monk
 
 
 def test_synthetic_task_reads_the_language_seed_of_the_init_run(tmp_path):
-    from lab.pretrain.synthetic import SyntheticLanguage
+    from lab.synthetic import SyntheticLanguage
 
     lang = SyntheticLanguage(5)
     texts = [*lang.documents(3_000), " ".join(lang.word_class)]

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from lab.finetune import glue
+from lab.finetune.task import ConstantPredictionWarning, Task
+from lab.finetune.tasks import get_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 
@@ -26,23 +28,23 @@ def test_task_table_metrics_and_label_counts():
         "rte": ("accuracy", 2),
         "wnli": ("accuracy", 2),
     }
-    assert set(glue.TASKS) == set(expected)
+    assert {t.name for t in glue.GLUE_TASKS} == set(expected)
     for name, (metric, num_labels) in expected.items():
-        task = glue.get_task(name)
+        task = get_task(name)
         assert task.main_metric == metric and task.num_labels == num_labels, name
-    assert glue.get_task("stsb").is_regression and not glue.get_task("cola").is_regression
-    assert glue.get_task("mrpc").metrics == ("f1", "accuracy") == glue.get_task("qqp").metrics
-    assert glue.get_task("stsb").metrics == ("pearson", "spearman")
-    assert glue.get_task("mnli").dev_splits == ("dev_matched", "dev_mismatched")
-    assert glue.main_metric("mnli") == "m_accuracy" and glue.main_metric("cola") == "mcc"
-    assert not glue.get_task("cola").is_pair and glue.get_task("rte").is_pair
+    assert get_task("stsb").is_regression and not get_task("cola").is_regression
+    assert get_task("mrpc").metrics == ("f1", "accuracy") == get_task("qqp").metrics
+    assert get_task("stsb").metrics == ("pearson", "spearman")
+    assert get_task("mnli").dev_splits == ("dev_matched", "dev_mismatched")
+    assert get_task("mnli").main_key == "m_accuracy" and get_task("cola").main_key == "mcc"
+    assert not get_task("cola").is_pair and get_task("rte").is_pair
 
 
 def test_task_names_accept_common_spellings_and_reject_unknown():
-    assert glue.get_task("SST-2").name == "sst2" and glue.get_task("STS-B").name == "stsb"
-    assert glue.get_task("CoLA").name == "cola"
+    assert get_task("SST-2").name == "sst2" and get_task("STS-B").name == "stsb"
+    assert get_task("CoLA").name == "cola"
     with pytest.raises(ValueError, match="known tasks: cola, sst2"):
-        glue.get_task("squad")
+        get_task("squad")
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -53,19 +55,21 @@ def test_metrics_hand_computed():
     gold = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
     pred = [1, 1, 1, 0, 1, 1, 0, 0, 0, 0]
     mcc = (3 * 4 - 2 * 1) / (5 * 4 * 6 * 5) ** 0.5  # (tp tn - fp fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn))
-    assert glue.compute_metrics("cola", pred, gold) == {"mcc": pytest.approx(mcc)}
-    assert glue.compute_metrics("mrpc", pred, gold) == {"f1": pytest.approx(6 / 9), "accuracy": 0.7}
-    assert glue.compute_metrics("sst2", pred, gold) == {"accuracy": 0.7}
+    assert get_task("cola").compute_metrics(pred, gold) == {"mcc": pytest.approx(mcc)}
+    assert get_task("mrpc").compute_metrics(pred, gold) == {"f1": pytest.approx(6 / 9), "accuracy": 0.7}
+    assert get_task("sst2").compute_metrics(pred, gold) == {"accuracy": 0.7}
 
     logits = np.array([[0.1, 2.0, 0.3], [5.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 3.0, 2.0]])
-    assert glue.compute_metrics("mnli", logits, [1, 0, 0, 2]) == {"accuracy": 0.5}
+    assert get_task("mnli").compute_metrics(logits, [1, 0, 0, 2]) == {"accuracy": 0.5}
 
     # x = [1, 2, 3, 10], y = [1, 3, 2, 4]: deviations from the means (4, 2.5) give sum dx dy = 13,
     # sum dx^2 = 50, sum dy^2 = 5, so pearson = 13 / sqrt(250); the ranks [1, 2, 3, 4] vs [1, 3, 2, 4]
     # give spearman = 1 - 6 * 2 / (4 * 15) = 0.8.
-    stsb = glue.compute_metrics("stsb", [1.0, 2.0, 3.0, 10.0], [1.0, 3.0, 2.0, 4.0])
+    stsb = get_task("stsb").compute_metrics([1.0, 2.0, 3.0, 10.0], [1.0, 3.0, 2.0, 4.0])
     assert stsb == {"pearson": pytest.approx(13 / 250**0.5), "spearman": pytest.approx(0.8)}
-    as_logits = glue.compute_metrics("stsb", np.array([[1.0], [2.0], [3.0], [10.0]]), [1.0, 3.0, 2.0, 4.0])
+    as_logits = get_task("stsb").compute_metrics(
+        np.array([[1.0], [2.0], [3.0], [10.0]]), [1.0, 3.0, 2.0, 4.0]
+    )
     assert as_logits == stsb
 
 
@@ -73,20 +77,20 @@ def test_constant_predictions_score_zero_with_a_warning_never_nan():
     """Matthews, Pearson and Spearman of a constant side are 0 / 0: a defined 0.0, and a warning that
     names the metric and the constant side (scipy's pearsonr alone gives NaN)."""
     gold = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
-    with pytest.warns(glue.ConstantPredictionWarning, match=r"mcc of constant predictions \(all 1\)"):
-        assert glue.compute_metrics("cola", [1] * 10, gold) == {"mcc": 0.0}
-    with pytest.warns(glue.ConstantPredictionWarning, match="mcc of constant labels"):
-        assert glue.compute_metrics("cola", gold, [0] * 10) == {"mcc": 0.0}
-    with pytest.warns(glue.ConstantPredictionWarning) as caught:
-        stsb = glue.compute_metrics("stsb", [2.5] * 4, [1.0, 3.0, 2.0, 4.0])
+    with pytest.warns(ConstantPredictionWarning, match=r"mcc of constant predictions \(all 1\)"):
+        assert get_task("cola").compute_metrics([1] * 10, gold) == {"mcc": 0.0}
+    with pytest.warns(ConstantPredictionWarning, match="mcc of constant labels"):
+        assert get_task("cola").compute_metrics(gold, [0] * 10) == {"mcc": 0.0}
+    with pytest.warns(ConstantPredictionWarning) as caught:
+        stsb = get_task("stsb").compute_metrics([2.5] * 4, [1.0, 3.0, 2.0, 4.0])
     assert stsb == {"pearson": 0.0, "spearman": 0.0}
     assert [str(w.message).split()[0] for w in caught] == ["pearson", "spearman"]
-    with pytest.warns(glue.ConstantPredictionWarning):
-        out = glue.dev_metrics("stsb", {"dev": (np.array([[3.0]] * 3), [1.0, 2.0, 5.0])})
+    with pytest.warns(ConstantPredictionWarning):
+        out = get_task("stsb").dev_metrics({"dev": (np.array([[3.0]] * 3), [1.0, 2.0, 5.0])})
     assert out == {"pearson": 0.0, "spearman": 0.0}  # regression logits [N, 1], still defined
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a varying prediction is scored without any warning
-        varying = glue.compute_metrics("stsb", [1.0, 2.0, 4.0], [1.0, 2.0, 3.0])
+        varying = get_task("stsb").compute_metrics([1.0, 2.0, 4.0], [1.0, 2.0, 3.0])
     assert varying == {"pearson": pytest.approx(0.98198, abs=1e-5), "spearman": pytest.approx(1.0)}
 
 
@@ -94,25 +98,25 @@ def test_official_sizes_agree_with_the_glue_files_on_disk(data_root):
     """The table's counts against the real dev and train files of the tasks the data folder holds
     (CoLA, SST-2, STS-B): a mistyped count, or a reader that drops or adds rows, fails here."""
     checked = 0
-    for task in glue.TASKS:
-        for split in ("train", *glue.get_task(task).dev_splits):
-            if glue.split_path(task, split, data_root / "glue").is_file():
-                assert len(glue.load_split(task, split, data_root / "glue")) == glue.official_size(
-                    task, split
-                )
+    for task in (t.name for t in glue.GLUE_TASKS):
+        for split in ("train", *get_task(task).dev_splits):
+            if get_task(task).split_path(split, data_root / "glue").is_file():
+                assert len(get_task(task).load_split(split, data_root / "glue")) == get_task(
+                    task
+                ).official_size(split)
                 checked += 1
     assert checked >= 6
-    assert glue.official_size("mnli", "dev") is None  # MNLI has two dev splits, no plain "dev"
+    assert get_task("mnli").official_size("dev") is None  # MNLI has two dev splits, no plain "dev"
 
 
 def test_dev_metrics_prefixes_mnli_splits():
-    out = glue.dev_metrics("mnli", {"dev_matched": ([0, 1], [0, 1]), "dev_mismatched": ([0, 1], [0, 2])})
+    out = get_task("mnli").dev_metrics({"dev_matched": ([0, 1], [0, 1]), "dev_mismatched": ([0, 1], [0, 2])})
     assert out == {"m_accuracy": 1.0, "mm_accuracy": 0.5}
 
 
 def test_metrics_reject_length_mismatch():
     with pytest.raises(ValueError, match="3 predictions for 2 labels"):
-        glue.compute_metrics("sst2", [0, 1, 1], [0, 1])
+        get_task("sst2").compute_metrics([0, 1, 1], [0, 1])
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -120,7 +124,7 @@ def test_metrics_reject_length_mismatch():
 
 def test_cola_without_header_reports_malformed_line_and_keeps_quotes():
     with pytest.warns(UserWarning, match="line 4: 3 columns"):
-        train = glue.load_split("cola", "train", FIXTURES)
+        train = get_task("cola").load_split("train", FIXTURES)
     assert len(train) == 5 and train.texts_b is None
     assert train.labels == [1, 0, 1, 0, 1]
     assert train.line_numbers == [1, 2, 3, 5, 6]
@@ -131,13 +135,13 @@ def test_cola_without_header_reports_malformed_line_and_keeps_quotes():
 
 
 def test_file_without_final_newline_keeps_last_row():
-    dev = glue.load_split("cola", "dev", FIXTURES)
+    dev = get_task("cola").load_split("dev", FIXTURES)
     assert len(dev) == 3 and dev.texts_a[-1] == "Mary sang a song." and not dev.malformed
 
 
 def test_bom_header_and_label_outside_set():
     with pytest.warns(UserWarning, match=r"line 5: label '2' not in \['0', '1'\]"):
-        train = glue.load_split("SST-2", "train", FIXTURES)
+        train = get_task("SST-2").load_split("train", FIXTURES)
     assert train.texts_a[0] == "hide new secretions from the parental units"  # header found despite the BOM
     assert train.texts_a[1] == '" the best film of the year'
     assert train.labels == [0, 1, 0, 0, 1]
@@ -146,25 +150,25 @@ def test_bom_header_and_label_outside_set():
 
 def test_regression_scores_and_unparsable_score():
     with pytest.warns(UserWarning, match="line 3: label 'n/a' is not a number"):
-        train = glue.load_split("stsb", "train", FIXTURES)
+        train = get_task("stsb").load_split("train", FIXTURES)
     assert train.labels == [5.0, 0.25, 2.6]
     assert train.texts_b == ["An air plane is taking off.", "A dog runs.", "Two men are playing chess."]
 
 
 def test_pair_tasks_and_mnli_dev_splits():
-    splits = glue.load_task("mnli", FIXTURES)
+    splits = get_task("mnli").load(FIXTURES)
     assert set(splits) == {"train", "dev_matched", "dev_mismatched"}
     assert splits["train"].labels == [0, 2, 1]  # entailment, contradiction, neutral in HF id order
     assert splits["dev_mismatched"].texts_b == ["She made sound.", "She was tired."]
-    mrpc = glue.load_split("mrpc", "train", FIXTURES)
+    mrpc = get_task("mrpc").load_split("train", FIXTURES)
     assert mrpc.labels == [1, 0] and mrpc.texts_a[1] == "Yucaipa owned Dominick 's."
 
 
 def test_missing_split_names_path_and_layout(tmp_path):
     with pytest.raises(ValueError, match=r"RTE.*train\.tsv.*expected the GLUE layout <glue_dir>/RTE/"):
-        glue.load_split("rte", "train", tmp_path)
+        get_task("rte").load_split("train", tmp_path)
     with pytest.raises(ValueError, match="dev_matched"):
-        glue.load_split("mnli", "dev", FIXTURES)
+        get_task("mnli").load_split("dev", FIXTURES)
 
 
 def test_mostly_bad_labels_is_an_error(tmp_path):
@@ -172,18 +176,18 @@ def test_mostly_bad_labels_is_an_error(tmp_path):
     rows = "".join(f"sentence {i}\t{'positive' if i % 4 else 1}\n" for i in range(8))
     (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\n" + rows)
     with pytest.raises(ValueError, match=r"6 of 8 rows are unusable for sst2 .*line 3: label 'positive'"):
-        glue.load_split("sst2", "dev", tmp_path)
+        get_task("sst2").load_split("dev", tmp_path)
 
 
 def test_wrong_header_is_an_error(tmp_path):
     (tmp_path / "SST-2").mkdir()
     (tmp_path / "SST-2" / "dev.tsv").write_text("text\ttarget\nok\t1\n")
     with pytest.raises(ValueError, match=r"header lacks column\(s\) \['sentence', 'label'\]"):
-        glue.load_split("sst2", "dev", tmp_path)
+        get_task("sst2").load_split("dev", tmp_path)
 
 
 def test_take_is_a_seeded_subset():
-    dev = glue.load_split("mrpc", "train", FIXTURES)
+    dev = get_task("mrpc").load_split("train", FIXTURES)
     assert dev.take(None) is dev
     one = dev.take(1, seed=3)
     assert len(one) == 1 and one.take(1) is one
@@ -201,7 +205,7 @@ def test_hf_loader_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "datasets", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(ValueError, match="needs the `datasets` package"):
-        glue.load_hf_split("rte", "dev")
+        get_task("rte").load_hf_split("dev")
 
 
 # ---------------------------------------------------------------------------------------------- real data
@@ -211,9 +215,9 @@ def test_hf_loader_without_datasets_is_a_clear_error(monkeypatch):
     "task,n_train,n_dev", [("cola", 8551, 1043), ("sst2", 67349, 872), ("stsb", 5749, 1500)]
 )
 def test_real_glue_files(data_root, task, n_train, n_dev):
-    splits = glue.load_task(task, data_root / "glue")
+    splits = get_task(task).load(data_root / "glue")
     assert (len(splits["train"]), len(splits["dev"])) == (n_train, n_dev)
-    assert (glue.official_size(task, "train"), glue.official_size(task, "dev")) == (n_train, n_dev)
+    assert (get_task(task).official_size("train"), get_task(task).official_size("dev")) == (n_train, n_dev)
     assert not splits["train"].malformed and not splits["dev"].malformed
     if task == "cola":
         assert sum(splits["dev"].labels) == 721 and sum(splits["train"].labels) == 6023
@@ -222,3 +226,12 @@ def test_real_glue_files(data_root, task, n_train, n_dev):
     if task == "stsb":
         assert min(splits["dev"].labels) == 0.0 and max(splits["dev"].labels) == 5.0
         assert splits["dev"].texts_a[0] == "A man with a hard hat is dancing."
+
+
+def test_a_task_that_contradicts_itself_is_refused():
+    with pytest.raises(ValueError, match="level 'sentence'; choose one of"):
+        Task("x", "sentence", ("0", "1"), ("mcc",), "mcc")
+    with pytest.raises(ValueError, match="main_metric 'f1' is not one of"):
+        Task("x", "sequence", ("0", "1"), ("mcc",), "f1")
+    with pytest.raises(ValueError, match="1 official sizes for the splits"):
+        Task("x", "sequence", ("0", "1"), ("mcc",), "mcc", official_sizes=(10,))

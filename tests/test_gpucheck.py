@@ -276,7 +276,7 @@ def test_the_check_imports_nothing_the_gpu_machine_lacks():
 def test_compile_mode_auto_follows_the_measured_table():
     """auto: the mode measured fastest for the preset, "default" where nothing was measured and for
     multi-process runs; an explicit mode is kept."""
-    from lab.pretrain.loop import AUTO_COMPILE_MODE, PretrainConfig, compile_mode
+    from lab.pretrain.config import AUTO_COMPILE_MODE, PretrainConfig, compile_mode
 
     for name, mode in AUTO_COMPILE_MODE.items():
         assert compile_mode(PretrainConfig(preset=name), 1) == mode

@@ -211,17 +211,17 @@ def test_03_downstream_on_the_fixture_glue(pretrained, tmp_path):
 @pytest.mark.slow
 def test_sweep_runs_three_modes_then_the_report(tmp_path, capsys):
     args = [
-        "--corpus",
+        "--pretrain.corpus",
         "synthetic:seed=0,words=30000",
-        "--preset",
+        "--pretrain.preset",
         "tiny",
-        "--steps",
+        "--pretrain.steps",
         "4",
-        "--batch-size",
+        "--pretrain.batch-size",
         "4",
-        "--seq-len",
+        "--pretrain.seq-len",
         "32",
-        "--name",
+        "--out-dir",
         str(tmp_path),
     ]
     assert notebook.cli_sweep(args) == 0

@@ -20,10 +20,12 @@ from transformers import DebertaV2Model
 
 import lab
 from lab.model import preset
-from lab.pretrain import checkpoint
+from lab.pretrain import checkpoint, step
 from lab.pretrain import loop as pretrain
 from lab.pretrain.data import prepare_corpus
 from lab.pretrain.loop import PretrainConfig, train
+from lab.pretrain.probe import gradient_probe
+from lab.pretrain.setup import Dist
 from lab.rtd import RTDModel, draw_noise, mask_tokens, sample
 from lab.util import read_jsonl
 
@@ -149,7 +151,7 @@ def test_evaluate_matches_hand_computed_values():
 
 def global_batch_parts(model, ids, mask, noise, parts):
     """Forward each of `parts` row slices of one global batch with the global counts, as train_step does."""
-    totals = pretrain.global_totals([ids], [mask], SPECIAL, 0.15, pretrain.Dist())
+    totals = step.global_totals([ids], [mask], SPECIAL, 0.15, Dist())
     rows = len(ids) // parts
     return [
         model(
@@ -178,7 +180,7 @@ def test_decoupled_es_accumulates_only_the_mlm_gradient_on_the_shared_table(part
     (g_mlm,) = grads(model, full.mlm_loss, [model.generator_table])
     (g_head,) = grads(model, full.loss, [model.rtd_head.dense.weight])
     for out in global_batch_parts(model, ids, mask, noise, parts):
-        pretrain.backward(model, out, cfg)
+        step.backward(model, out, cfg)
     torch.testing.assert_close(model.generator_table.grad, g_mlm, atol=1e-7, rtol=1e-5)
     torch.testing.assert_close(model.rtd_head.dense.weight.grad, g_head, atol=1e-7, rtol=1e-5)
     assert g_head.abs().sum() > 0
@@ -193,7 +195,7 @@ def test_the_probe_measures_the_same_conflict_under_es_and_gdes_at_initialisatio
     for sharing in ("es", "gdes"):
         model = tiny_rtd(sharing)
         out = model(ids, mask, SPECIAL, 999, noise=noise)
-        rows[sharing] = pretrain.gradient_probe(model, out, 50.0)
+        rows[sharing] = gradient_probe(model, out, 50.0)
         if sharing == "gdes":  # the cosine, from torch's own cosine_similarity
             (g_mlm,) = grads(model, out.mlm_loss, [model.generator_table])
             (g_rtd,) = grads(model, 50.0 * out.rtd_loss, [model.embedding_delta])
@@ -316,6 +318,16 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
 
 
+def test_the_logged_learning_rate_is_the_schedule(tmp_path):
+    """TINY_RUN: lr 2e-3, 2 warmup steps, 8 steps, a train row after every step with the lr of that
+    step (0-based s = row step - 1): warmup (s + 1) / 2, then (8 - s) / 6, by hand."""
+    train(quick(tmp_path, "lr", eval_every=8, probe_every=0))
+    rows = [r for r in read_jsonl(tmp_path / "lr" / "metrics.jsonl") if r["split"] == "train"]
+    by_hand = [1 / 2, 1, 6 / 6, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * f for f in by_hand], rel=1e-12)
+
+
 def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_clip = pretrain.clip
@@ -339,8 +351,8 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
 
 
 def inject_after_backward(monkeypatch, bad_calls, poison):
-    """Make pretrain.backward's `bad_calls`-th calls (1-based) leave `poison(model)` in the gradients."""
-    real_backward, calls = pretrain.backward, {"n": 0}
+    """Make step.backward's `bad_calls`-th calls (1-based) leave `poison(model)` in the gradients."""
+    real_backward, calls = step.backward, {"n": 0}
 
     def poisoned(model, out, cfg, *args, **kw):
         real_backward(model, out, cfg, *args, **kw)
@@ -348,7 +360,7 @@ def inject_after_backward(monkeypatch, bad_calls, poison):
         if calls["n"] in bad_calls:
             poison(model)
 
-    monkeypatch.setattr(pretrain, "backward", poisoned)
+    monkeypatch.setattr(step, "backward", poisoned)
 
 
 def inf_gradient(model):
@@ -635,10 +647,10 @@ def test_stream_seeds_never_collide():
     1000 steps x 8 micro-batches x 8 ranks (the linear mix it replaces collided at micro-batch 1,
     rank 0 vs micro-batch 0, rank 7), and another base seed gives other streams again."""
     keys = [(p, s, m, r) for p in range(3) for s in range(1000) for m in range(8) for r in range(8)]
-    seeds = {pretrain.stream_seed(0, *key) for key in keys}
+    seeds = {step.stream_seed(0, *key) for key in keys}
     assert len(seeds) == len(keys)
-    assert not seeds & {pretrain.stream_seed(1, *key) for key in keys[:20000]}
-    assert pretrain.stream_seed(0, 1, 5, 1, 0) != pretrain.stream_seed(0, 1, 5, 0, 7)
+    assert not seeds & {step.stream_seed(1, *key) for key in keys[:20000]}
+    assert step.stream_seed(0, 1, 5, 1, 0) != step.stream_seed(0, 1, 5, 0, 7)
 
 
 def test_decoupled_clip_groups_follow_ownership():
@@ -646,7 +658,7 @@ def test_decoupled_clip_groups_follow_ownership():
     (GDES); a large RTD-side gradient must not scale the shared table's MLM gradient."""
     for sharing in ("es", "nes", "gdes"):
         model = tiny_rtd(sharing)
-        gen, disc = pretrain.clip_groups(model)
+        gen, disc = step.clip_groups(model)
         assert {id(p) for p in gen} | {id(p) for p in disc} == {id(p) for p in model.parameters()}
         assert not {id(p) for p in gen} & {id(p) for p in disc}
         assert any(p is model.generator_table for p in gen)
@@ -667,7 +679,7 @@ def test_decoupled_clip_groups_follow_ownership():
 
 
 def test_a_torchrun_worker_keeps_its_exit_code(tmp_path):
-    # torchrun workers leave through os._exit (lab/pretrain/loop.py, cli): an error must still fail the job
+    # torchrun workers leave through os._exit (lab/pretrain/cli.py): an error must still fail the job
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
          str(free_port()), "-m", "lab", "pretrain", "--preset", "tiny", "--corpus", str(tmp_path / "missing.txt"),

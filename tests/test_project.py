@@ -103,6 +103,14 @@ def test_imports_point_one_way_and_nothing_imports_the_benchmark():
     assert not upward, f"imports against core <- pretrain <- finetune <- analysis <- notebook: {upward}"
 
 
+def test_fine_tuning_does_not_reach_into_pre_training():
+    """Fine-tuning reads a run's exported files, never pre-training's code (the synthetic language both
+    use is the core's lab/synthetic.py)."""
+    reaching = sorted((a, b) for a, bs in lab_imports().items() for b in bs
+                      if a.startswith("lab.finetune") and b.startswith("lab.pretrain"))  # fmt: skip
+    assert not reaching, reaching
+
+
 def test_no_import_cycle_in_lab():
     edges, state, cycles = lab_imports(), {}, []
 
@@ -128,7 +136,7 @@ def verb_configs():
     from lab.finetune.config import FinetuneConfig
     from lab.finetune.table import TableConfig
     from lab.notebook.runner import SweepConfig
-    from lab.pretrain.loop import PretrainConfig
+    from lab.pretrain.config import PretrainConfig
 
     return [
         PretrainConfig,
@@ -160,24 +168,53 @@ def test_one_vocabulary_across_verbs():
     import dataclasses
 
     from lab.finetune.config import FinetuneConfig
-    from lab.pretrain.loop import PretrainConfig
+    from lab.pretrain.config import PretrainConfig
 
     for cls in verb_configs():
         names = {f.name for f in dataclasses.fields(cls)}
-        assert "out" not in names and ("out_dir" in names or cls.__name__ == "SweepConfig"), cls.__name__
+        assert "out" not in names and "out_dir" in names, cls.__name__
     for name in ("dtype", "compile"):
         pre, fine = ({f.name: f for f in dataclasses.fields(c)}[name].metadata["choices"]
                      for c in (PretrainConfig, FinetuneConfig))  # fmt: skip
         assert tuple(pre) == tuple(fine), name
 
 
+def test_a_config_that_drives_others_holds_them_with_dotted_flags(tmp_path):
+    import dataclasses
+    import json
+
+    from lab.analysis.runs import PER_RUN, ExperimentConfig
+    from lab.cli import config_parser, parse_config
+    from lab.pretrain.config import PretrainConfig
+
+    parser = config_parser(ExperimentConfig, "prog", "", PER_RUN)
+    text = parser.format_help()
+    assert (
+        "--pretrain.steps INT" in text
+        and "--finetune.epochs INT" in text
+        and "--pretrain.sharing" not in text
+    )
+    steps = {f.name: f for f in dataclasses.fields(PretrainConfig)}["steps"]
+    assert steps.metadata["help"] in " ".join(text.split())  # the help comes from the field
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"pretrain": {"steps": 7, "lr": 0.01}, "finetune": {"epochs": 4}}))
+    cfg = parse_config(ExperimentConfig, parser, ["--config", str(path), "--pretrain.steps", "9"])
+    assert (cfg.pretrain.steps, cfg.pretrain.lr, cfg.finetune.epochs) == (9, 0.01, 4)  # flags over the file
+    assert (
+        cfg.pretrain.batch_size == ExperimentConfig().pretrain.batch_size
+    )  # the rest as the default holds it
+    assert {f.name for f in dataclasses.fields(ExperimentConfig)}.isdisjoint(
+        {"steps", "epochs", "preset", "lr"}
+    )
+
+
 def test_user_errors_exit_2_with_the_refusal_named(capsys):
     import pytest
 
-    from lab.pretrain import loop
+    from lab.pretrain.cli import cli
 
     with pytest.raises(SystemExit) as stop:
-        loop.cli(["--steps", "-1"])
+        cli(["--steps", "-1"])
     assert stop.value.code == 2 and "PretrainConfig.steps must be positive" in capsys.readouterr().err
 
 

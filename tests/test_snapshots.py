@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from tiny_pretrain import tiny_config
 
 from lab.pretrain import checkpoint
-from lab.pretrain.loop import cli, train
+from lab.pretrain.cli import cli
+from lab.pretrain.loop import train
 from lab.pretrain.snapshots import choose_ids, load_snapshots, planned_steps, rows_within, snapshot_steps
 from lab.tokenizer import Tokenizer
 

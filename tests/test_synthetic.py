@@ -1,6 +1,6 @@
 from collections import Counter
 
-from lab.pretrain.synthetic import NOUNS, VERBS, SyntheticLanguage
+from lab.synthetic import NOUNS, VERBS, SyntheticLanguage
 from lab.tokenizer import train_tokenizer
 
 

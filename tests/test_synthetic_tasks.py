@@ -7,12 +7,15 @@ from collections import Counter
 import pytest
 import torch
 
-from lab.finetune import glue, tasks
 from lab.finetune import loop as finetune
+from lab.finetune import synthetic_tasks
+from lab.finetune.glue import GLUE_TASKS
 from lab.finetune.loop import FinetuneConfig
+from lab.finetune.synthetic_tasks import SYNTHETIC_TASKS
+from lab.finetune.tasks import get_task
 from lab.hf import save_pretrained
 from lab.model import Encoder, preset
-from lab.pretrain.synthetic import SyntheticLanguage
+from lab.synthetic import SyntheticLanguage
 from lab.tokenizer import train_tokenizer
 
 
@@ -21,78 +24,82 @@ def classes_of(lang, text):
 
 
 def test_lookup_accepts_spellings_and_keeps_glue_names_distinct():
-    assert (
-        tasks.get_task("Synth-Tag").name == "synth_tag" and tasks.get_task("SYNTHGRAM").name == "synth_gram"
-    )
-    assert tasks.get_task("SST-2").name == "sst2"
-    assert not set(tasks.SYNTHETIC_TASKS) & set(glue.TASKS)
+    assert get_task("Synth-Tag").name == "synth_tag" and get_task("SYNTHGRAM").name == "synth_gram"
+    assert get_task("SST-2").name == "sst2"
+    assert not {t.name for t in SYNTHETIC_TASKS} & {t.name for t in GLUE_TASKS}
     with pytest.raises(ValueError, match="unknown task 'synth'; known tasks: cola, .*synth_tag, synth_gram"):
-        tasks.get_task("synth")
-    assert tasks.main_metric("synth_gram") == "mcc" and tasks.main_metric("mnli") == "m_accuracy"
+        get_task("synth")
+    assert get_task("synth_gram").main_key == "mcc" and get_task("mnli").main_key == "m_accuracy"
 
 
 def test_tag_labels_are_the_generators_word_classes():
     lang = SyntheticLanguage(3)
-    splits = tasks.generate("synth_tag", seed=3)
+    splits = get_task("synth_tag").load(synthetic_seed=3)
     assert (len(splits["train"]), len(splits["dev"])) == (300, 500)
-    assert set(lang.word_class.values()) == set(tasks.WORD_CLASSES)
+    assert set(lang.word_class.values()) == set(synthetic_tasks.WORD_CLASSES)
     for split in splits.values():
         for text, labels in zip(split.texts_a, split.labels):
-            assert [tasks.WORD_CLASSES[y] for y in labels] == classes_of(lang, text)
-            assert text.endswith(" .") and tasks.is_grammatical(classes_of(lang, text))
+            assert [synthetic_tasks.WORD_CLASSES[y] for y in labels] == classes_of(lang, text)
+            assert text.endswith(" .") and synthetic_tasks.is_grammatical(classes_of(lang, text))
     # Every word class occurs in dev; a third of each content class's words never occurs in train.
     dev_words = {w for t in splits["dev"].texts_a for w in t.split()}
     train_words = {w for t in splits["train"].texts_a for w in t.split()}
-    assert {y for row in splits["dev"].labels for y in row} == set(range(len(tasks.WORD_CLASSES)))
-    held_out = tasks.held_out_words(3)
-    for cls in tasks.CONTENT_CLASSES:
+    assert {y for row in splits["dev"].labels for y in row} == set(range(len(synthetic_tasks.WORD_CLASSES)))
+    held_out = synthetic_tasks.held_out_words(3)
+    for cls in synthetic_tasks.CONTENT_CLASSES:
         assert len(held_out & set(lang.classes[cls])) == len(lang.classes[cls]) // 3, cls
     assert not train_words & held_out and len(dev_words & held_out) > 100
-    assert held_out != tasks.held_out_words(4)
+    assert held_out != synthetic_tasks.held_out_words(4)
 
 
 def test_splits_are_deterministic_disjoint_and_seeded():
-    for name in tasks.SYNTHETIC_TASKS:
-        a, b = tasks.generate(name, seed=0), tasks.generate(name, seed=0)
+    for name in (t.name for t in SYNTHETIC_TASKS):
+        a, b = get_task(name).load(synthetic_seed=0), get_task(name).load(synthetic_seed=0)
         assert a["train"].texts_a == b["train"].texts_a and a["dev"].labels == b["dev"].labels
         assert not set(a["train"].texts_a) & set(a["dev"].texts_a)
-        assert tasks.generate(name, seed=1)["train"].texts_a != a["train"].texts_a
+        assert get_task(name).load(synthetic_seed=1)["train"].texts_a != a["train"].texts_a
     # The tasks draw their own sentences, not the pre-training corpus's.
     corpus = " ".join(SyntheticLanguage(0).documents(5_000))
-    first = tasks.generate("synth_tag", 0)["train"].texts_a[:20]
+    first = get_task("synth_tag").load(synthetic_seed=0)["train"].texts_a[:20]
     assert sum(text in corpus for text in first) < 5
 
 
 def test_grammar_checker_on_hand_made_class_sequences():
     ok = ["det", "noun.person", "verb.consume", "det", "adj.taste", "noun.food", "punct"]
-    assert tasks.is_grammatical(ok)
-    assert tasks.is_grammatical(["pron", "verb.think", "comp", "name", "verb.move", "punct"])
-    assert tasks.is_grammatical(
+    assert synthetic_tasks.is_grammatical(ok)
+    assert synthetic_tasks.is_grammatical(["pron", "verb.think", "comp", "name", "verb.move", "punct"])
+    assert synthetic_tasks.is_grammatical(
         ["det", "noun.animal", "verb.grow", "prep.loc", "det", "noun.place", "conj", *ok]
     )
-    assert not tasks.is_grammatical(["name", "verb.grow", "punct"])  # verb.grow takes plants and animals
-    assert not tasks.is_grammatical(ok[:-1])  # no full stop
-    assert not tasks.is_grammatical(["det", "noun.person", "verb.consume", "det", "noun.tool", "punct"])
-    assert not tasks.is_grammatical(["det", "adj.taste", "noun.person", "verb.move", "punct"])  # adj class
-    assert not tasks.is_grammatical(
+    assert not synthetic_tasks.is_grammatical(
+        ["name", "verb.grow", "punct"]
+    )  # verb.grow takes plants and animals
+    assert not synthetic_tasks.is_grammatical(ok[:-1])  # no full stop
+    assert not synthetic_tasks.is_grammatical(
+        ["det", "noun.person", "verb.consume", "det", "noun.tool", "punct"]
+    )
+    assert not synthetic_tasks.is_grammatical(
+        ["det", "adj.taste", "noun.person", "verb.move", "punct"]
+    )  # adj class
+    assert not synthetic_tasks.is_grammatical(
         ["pron", "verb.think", "comp", "pron", "verb.think", "comp", "name", "verb.move", "punct"]
     )  # fmt: skip  (one level of comp only)
-    assert not tasks.is_grammatical(["det", "verb.move", "noun.person", "punct"])
+    assert not synthetic_tasks.is_grammatical(["det", "verb.move", "noun.person", "punct"])
     # every sentence of the pre-training corpus is accepted
     lang = SyntheticLanguage(0)
     for doc in lang.documents(3_000):
         for sentence in doc.split(" . "):
             words = sentence.removesuffix(" .").split() + ["."]
-            assert tasks.is_grammatical([lang.word_class[w] for w in words]), sentence
+            assert synthetic_tasks.is_grammatical([lang.word_class[w] for w in words]), sentence
 
 
 def test_gram_labels_balanced_and_true_by_construction():
     lang = SyntheticLanguage(0)
-    splits = tasks.generate("synth_gram", seed=0)
+    splits = get_task("synth_gram").load(synthetic_seed=0)
     for split in splits.values():
         assert Counter(split.labels) == {0: len(split) // 2, 1: len(split) - len(split) // 2}
         for text, label in zip(split.texts_a, split.labels):
-            assert tasks.is_grammatical(classes_of(lang, text)) == bool(label), text
+            assert synthetic_tasks.is_grammatical(classes_of(lang, text)) == bool(label), text
     # Each corrupted sentence is its original with one word replaced or two adjacent words transposed;
     # both kinds occur. The originals are the task's stream of distinct sentences, in order.
     stream, originals = lang.sentences("task:synth_gram"), []
@@ -117,13 +124,13 @@ def test_gram_labels_balanced_and_true_by_construction():
 
 
 def test_token_metrics_hand_computed():
-    tag = tasks.WORD_CLASSES.index
+    tag = synthetic_tasks.WORD_CLASSES.index
     gold = [tag("det"), tag("noun.food"), tag("verb.make"), tag("punct")]
     pred = [tag("det"), tag("noun.plant"), tag("verb.make"), tag("det")]
-    m = tasks.compute_metrics("synth_tag", pred, gold)
+    m = get_task("synth_tag").compute_metrics(pred, gold)
     assert m == {"accuracy": 0.5, "content_accuracy": 0.5}
     # synth_gram: 3 of 4 right, tp=1 tn=2 fp=0 fn=1 -> mcc = 2 / sqrt(1*2*3*2)
-    g = tasks.compute_metrics("synth_gram", [1, 0, 0, 0], [1, 1, 0, 0])
+    g = get_task("synth_gram").compute_metrics([1, 0, 0, 0], [1, 1, 0, 0])
     assert g["accuracy"] == 0.75 and g["mcc"] == pytest.approx(2 / 12**0.5)
 
 
@@ -148,7 +155,7 @@ def checkpoint(path, lang, tokenizer, one_hot: bool):
         with torch.no_grad():
             model.word_embeddings.weight.zero_()
             for token, cls in classes.items():
-                model.word_embeddings.weight[token, tasks.WORD_CLASSES.index(cls)] = 1.0
+                model.word_embeddings.weight[token, synthetic_tasks.WORD_CLASSES.index(cls)] = 1.0
     save_pretrained(model, path, tokenizer=tokenizer)
     return path
 

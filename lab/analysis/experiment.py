@@ -37,6 +37,7 @@ only act before torch is imported. `--cpu-kernels native` turns it off.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -45,9 +46,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from lab.analysis import stats
 from lab.analysis import tug_of_war as analysis
 from lab.analysis.runs import (
+    NESTED_MAY_CHANGE,
+    PER_RUN,
     ExperimentConfig,
     ExperimentProgress,
     PlannedRun,
@@ -61,7 +66,9 @@ from lab.analysis.runs import (
     status,
     task_sizes,
 )
-from lab.cli import INTERRUPTED, config_parser, parse_values, run_verb
+from lab.cli import INTERRUPTED, config_parser, dotted, may_change_on_resume, parse_values, run_verb
+from lab.finetune import loop as finetune
+from lab.pretrain import loop as pretrain
 from lab.pretrain.meter import duration
 from lab.sharing import ES, GDES, NES
 from lab.util import append_jsonl, atomic_write_json, data_dir, replace_strict
@@ -88,9 +95,10 @@ KERNEL_PIN = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_
 RECIPES: dict[str, dict] = {
     # the test suite and the notebook's default: minutes of nothing, every code path once
     "smoke": dict(
-        preset="tiny", corpus="synthetic:seed=0,words=30000", steps=8, batch_size=4, seq_len=32,
-        pretrain_seeds=(0, 1), finetune_seeds=(1, 2), epochs=1, max_train_examples=48,
-        max_eval_examples=48, eval_batches=2, calibration_steps=3,
+        pretrain=dict(preset="tiny", corpus="synthetic:seed=0,words=30000", steps=8, batch_size=4, seq_len=32,
+                      eval_batches=2),
+        finetune=dict(epochs=1, max_train_examples=48, max_eval_examples=48),
+        pretrain_seeds=(0, 1), finetune_seeds=(1, 2), calibration_steps=3,
     ),
     # `make results`: 3 modes x 6 pre-training seeds x 3 fine-tuning seeds on synth_tag, sized for <= 30 min
     # of `--plan`'s estimate on a 2-core CPU: `make demo`'s pre-training at 150 steps instead of 300 (the
@@ -99,10 +107,10 @@ RECIPES: dict[str, dict] = {
     # and the exact sign-flip p can reach 2 / 64. Kernels pinned to AVX2 (3 % slower here than AVX-512).
     # (synth_gram stayed at chance with this little fine-tuning: add it with --tasks synth_tag,synth_gram)
     "cpu-results": dict(
-        preset="mini", corpus="synthetic", steps=150, batch_size=16, seq_len=64, lr=1e-3,
+        pretrain=dict(preset="mini", corpus="synthetic", steps=150, batch_size=16, seq_len=64, lr=1e-3),
+        finetune=dict(epochs=5, max_train_examples=500, max_eval_examples=300),
         pretrain_seeds=(0, 1, 2, 3, 4, 5), finetune_seeds=(1, 2, 3), tasks=("synth_tag",),
-        epochs=5, max_train_examples=500, max_eval_examples=300, report_dir="figures/experiment_synthetic",
-        cpu_kernels="avx2",
+        report_dir="figures/experiment_synthetic", cpu_kernels="avx2",
     ),
     # `make gpu-recipe`: xsmall on WikiText-2 (3.3M tokens per run) x 3 pre-training seeds and three GLUE
     # tasks (2,000 training examples, 3 epochs) x 3 fine-tuning seeds: the same number of pre-training
@@ -110,22 +118,29 @@ RECIPES: dict[str, dict] = {
     # over three pre-training seeds so the claims can be tested (n = 3). `--plan` there measures the
     # estimate before anything trains.
     "gpu": dict(
-        preset="xsmall", corpus="{data_dir}/wikitext-2/wiki.train.tokens", vocab_size=8000, steps=400,
-        batch_size=64, seq_len=128, lr=5e-4, warmup_steps=40, eval_batches=8, pretrain_seeds=(0, 1, 2),
-        finetune_seeds=(1, 2, 3), tasks=("cola", "sst2", "stsb"), glue_dir="{data_dir}/glue",
-        epochs=3, max_train_examples=2000, device="cuda",
+        pretrain=dict(preset="xsmall", corpus="{data_dir}/wikitext-2/wiki.train.tokens", vocab_size=8000,
+                      steps=400, batch_size=64, seq_len=128, lr=5e-4, warmup_steps=40, eval_batches=8,
+                      device="cuda"),
+        finetune=dict(glue_dir="{data_dir}/glue", epochs=3, max_train_examples=2000, device="cuda"),
+        pretrain_seeds=(0, 1, 2), finetune_seeds=(1, 2, 3), tasks=("cola", "sst2", "stsb"),
     ),
 }  # fmt: skip
 
 
 def recipe(name: str, data_root: str | Path | None = None, **overrides) -> ExperimentConfig:
     """The named recipe's config, `{data_dir}` filled with `data_root` ($LAB_DATA_DIR by default), the
-    experiment directory runs/experiment/<name> unless given, and `overrides` on top."""
+    experiment directory runs/experiment/<name> unless given, and `overrides` on top (a nested config's
+    as dotted keys, "pretrain.steps", or a dict of its own: pretrain={"steps": 5})."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     root = str(Path(data_root).expanduser() if data_root else data_dir())
-    fields = {k: v.replace("{data_dir}", root) if isinstance(v, str) else v for k, v in RECIPES[name].items()}
-    return replace_strict(ExperimentConfig(out_dir=f"runs/experiment/{name}"), **{**fields, **overrides})
+    fields = {
+        k: v.replace("{data_dir}", root) if isinstance(v, str) else v
+        for k, v in dotted(RECIPES[name]).items()
+    }
+    return replace_strict(
+        ExperimentConfig(out_dir=f"runs/experiment/{name}"), **{**fields, **dotted(overrides)}
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the experiment
@@ -134,31 +149,18 @@ def recipe(name: str, data_root: str | Path | None = None, **overrides) -> Exper
 def execute(run: PlannedRun, cfg: ExperimentConfig) -> None:
     """Train one run (a pre-training run resumes from its checkpoint by itself)."""
     if run.kind == "pretrain":
-        from lab.pretrain import loop as pretrain
-
         pretrain.train(pretrain_config(cfg, run))
     else:
-        from lab.finetune import loop as finetune
-
         finetune.train(finetune_config(cfg, run))
 
 
 def check_settings(cfg: ExperimentConfig) -> None:
-    """Refuse to mix runs of different settings in one directory. The lists (modes, seeds, tasks), the
-    device, the report folder and the progress display may change between invocations."""
-    saved = read_json(Path(cfg.out_dir) / "experiment.json")
-    free = {
-        "modes",
-        "pretrain_seeds",
-        "finetune_seeds",
-        "tasks",
-        "device",
-        "report_dir",
-        "progress",
-        "progress_every",
-        "out_dir",
-    }
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, like the saved file
+    """Refuse to mix runs of different settings in one directory. The fields marked
+    `may_change_on_resume` (the lists of modes, seeds and tasks, the report folder, the progress
+    display) and the devices (NESTED_MAY_CHANGE) may change between invocations."""
+    saved = dotted(read_json(Path(cfg.out_dir) / "experiment.json"))
+    free = {*may_change_on_resume(cfg), *NESTED_MAY_CHANGE}
+    now = dotted(json.loads(json.dumps(dataclasses.asdict(cfg))))  # tuples as lists, like the saved file
     changed = sorted(k for k in now if k not in free and k in saved and saved[k] != now[k])
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
@@ -171,10 +173,8 @@ def check_settings(cfg: ExperimentConfig) -> None:
 def kernel_path(cfg: ExperimentConfig) -> str:
     """The CPU kernel path torch runs here ("AVX2", "AVX512", ...). With cpu_kernels="avx2" on a CPU
     run, anything but AVX2 is refused: the pin acts only when set before torch is imported."""
-    import torch
-
     capability = torch.backends.cpu.get_cpu_capability()
-    if cfg.cpu_kernels == "avx2" and cfg.device != "cuda" and capability != "AVX2":
+    if cfg.cpu_kernels == "avx2" and cfg.pretrain.device != "cuda" and capability != "AVX2":
         pins = " ".join(f"{k}={v}" for k, v in KERNEL_PIN.items())
         raise ValueError(
             f"cpu_kernels='avx2' but this Python runs torch's {capability} CPU kernels; start it with "
@@ -351,16 +351,16 @@ def report(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None, skipped:
     design = [
         {"setting": k, "value": v}
         for k, v in (
-            ("preset", cfg.preset),
-            ("corpus", cfg.corpus),
-            ("steps", cfg.steps),
-            ("batch_size", cfg.batch_size),
-            ("seq_len", cfg.seq_len),
+            ("preset", cfg.pretrain.preset),
+            ("corpus", cfg.pretrain.corpus),
+            ("steps", cfg.pretrain.steps),
+            ("batch_size", cfg.pretrain.batch_size),
+            ("seq_len", cfg.pretrain.seq_len),
             ("pretrain_seeds", len(cfg.pretrain_seeds)),
             ("finetune_seeds", len(cfg.finetune_seeds)),
             ("tasks", " ".join(tasks)),
-            ("epochs", cfg.epochs),
-            ("max_train_examples", cfg.max_train_examples),
+            ("epochs", cfg.finetune.epochs),
+            ("max_train_examples", cfg.finetune.max_train_examples),
             ("cpu_kernels", cfg.cpu_kernels),
             ("confidence", stats.CONFIDENCE),
         )
@@ -463,8 +463,6 @@ def mlm_separation(rows: list[dict], out: Path) -> dict:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    import csv
-
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -668,7 +666,7 @@ def _separation_section(out: Path) -> list[str]:
 def cli(argv: list[str] | None = None) -> int:
     """`python -m lab experiment`: a recipe, with ExperimentConfig's flags on top of it."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = config_parser(ExperimentConfig, "python -m lab experiment", __doc__.split("\n")[0])
+    parser = config_parser(ExperimentConfig, "python -m lab experiment", __doc__.split("\n")[0], PER_RUN)
     parser.add_argument(
         "--recipe", help=f"the named settings to start from, one of {', '.join(RECIPES)} [cpu-results]"
     )
@@ -691,7 +689,7 @@ def cli(argv: list[str] | None = None) -> int:
             tables_from_rows(report_dir(cfg))
             print(f"report: {report_dir(cfg)} rebuilt from its rows (README.md, tables, figures)")
             return
-        pin = cfg.cpu_kernels == "avx2" and cfg.device != "cuda"
+        pin = cfg.cpu_kernels == "avx2" and cfg.pretrain.device != "cuda"
         if pin and any(os.environ.get(k) != v for k, v in KERNEL_PIN.items()):
             # the pin acts only before torch is imported: start this command again with it set
             command = [sys.executable, "-m", "lab", "experiment", *argv]

@@ -14,48 +14,78 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from lab import sharing
-from lab.cli import check_choices, param
+from lab.cli import check_choices, may_change_on_resume, param
+from lab.finetune import loop as finetune
+from lab.finetune.config import FinetuneConfig
+from lab.finetune.tasks import get_task
 from lab.pretrain import checkpoint
+from lab.pretrain import loop as pretrain
+from lab.pretrain.config import PretrainConfig, scaled_to_steps
+from lab.pretrain.data import prepare_corpus
 from lab.pretrain.meter import PROGRESS, duration
-from lab.rtd import RTD_WEIGHT
-from lab.training import DTYPES
 from lab.util import atomic_write_json, replace_strict
+
+# The experiment's own sizes for the runs (every other field: PretrainConfig's and FinetuneConfig's
+# defaults). Per run the experiment sets out_dir, sharing and seed (pre-training; the intervals and the
+# warmup left at PretrainConfig's defaults scale with the steps: lab.pretrain.config.scaled_to_steps)
+# and task, out_dir, seeds and init (fine-tuning).
+PRETRAIN = PretrainConfig(
+    preset="mini",
+    vocab_size=4000,
+    steps=300,
+    batch_size=16,
+    seq_len=64,
+    lr=1e-3,
+    eval_batches=4,
+    progress="none",
+)
+FINETUNE = FinetuneConfig()
+# What the experiment sets in each run's config itself (no command-line flag)
+PER_RUN = ("pretrain.out_dir", "pretrain.sharing", "pretrain.seed", "finetune.task", "finetune.out_dir",
+           "finetune.seeds", "finetune.init")  # fmt: skip
+# Settings of the nested configs that may differ between invocations of one experiment: where a run
+# trains does not change what it is (any other nested setting does, steps included).
+NESTED_MAY_CHANGE = ("pretrain.device", "finetune.device")
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    out_dir: str = param("runs/experiment", "the experiment directory (see lab/analysis/experiment.py)")
-    report_dir: str = param("", "where tables and figures go; '' = <out_dir>/report")
-    modes: tuple[str, ...] = param(sharing.names(), "sharing modes to compare (lab/sharing.py)")
-    pretrain_seeds: tuple[int, ...] = param((0, 1, 2), "one pre-training run per mode and seed")
-    finetune_seeds: tuple[int, ...] = param((1, 2, 3), "one fine-tuning run per discriminator, task and seed")
+    out_dir: str = param(
+        "runs/experiment",
+        "the experiment directory (see lab/analysis/experiment.py)",
+        may_change_on_resume=True,
+    )
+    report_dir: str = param(
+        "", "where tables and figures go; '' = <out_dir>/report", may_change_on_resume=True
+    )
+    modes: tuple[str, ...] = param(
+        sharing.names(), "sharing modes to compare (lab/sharing.py)", may_change_on_resume=True
+    )
+    pretrain_seeds: tuple[int, ...] = param(
+        (0, 1, 2), "one pre-training run per mode and seed", may_change_on_resume=True
+    )
+    finetune_seeds: tuple[int, ...] = param(
+        (1, 2, 3), "one fine-tuning run per discriminator, task and seed", may_change_on_resume=True
+    )
     tasks: tuple[str, ...] = param(
         ("synth_tag", "synth_gram"),
         "fine-tuning tasks (synthetic or GLUE); '' = none, pre-training and the tug-of-war only",
+        may_change_on_resume=True,
     )
-    # pre-training (lab.pretrain.loop.PretrainConfig)
-    preset: str = param("mini", "model size of every pre-training run")
-    corpus: str = param("synthetic", "pre-training corpus (as PretrainConfig.corpus)")
-    vocab_size: int = param(4000, "SentencePiece size of the trained tokenizer")
-    steps: int = param(300, "pre-training steps per run")
-    batch_size: int = param(16, "pre-training examples per step")
-    seq_len: int = param(64, "pre-training tokens per example")
-    lr: float = param(1e-3, "pre-training peak learning rate")
-    warmup_steps: int = param(0, "pre-training warmup; 0 = a tenth of the steps, at most 100")
-    rtd_weight: float = param(RTD_WEIGHT, "lambda in L_MLM + lambda * L_RTD")
-    eval_batches: int = param(4, "held-out batches per pre-training evaluation")
-    # fine-tuning (lab.finetune.config.FinetuneConfig); None = the task's default
-    glue_dir: str = param("", "GLUE root for GLUE tasks; '' = $LAB_DATA_DIR/glue")
-    epochs: int | None = param(None, "fine-tuning epochs; none = the task's default")
-    finetune_lr: float | None = param(None, "fine-tuning peak learning rate; none = the task's default")
-    max_train_examples: int | None = param(None, "fine-tuning training slice; none = all")
-    max_eval_examples: int | None = param(None, "dev examples scored per split; none = all")
-    # runtime
-    device: str = param("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = param("auto", "pre-training autocast dtype; auto: bf16 on CUDA, fp32 on the CPU", DTYPES)
-    progress: str = param("line", "line: a status line every `progress_every` s; bar: tqdm; none", PROGRESS)
-    progress_every: float = param(30.0, "seconds between status lines")
+    pretrain: PretrainConfig = param(PRETRAIN, "every pre-training run's settings (PretrainConfig)")
+    finetune: FinetuneConfig = param(
+        FINETUNE, "every fine-tuning run's settings (FinetuneConfig; none = the task's default)"
+    )
+    progress: str = param(
+        "line",
+        "line: a status line every `progress_every` s; bar: tqdm; none",
+        PROGRESS,
+        may_change_on_resume=True,
+    )
+    progress_every: float = param(30.0, "seconds between status lines", may_change_on_resume=True)
     calibration_steps: int = param(6, "pre-training steps timed for the estimates")
     cpu_kernels: str = param(
         "native",
@@ -81,9 +111,10 @@ class ExperimentConfig:
         if unknown:
             raise ValueError(f"ExperimentConfig.modes has {unknown}; choose from {sharing.names()}")
         check_choices(self)
-        for name in ("steps", "batch_size", "seq_len", "calibration_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ExperimentConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.calibration_steps <= 0:
+            raise ValueError(
+                f"ExperimentConfig.calibration_steps must be positive, got {self.calibration_steps}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- the runs
@@ -134,30 +165,27 @@ def status(run: PlannedRun, cfg: ExperimentConfig) -> str:
     path = run.path(cfg)
     if run.kind == "pretrain":
         summary = read_json(path / "summary.json")
-        if summary.get("completed") and summary.get("steps") == cfg.steps:
-            _check_same(run, path / "config.json", dataclasses.asdict(pretrain_config(cfg, run)))
+        if summary.get("completed") and summary.get("steps") == cfg.pretrain.steps:
+            _check_same(run, path / "config.json", pretrain_config(cfg, run))
             return "done"
         return "resume" if checkpoint.candidates(path / "checkpoints") else "todo"
     results = read_json(path / "results.json")
     seeds = [m.get("seed") for m in results.get("metrics_per_seed", [])]
     if run.finetune_seed not in seeds:
         return "todo"
-    _check_same(
-        run, path / "results.json", dataclasses.asdict(finetune_config(cfg, run).resolved()), "config"
-    )
+    _check_same(run, path / "results.json", finetune_config(cfg, run).resolved(), "config")
     return "done"
 
 
-# settings a finished run may differ in without changing its result
-_RUNTIME_FIELDS = {"out_dir", "init", "device", "progress", "compile", "stop_after", "length_bucket"}
-
-
-def _check_same(run: PlannedRun, file: Path, now: dict, key: str | None = None) -> None:
+def _check_same(run: PlannedRun, file: Path, config, key: str | None = None) -> None:
+    """Refuse a finished run whose saved config differs from `config` in a field not marked
+    `may_change_on_resume` (settings a finished run may differ in without changing its result)."""
     saved = read_json(file)
     saved = saved.get(key, {}) if key else saved
-    now = json.loads(json.dumps(now))  # tuples as lists, like the saved file
+    now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, like the saved file
+    free = may_change_on_resume(config)
     # None is "resolved when the run starts" (e.g. a synthetic task's seed comes from the init run)
-    fixed = [k for k in now if k in saved and k not in _RUNTIME_FIELDS and now[k] is not None]
+    fixed = [k for k in now if k in saved and k not in free and now[k] is not None]
     changed = sorted(k for k in fixed if saved[k] != now[k])
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
@@ -167,94 +195,46 @@ def _check_same(run: PlannedRun, file: Path, now: dict, key: str | None = None) 
         )
 
 
-def pretrain_config(cfg: ExperimentConfig, run: PlannedRun):
-    """The PretrainConfig of one pre-training run; intervals scale with the steps so every run logs
-    about 50 train rows, 8 evaluations and 16 probes."""
-    from lab.pretrain.loop import PretrainConfig
-
-    steps = cfg.steps
-    return PretrainConfig(
-        out_dir=str(run.path(cfg)),
-        preset=cfg.preset,
-        seq_len=cfg.seq_len,
-        corpus=cfg.corpus,
-        vocab_size=cfg.vocab_size,
-        sharing=run.mode,
-        rtd_weight=cfg.rtd_weight,
-        steps=steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps or min(100, max(1, steps // 10)),
-        seed=run.pretrain_seed,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        log_every=max(1, steps // 50),
-        eval_every=max(5, steps // 8),
-        eval_batches=cfg.eval_batches,
-        probe_every=max(2, steps // 16),
-        ckpt_every=max(10, steps // 4),
-        progress="none",
+def pretrain_config(cfg: ExperimentConfig, run: PlannedRun) -> PretrainConfig:
+    """The PretrainConfig of one pre-training run: the experiment's, for this mode and seed, its intervals
+    and warmup scaled with the steps (`scaled_to_steps`)."""
+    return scaled_to_steps(
+        replace_strict(cfg.pretrain, out_dir=str(run.path(cfg)), sharing=run.mode, seed=run.pretrain_seed)
     )
 
 
 def finetune_config(cfg: ExperimentConfig, run: PlannedRun, init: Path | None = None, **changes):
     """The FinetuneConfig of one fine-tuning run (one seed); `changes` override its fields."""
-    from lab.finetune.loop import FinetuneConfig
-
     fields = dict(
         task=run.task,
-        glue_dir=cfg.glue_dir,
         out_dir=str(run.path(cfg)),
-        epochs=cfg.epochs,
-        lr=cfg.finetune_lr,
         seeds=(run.finetune_seed,),
-        max_train_examples=cfg.max_train_examples,
-        max_eval_examples=cfg.max_eval_examples,
-        device=cfg.device,
         init=str(init or PlannedRun("pretrain", run.mode, run.pretrain_seed).path(cfg)),
     )
-    return FinetuneConfig(**{**fields, **changes})
+    return replace_strict(cfg.finetune, **{**fields, **changes})
 
 
 # ---------------------------------------------------------------------------------------------- tasks
 
 
-def is_glue(task: str) -> bool:
-    from lab.finetune import glue
-
-    try:
-        glue.get_task(task)
-    except ValueError:
-        return False
-    return True
-
-
 def missing_data(task: str, cfg: ExperimentConfig) -> str:
     """Why `task` cannot run here ("" when it can): a GLUE task needs its train and dev files; the
-    synthetic tasks (lab/finetune/tasks.py) are generated, never missing. An unknown name raises."""
-    from lab.finetune import glue, tasks
-
-    tasks.get_task(task)  # raises on an unknown task, listing the known ones
-    if not is_glue(task):
-        return ""
-    t = glue.get_task(task)
-    root = cfg.glue_dir or None
-    missing = [str(glue.split_path(t.name, s, root)) for s in ("train", *t.dev_splits)]
-    missing = [p for p in missing if not Path(p).is_file()]
+    synthetic tasks (lab/finetune/synthetic_tasks.py) are generated, never missing. An unknown name raises."""
+    missing = get_task(task).missing_files(cfg.finetune.glue_dir or None)
     return f"no data: {', '.join(missing)} missing" if missing else ""
 
 
 def task_sizes(task: str, cfg: ExperimentConfig) -> tuple[int, int]:
     """(training examples, dev examples) one fine-tuning run uses, for the time estimate."""
-    from lab.finetune import tasks
-
-    splits = tasks.load(task, cfg.glue_dir or None)
+    splits = get_task(task).load(cfg.finetune.glue_dir or None)
     dev = sum(len(split) for name, split in splits.items() if name != "train")
 
     def cap(n, limit):
         return min(n, limit) if limit else n
 
-    return cap(len(splits["train"]), cfg.max_train_examples), cap(dev, cfg.max_eval_examples)
+    return cap(len(splits["train"]), cfg.finetune.max_train_examples), cap(
+        dev, cfg.finetune.max_eval_examples
+    )
 
 
 # ---------------------------------------------------------------------------------------------- estimates
@@ -272,14 +252,11 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
     """
     cache = Path(cfg.out_dir) / "calibration.json"
     known = read_json(cache)
-    key = {k: getattr(cfg, k) for k in ("preset", "corpus", "vocab_size", "batch_size", "seq_len", "device",
-                                         "dtype", "eval_batches", "calibration_steps")}  # fmt: skip
+    key = {k: getattr(cfg.pretrain, k) for k in ("preset", "corpus", "vocab_size", "batch_size", "seq_len",
+                                                  "device", "dtype", "eval_batches")}  # fmt: skip
+    key["calibration_steps"] = cfg.calibration_steps
     if known.get("key") == key and set(tasks) <= set(known.get("finetune_fixed_s", {})):
         return known
-    from lab.finetune import loop as finetune
-    from lab.pretrain import loop as pretrain
-    from lab.pretrain.data import prepare_corpus
-
     work = Path(cfg.out_dir) / "calibration"
     shutil.rmtree(work, ignore_errors=True)
     run = PlannedRun("pretrain", "gdes", 0)
@@ -342,10 +319,12 @@ def estimate(
     if run.kind == "pretrain":
         pcfg = pretrain_config(cfg, run)
         step_s = calibration["pretrain_step_s"]
-        probes = cfg.steps // pcfg.probe_every + 1
-        evals = cfg.steps // pcfg.eval_every + 2
+        probes = pcfg.steps // pcfg.probe_every + 1
+        evals = pcfg.steps // pcfg.eval_every + 2
         # a probe costs about one more backward; an evaluation batch about a third of a step
-        return (cfg.steps + probes + evals * cfg.eval_batches / 3) * step_s + calibration["pretrain_fixed_s"]
+        return (pcfg.steps + probes + evals * pcfg.eval_batches / 3) * step_s + calibration[
+            "pretrain_fixed_s"
+        ]
 
     epochs = finetune_config(cfg, run).resolved().epochs
     train, dev = sizes[run.task]
@@ -371,8 +350,6 @@ class ExperimentProgress:
         self.stop = threading.Event()
         self.bar = None
         if cfg.progress == "bar":
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=100, desc="experiment", unit="%", bar_format="{l_bar}{bar}| {postfix}")
         self.thread = threading.Thread(target=self._loop, daemon=True)
         if cfg.progress != "none":
@@ -397,7 +374,8 @@ class ExperimentProgress:
         rows = _jsonl(run.path(self.cfg) / "metrics.jsonl")
         if run.kind == "pretrain":
             step = max((r["step"] for r in rows if r.get("split") == "train"), default=0)
-            return min(1.0, step / self.cfg.steps), f"{run.name} step {step}/{self.cfg.steps}"
+            steps = self.cfg.pretrain.steps
+            return min(1.0, step / steps), f"{run.name} step {step}/{steps}"
         return 0.0, run.name  # a fine-tuning run writes its rows when it ends: no partial progress to read
 
     def show(self) -> None:

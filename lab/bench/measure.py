@@ -25,17 +25,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lab.bench.builders import build
+from lab.training import sync
 
 
 def peak_size(device: torch.device) -> int:
     """n of the n x n x n matmuls that measure the peak: 8192 on CUDA, where 2048 leaves an H100/H200
     at about half its rate, and 2048 on a CPU, which it already saturates."""
     return 8192 if device.type == "cuda" else 2048
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_alternating(fns: dict[str, callable], warmup: int, repeats: int, device) -> dict[str, list[float]]:

@@ -2,7 +2,7 @@
 the training device, and the record of what was used against the official split sizes.
 
 Inputs are `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, pairs truncated as `transformers`' fast
-tokenizers do with `truncation="longest_first"`; token tasks (lab/finetune/tasks.py) label the first piece of
+tokenizers do with `truncation="longest_first"`; token tasks (lab/finetune/synthetic_tasks.py) label the first piece of
 each word and ignore the rest (`IGNORE`). A training or evaluation step slices its batch from the
 padded tensors, so nothing is tokenised, padded or copied to the device per step.
 """
@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from lab.finetune import glue
-from lab.finetune import tasks as downstream
+from lab.finetune.config import FinetuneConfig
+from lab.finetune.task import LabelledSplit, Task
 from lab.tokenizer import Tokenizer
 from lab.util import to_device
-
-if TYPE_CHECKING:
-    from lab.finetune.config import FinetuneConfig
 
 IGNORE = -100  # label of positions a token task does not score ([CLS], [SEP], non-first pieces, padding)
 
@@ -41,7 +37,7 @@ def _pair_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
     return keep_a, budget - keep_a
 
 
-def encode_split(split: glue.GlueSplit, tokenizer: Tokenizer, max_len: int) -> list[list[int]]:
+def encode_split(split: LabelledSplit, tokenizer: Tokenizer, max_len: int) -> list[list[int]]:
     """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, at most max_len ids (pairs: see `_pair_lengths`)."""
     cls, sep = tokenizer.cls_id, tokenizer.sep_id
     texts_a = tokenizer.encode_batch(split.texts_a)
@@ -54,7 +50,7 @@ def encode_split(split: glue.GlueSplit, tokenizer: Tokenizer, max_len: int) -> l
     return rows
 
 
-def encode_words(split: glue.GlueSplit, tokenizer: Tokenizer, max_len: int) -> tuple[list, list]:
+def encode_words(split: LabelledSplit, tokenizer: Tokenizer, max_len: int) -> tuple[list, list]:
     """Token-task rows `[CLS] pieces [SEP]` and their labels: each word's class on its first piece,
     IGNORE elsewhere. Words cut by max_len lose their label (counted by the caller)."""
     sentences = [text.split() for text in split.texts_a]
@@ -146,13 +142,11 @@ def length_grouped_order(
     return torch.from_numpy(np.concatenate([grouped[b] for b in batches]))  # [N]
 
 
-def load_data(cfg: FinetuneConfig, task, tokenizer: Tokenizer, max_len: int):
+def load_data(cfg: FinetuneConfig, task: Task, tokenizer: Tokenizer, max_len: int):
     """(train Encoded, {dev split: Encoded}, data record for results.json): tokenised once; the dev
     splits' sizes checked against the official ones."""
-    splits = downstream.load(task.name, cfg.glue_dir or None, cfg.synthetic_seed or 0)
-    encode = (
-        encode_words if downstream.is_token_level(task) else lambda s, t, n: (encode_split(s, t, n), s.labels)
-    )
+    splits = task.load(cfg.glue_dir or None, cfg.synthetic_seed or 0)
+    encode = encode_words if task.is_token_level else lambda s, t, n: (encode_split(s, t, n), s.labels)
     label_dtype = torch.float if task.is_regression else torch.long
     train_part = splits["train"].take(cfg.max_train_examples)
     train_data = Encoded.build(*encode(train_part, tokenizer, max_len), tokenizer.pad_id, label_dtype)
@@ -162,7 +156,7 @@ def load_data(cfg: FinetuneConfig, task, tokenizer: Tokenizer, max_len: int):
         part = splits[split].take(cfg.max_eval_examples)
         dev[split] = Encoded.build(*encode(part, tokenizer, max_len), tokenizer.pad_id, label_dtype)
         record["dev"][split] = info = _split_record(task, splits[split], part)
-        if downstream.is_token_level(task):
+        if task.is_token_level:
             info["words"] = int((dev[split].labels_host != IGNORE).sum())
             info["words_in_split"] = sum(len(y) for y in part.labels)  # fewer when max_seq_len cuts words
         if info["official"] is not None and info["loaded"] != info["official"]:
@@ -175,12 +169,12 @@ def load_data(cfg: FinetuneConfig, task, tokenizer: Tokenizer, max_len: int):
     return train_data, dev, record
 
 
-def _split_record(task, full: glue.GlueSplit, used: glue.GlueSplit) -> dict:
+def _split_record(task: Task, full: LabelledSplit, used: LabelledSplit) -> dict:
     """How many examples a split has against its official count, and how many were used."""
     return {
         "used": len(used),
         "loaded": len(full),
-        "official": downstream.official_size(task.name, full.split),
+        "official": task.official_size(full.split),
         "malformed": len(full.malformed),
         "sliced": len(used) < len(full),
     }

@@ -1,5 +1,5 @@
 """Fine-tuning of a pre-trained discriminator on GLUE and the synthetic-language tasks
-(lab/finetune/tasks.py), over seeds; its config and the per-task defaults are lab/finetune/config.py,
+(lab/finetune/synthetic_tasks.py), over seeds; its config and the per-task defaults are lab/finetune/config.py,
 the data side lab/finetune/data.py, the table that compares checkpoints lab/finetune/table.py.
 
     train(FinetuneConfig(task="mrpc", init="runs/gdes", out_dir="runs/ft/gdes/mrpc"))  -> results dict
@@ -23,8 +23,8 @@ step slices its batch from them (batch width rounded up to a multiple of `length
 compiled model sees few shapes), keeps its loss on the device and makes no host sync; evaluation
 collects logits on the device and copies them once per split.
 
-Defaults per task (`TASK_DEFAULTS`, lab/finetune/config.py) start from the official DeBERTaV3-large
-recipe, scaled for the small models this workbench trains; every default can be overridden in
+Defaults per task (`Task.defaults`: for GLUE, lab/finetune/glue.py) start from the official
+DeBERTaV3-large recipe, scaled for the small models this workbench trains; every default can be overridden in
 `FinetuneConfig`; `results.json` records the values used.
 
 Outputs in `out_dir`: config.json, seeds/seed_<n>.json (one per finished seed, written atomically: a
@@ -50,12 +50,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lab.cli import config_parser, parse_values, run_verb
-from lab.finetune import tasks as downstream
+from lab import hf
+from lab.cli import config_parser, may_change_on_resume, parse_values, run_verb
 from lab.finetune.config import FinetuneConfig
 from lab.finetune.data import IGNORE, Encoded, length_grouped_order, load_data
 from lab.finetune.table import checkpoint_label, results_table
+from lab.finetune.task import Task
+from lab.finetune.tasks import get_task
 from lab.model import Encoder, init_weights
+from lab.synthetic import parse_synthetic
 from lab.tokenizer import Tokenizer
 from lab.training import adamw, autocast, autocast_dtype, compile_model, compile_on, linear_schedule, set_lr
 from lab.util import atomic_write_bytes, atomic_write_json, pick_device, replace_strict, to_device
@@ -99,8 +102,6 @@ class TokenClassifier(nn.Module):
 
 def resolve_init(init: str) -> tuple[Path, Path]:
     """(HF-format model dir, spm.model) for a pre-training run dir, an HF-format dir, or a hub name."""
-    from lab import hf
-
     if not init:
         raise ValueError(
             "FinetuneConfig.init is empty; pass a pre-training run dir, an HF-format dir or a hub name"
@@ -124,8 +125,6 @@ def resolve_init(init: str) -> tuple[Path, Path]:
 
 def load_encoder(init: str) -> tuple[Encoder, Tokenizer]:
     """The pre-trained encoder and its tokenizer, checked to agree on the vocabulary."""
-    from lab import hf
-
     model_dir, spm_path = resolve_init(init)
     tokenizer = Tokenizer.load(spm_path)
     encoder = hf.from_pretrained(model_dir)
@@ -139,8 +138,6 @@ def load_encoder(init: str) -> tuple[Encoder, Tokenizer]:
 
 def corpus_seed(init: str) -> int | None:
     """The synthetic-language seed of a lab pre-training run's corpus (`synthetic:SEED`), else None."""
-    from lab.pretrain.data import parse_synthetic
-
     config = Path(init).expanduser() / "config.json"
     if not config.is_file():
         return None
@@ -187,24 +184,24 @@ def predict(model: nn.Module, data: Encoded, cfg: FinetuneConfig, device: torch.
     return out.cpu().numpy()
 
 
-def _score(task, model, dev: dict[str, Encoded], cfg, device) -> dict:
+def _score(task: Task, model, dev: dict[str, Encoded], cfg, device) -> dict:
     """Dev metrics of every dev split."""
     per_split = {}
     for split, data in dev.items():
         out = predict(model, data, cfg, device)
         gold = data.labels_host
-        if downstream.is_token_level(task):  # score the labelled positions: one per word
+        if task.is_token_level:  # score the labelled positions: one per word
             scored = gold != IGNORE
             per_split[split] = (out[scored], gold[scored])
         else:
             per_split[split] = (out[:, 0] if task.is_regression else out.argmax(1), gold)
-    return downstream.dev_metrics(task.name, per_split)
+    return task.dev_metrics(per_split)
 
 
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _loss(task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _loss(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits.float()  # losses in fp32 under bf16 autocast
     if task.is_regression:
         return F.mse_loss(logits[:, 0], labels)
@@ -217,7 +214,7 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
     """One fine-tuning run from a copy of `encoder`: (model in its best-dev state, per-seed metrics
     {best metrics, best_epoch, last_<metric>...}, history of per-epoch rows)."""
     torch.manual_seed(seed)
-    head = TokenClassifier if downstream.is_token_level(task) else Classifier
+    head = TokenClassifier if task.is_token_level else Classifier
     model = head(copy.deepcopy(encoder), task.num_labels, cfg.head_dropout).to(device)
     # regional: the encoder Layer compiled once, in place, so evaluation runs it compiled too
     step_model = compile_model(model) if compile_on(cfg.compile, device) else model
@@ -226,7 +223,7 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
-    key = downstream.main_metric(task.name)
+    key = task.main_key
     generator = torch.Generator().manual_seed(seed)
     best, best_state, best_score, history = None, None, -math.inf, []
     bar = tqdm(total=total, desc=f"{task.name} seed {seed}", leave=False, disable=None, mininterval=1.0)
@@ -262,6 +259,7 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
             "seed": seed,
             "epoch": epoch,
             "step": step,
+            "lr": opt.param_groups[0]["lr"],  # the learning rate of the epoch's last step
             "train_loss": train_loss,
             "elapsed_s": time.time() - t0,
             "train_s": train_s,
@@ -309,7 +307,8 @@ def _weights_digest(init: str) -> str:
 
 def _identity(cfg: FinetuneConfig) -> dict:
     """What a finished seed's results depend on besides its seed (JSON-normalised for comparison)."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seeds", "out_dir")}
+    free = may_change_on_resume(cfg)
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
     return json.loads(json.dumps({"config": config, "init_weights": _weights_digest(cfg.init)}))
 
 
@@ -343,8 +342,8 @@ def train(cfg: FinetuneConfig) -> dict:
     an interrupted run trains only the missing seeds and ends with the same results.json; seeds saved
     under another configuration or checkpoint are refused, never mixed in."""
     cfg = cfg.resolved()
-    task = downstream.get_task(cfg.task)
-    if isinstance(task, downstream.SyntheticTask) and cfg.synthetic_seed is None:
+    task = get_task(cfg.task)
+    if task.generated and cfg.synthetic_seed is None:
         seed = corpus_seed(cfg.init)
         if seed is None:
             warnings.warn(
@@ -401,7 +400,7 @@ def train(cfg: FinetuneConfig) -> dict:
     results = {
         "task": task.name,
         "init": cfg.init,
-        "main_metric": downstream.main_metric(task.name),
+        "main_metric": task.main_key,
         "selection": "metrics at each seed's best dev epoch (best_epoch); last_<metric>: at the last epoch",
         "metrics_per_seed": per_seed,
         "mean": mean,
@@ -434,7 +433,7 @@ def run_table(tasks, inits, seeds=(1, 2, 3), out_dir="runs/glue", out_stem=None,
     (written to out_stem, by default out_dir/glue_results: a run's outputs stay in its directory)."""
     for init in inits:
         for task in tasks:
-            name = downstream.get_task(task).name
+            name = get_task(task).name
             run_out = Path(out_dir) / checkpoint_label(init) / name
             train(
                 FinetuneConfig(

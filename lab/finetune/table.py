@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab.cli import config_parser, param, parse_config, run_verb
-from lab.finetune import glue
-from lab.finetune import tasks as downstream
+from lab.finetune.glue import GLUE_TASKS
+from lab.finetune.tasks import TASKS, get_task
 
 # GLUE dev results, in percent, main metric of each task (MNLI: matched): DeBERTaV3 from the paper
 # (§5.1: the large models' GLUE table, MNLI of base / small / xsmall); ELECTRA-Small as re-implemented
@@ -75,8 +75,8 @@ def results_table(
     rows = list(by_label.values())
     if include_paper:
         rows += [{"checkpoint": name, "source": "paper", **scores} for name, scores in PAPER_RESULTS.items()]
-    known = [*glue.TASKS, *downstream.SYNTHETIC_TASKS]
-    names = [t for t in known if any(t in r for r in rows if r["source"] == "ours")] or list(glue.TASKS)
+    ours = [t for t in TASKS if any(t in r for r in rows if r["source"] == "ours")]
+    names = ours or [t.name for t in GLUE_TASKS]
     columns = ["checkpoint", "source"] + [
         f"{t}{suffix}" for t in names for suffix in ("", "_std", "_seeds", "_last", "_n_dev", "_dev_official")
     ]
@@ -95,7 +95,7 @@ def results_table(
 
 
 def _plot_table(rows: list[dict], tasks: list[str], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # here, not at the top: the backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -111,7 +111,7 @@ def _plot_table(rows: list[dict], tasks: list[str], path: Path) -> None:
             xs, ys, width, yerr=err, label=row["checkpoint"], hatch="//" if row["source"] == "paper" else None
         )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
-    ax.set_xticklabels([f"{t}\n({downstream.main_metric(t)})" for t in tasks])
+    ax.set_xticklabels([f"{t}\n({get_task(t).main_key})" for t in tasks])
     ax.set_ylabel("dev score (%)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

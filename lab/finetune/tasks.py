@@ -1,264 +1,42 @@
-"""Downstream tasks behind one lookup: the GLUE tasks (lab/finetune/glue.py) and two tasks on the synthetic
-language (lab/pretrain/synthetic.py) whose labels are known by construction.
+"""The one registry of fine-tuning tasks: the GLUE tasks (lab/finetune/glue.py) and the synthetic
+language's tasks (lab/finetune/synthetic_tasks.py), each a `Task` (lab/finetune/task.py).
 
-    get_task("synth_tag") / get_task("CoLA")          -> the task, any common spelling
-    load("synth_gram", glue_dir=None, synthetic_seed=0) -> {"train": GlueSplit, "dev": GlueSplit}
-
-The synthetic tasks let a CPU run show downstream effects of pre-training in minutes, on data whose
-ground truth is exact. Both are generated from `SyntheticLanguage(seed)`, the grammar and lexicon of
-the `synthetic:SEED` pre-training corpus, from draws of their own (`SyntheticLanguage.sentences`):
-
-* `synth_tag` (token level): tag every word with its latent class (35 word classes + the full stop).
-  Few labelled sentences (300), none of which contains a third of each content class's words
-  (`held_out_words`); dev sentences do. Those words, and the rare ones of the Zipf tail, can only be
-  tagged from what pre-training put in their embeddings (and from their contexts), so the task
-  measures the class structure the embeddings hold rather than what 300 sentences can teach.
-* `synth_gram` (sentence level, CoLA-like): grammatical sentence (label 1) vs a corrupted one
-  (label 0), balanced. A corruption either replaces a content word by a word of another content
-  class or transposes two adjacent words, and is kept only if the result is outside the grammar
-  (`is_grammatical`, a parser of the generator's grammar), so every label 0 is truly ungrammatical.
-  Class swaps range from blatant (a verb where a noun must be) to selectional (a tool as the object
-  of `verb.consume`): telling them apart takes the word classes the pre-training should have learnt.
-
-Train and dev sentences are distinct (deduplicated before the split), and the same seed gives the same
-splits anywhere. Splits are `GlueSplit`s: `texts_a` holds the sentences (words separated by spaces);
-`labels` holds one class id per word (synth_tag) or 0/1 (synth_gram).
+    get_task("CoLA") / get_task("synth_tag")      -> the task, any common spelling
+    get_task("sst2").load(glue_dir)               -> {"train": LabelledSplit, "dev": LabelledSplit}
+    register(GlueTask(name="sst2_copy", ...))     -> a new task, from any file (a test's, a notebook's)
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from lab.finetune.glue import GLUE_TASKS
+from lab.finetune.synthetic_tasks import SYNTHETIC_TASKS
+from lab.finetune.task import Task
 
-import numpy as np
-
-from lab.finetune import glue
-from lab.pretrain.synthetic import ADJECTIVES, CLAUSE_VERBS, FUNCTION, NOUNS, VERBS, SyntheticLanguage
-
-# Every word class of the language, in label-id order; "punct" is the class of the full stop.
-WORD_CLASSES = (*FUNCTION, *NOUNS, *VERBS, *ADJECTIVES, "adv.manner", "num", "punct")
-FUNCTION_CLASSES = frozenset(FUNCTION) | {"punct"}
-CONTENT_CLASSES = tuple(c for c in WORD_CLASSES if c not in FUNCTION_CLASSES)
+TASKS: dict[str, Task] = {}  # canonical name -> task, in registration order
 
 
-@dataclass(frozen=True)
-class SyntheticTask:
-    name: str  # canonical key, distinct from every GLUE task's
-    level: str  # "token": one label per word; "sentence": one label per sentence
-    labels: tuple[str, ...]  # label names in id order
-    metrics: tuple[str, ...]  # keys returned by compute_metrics
-    main_metric: str  # picks the best dev epoch, headline of the results table
-    n_train: int  # sentences generated for train
-    n_dev: int  # sentences generated for dev
-    dev_splits: tuple[str, ...] = ("dev",)
-    is_regression: bool = False
-    is_pair: bool = False
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.labels)
-
-    @property
-    def is_token_level(self) -> bool:
-        return self.level == "token"
+def _key(name: str) -> str:
+    return str(name).lower().replace("-", "").replace("_", "")
 
 
-# a table, one entry per line, easier to read across than reflowed (so the formatter skips it)
-SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
-    t.name: t
-    for t in [
-        SyntheticTask("synth_tag", "token", WORD_CLASSES, ("accuracy", "content_accuracy"), "accuracy", 300, 500),
-        SyntheticTask("synth_gram", "sentence", ("0", "1"), ("mcc", "accuracy"), "mcc", 2000, 1000),
-    ]
-}  # fmt: skip
-_KEYS = {name.replace("_", ""): name for name in SYNTHETIC_TASKS}
+def register(task: Task) -> Task:
+    """Add `task` to the registry (refused when its name, in any spelling, is taken) and return it."""
+    taken = {_key(name): name for name in TASKS}
+    if _key(task.name) in taken:
+        raise ValueError(f"task {task.name!r} is already registered as {taken[_key(task.name)]!r}")
+    TASKS[task.name] = task
+    return task
 
 
-def get_task(name: str) -> glue.GlueTask | SyntheticTask:
-    """A GLUE or synthetic task by any common spelling ("SST-2", "stsb", "synth_tag", "Synth-Gram")."""
-    key = str(name).lower().replace("-", "").replace("_", "")
-    if key in _KEYS:
-        return SYNTHETIC_TASKS[_KEYS[key]]
-    if key in glue.TASKS:
-        return glue.TASKS[key]
-    raise ValueError(f"unknown task {name!r}; known tasks: {', '.join([*glue.TASKS, *SYNTHETIC_TASKS])}")
+def get_task(task: str | Task) -> Task:
+    """A task by any common spelling ("SST-2", "stsb", "synth_tag", "Synth-Gram"); a Task is returned as is."""
+    if isinstance(task, Task):
+        return task
+    found = {_key(name): t for name, t in TASKS.items()}.get(_key(task))
+    if found is None:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    return found
 
 
-def is_token_level(task: glue.GlueTask | SyntheticTask) -> bool:
-    return isinstance(task, SyntheticTask) and task.is_token_level
-
-
-def main_metric(task: str) -> str:
-    """Key of the headline dev metric, e.g. "mcc", "accuracy" or, for MNLI, "m_accuracy"."""
-    t = get_task(task)
-    return t.main_metric if isinstance(t, SyntheticTask) else glue.main_metric(t.name)
-
-
-def compute_metrics(task: str, predictions, labels) -> dict:
-    """Score one split. Token tasks take flat per-word class ids; others as `glue.compute_metrics`."""
-    t = get_task(task)
-    if isinstance(t, glue.GlueTask):
-        return glue.compute_metrics(t.name, predictions, labels)
-    preds, gold = np.asarray(predictions), np.asarray(labels)
-    if preds.ndim == 2:
-        preds = preds.argmax(axis=1)
-    if preds.shape != gold.shape or len(gold) == 0:
-        raise ValueError(f"{t.name}: {preds.shape} predictions for {gold.shape} labels")
-    out = {}
-    for name in t.metrics:
-        if name == "content_accuracy":
-            content = np.isin(gold, [WORD_CLASSES.index(c) for c in CONTENT_CLASSES])
-            out[name] = float((preds[content] == gold[content]).mean()) if content.any() else float("nan")
-        else:
-            out[name] = glue.metric(name, preds, gold)
-    return out
-
-
-def dev_metrics(task: str, per_split: dict[str, tuple]) -> dict:
-    """Metrics of every dev split, keys prefixed for MNLI (see `glue.dev_metrics`)."""
-    t = get_task(task)
-    if isinstance(t, glue.GlueTask):
-        return glue.dev_metrics(t.name, per_split)
-    return {
-        k: v for preds, gold in per_split.values() for k, v in compute_metrics(t.name, preds, gold).items()
-    }
-
-
-def official_size(task: str, split: str) -> int | None:
-    """Number of examples the split is known to have (GLUE's published counts; synthetic: as generated)."""
-    t = get_task(task)
-    if isinstance(t, SyntheticTask):
-        return t.n_train if split == "train" else t.n_dev
-    return glue.official_size(t.name, split)
-
-
-def load(task: str, glue_dir: str | Path | None = None, synthetic_seed: int = 0) -> dict[str, glue.GlueSplit]:
-    """{"train": ..., <dev splits>: ...} of any task: GLUE from files, synthetic generated from the seed."""
-    t = get_task(task)
-    if isinstance(t, SyntheticTask):
-        return generate(t.name, synthetic_seed)
-    return glue.load_task(t.name, glue_dir)
-
-
-# ---------------------------------------------------------------------------------------------- grammar
-
-
-def _np_ends(classes: Sequence[str], i: int, allowed: Sequence[str], subject: bool) -> set[int]:
-    """Positions where a noun phrase of one of the `allowed` classes starting at `i` can end:
-    `name` | `pron` (subjects of class noun.person) | (det | num) [adjective of the noun] noun."""
-    ends: set[int] = set()
-    if i >= len(classes):
-        return ends
-    first = classes[i]
-    if first == "name" and "name" in allowed:
-        ends.add(i + 1)
-    if first == "pron" and subject and "noun.person" in allowed:
-        ends.add(i + 1)
-    if first in ("det", "num"):
-        for noun in allowed:
-            if noun == "name":
-                continue
-            if i + 1 < len(classes) and classes[i + 1] == noun:
-                ends.add(i + 2)
-            if i + 2 < len(classes) and classes[i + 1] in NOUNS[noun] and classes[i + 2] == noun:
-                ends.add(i + 3)
-    return ends
-
-
-def _clause_ends(classes: Sequence[str], i: int, depth: int) -> set[int]:
-    """Positions where a clause starting at `i` can end (lab/pretrain/synthetic.py `_Generator.clause`):
-    subject verb (comp clause | [object] [adv.manner] [prep noun-phrase])."""
-    ends: set[int] = set()
-    for verb, (subjects, objects, phrases) in VERBS.items():
-        for j in _np_ends(classes, i, subjects, subject=True):
-            if j >= len(classes) or classes[j] != verb:
-                continue
-            k = j + 1
-            if verb in CLAUSE_VERBS and depth == 0 and k < len(classes) and classes[k] == "comp":
-                ends |= _clause_ends(classes, k + 1, depth + 1)
-            for m in _np_ends(classes, k, objects, subject=False) if objects is not None else {k}:
-                for n in {m, m + 1} if m < len(classes) and classes[m] == "adv.manner" else {m}:
-                    ends.add(n)
-                    for prep, nouns in phrases:
-                        if n < len(classes) and classes[n] == prep:
-                            ends |= _np_ends(classes, n + 1, nouns, subject=False)
-    return ends
-
-
-def is_grammatical(classes: Sequence[str]) -> bool:
-    """Whether the grammar of lab/pretrain/synthetic.py can produce this sequence of word classes as one sentence:
-    clause [conj clause] "." (selectional constraints of verbs and adjectives included)."""
-    body = len(classes) - 1
-    if body < 1 or classes[-1] != "punct":
-        return False
-    for end in _clause_ends(classes, 0, 0):
-        if end == body:
-            return True
-        if end < body and classes[end] == "conj" and body in _clause_ends(classes, end + 1, 0):
-            return True
-    return False
-
-
-def _corrupt(words: list[str], lang: SyntheticLanguage, rng: random.Random) -> list[str]:
-    """An ungrammatical variant of a sentence: a content word replaced by a word of another content
-    class, or two adjacent words transposed; redrawn until the grammar rejects it."""
-    content = [i for i, w in enumerate(words) if lang.word_class[w] not in FUNCTION_CLASSES]
-    for _ in range(200):
-        out = list(words)
-        if content and rng.random() < 0.5:
-            i = rng.choice(content)
-            cls = rng.choice([c for c in CONTENT_CLASSES if c != lang.word_class[words[i]]])
-            out[i] = rng.choices(lang.classes[cls], weights=lang.word_weights(cls))[0]
-        else:
-            i = rng.randrange(len(words) - 2)  # never moves the final full stop
-            out[i], out[i + 1] = out[i + 1], out[i]
-        if out != words and not is_grammatical([lang.word_class[w] for w in out]):
-            return out
-    raise RuntimeError(f"found no ungrammatical variant of {' '.join(words)!r}")
-
-
-# ---------------------------------------------------------------------------------------------- generation
-
-
-def held_out_words(seed: int = 0) -> frozenset[str]:
-    """A third of the words of every content class (a seeded choice) that synth_tag's training
-    sentences never contain: dev tags them only from what pre-training put in their embeddings and
-    from their contexts."""
-    lang = SyntheticLanguage(seed)
-    rng = random.Random(f"synth_tag:{seed}:held-out")
-    return frozenset(
-        w for c in CONTENT_CLASSES for w in rng.sample(lang.classes[c], len(lang.classes[c]) // 3)
-    )
-
-
-def generate(task: str, seed: int = 0) -> dict[str, glue.GlueSplit]:
-    """The train and dev splits of a synthetic task for `SyntheticLanguage(seed)`; deterministic."""
-    t = get_task(task)
-    if not isinstance(t, SyntheticTask):
-        raise ValueError(f"{t.name} is a GLUE task; load it with glue.load_task")
-    lang = SyntheticLanguage(seed)
-    unseen = held_out_words(seed) if t.is_token_level else frozenset()
-    stream, seen, parts = lang.sentences(f"task:{t.name}"), set(), {"train": [], "dev": []}
-    for split, size in (("train", t.n_train), ("dev", t.n_dev)):
-        while len(parts[split]) < size:
-            words = next(stream)
-            key = " ".join(words)
-            if key in seen or (split == "train" and unseen.intersection(words)):
-                continue
-            seen.add(key)  # distinct sentences, so train and dev cannot share one
-            parts[split].append(words)
-    source = f"synthetic:{seed}/{t.name}"
-    out = {}
-    for split, part in parts.items():
-        if t.is_token_level:
-            texts = [" ".join(words) for words in part]
-            labels = [[WORD_CLASSES.index(lang.word_class[w]) for w in words] for words in part]
-        else:
-            rng = random.Random(f"{t.name}:{seed}:{split}")
-            corrupted = set(rng.sample(range(len(part)), len(part) // 2))  # balanced labels
-            texts = [" ".join(_corrupt(w, lang, rng) if i in corrupted else w) for i, w in enumerate(part)]
-            labels = [0 if i in corrupted else 1 for i in range(len(part))]
-        out[split] = glue.GlueSplit(t.name, split, source, texts, None, labels, list(range(1, len(part) + 1)))
-    return out
+for _task in (*GLUE_TASKS, *SYNTHETIC_TASKS):
+    register(_task)

@@ -1,11 +1,11 @@
 """Running the notebooks, and the small helpers they share.
 
-    python -m lab run notebooks/01_pretrain.ipynb -p sharing nes -p steps 200 [--name NAME]
-    python -m lab sweep --corpus synthetic --preset mini --steps 300 --name demo
+    python -m lab run notebooks/01_pretrain.ipynb -p sharing nes -p steps 200 [--out-dir DIR]
+    python -m lab sweep --pretrain.corpus synthetic --pretrain.preset mini --pretrain.steps 300 --out-dir runs/demo
 
 `run` executes a notebook with papermill (kernel "python3" of the active environment) into
-runs/<name>/: the executed copy `<notebook>.ipynb` plus whatever the notebook writes (its `out_dir`
-defaults to runs/<name>/ too). Unlike papermill alone, a parameter name that the notebook's
+--out-dir (default runs/<notebook>/): the executed copy `<notebook>.ipynb` plus whatever the notebook
+writes (its `out_dir` parameter is set to the same folder). Unlike papermill alone, a parameter name that the notebook's
 `parameters` cell does not define is an error, not a silently injected variable.
 `sweep` runs 01_pretrain for ES, NES and GDES with the same seed and data, then 02_tug_of_war on the
 three runs.
@@ -18,14 +18,22 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from IPython.display import Image, Markdown
+
 from lab import sharing
+from lab.analysis.stats import save_figure
+from lab.analysis.tug_of_war import load_run, new_figure
 from lab.cli import USER_ERROR, config_parser, param, parse_config
+from lab.pretrain.config import PretrainConfig, scaled_to_steps
+from lab.pretrain.loop import train
+from lab.util import atomic_write_json, replace_strict, write_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -101,7 +109,7 @@ def check_parameters(path: str | Path, given: dict[str, object]) -> None:
 def run_notebook(notebook: str | Path, parameters: dict[str, object], out_dir: str | Path) -> Path:
     """Execute `notebook` with `parameters` (checked against its parameters cell) into out_dir; returns
     the executed copy. `out_dir` is also passed as the notebook's `out_dir` unless one is given."""
-    import papermill
+    import papermill  # here: only executing a notebook needs it, not the kernels that import these helpers
 
     path = find_notebook(notebook)
     check_parameters(path, parameters)
@@ -129,32 +137,17 @@ def _read_summary(out_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- notebook helpers
 
 
-def pretrain_config(out_dir: str | Path, steps: int, **fields):
-    """A PretrainConfig whose log / eval / probe / checkpoint intervals and warmup scale with `steps`, so a
-    30-step notebook run and a 3000-step sweep both get curves with a useful number of points."""
-    from lab.pretrain.loop import PretrainConfig
-    from lab.util import replace_strict
-
-    scaled = {
-        "log_every": max(1, steps // 50),
-        "eval_every": max(5, steps // 8),
-        "probe_every": max(2, steps // 16),
-        "ckpt_every": max(10, steps // 4),
-        "warmup_steps": min(100, max(1, steps // 10)),
-        "eval_batches": 4,
-        "progress": "bar",
-    }
-    return replace_strict(
-        PretrainConfig(), out_dir=str(project_path(out_dir)), steps=steps, **{**scaled, **fields}
-    )
+def pretrain_config(out_dir: str | Path, steps: int, **fields) -> PretrainConfig:
+    """A PretrainConfig for a notebook run: its log / eval / probe / checkpoint intervals and warmup
+    scaled with `steps` (`scaled_to_steps`), 4 evaluation batches and a progress bar; `fields` on top."""
+    base = PretrainConfig(eval_batches=4, progress="bar")
+    return scaled_to_steps(replace_strict(base, out_dir=str(project_path(out_dir)), steps=steps, **fields))
 
 
 def ensure_runs(run_dirs: dict[str, str], work_dir: str | Path, **fields) -> dict[str, Path]:
     """Run directories by mode; an empty entry is trained now under work_dir/runs/<mode> (PretrainConfig
     fields from `fields`, e.g. steps=30, preset="tiny"). A finished run there is resumed, not retrained:
     train() only re-evaluates it (or trains on to a larger `steps`, or refuses a different config)."""
-    from lab.pretrain.loop import train
-
     runs = {}
     for mode, path in run_dirs.items():
         if path:
@@ -175,10 +168,6 @@ def resolve_init(init: str | Path) -> str:
 def run_curves(run_dir: str | Path) -> Path:
     """Loss curves of one run from its metrics.jsonl: total, MLM and RTD train loss plus the held-out
     rows; written as figures/curves.{csv,png,svg} in the run directory. Returns the PNG."""
-    from lab.analysis.stats import save_figure
-    from lab.analysis.tug_of_war import load_run, new_figure
-    from lab.util import write_csv
-
     run = load_run(project_path(run_dir))
     out = run.path / "figures"
     train, held = run.rows("train"), run.rows("eval")
@@ -197,16 +186,12 @@ def run_curves(run_dir: str | Path) -> Path:
 
 def show(path: str | Path):
     """A PNG (or a markdown table file) as a notebook display object."""
-    from IPython.display import Image, Markdown
-
     path = Path(path)
     return Markdown(path.read_text()) if path.suffix == ".md" else Image(filename=str(path))
 
 
 def write_summary(out_dir: str | Path, values: dict) -> Path:
     """summary.json in out_dir: every notebook run leaves its final numbers in a file."""
-    from lab.util import atomic_write_json
-
     path = project_path(out_dir) / "summary.json"
     atomic_write_json(path, values)
     return path
@@ -219,7 +204,7 @@ def cli_run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m lab run", description="Run a notebook with parameters.")
     p.add_argument("notebook", help="path, or a name in notebooks/ such as 01_pretrain")
     p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
-    p.add_argument("--name", help="outputs go to runs/<name>/ (default: the notebook's name)")
+    p.add_argument("--out-dir", help="where the executed notebook and its outputs go [runs/<notebook>]")
     args = p.parse_args(argv)
     try:
         path = find_notebook(args.notebook)
@@ -228,7 +213,7 @@ def cli_run(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR
-    out_dir = project_path(Path("runs") / (args.name or path.stem))
+    out_dir = project_path(args.out_dir or Path("runs") / path.stem)
     start = time.time()
     try:
         executed = run_notebook(path, parameters, out_dir)
@@ -251,52 +236,46 @@ def _flags(parameters: dict) -> list[str]:
     return [item for name, value in parameters.items() for item in ("-p", name, repr(value))]
 
 
+# The sweep's runs, sized so `make demo` (three mini runs + the report) stays under ~15 minutes on 2 CPU
+# cores; the intervals and the warmup scale with the steps (lab/notebook/runner.py `pretrain_config`).
+SWEEP_PRETRAIN = PretrainConfig(preset="mini", steps=300, batch_size=16, seq_len=64, lr=1e-3)
+# The PretrainConfig fields notebook 01 takes as parameters: the sweep's flags (the other fields would
+# not reach the runs); `sharing` and `out_dir` the sweep sets per run.
+NOTEBOOK_FIELDS = ("corpus", "preset", "steps", "batch_size", "seq_len", "lr", "rtd_weight", "seed", "device")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
-    # defaults sized so `make demo` (three mini runs + the report) stays under ~15 minutes on 2 CPU cores
-    corpus: str = param("synthetic", "synthetic, a file/folder of text, or hf:NAME")
-    preset: str = param("mini", "model size: tiny, mini, xsmall, small, base, large")
-    steps: int = param(300, "optimizer steps per run")
-    batch_size: int = param(16, "examples per step")
-    seq_len: int = param(64, "tokens per example")
-    lr: float = param(1e-3, "peak learning rate")
-    rtd_weight: float | None = param(None, "lambda in L_MLM + lambda * L_RTD; none = PretrainConfig's")
-    seed: int = param(0, "the one seed of all three runs")
-    device: str = param("auto", "auto | cpu | cuda | cuda:N")
-    name: str = param("sweep", "results go to runs/<name>/")
+    pretrain: PretrainConfig = param(SWEEP_PRETRAIN, "the three runs' settings (one seed for all three)")
+    out_dir: str = param("runs/sweep", "the runs (<out_dir>/<mode>) and the report (<out_dir>/tug_of_war)")
 
 
 def cli_sweep(argv: list[str]) -> int:
+    per_run = [
+        f"pretrain.{f.name}" for f in dataclasses.fields(PretrainConfig) if f.name not in NOTEBOOK_FIELDS
+    ]
     parser = config_parser(
         SweepConfig,
         "python -m lab sweep",
         "Pre-train ES, NES and GDES with the same seed and data, then the tug-of-war analysis.",
+        per_run,
     )
     args = parse_config(SweepConfig, parser, argv)
-    common = {"corpus": args.corpus, "preset": args.preset, "seed": args.seed, "device": args.device}
-    for key in ("steps", "batch_size", "seq_len", "lr", "rtd_weight"):
-        if getattr(args, key) is not None:
-            common[key] = getattr(args, key)
-    root = project_path(Path("runs") / args.name)
+    common = {k: getattr(args.pretrain, k) for k in NOTEBOOK_FIELDS}
+    root = project_path(args.out_dir)
     start = time.time()
     runs = {}
     for mode in sharing.names():
         runs[mode] = root / mode
         t = time.time()
-        if cli_run(["01_pretrain", "--name", f"{args.name}/{mode}", *_flags({**common, "sharing": mode})]):
+        if cli_run(["01_pretrain", "--out-dir", str(runs[mode]), *_flags({**common, "sharing": mode})]):
             return 1
         final = _read_summary(runs[mode]).get("final_eval", {})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
         print(f"[{mode}] {time.time() - t:.0f}s  {shown}  -> {runs[mode]}", flush=True)
     report = root / "tug_of_war"
-    if cli_run(
-        [
-            "02_tug_of_war",
-            "--name",
-            f"{args.name}/tug_of_war",
-            *_flags({"runs": {m: str(relative_path(p)) for m, p in runs.items()}}),
-        ]
-    ):
+    parameters = {"runs": {m: str(relative_path(p)) for m, p in runs.items()}}
+    if cli_run(["02_tug_of_war", "--out-dir", str(report), *_flags(parameters)]):
         return 1
     summary = _read_summary(report)
     print(f"tug-of-war report ({time.time() - start:.0f}s total): {report}")

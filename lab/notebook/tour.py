@@ -11,15 +11,22 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import ipywidgets as widgets
 import numpy as np
 import torch
+from IPython.display import Image, display
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 import lab.sharing
 from lab.analysis.tug_of_war import attention_terms
 from lab.model import count_parameters, preset
-from lab.pretrain.checkpoint import load_state
-from lab.pretrain.synthetic import SyntheticLanguage
+from lab.notebook.runner import pretrain_config, project_path, relative_path
+from lab.pretrain.checkpoint import candidates, load_state
+from lab.pretrain.loop import train
 from lab.rtd import RTDModel, draw_noise
+from lab.synthetic import SyntheticLanguage
 from lab.tokenizer import Tokenizer
 
 DEMO_RUN = "runs/demo/gdes"  # `make demo`'s GDES run, relative to the project root
@@ -38,9 +45,6 @@ def default_run(
     when it has a checkpoint, else a `preset_name` model trained now on the synthetic corpus for `steps`
     steps into out_dir/model (~25 s for the tiny one on 2 CPU cores, with a progress bar; a finished run
     there is reused). So the tour's P(replaced) comes from a discriminator that has learnt something."""
-    from lab.notebook.runner import pretrain_config, project_path, relative_path
-    from lab.pretrain.checkpoint import candidates
-    from lab.pretrain.loop import train
 
     demo = project_path(demo)
     if candidates(demo / "checkpoints"):
@@ -109,9 +113,6 @@ def replaced_token_detection(model: RTDModel, tokenizer: Tokenizer, text: str, m
 
 def plot_replaced(result: dict):
     """Tokens as boxes coloured by D's P(replaced); masked positions show G's sample underneath."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
     n = len(result["tokens"])
     fig = Figure(figsize=(max(6, 0.9 * n), 1.8))
     ax = fig.subplots()
@@ -139,8 +140,6 @@ def plot_replaced(result: dict):
 
 
 def _box(i, color, edge):
-    from matplotlib.patches import Rectangle
-
     return Rectangle((i + 0.05, 0.15), 0.9, 0.8, facecolor=color, edgecolor=edge, lw=1.5)
 
 
@@ -162,8 +161,6 @@ def attention_decomposition(model: RTDModel, tokenizer: Tokenizer, text: str, si
 
 def plot_attention(terms: dict, max_heads: int = 4):
     """A grid: one row per head, columns c2c, c2p, p2c, and their sum (the pre-softmax scores)."""
-    from matplotlib.figure import Figure
-
     heads = min(max_heads, terms["c2c"].shape[0])
     names = ["c2c", "c2p", "p2c", "sum"]
     fig = Figure(figsize=(3.0 * len(names), 2.8 * heads))
@@ -194,9 +191,6 @@ def figure_png(fig, path: str | Path | None = None, dpi: int = 100) -> bytes:
 
 def interactive(model: RTDModel, tokenizer: Tokenizer, text: str, out_dir: Path):
     """Text box + sliders that redraw the RTD and attention views (and save them as PNGs in out_dir)."""
-    import ipywidgets as widgets
-    from IPython.display import Image, display
-
     # continuous_update=False: one redraw when the sentence is submitted (Enter) or a slider is let go,
     # not one per keystroke or slider pixel, each of which would queue a model forward and two figures
     box = widgets.Text(

@@ -1,7 +1,7 @@
 """Pre-training data: corpus sources → cached token file → packed examples → sharded, resumable batches.
 
 Sources (`CorpusSpec.source`):
-* `synthetic`, `synthetic:SEED` or `synthetic:seed=S,words=N` -- the embedded language of lab.pretrain.synthetic.
+* `synthetic`, `synthetic:SEED` or `synthetic:seed=S,words=N` -- the embedded language of lab.synthetic.
 * a file, folder (searched recursively) or glob of `.txt` (documents are blank-line-separated blocks, or
   one per line with `txt_documents="line"`), `.jsonl` (one JSON object per line, text in `text_field`;
   a corrupt line is counted and reported with its line number, not fatal) and WikiText
@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab.pretrain.synthetic import DEFAULT_WORDS, GENERATOR_VERSION, SyntheticLanguage
+from lab.synthetic import GENERATOR_VERSION, SyntheticLanguage, parse_synthetic
 from lab.tokenizer import Tokenizer, train_tokenizer
 from lab.util import atomic_write_json, cache_dir
 
@@ -139,27 +139,6 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def parse_synthetic(source: str) -> tuple[int, int]:
-    seed, words = 0, DEFAULT_WORDS
-    options = source.partition(":")[2]
-    try:
-        for item in filter(None, options.split(",")):
-            key, eq, value = item.partition("=")
-            if not eq:
-                seed = int(key)
-            elif key.strip() in ("seed", "words"):
-                seed, words = (int(value), words) if key.strip() == "seed" else (seed, int(value))
-            else:
-                raise ValueError(key)
-    except ValueError:
-        raise ValueError(
-            f"corpus {source!r} is not understood; use synthetic, synthetic:SEED or synthetic:seed=S,words=N"
-        ) from None
-    if words < 1:
-        raise ValueError(f"corpus {source!r}: words must be positive")
-    return seed, words
 
 
 def _find_files(source: str) -> list[Path]:
@@ -282,7 +261,7 @@ def _read_wikitext(path: Path, issues: dict) -> Iterator[str]:
 
 def _read_hf(name: str, config: str | None, spec: CorpusSpec) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # optional (the dev extra): only an hf: corpus needs it
     except ImportError:
         raise ValueError(
             f"corpus hf:{name} needs the `datasets` package: pip install datasets (or pass local files)"

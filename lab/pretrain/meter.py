@@ -10,12 +10,9 @@ import contextlib
 import time
 
 import torch
+from tqdm.auto import tqdm
 
-
-def sync(device: torch.device) -> None:
-    """Wait for the device: only where a step reads values anyway (eval, probe, checkpoint, warm-up)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from lab.training import sync
 
 
 class Meter:
@@ -31,7 +28,6 @@ class Meter:
     ):
         self.device, self.start, self.warmup = device, start, warmup
         self.sums = {k: torch.zeros((), device=device) for k in losses}  # summed over the window's steps
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.steps = self.steady_steps = self.steady_steps_total = 0  # the first two: since the last log
         self.overhead_in_window = dict.fromkeys(self.KINDS, 0.0)
         self.total_overhead = dict.fromkeys(self.KINDS, 0.0)
@@ -39,10 +35,10 @@ class Meter:
         self.overhead_in_step = 0.0
         self.compile_s: float | None = None  # the warm-up steps' time beyond steady steps
 
-    def add(self, out, accum: int) -> None:
-        self.nonfinite |= ~torch.isfinite(out.loss.detach())
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        """Add one step's losses (device tensors) to the window's sums."""
         for key, value in self.sums.items():
-            value += getattr(out, key).detach() / accum
+            value += losses[key].detach()
 
     @contextlib.contextmanager
     def overhead(self, kind: str):
@@ -105,8 +101,6 @@ class Progress:
         self.total, self.enabled = total, enabled and mode != "none"
         self.bar = None
         if self.enabled and mode == "bar":
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
 
     def update(self, row: dict, eta_s: float | None, n: int) -> None:

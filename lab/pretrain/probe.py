@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lab.rtd import RTDModel
+
 
 def _rows(E: torch.Tensor, ids: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
     E = E.detach().float()
@@ -70,3 +72,35 @@ def similarity_pull(table: torch.Tensor, grad: torch.Tensor, skip: int = 4) -> f
         return float("nan")
     (ds_dE,) = torch.autograd.grad(mean, E)
     return float(-(ds_dE * grad.detach().double()[skip:]).sum())
+
+
+def gradient_probe(model: RTDModel, out, rtd_weight: float) -> dict:
+    """The tug-of-war, measured: cosine between dL_MLM/dE_G and rtd_weight * dL_RTD/dE_D-own.
+
+    E_D-own is the table the RTD loss trains on D's side: the shared table itself (es), D's own
+    table (nes), E_delta (gdes). Under ES both gradients land on one table and the cosine is the
+    conflict it must absorb; under NES/GDES it is the conflict that separating the tables avoids.
+    `similarity_pull_*`: how one step of each loss changes the average pairwise cosine of the table it
+    trains (E_G for MLM, E_D as D sees it for RTD) — the paper's "MLM pulls together, RTD pushes apart".
+    `rtd_grad_on_generator` is the RTD gradient that reaches E_G: non-zero only under ES.
+    """
+    gen_table, own = model.generator_table, model.discriminator_own_table()
+    g_mlm = torch.autograd.grad(out.mlm_loss, gen_table, retain_graph=True)[0]
+    # a mode whose RTD loss trains no word table (own is None): D's side gets a zero gradient, no conflict
+    g_rtd_own, g_rtd_gen = torch.autograd.grad(
+        rtd_weight * out.rtd_loss,
+        [gen_table if own is None else own, gen_table],
+        retain_graph=True,
+        allow_unused=True,
+    )
+    g_rtd_gen = torch.zeros_like(gen_table) if g_rtd_gen is None else g_rtd_gen
+    g_rtd_own = torch.zeros_like(gen_table) if g_rtd_own is None else g_rtd_own
+    return {
+        "grad_cos": gradient_cosine(g_mlm, g_rtd_own),
+        # > 0 pulls the rows of the table together, < 0 pushes them apart (per unit learning rate)
+        "similarity_pull_mlm": similarity_pull(gen_table, g_mlm),
+        "similarity_pull_rtd": similarity_pull(model.discriminator_table(), g_rtd_own),
+        "grad_norm_mlm": g_mlm.norm().item(),
+        "grad_norm_rtd": g_rtd_own.norm().item(),
+        "rtd_grad_on_generator": g_rtd_gen.norm().item(),
+    }

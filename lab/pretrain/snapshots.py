@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 
 from lab.util import atomic_write_bytes, atomic_write_json
 
@@ -118,8 +119,6 @@ class Recorder:
 
     @torch.no_grad()
     def write(self, step: int) -> Path:
-        from safetensors.torch import save
-
         model = self.run.model
         index = self.ids.to(model.generator_table.device)
         rows = {
@@ -136,8 +135,6 @@ class Recorder:
 
 def load_snapshot(path: str | Path) -> dict[str, torch.Tensor]:
     """One snapshot as float32 tables plus `ids`."""
-    from safetensors.torch import load_file
-
     tensors = load_file(str(path))
     return {k: v if k == "ids" else v.float() for k, v in tensors.items()}
 

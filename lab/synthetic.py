@@ -284,3 +284,25 @@ class _Generator:
                 self.sentence(topic, words)
             produced += len(words)
             yield " ".join(words)
+
+
+def parse_synthetic(source: str) -> tuple[int, int]:
+    """(seed, words) of a corpus spec `synthetic`, `synthetic:SEED` or `synthetic:seed=S,words=N`."""
+    seed, words = 0, DEFAULT_WORDS
+    options = source.partition(":")[2]
+    try:
+        for item in filter(None, options.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                seed = int(key)
+            elif key.strip() in ("seed", "words"):
+                seed, words = (int(value), words) if key.strip() == "seed" else (seed, int(value))
+            else:
+                raise ValueError(key)
+    except ValueError:
+        raise ValueError(
+            f"corpus {source!r} is not understood; use synthetic, synthetic:SEED or synthetic:seed=S,words=N"
+        ) from None
+    if words < 1:
+        raise ValueError(f"corpus {source!r}: words must be positive")
+    return seed, words

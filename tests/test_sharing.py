@@ -186,8 +186,8 @@ def test_a_mode_registered_here_goes_through_the_experiment(frozen, tmp_path):
         tasks=("synth_tag",),
         pretrain_seeds=(0,),
         finetune_seeds=(1,),
-        glue_dir=str(ROOT / "tests" / "fixtures" / "glue"),
         progress="none",
+        **{"finetune.glue_dir": str(ROOT / "tests" / "fixtures" / "glue")},
     )
     summary = experiment.run(cfg)
     rows = summary["tug_of_war"]["summary"]

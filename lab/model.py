@@ -198,18 +198,19 @@ def diagonal_offset(T: int, position_buckets: int, max_relative_positions: int) 
 
 
 def skew(scores: torch.Tensor, start: int) -> torch.Tensor:
-    """The relative shift of Transformer-XL (Dai et al., ACL 2019, appendix B) as a view:
-    scores [..., T, R] (contiguous rows) -> [..., T, T] with out[..., r, s] = scores[..., r, start - r + s].
+    """The relative shift of Transformer-XL (Dai et al., ACL 2019, appendix B) as a view: scores
+    [..., T, R], a matmul's fresh output -> [..., T, T] with out[..., r, s] = scores[..., r, start - r + s].
 
     Row r starts `start - r` entries into score row r, so consecutive rows start R - 1 apart in memory:
-    one as_strided view with row stride R - 1, no index and no copy. Its backward writes each gradient
-    entry to its own address (no two entries of the view share one, as R >= 2T - 1 > T - 1), so nothing
-    is accumulated and nothing needs a wider dtype. The caller keeps 0 <= start - r + s < R."""
+    one as_strided view with row stride R - 1, no index and no copy. Its backward is one zero-filled
+    [..., T, R] gradient and one strided copy into it; no two entries of the view share an address
+    (R >= 2T - 1 > T - 1), so nothing is accumulated and nothing needs a wider dtype. The caller keeps
+    0 <= start - r + s < R."""
     *lead, T, R = scores.shape
-    scores = scores.contiguous()  # a no-op on a matmul's output
-    # as_strided keeps its input's storage offset: start the view on row 0's entry `start`
-    first = scores.flatten(-2)[..., start:]  # [..., T * R - start]
-    return first.as_strided((*lead, T, T), (*scores.stride()[:-2], R - 1, 1))  # [..., T, T]
+    if not torch.compiler.is_compiling() and (scores.storage_offset() or not scores.is_contiguous()):
+        # as_strided addresses the storage: the rows must start it, densely (a matmul's output does)
+        raise ValueError("skew needs contiguous scores that start their storage; pass a matmul's output")
+    return scores.as_strided((*lead, T, T), (*scores.stride()[:-2], R - 1, 1), start)  # [..., T, T]
 
 
 _relative_index_cached = lru_cache(maxsize=32)(_relative_index)

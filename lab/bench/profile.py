@@ -1,18 +1,18 @@
 """Where lab's RTD step spends its time, and which layout of the relative shift is faster.
 
-    python -m lab.bench.profile                       # both, xsmall T=128 batch 4 fp32, tables printed
-    python -m lab.bench.profile --what layouts --repeats 20
-    python -m lab.bench.profile --what step --out runs/profile.txt
+  python -m lab.bench.profile                       # both, xsmall T=128 batch 4 fp32, tables printed
+  python -m lab.bench.profile --what layouts --repeats 20
+  python -m lab.bench.profile --what step --out runs/profile.txt
 
-  step     torch.profiler over `steps` RTD steps of lab (sharing "es", the benchmark's lab-es candidate,
-           lab/bench/builders.py) after `warmup` untimed ones: the operators by self CPU time.
-  layouts  one DisentangledSelfAttention forward + backward (no dropout) with c2p / p2c read three
-           ways, timed alternately: the gathers through relative_index, the model's relative shift
-           (lab.model.skew, an as_strided view), and the same shift as a flatten-and-reshape of the score
-           rows (Transformer-XL's pad-and-reshape: flat[start : start + T(R - 1)] viewed [T, R - 1], the
-           first T columns kept, zero-padded only where that window runs past the end). Each figure is
-           the median of the repeats, wall and process CPU time (the latter less sensitive to other
-           processes on a shared machine).
+step     torch.profiler over `steps` RTD steps of lab (sharing "es", the benchmark's lab-es candidate,
+         lab/bench/builders.py) after `warmup` untimed ones: the operators by self CPU time.
+layouts  one DisentangledSelfAttention forward + backward (no dropout) with c2p / p2c read three
+         ways, timed alternately: the gathers through relative_index, the model's relative shift
+         (lab.model.skew, an as_strided view), and the same shift as a flatten-and-reshape of the score
+         rows (Transformer-XL's pad-and-reshape: flat[start : start + T(R - 1)] viewed [T, R - 1], the
+         first T columns kept, zero-padded only where that window runs past the end). Each figure is
+         the median of the repeats, wall and process CPU time (the latter less sensitive to other
+         processes on a shared machine).
 """
 
 from __future__ import annotations

@@ -351,17 +351,6 @@ class RTDModel(nn.Module):
 
     # -- the step --------------------------------------------------------------------------------
 
-    def generator_word_embeds(self, ids: torch.Tensor) -> torch.Tensor:
-        """E_G[ids] [B, T, D], the generator's own lookup (nn.Embedding's, padding row included), with a
-        sparse gradient on the CPU. E_G always has a second, dense [V, D] gradient, the tied MLM head's,
-        so autograd adds these B * T rows into it (an index_add) instead of zero-filling a [V, D] tensor
-        and adding the two: two passes over the whole table fewer per step. Elsewhere the gradient stays
-        dense: the sparse backward finds the padding rows with nonzero(), a read back to the host on an
-        accelerator, and sparse tensors do not compile (torch.compile)."""
-        table = self.generator.word_embeddings
-        sparse = ids.device.type == "cpu" and not torch.compiler.is_compiling()
-        return F.embedding(ids, table.weight, table.padding_idx, sparse=sparse)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -401,11 +390,10 @@ class RTDModel(nn.Module):
             vocab_size=self.generator.cfg.vocab_size,
         )
         # 2. generator, MLM loss only at the masked positions (no [B, T, V] logits)
-        gen_words = self.generator_word_embeds(masked_ids)  # E_G[ids] [B, T, D]
         if self.emd is None:
-            gen_hidden = self.generator(masked_ids, encoder_mask, gen_words)  # [B, T, D]
+            gen_hidden = self.generator(masked_ids, encoder_mask)  # [B, T, D]
         else:
-            embedded = self.generator.embed(masked_ids, encoder_mask, gen_words)  # H_0 [B, T, D]
+            embedded = self.generator.embed(masked_ids, encoder_mask)  # H_0 [B, T, D]
             hidden = [embedded, *self.generator.encode(embedded, encoder_mask)]  # H_0 .. H_n
             gen_hidden = self.emd(self.generator, hidden, encoder_mask)
         masked_hidden = gen_hidden.gather(

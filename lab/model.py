@@ -274,7 +274,9 @@ class DisentangledSelfAttention(nn.Module):
     projections (c2p, p2c), never onto a [B, H, T, T] tensor.
     Two interchangeable implementations (ModelConfig.attention_impl), equal to the float64 reference
     in tests/test_reference.py; neither uses custom autograd, so torch.compile and export work:
-      sdpa  the position terms as one additive [B, H, T, T] bias into scaled_dot_product_attention
+      sdpa  the position terms as one additive [B, H, T, T] bias into scaled_dot_product_attention,
+            read from the [B, H, T, R] position scores by a relative shift (skew) up to
+            T = position_buckets / 2 + 1, where the index is a diagonal, and by gathers beyond
       flex  FlexAttention with a score_mod that looks the position terms up in the [B, H, T, R]
             position scores, so no [B, H, T, T] tensor is materialised (compiled kernels on CUDA;
             on the CPU, torch 2.13 runs it forward only)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import lab.model
-from lab.bench.builders import build_lab_step, model_config
+from lab.bench.builders import build_hf_step, build_lab_step, model_config
 from lab.cli import config_parser, param, parse_values, run_verb
 from lab.model import DisentangledSelfAttention, relative_index
 from lab.util import replace_strict
@@ -35,7 +35,7 @@ from lab.util import replace_strict
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    what: str = param("step,layouts", "step (torch.profiler table) and/or layouts (shift vs gathers)")
+    what: str = param("step,layouts", "step (torch.profiler table), steps (lab vs the peer), layouts (shift)")
     preset: str = param("xsmall", "model size (lab.model presets)")
     seq_len: int = param(128, "T; the shift applies up to position_buckets / 2 + 1")
     batch: int = param(4, "B (the benchmark's 512 tokens per step at T=128)")
@@ -86,21 +86,13 @@ def layout_times(pc: ProfileConfig) -> dict[str, dict[str, float]]:
         for _ in range(pc.warmup):
             call(patch)
         h.grad = None
-        out = attention(h, rel, index, None)
         call(patch)
         if reference is None:
             reference = h.grad.clone()
         torch.testing.assert_close(h.grad, reference, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
-        del out
-    times = {name: {"wall": [], "cpu": []} for name in layouts}
-    names = list(layouts)
-    for r in range(pc.repeats):
-        for name in names[r % 3 :] + names[: r % 3]:
-            wall, cpu = time.perf_counter(), time.process_time()
-            call(layouts[name])
-            times[name]["cpu"].append(time.process_time() - cpu)
-            times[name]["wall"].append(time.perf_counter() - wall)
-    return {n: {k: 1e3 * statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+    return alternate(
+        {name: lambda patch=patch: call(patch) for name, patch in layouts.items()}, 0, pc.repeats
+    )
 
 
 def layout_table(pc: ProfileConfig) -> str:
@@ -115,6 +107,44 @@ def layout_table(pc: ProfileConfig) -> str:
     for name, t in times.items():
         lines.append(f"| {name} | {t['wall']:.2f} | {t['cpu']:.2f} | {base['cpu'] / t['cpu']:.2f}x |")
     return "\n".join(lines)
+
+
+def alternate(calls: dict, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median ms of each call, wall and process CPU time, the calls alternating in rotating order."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times = {name: {"wall": [], "cpu": []} for name in calls}
+    names = list(calls)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            calls[name]()
+            times[name]["cpu"].append(time.process_time() - cpu)
+            times[name]["wall"].append(time.perf_counter() - wall)
+    return {n: {k: 1e3 * statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+
+
+def steps_table(pc: ProfileConfig) -> str:
+    """lab-es against the peer: ms per step and the peer's time over lab's (tokens/s ratio)."""
+    cpu = torch.device("cpu")
+    calls = {
+        "lab-es": build_lab_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu, "es"),
+        "hf": build_hf_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu),
+    }
+    times = alternate(calls, pc.warmup, pc.repeats)
+    lab, hf = times["lab-es"], times["hf"]
+    return "\n".join(
+        [
+            f"RTD step, {pc.preset} T={pc.seq_len} batch {pc.batch} fp32, {torch.get_num_threads()} threads, "
+            f"median of {pc.repeats}",
+            "| candidate | wall ms | CPU ms |",
+            "|---|---|---|",
+            *(f"| {name} | {t['wall']:.0f} | {t['cpu']:.0f} |" for name, t in times.items()),
+            f"lab-es / hf tokens/s: {hf['wall'] / lab['wall']:.2f}x by wall time, "
+            f"{hf['cpu'] / lab['cpu']:.2f}x by CPU time",
+        ]
+    )
 
 
 def step_table(pc: ProfileConfig) -> str:
@@ -139,11 +169,13 @@ def cli(argv: list[str] | None = None) -> int:
 
     def action() -> None:
         parts = pc.what.split(",")
-        unknown = set(parts) - {"step", "layouts"}
+        builders = {"layouts": layout_table, "steps": steps_table, "step": step_table}
+        unknown = set(parts) - set(builders)
         if unknown:
-            raise ValueError(f"--what {pc.what}: unknown {sorted(unknown)}; choose step and/or layouts")
-        tables = [layout_table(pc)] if "layouts" in parts else []
-        tables += [step_table(pc)] if "step" in parts else []
+            raise ValueError(
+                f"--what {pc.what}: unknown {sorted(unknown)}; choose from {', '.join(builders)}"
+            )
+        tables = [builders[name](pc) for name in builders if name in parts]
         text = "\n\n".join(tables)
         print(text)
         if pc.out:

@@ -157,9 +157,9 @@ def _bucket_of(distance: int, position_buckets: int, max_relative_positions: int
 ROW_MULTIPLE = 8  # the position matmuls' R: a multiple of 8 keeps bf16 rows 16-byte aligned (tensor cores)
 
 
-def _relative_index(T: int, position_buckets: int, max_relative_positions: int, device) -> tuple:
-    pos = torch.arange(T, device=device)
-    bucket = log_bucket(pos[:, None] - pos[None, :], position_buckets, max_relative_positions)  # [T, T]
+def _row_window(T: int, position_buckets: int, max_relative_positions: int) -> tuple[int, int]:
+    """(lo, R): the table rows lo .. lo+R-1 that a length-T sequence reaches, R rounded up to a multiple
+    of ROW_MULTIPLE where the table allows (relative_index says why)."""
     # buckets grow with the distance, so the farthest pair (T - 1 apart) bounds the rows a sequence
     # reaches; the index saturates at the table's ends, 0 and 2B - 1
     rows = 2 * position_buckets
@@ -171,12 +171,46 @@ def _relative_index(T: int, position_buckets: int, max_relative_positions: int, 
     # index points at (upwards, or downwards at the table's end), so nothing is padded and the table
     # keeps its 2B rows
     R = min(rows, -(-(hi - lo + 1) // ROW_MULTIPLE) * ROW_MULTIPLE)
-    lo = min(lo, rows - R)
-    c2p = (bucket + position_buckets).clamp(0, rows - 1) - lo  # [T(i), T(j)], idx(i, j) - lo
+    return min(lo, rows - R), R
+
+
+def _relative_index(T: int, position_buckets: int, max_relative_positions: int, device) -> tuple:
+    pos = torch.arange(T, device=device)
+    bucket = log_bucket(pos[:, None] - pos[None, :], position_buckets, max_relative_positions)  # [T, T]
+    lo, R = _row_window(T, position_buckets, max_relative_positions)
+    c2p = (bucket + position_buckets).clamp(0, 2 * position_buckets - 1) - lo  # [T(i), T(j)], idx(i, j) - lo
     # p2c reads key j's row of position scores at idx(i, j): as a flat index into the [T(j) * R]
     # scores, entry [i, j] = j * R + idx(i, j) - lo, so p2c comes out in c2p's [i, j] layout
     p2c = c2p + pos[None, :] * R  # [T(i), T(j)]
     return lo, R, torch.stack([c2p, p2c]).contiguous()  # [2, T, T]
+
+
+def diagonal_offset(T: int, position_buckets: int, max_relative_positions: int) -> int | None:
+    """c such that relative_index's idx(i, j) - lo = (i - j) + c for every pair of a length-T sequence,
+    or None where no such c exists. Every distance up to B/2 has its own bucket (bucket = i - j, and
+    i - j + B never reaches the clamp), so for T <= B/2 + 1 the index is a plain diagonal, c = B - lo,
+    and the position terms are a relative shift of the score rows (position_terms) instead of a
+    gather. Decided from T alone: a shape, so no data-dependent branch (torch.compile guards on it)."""
+    if T > position_buckets // 2 + 1:
+        return None
+    lo, _ = _row_window(T, position_buckets, max_relative_positions)
+    return position_buckets - lo
+
+
+def skew(scores: torch.Tensor, start: int) -> torch.Tensor:
+    """The relative shift of Transformer-XL (Dai et al., ACL 2019, appendix B) as a view: scores
+    [..., T, R], a matmul's fresh output -> [..., T, T] with out[..., r, s] = scores[..., r, start - r + s].
+
+    Row r starts `start - r` entries into score row r, so consecutive rows start R - 1 apart in memory:
+    one as_strided view with row stride R - 1, no index and no copy. Its backward is one zero-filled
+    [..., T, R] gradient and one strided copy into it; no two entries of the view share an address
+    (R >= 2T - 1 > T - 1), so nothing is accumulated and nothing needs a wider dtype. The caller keeps
+    0 <= start - r + s < R."""
+    *lead, T, R = scores.shape
+    if not torch.compiler.is_compiling() and (scores.storage_offset() or not scores.is_contiguous()):
+        # as_strided addresses the storage: the rows must start it, densely (a matmul's output does)
+        raise ValueError("skew needs contiguous scores that start their storage; pass a matmul's output")
+    return scores.as_strided((*lead, T, T), (*scores.stride()[:-2], R - 1, 1), start)  # [..., T, T]
 
 
 _relative_index_cached = lru_cache(maxsize=32)(_relative_index)
@@ -240,7 +274,9 @@ class DisentangledSelfAttention(nn.Module):
     projections (c2p, p2c), never onto a [B, H, T, T] tensor.
     Two interchangeable implementations (ModelConfig.attention_impl), equal to the float64 reference
     in tests/test_reference.py; neither uses custom autograd, so torch.compile and export work:
-      sdpa  the position terms as one additive [B, H, T, T] bias into scaled_dot_product_attention
+      sdpa  the position terms as one additive [B, H, T, T] bias into scaled_dot_product_attention,
+            read from the [B, H, T, R] position scores by a relative shift (skew) up to
+            T = position_buckets / 2 + 1, where the index is a diagonal, and by gathers beyond
       flex  FlexAttention with a score_mod that looks the position terms up in the [B, H, T, R]
             position scores, so no [B, H, T, T] tensor is materialised (compiled kernels on CUDA;
             on the CPU, torch 2.13 runs it forward only)
@@ -255,21 +291,52 @@ class DisentangledSelfAttention(nn.Module):
         self.dropout_p = cfg.attention_dropout
         self.impl = cfg.attention_impl
         self.scale = 1.0 / math.sqrt(3 * self.head_size)  # one shared scale for all three terms
+        self.position_buckets, self.max_relative_positions = cfg.position_buckets, cfg.max_relative_positions
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         *lead, T, _ = x.shape
         return x.view(*lead, T, self.num_heads, self.head_size).transpose(-2, -3)  # [..., H, T, Dh]
 
+    def position_projections(self, rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qr, Kr: the table rows rel [R, D] through the content Q/K layers, biases included
+        (share_att_key), already divided by sqrt(3 * Dh): [H, R, Dh] each."""
+        q_rel = self.split_heads(self.query(rel)) * self.scale  # [H, R, Dh]
+        k_rel = self.split_heads(self.key(rel)) * self.scale  # [H, R, Dh]
+        return q_rel, k_rel
+
     def position_scores(self, q, k, rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every query and every key scored against every table row, already divided by sqrt(3 * Dh):
         ([B, H, T, R], same). The scale goes on the [H, R, Dh] projections, not on [B, H, T, T] scores."""
-        # the position projections reuse the content Q/K layers, biases included (share_att_key)
-        q_rel = self.split_heads(self.query(rel)) * self.scale  # [H, R, Dh]
-        k_rel = self.split_heads(self.key(rel)) * self.scale  # [H, R, Dh]
+        q_rel, k_rel = self.position_projections(rel)  # [H, R, Dh] each
         return q @ k_rel.transpose(-1, -2), k @ q_rel.transpose(-1, -2)  # Qc·Kr^T, Kc·Qr^T [B, H, T, R]
 
     def position_terms(self, q, k, rel, index) -> tuple[torch.Tensor, torch.Tensor]:
-        """c2p and p2c, each [B, H, T(i), T(j)] and divided by sqrt(3 * Dh).
+        """c2p and p2c, each [B, H, T(i), T(j)] and divided by sqrt(3 * Dh): a relative shift of the
+        score rows where the index is a diagonal (T <= B/2 + 1, diagonal_offset), else gathers."""
+        offset = diagonal_offset(index.shape[-1], self.position_buckets, self.max_relative_positions)
+        if offset is None:
+            return self.gathered_position_terms(q, k, rel, index)
+        return self.shifted_position_terms(q, k, rel, offset)
+
+    def shifted_position_terms(self, q, k, rel, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_terms where idx(i, j) - lo = (i - j) + offset: views into the [B, H, T, R] scores
+        (skew), in their own dtype (each gradient entry has its own address: nothing to upcast)."""
+        q_rel, k_rel = self.position_projections(rel)  # [H, R, Dh] each
+        R = rel.shape[0]
+        # c2p[i, j] = Qc_i · Kr[(i - j) + offset]: along j, query i's row is read backwards. Scoring
+        # the queries against the rows in reverse order (column m = table row R - 1 - m) turns that into
+        # column (R - 1 - offset) - i + j, read forwards: a skew starting at R - 1 - offset
+        c2p_scores = q @ k_rel.flip(-2).transpose(-1, -2)  # [B, H, T, R(reversed)]
+        c2p = skew(c2p_scores, R - 1 - offset)  # [B, H, T(i), T(j)]
+        # p2c[i, j] = Kc_j · Qr[(i - j) + offset]: the SAME index as c2p (not idx(j, i)), read from key
+        # j's row at column offset - j + i, forwards along i: a skew of the key rows gives [j, i],
+        # transposed to c2p's [i, j]
+        p2c_scores = k @ q_rel.transpose(-1, -2)  # [B, H, T, R]
+        p2c = skew(p2c_scores, offset).transpose(-1, -2)  # [B, H, T(i), T(j)]
+        return c2p, p2c
+
+    def gathered_position_terms(self, q, k, rel, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_terms through the index, for every T.
 
         Under bf16 / fp16 the gathers run on fp32 scores: their backward sums every pair's gradient
         into the R rows it read, and at T >= 1024 about half of all pairs saturate at rows 0 and R - 1,
@@ -288,9 +355,13 @@ class DisentangledSelfAttention(nn.Module):
 
     def position_bias(self, q, k, rel: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """c2p + p2c as one [B, H, T, T] tensor in q's dtype, already divided by sqrt(3 * Dh)."""
-        c2p, p2c = self.position_terms(q, k, rel, index)
-        # in place: a gather's backward needs its index, never its output
-        return c2p.add_(p2c).to(q.dtype)  # [B, H, T, T]
+        offset = diagonal_offset(index.shape[-1], self.position_buckets, self.max_relative_positions)
+        if offset is None:
+            c2p, p2c = self.gathered_position_terms(q, k, rel, index)
+            # in place: a gather's backward needs its index, never its output
+            return c2p.add_(p2c).to(q.dtype)  # [B, H, T, T]
+        c2p, p2c = self.shifted_position_terms(q, k, rel, offset)
+        return c2p + p2c  # views into the scores, summed into a fresh [B, H, T, T] tensor in q's dtype
 
     def forward(self, h, rel, index, key_mask_bias, query=None) -> torch.Tensor:
         """h [B, T, D] keys/values (and queries unless `query` [B, T, D] is given, as in the generator's

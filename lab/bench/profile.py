@@ -1,0 +1,189 @@
+"""Where lab's RTD step spends its time, and which layout of the relative shift is faster.
+
+  python -m lab.bench.profile                       # both, xsmall T=128 batch 4 fp32, tables printed
+  python -m lab.bench.profile --what layouts --repeats 20
+  python -m lab.bench.profile --what step --out runs/profile.txt
+
+step     torch.profiler over `steps` RTD steps of lab (sharing "es", the benchmark's lab-es candidate,
+         lab/bench/builders.py) after `warmup` untimed ones: the operators by self CPU time.
+layouts  one DisentangledSelfAttention forward + backward (no dropout) with c2p / p2c read three
+         ways, timed alternately: the gathers through relative_index, the model's relative shift
+         (lab.model.skew, an as_strided view), and the same shift as a flatten-and-reshape of the score
+         rows (Transformer-XL's pad-and-reshape: flat[start : start + T(R - 1)] viewed [T, R - 1], the
+         first T columns kept, zero-padded only where that window runs past the end). Each figure is
+         the median of the repeats, wall and process CPU time (the latter less sensitive to other
+         processes on a shared machine).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lab.model
+from lab.bench.builders import build_hf_step, build_lab_step, model_config
+from lab.cli import config_parser, param, parse_values, run_verb
+from lab.model import DisentangledSelfAttention, relative_index
+from lab.util import replace_strict
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    what: str = param("step,layouts", "step (torch.profiler table), steps (lab vs the peer), layouts (shift)")
+    preset: str = param("xsmall", "model size (lab.model presets)")
+    seq_len: int = param(128, "T; the shift applies up to position_buckets / 2 + 1")
+    batch: int = param(4, "B (the benchmark's 512 tokens per step at T=128)")
+    warmup: int = param(2, "untimed calls first")
+    steps: int = param(3, "profiled RTD steps")
+    repeats: int = param(15, "timed calls per layout, alternating")
+    rows: int = param(25, "operators listed in the profile table")
+    out: str = param("", "also write the tables to this file")
+
+
+def skew_reshape(scores: torch.Tensor, start: int) -> torch.Tensor:
+    """lab.model.skew as a flatten-and-reshape: the same [..., T, T] entries, other autograd nodes."""
+    *lead, T, R = scores.shape
+    flat = scores.flatten(-2)  # [..., T * R]
+    short = start + T * (R - 1) - T * R  # how far the T x (R - 1) window runs past the end
+    if short > 0:
+        flat = F.pad(flat, (0, short))  # [..., T * R + short], a copy
+    return flat[..., start : start + T * (R - 1)].view(*lead, T, R - 1)[..., :T]  # [..., T, T]
+
+
+def layout_times(pc: ProfileConfig) -> dict[str, dict[str, float]]:
+    """Median ms (wall and process CPU) of one attention forward + backward per layout."""
+    cfg = replace_strict(model_config(pc.preset, pc.seq_len), attention_dropout=0.0)
+    torch.manual_seed(0)
+    attention = DisentangledSelfAttention(cfg).train()
+    T = pc.seq_len
+    lo, R, index = relative_index(T, cfg.position_buckets, cfg.max_relative_positions)
+    h = torch.randn(pc.batch, T, cfg.hidden_size, requires_grad=True)
+    rel = torch.randn(R, cfg.hidden_size, requires_grad=True)
+    layouts = {
+        "gather": {"diagonal_offset": lambda *args: None},
+        "as_strided": {},
+        "reshape": {"skew": skew_reshape},
+    }
+
+    def call(patch):
+        saved = {name: getattr(lab.model, name) for name in patch}
+        for name, fn in patch.items():
+            setattr(lab.model, name, fn)
+        try:
+            attention(h, rel, index, None).square().sum().backward()
+        finally:
+            for name, fn in saved.items():
+                setattr(lab.model, name, fn)
+
+    reference = None
+    for name, patch in layouts.items():  # warm-up, and the three must agree
+        for _ in range(pc.warmup):
+            call(patch)
+        h.grad = None
+        call(patch)
+        if reference is None:
+            reference = h.grad.clone()
+        torch.testing.assert_close(h.grad, reference, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+    return alternate(
+        {name: lambda patch=patch: call(patch) for name, patch in layouts.items()}, 0, pc.repeats
+    )
+
+
+def layout_table(pc: ProfileConfig) -> str:
+    times = layout_times(pc)
+    base = times["gather"]
+    lines = [
+        f"attention forward + backward, {pc.preset} T={pc.seq_len} batch {pc.batch} fp32, "
+        f"{torch.get_num_threads()} threads, median of {pc.repeats}",
+        "| layout | wall ms | CPU ms | CPU vs gather |",
+        "|---|---|---|---|",
+    ]
+    for name, t in times.items():
+        lines.append(f"| {name} | {t['wall']:.2f} | {t['cpu']:.2f} | {base['cpu'] / t['cpu']:.2f}x |")
+    return "\n".join(lines)
+
+
+def alternate(calls: dict, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median ms of each call, wall and process CPU time, the calls alternating in rotating order."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times = {name: {"wall": [], "cpu": []} for name in calls}
+    names = list(calls)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            calls[name]()
+            times[name]["cpu"].append(time.process_time() - cpu)
+            times[name]["wall"].append(time.perf_counter() - wall)
+    return {n: {k: 1e3 * statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+
+
+def steps_table(pc: ProfileConfig) -> str:
+    """lab-es against the peer: ms per step and the peer's time over lab's (tokens/s ratio)."""
+    cpu = torch.device("cpu")
+    calls = {
+        "lab-es": build_lab_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu, "es"),
+        "hf": build_hf_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu),
+    }
+    times = alternate(calls, pc.warmup, pc.repeats)
+    lab, hf = times["lab-es"], times["hf"]
+    return "\n".join(
+        [
+            f"RTD step, {pc.preset} T={pc.seq_len} batch {pc.batch} fp32, {torch.get_num_threads()} threads, "
+            f"median of {pc.repeats}",
+            "| candidate | wall ms | CPU ms |",
+            "|---|---|---|",
+            *(f"| {name} | {t['wall']:.0f} | {t['cpu']:.0f} |" for name, t in times.items()),
+            f"lab-es / hf tokens/s: {hf['wall'] / lab['wall']:.2f}x by wall time, "
+            f"{hf['cpu'] / lab['cpu']:.2f}x by CPU time",
+        ]
+    )
+
+
+def step_table(pc: ProfileConfig) -> str:
+    """The profile of lab's ES step: operators by self CPU time over `steps` steps."""
+    step = build_lab_step(pc.preset, pc.seq_len, pc.batch, "fp32", torch.device("cpu"), "es")
+    for _ in range(pc.warmup):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(pc.steps):
+            step()
+    head = (
+        f"lab-es RTD step, {pc.preset} T={pc.seq_len} batch {pc.batch} fp32, {torch.get_num_threads()} "
+        f"threads, {pc.steps} steps profiled"
+    )
+    return head + "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=pc.rows)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = config_parser(ProfileConfig, "python -m lab.bench.profile", __doc__.split("\n\n")[0])
+    values = parse_values(parser, sys.argv[1:] if argv is None else argv)
+    pc = replace_strict(ProfileConfig(), **values)
+
+    def action() -> None:
+        parts = pc.what.split(",")
+        builders = {"layouts": layout_table, "steps": steps_table, "step": step_table}
+        unknown = set(parts) - set(builders)
+        if unknown:
+            raise ValueError(
+                f"--what {pc.what}: unknown {sorted(unknown)}; choose from {', '.join(builders)}"
+            )
+        tables = [builders[name](pc) for name in builders if name in parts]
+        text = "\n\n".join(tables)
+        print(text)
+        if pc.out:
+            Path(pc.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(pc.out).write_text(text + "\n")
+
+    return run_verb(action)
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

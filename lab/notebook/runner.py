@@ -20,12 +20,15 @@ import argparse
 import ast
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from IPython.display import Image, Markdown
+from jupyter_client.manager import AsyncKernelManager
+from traitlets import CaselessStrEnum
 
 from lab import sharing
 from lab.analysis.stats import save_figure
@@ -106,6 +109,14 @@ def check_parameters(path: str | Path, given: dict[str, object]) -> None:
         )
 
 
+class LocalKernelManager(AsyncKernelManager):
+    """The kernel of a notebook run, on IPC sockets (files beside its connection file in Jupyter's runtime
+    folder) where the OS has them: only this process talks to it, so it needs no TCP port, and ipykernel's
+    warning about unencrypted TCP, which nobody running `lab run` could act on, does not apply."""
+
+    transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc" if os.name == "posix" else "tcp")
+
+
 def run_notebook(notebook: str | Path, parameters: dict[str, object], out_dir: str | Path) -> Path:
     """Execute `notebook` with `parameters` (checked against its parameters cell) into out_dir; returns
     the executed copy. `out_dir` is also passed as the notebook's `out_dir` unless one is given."""
@@ -125,6 +136,7 @@ def run_notebook(notebook: str | Path, parameters: dict[str, object], out_dir: s
         kernel_name="python3",
         cwd=str(ROOT),
         progress_bar=False,
+        kernel_manager_class=LocalKernelManager,
     )
     return executed
 

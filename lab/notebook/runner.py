@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,17 @@ def check_parameters(path: str | Path, given: dict[str, object]) -> None:
         )
 
 
+def short_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as a notebook shows it: "Category: message", paths under the project relative to it. The
+    source file and line add nothing for a reader, and absolute paths would differ from machine to machine
+    in the committed outputs."""
+    return f"{category.__name__}: {str(message).replace(f'{ROOT}{os.sep}', '')}\n"
+
+
+if "ipykernel" in sys.modules:  # inside a notebook's kernel (Jupyter, papermill, nbval), not the CLI
+    warnings.formatwarning = short_warning
+
+
 class LocalKernelManager(AsyncKernelManager):
     """The kernel of a notebook run, on IPC sockets (files beside its connection file in Jupyter's runtime
     folder) where the OS has them: only this process talks to it, so it needs no TCP port, and ipykernel's
@@ -154,6 +166,12 @@ def pretrain_config(out_dir: str | Path, steps: int, **fields) -> PretrainConfig
     scaled with `steps` (`scaled_to_steps`), 4 evaluation batches and a progress bar; `fields` on top."""
     base = PretrainConfig(eval_batches=4, progress="bar")
     return scaled_to_steps(replace_strict(base, out_dir=str(project_path(out_dir)), steps=steps, **fields))
+
+
+def as_shown(cfg: PretrainConfig) -> PretrainConfig:
+    """`cfg` as a notebook shows it: its out_dir relative to the project root, so the committed output
+    reads the same on every machine (project_path turns it back)."""
+    return dataclasses.replace(cfg, out_dir=str(relative_path(cfg.out_dir)))
 
 
 def ensure_runs(run_dirs: dict[str, str], work_dir: str | Path, **fields) -> dict[str, Path]:

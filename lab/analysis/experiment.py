@@ -26,9 +26,10 @@ Downstream scores are averaged over the fine-tuning seeds of each pre-training s
 GDES − NES and ES − NES (the paper's ordering, claim (c)) are compared paired over pre-training seeds
 (t interval, Holm within each claim's named primary family, power at the observed effect, the exact
 sign-flip p Holm-adjusted with its floor, bootstrap with its small-n caveat, two-level bootstrap); the
-same for the tug-of-war quantities of each pre-training run (GDES − ES, GDES − NES, NES − ES). Every table is computed from the per-run rows the report writes first
-(tug_of_war_runs.csv, downstream_runs.csv), and the results page (README.md in the report folder) is
-generated from those tables: `--report-only` rebuilds it all from the rows alone.
+same for the tug-of-war quantities of each pre-training run (GDES − ES, GDES − NES, NES − ES). Every
+table is computed from the per-run rows the report writes first (tug_of_war_runs.csv,
+downstream_runs.csv), and the results page (README.md in the report folder) is generated from those
+tables: `--report-only` rebuilds it all from the rows alone.
 
 Kernel pinning: CPU kernels round differently per instruction set, and a few hundred steps amplify
 the last bits, so a recipe with cpu_kernels="avx2" (cpu-results) pins torch, oneDNN and MKL to their
@@ -639,8 +640,8 @@ def results_page(out: Path) -> str:
         lines += [
             "**Analysis fixed after these runs.** These runs were made, and their rows committed, before "
             "the following were fixed in code: claim (c) as the paper's three-way ordering (GDES − ES, "
-            "GDES − NES and ES − NES, where before the family was GDES − ES and GDES − NES and ES − NES "
-            "was exploratory), the power columns, and the secondary views below (the sign-flip p "
+            "GDES − NES and ES − NES, where before the family was GDES − ES and GDES − NES and "
+            "ES − NES was exploratory), the power columns, and the secondary views below (the sign-flip p "
             "Holm-adjusted, the bootstrap's caveat, per-mode intervals over pre-training seeds). This page "
             "is a re-analysis of the same per-run rows: for these data the three-way (c) family and the "
             "power columns are not pre-registered. Claims (a) and (b) and their families are the ones "
@@ -717,7 +718,8 @@ def _primary_section(out: Path, power: str) -> list[str]:
                 lines += [f"{head} | | | | | | {r['reads']} |"]
                 continue
             lines += [
-                f"{head} {_num(r['difference'], True)} | [{_num(r['t_low'], True)}, {_num(r['t_high'], True)}] "
+                f"{head} {_num(r['difference'], True)} "
+                f"| [{_num(r['t_low'], True)}, {_num(r['t_high'], True)}] "
                 f"| {_num(r['p_holm'])} | {_num(r['resolvable'])} | {_pair(r['power'], r['power_holm'])} "
                 f"| {_pair(r['n_for_80'], r['n_for_80_holm'], str)} | {r['reads']} |"
             ]
@@ -764,7 +766,8 @@ def _per_mode_section(out: Path) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['task']} | {r['metric']} | {r['mode']} | {r['n']} | {r['finetune_seeds']} | {r['failed_seeds']} "
+        f"| {r['task']} | {r['metric']} | {r['mode']} | {r['n']} | {r['finetune_seeds']} "
+        f"| {r['failed_seeds']} "
         f"| {_num(r['mean'])} | {_num(r['std'])} | [{_num(r['t_low'])}, {_num(r['t_high'])}] |"
         for r in rows
     ]

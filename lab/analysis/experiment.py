@@ -532,8 +532,7 @@ def downstream_tables(records: list[dict], out: Path) -> dict:
         "value",
         "mode",
         out / "downstream",
-        title="Fine-tuned discriminator, best dev epoch\n(mean ± std over pre-training seeds, "
-        "fine-tuning seeds averaged within each)",
+        title="Fine-tuned discriminator, best dev epoch\nmean ± std over pre-training seeds",
     )
     return {
         "table": shown,

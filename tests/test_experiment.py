@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lab import sharing
-from lab.analysis import experiment
+from lab.analysis import claims, experiment
 from lab.analysis import runs as experiment_runs
 from lab.util import replace_strict
 
@@ -103,12 +103,13 @@ def test_experiment_writes_the_report_end_to_end(resumed):
     # every mode x task x metric has 2 x 2 paired seeds; every comparison is listed with its verdict
     table = summary["downstream"]["table"]
     assert {(r["task"], r["mode"]) for r in table} == {(t, m) for t in TASKS for m in cfg.modes}
-    assert all(r["n"] == 4 for r in table)
+    # per-mode intervals over the 2 pre-training seeds, each the mean of its 2 fine-tuning seeds
+    assert all(r["n"] == 2 and r["finetune_seeds"] == 2 for r in table)
     diffs = summary["downstream"]["differences"]
-    assert {r["comparison"] for r in diffs} == {"gdes - es", "gdes - nes", "nes - es"}
+    assert {r["comparison"] for r in diffs} == {"gdes - es", "gdes - nes", "es - nes"}
     assert all(r["n"] == 2 and r["finetune_seeds"] == 2 for r in diffs)  # n: pre-training seeds
     primary = {(r["task"], r["comparison"]) for r in diffs if r["family"] == experiment.DOWNSTREAM_FAMILY}
-    assert primary == {(t, c) for t in TASKS for c in experiment.DOWNSTREAM_PRIMARY}
+    assert primary == {(t, c.comparison) for t in TASKS for c in claims.ORDERING}
     # the tug-of-war quantities of every pre-training run, two seeds per mode
     rows = summary["tug_of_war"]["summary"]
     cos = {r["mode"]: r for r in rows if r["quantity"] == "cos_E_G"}
@@ -211,6 +212,71 @@ def test_every_number_on_the_results_page_is_in_the_rows_it_was_generated_from(r
     (report / "README.md").unlink()
     assert experiment.cli(["--recipe", "smoke", "--out-dir", cfg.out_dir, "--report-only"]) == 0
     assert (report / "README.md").read_text() == page
+
+
+def test_design_table_counts_the_examples_the_runs_used(resumed):
+    # the caps are not the counts: design.csv says what each fine-tuning run's results.json recorded
+    import csv
+
+    cfg, _, _ = resumed
+    design = {
+        r["setting"]: r["value"] for r in csv.DictReader((Path(cfg.out_dir) / "report" / "design.csv").open())
+    }
+    for task in TASKS:
+        run = experiment_runs.PlannedRun("finetune", "gdes", 0, task, 1)
+        results = json.loads((run.path(cfg) / "results.json").read_text())
+        assert int(design[f"train_examples {task}"]) == results["n_train_examples"]
+        assert int(design[f"dev_examples {task}"]) == results["n_dev_examples"]
+    assert design["analysis_fixed"] == "before the runs"
+    # a cap above the task's size is not what a run trains on: cpu-results caps synth_tag at 500, it has 300
+    from lab.finetune.tasks import get_task
+
+    splits = get_task("synth_tag").load()
+    generous = replace_strict(cfg, **{"finetune.max_train_examples": 500, "finetune.max_eval_examples": 300})
+    rows = {r["setting"]: r["value"] for r in experiment.design_rows(generous, ("synth_tag",))}
+    assert rows["train_examples synth_tag"] == len(splits["train"]) < 500
+    assert rows["dev_examples synth_tag"] == min(300, len(splits["dev"]))
+
+
+def planted_downstream_rows(es_offset: float) -> list[dict]:
+    """Hand-made downstream_runs.csv rows: 6 pre-training x 2 fine-tuning seeds per mode, a seed baseline
+    far above the effects, GDES 0.02 above NES and ES `es_offset` from NES (plus small noise)."""
+    rng = np.random.default_rng(0)
+    offsets = {"es": es_offset, "nes": 0.0, "gdes": 0.02}
+    return [
+        {"mode": mode, "task": "synth_tag", "metric": "accuracy", "main": "accuracy", "pretrain_seed": p,
+         "finetune_seed": f, "value": 0.8 + 0.01 * p + offsets[mode] + 0.001 * rng.standard_normal()}
+        for p in range(6) for f in (1, 2) for mode in offsets
+    ]  # fmt: skip
+
+
+def ordering_rows(page: str) -> dict[str, list[str]]:
+    """The rows of the page's (c) table: comparison -> its cells."""
+    section = page.split("### (c) downstream ordering")[1].split("Secondary views")[0]
+    cells = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("|")
+    ]
+    return {row[1]: row for row in cells[2:]}
+
+
+@pytest.mark.parametrize(
+    "es_offset, reads",
+    [(-0.01, "against the paper"), (0.01, "agrees with the paper"), (-0.0005, "not resolved")],
+)
+def test_claim_c_is_the_papers_ordering_read_whatever_the_direction(tmp_path, es_offset, reads):
+    from lab.util import write_csv
+
+    write_csv(tmp_path / "downstream_runs.csv", planted_downstream_rows(es_offset), digits=None)
+    write_csv(tmp_path / "design.csv", experiment.design_rows(tiny(tmp_path / "exp"), ("synth_tag",)))
+    experiment.tables_from_rows(tmp_path)
+    page = (tmp_path / "README.md").read_text()
+    rows = ordering_rows(page)
+    assert list(rows) == ["gdes - es", "gdes - nes", "es - nes"]  # all three, the paper's Table 6 order
+    assert rows["es - nes"][-1] == reads and rows["gdes - nes"][-1] == "agrees with the paper"
+    assert all(row[2] == "6" for row in rows.values())  # n: pre-training seeds, not fine-tuning runs
+    assert numbers_missing_from_csvs(page, tmp_path) == []
 
 
 def results_pages() -> list[tuple[str, Path]]:

@@ -21,13 +21,15 @@ experiment cut short still has complete, paired groups.
 Each run's path, configuration, status and time estimate, and the progress line over the runs, are
 in lab/analysis/runs.py, with the experiment's config; this module drives them and writes the report.
 
-The statistics (lab/analysis/stats.py): the pre-training seed is the unit. Downstream scores are averaged over
-the fine-tuning seeds of each pre-training seed, then GDES − ES, GDES − NES and NES − ES are compared
-paired over pre-training seeds (t interval, Holm within each claim's named primary family, exact
-sign-flip p, bootstrap and two-level bootstrap); the same for the tug-of-war quantities of each
-pre-training run. Every table is computed from the per-run rows the report writes first
-(tug_of_war_runs.csv, downstream_runs.csv), and the results page (README.md in the report folder) is
-generated from those tables: `--report-only` rebuilds it all from the rows alone.
+The statistics (lab/analysis/stats.py, lab/analysis/claims.py): the pre-training seed is the unit.
+Downstream scores are averaged over the fine-tuning seeds of each pre-training seed, then GDES − ES,
+GDES − NES and ES − NES (the paper's ordering, claim (c)) are compared paired over pre-training seeds
+(t interval, Holm within each claim's named primary family, power at the observed effect, the exact
+sign-flip p Holm-adjusted with its floor, bootstrap with its small-n caveat, two-level bootstrap); the
+same for the tug-of-war quantities of each pre-training run (GDES − ES, GDES − NES, NES − ES). Every
+table is computed from the per-run rows the report writes first (tug_of_war_runs.csv,
+downstream_runs.csv), and the results page (README.md in the report folder) is generated from those
+tables: `--report-only` rebuilds it all from the rows alone.
 
 Kernel pinning: CPU kernels round differently per instruction set, and a few hundred steps amplify
 the last bits, so a recipe with cpu_kernels="avx2" (cpu-results) pins torch, oneDNN and MKL to their
@@ -46,9 +48,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from lab.analysis import stats
+from lab.analysis import claims, stats
 from lab.analysis import tug_of_war as analysis
 from lab.analysis.runs import (
     NESTED_MAY_CHANGE,
@@ -75,7 +78,8 @@ from lab.util import append_jsonl, atomic_write_json, data_dir, replace_strict
 
 COMPARISONS = ((GDES.name, ES.name), (GDES.name, NES.name), (NES.name, ES.name))
 # The primary comparisons, named before the run, one family per claim (Holm within each); every other
-# comparison in the tables is exploratory. (c) is filled per task with its main metric by the report.
+# comparison in the tables is exploratory. (c) is the paper's ordering GDES > ES > NES (claims.ORDERING),
+# all three pairwise differences on every task's main metric, filled in by the report (ordering_family).
 PRIMARY = {
     "(a) held-out MLM loss": [(("final_mlm_loss",), "nes - es"), (("final_mlm_loss",), "gdes - es")],
     "(b) embedding geometry": [
@@ -84,8 +88,8 @@ PRIMARY = {
         (("class_gap_E_D",), "gdes - nes"),
     ],
 }
-DOWNSTREAM_FAMILY = "(c) downstream"
-DOWNSTREAM_PRIMARY = ("gdes - es", "gdes - nes")
+DOWNSTREAM_FAMILY = claims.ORDERING_FAMILY
+DOWNSTREAM_COMPARISONS = tuple(c.modes for c in claims.ORDERING)  # gdes - es, gdes - nes, es - nes
 # set before torch is imported, they make torch (ATen), oneDNN and MKL use their AVX2 kernels only
 KERNEL_PIN = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
@@ -348,29 +352,45 @@ def report(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None, skipped:
     records = downstream_records(cfg, tasks)
     if records:
         analysis.write_csv(out / "downstream_runs.csv", records, digits=None)
-    design = [
-        {"setting": k, "value": v}
-        for k, v in (
-            ("preset", cfg.pretrain.preset),
-            ("corpus", cfg.pretrain.corpus),
-            ("steps", cfg.pretrain.steps),
-            ("batch_size", cfg.pretrain.batch_size),
-            ("seq_len", cfg.pretrain.seq_len),
-            ("pretrain_seeds", len(cfg.pretrain_seeds)),
-            ("finetune_seeds", len(cfg.finetune_seeds)),
-            ("tasks", " ".join(tasks)),
-            ("epochs", cfg.finetune.epochs),
-            ("max_train_examples", cfg.finetune.max_train_examples),
-            ("cpu_kernels", cfg.cpu_kernels),
-            ("confidence", stats.CONFIDENCE),
-        )
-    ]
-    analysis.write_csv(out / "design.csv", design)
+    analysis.write_csv(out / "design.csv", design_rows(cfg, tasks))
     summary.update(tables_from_rows(out))
     if not stats.plotting_available():
         summary["notes"].append(stats.PLOTTING_UNAVAILABLE)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+ANALYSIS_FIXED = ("before the runs", "after the runs")
+
+
+def design_rows(cfg: ExperimentConfig, tasks: tuple[str, ...], analysis_fixed: str = ANALYSIS_FIXED[0]):
+    """design.csv's rows {setting, value}: the settings the runs used; per task the training and dev
+    examples one fine-tuning run really used (the task's splits under the caps, runs.task_sizes), not the
+    caps; the levels the page quotes. `analysis_fixed`: "before the runs" when the claims, their families
+    and the report's columns were in code before the runs (a run's own report writes that); "after the
+    runs" for a re-analysis of committed rows by newer code, which the results page then says plainly."""
+    if analysis_fixed not in ANALYSIS_FIXED:
+        raise ValueError(f"analysis_fixed must be one of {ANALYSIS_FIXED}, got {analysis_fixed!r}")
+    sizes = {t: task_sizes(t, cfg) for t in tasks}
+    settings = [
+        ("preset", cfg.pretrain.preset),
+        ("corpus", cfg.pretrain.corpus),
+        ("steps", cfg.pretrain.steps),
+        ("batch_size", cfg.pretrain.batch_size),
+        ("seq_len", cfg.pretrain.seq_len),
+        ("pretrain_seeds", len(cfg.pretrain_seeds)),
+        ("finetune_seeds", len(cfg.finetune_seeds)),
+        ("tasks", " ".join(tasks)),
+        ("epochs", cfg.finetune.epochs),
+        *((f"train_examples {t}", train) for t, (train, _) in sizes.items()),
+        *((f"dev_examples {t}", dev) for t, (_, dev) in sizes.items()),
+        ("cpu_kernels", cfg.cpu_kernels),
+        ("confidence", stats.CONFIDENCE),
+        ("power_target", stats.POWER_TARGET),
+        ("bootstrap_bca_min_seeds", stats.BCA_MIN_N),
+        ("analysis_fixed", analysis_fixed),
+    ]
+    return [{"setting": k, "value": v} for k, v in settings]
 
 
 def tables_from_rows(out: Path) -> dict:
@@ -468,24 +488,24 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def downstream_tables(records: list[dict], out: Path) -> dict:
-    """downstream.{csv,md}: mean ± std per task, metric and mode over all fine-tuning runs (failed runs
-    counted); downstream_differences.{csv,md}: the paired differences between modes over pre-training
-    seeds (means over fine-tuning seeds within each), the main metric's GDES − ES and GDES − NES being
-    claim (c)'s primary family; downstream_differences.png: small multiples; downstream.png: the main
-    metric per task and mode (± std)."""
-    table = stats.summarize(records, ("task", "metric", "mode"))
+    """downstream.{csv,md}: per task, metric and mode, mean, std and t interval over the pre-training
+    seeds, each the mean of its fine-tuning seeds (stats.summarize_by_seed: the pre-training seed is the
+    unit; failed seeds counted), `main` naming the task's main metric; downstream_differences.{csv,md}:
+    the paired differences between modes over pre-training seeds, the main metric's three comparisons
+    of the paper's ordering being claim (c)'s primary family (ordering_family), every other row
+    exploratory; downstream_differences.png: small multiples; downstream.png: the main metric per task
+    and mode (mean ± std over pre-training seeds)."""
+    mains = {r["task"]: r["main"] for r in records}
+    table = [
+        {**r, "main": mains[r["task"]]} for r in stats.summarize_by_seed(records, ("task", "metric", "mode"))
+    ]
     analysis.write_csv(out / "downstream.csv", table)
-    main = {(r["task"], r["metric"]) for r in records if r["metric"] in (r["main"], f"last_{r['main']}")}
+    main = {(t, m) for t, name in mains.items() for m in (name, f"last_{name}")}
     shown = [r for r in table if (r["task"], r["metric"]) in main]
     analysis.write_markdown(out / "downstream.md", shown)
-    primary = {
-        DOWNSTREAM_FAMILY: [
-            ((t, m), c)
-            for t, m in sorted({(r["task"], r["main"]) for r in records})
-            for c in DOWNSTREAM_PRIMARY
-        ]
-    }
-    diffs = stats.paired_by_seed(records, ("task", "metric"), COMPARISONS, primary)
+    diffs = ordering_family(
+        records, stats.paired_by_seed(records, ("task", "metric"), DOWNSTREAM_COMPARISONS)
+    )
     analysis.write_csv(out / "downstream_differences.csv", diffs)
     shown_diffs = [r for r in diffs if (r["task"], r["metric"]) in main]
     analysis.write_markdown(out / "downstream_differences.md", shown_diffs)
@@ -498,19 +518,68 @@ def downstream_tables(records: list[dict], out: Path) -> dict:
         )
         or []
     )
+    per_seed = [
+        {"task": task, "mode": mode, "value": float(np.mean(values))}
+        for (task, mode), seeds in stats.seed_means(
+            [r for r in records if r["metric"] == r["main"]], ("task", "mode")
+        ).items()
+        for values in seeds.values()
+        if all(map(math.isfinite, values))
+    ]
     bars = stats.bars_with_spread(
-        [r for r in records if r["metric"] == r["main"] and math.isfinite(r["value"])],
+        per_seed,
         "task",
         "value",
         "mode",
         out / "downstream",
-        title="Fine-tuned discriminator, best dev epoch (mean ± std over all runs)",
+        title="Fine-tuned discriminator, best dev epoch\nmean ± std over pre-training seeds",
     )
     return {
         "table": shown,
         "differences": shown_diffs,
         "figures": [str(p) for p in [*figures, *(bars or [])]],
     }
+
+
+# the columns of claims.evaluate_family's rows that claim (c)'s rows in downstream_differences.csv take
+ORDERING_COLUMNS = (
+    "claim", "expected", "n", "difference", "std", "t_low", "t_high", "resolvable", "dz", "power",
+    "power_holm", "n_for_80", "n_for_80_holm", "boot_low", "boot_high", "boot_method", "boot_note",
+    "p_signflip", "p_holm", "resolved", "reads", "p_signflip_holm", "signflip_floor", "signflip_can_resolve",
+)  # fmt: skip
+
+
+def ordering_family(records: list[dict], diffs: list[dict]) -> list[dict]:
+    """Claim (c) on paired_by_seed's rows `diffs`: the paper's ordering GDES > ES > NES (claims.ORDERING)
+    on every task's main metric, one family over all tasks (Holm within the claim, like (a) and (b)),
+    tested by claims.evaluate_family and read against the paper whatever direction the data take
+    ("agrees with the paper", "against the paper", "not resolved"). Its statistics and readings replace
+    those rows' exploratory ones; the two-level bootstrap columns stay. A task whose modes lack two
+    paired pre-training seeds stays exploratory ("too few seeds")."""
+    family, where, values = [], [], {}
+    for task, main in sorted({(r["task"], r["main"]) for r in records}):
+        per_mode, failed = claims.mode_seed_means(
+            [r for r in records if (r["task"], r["metric"]) == (task, main)]
+        )
+        paired = set.intersection(*(set(v) for v in per_mode.values())) if per_mode else set()
+        per_mode = {m: {seed: v[seed] for seed in paired} for m, v in per_mode.items()}  # unpaired seeds out
+        values.update({f"{m}@{task}": v for m, v in per_mode.items()})
+        for c in claims.ORDERING:
+            if all(len(per_mode.get(m, ())) >= 2 for m in c.modes):
+                first, second = c.modes
+                family.append(dataclasses.replace(c, comparison=f"{first}@{task} - {second}@{task}"))
+                where.append(((task, main, c.comparison), len(failed)))
+    if not family:
+        return diffs
+    rows = {(r["task"], r["metric"], r["comparison"]): r for r in diffs}
+    for ((task, main, comparison), failed), tested in zip(where, claims.evaluate_family(family, values)):
+        rows[(task, main, comparison)].update(
+            {k: tested[k] for k in ORDERING_COLUMNS},
+            family=DOWNSTREAM_FAMILY,
+            p_t=tested["p"],
+            failed_seeds=failed,
+        )
+    return diffs
 
 
 # ---------------------------------------------------------------------------------------------- results page
@@ -548,20 +617,39 @@ def results_page(out: Path) -> str:
     if design:
         lines += ["## Design (design.csv)", "", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {v if _is_number(v) else f'`{v}`'} |" for k, v in design.items()] + [""]
+    power = f"{float(design.get('power_target', stats.POWER_TARGET)):.0%}"
     lines += [
         "The unit of replication is the pre-training seed: downstream scores are averaged over the "
         "fine-tuning seeds of each pre-training seed before modes are compared, paired over "
         "pre-training seeds (n below). Intervals: Student-t (scipy `ttest_rel`), the level in "
-        "design.csv. Each claim's primary comparisons are Holm-corrected within the claim; a primary "
-        "comparison is resolved when its Holm-adjusted p is below one minus that level. "
-        "`resolvable` is the smallest difference the design could call resolved at the spread "
-        'seen (t half width at the claim\'s strictest Holm level), so "not resolved" with a '
-        'difference well below it reads "too few seeds", not "no effect". Everything outside '
-        "the primary families is exploratory (uncorrected).",
+        "design.csv. Each claim's primary comparisons are Holm-corrected within the claim (m "
+        "comparisons); a primary comparison is resolved when its Holm-adjusted p is below one minus "
+        "that level. `resolvable` is the smallest difference the design could call resolved at the "
+        'spread seen (t half width at the claim\'s strictest Holm level), so "not resolved" with a '
+        'difference well below it reads "too few seeds", not "no effect". `power`: the paired t-test\'s '
+        "power if the true effect were the one observed (dz = mean / sd of the per-seed differences), "
+        f"at the design's level and at Holm's strictest level (α/m); `seeds for {power} power`: the "
+        "pre-training seeds that power would need at each. Both are planning numbers at one sample's "
+        "effect, not evidence. Claim (c) is the paper's ordering GDES > ES > NES (its Table 6): all "
+        "three pairwise differences, each read against the paper whatever direction it takes. "
+        "Everything outside the primary families is exploratory (uncorrected).",
         "",
     ]
+    if design.get("analysis_fixed") == ANALYSIS_FIXED[1]:
+        lines += [
+            "**Analysis fixed after these runs.** These runs were made, and their rows committed, before "
+            "the following were fixed in code: claim (c) as the paper's three-way ordering (GDES − ES, "
+            "GDES − NES and ES − NES, where before the family was GDES − ES and GDES − NES and "
+            "ES − NES was exploratory), the power columns, and the secondary views below (the sign-flip p "
+            "Holm-adjusted, the bootstrap's caveat, per-mode intervals over pre-training seeds). This page "
+            "is a re-analysis of the same per-run rows: for these data the three-way (c) family and the "
+            "power columns are not pre-registered. Claims (a) and (b) and their families are the ones "
+            "fixed before the runs. The next recipe fixes all of them before its runs.",
+            "",
+        ]
     lines += _failures_section(out)
-    lines += _primary_section(out)
+    lines += _primary_section(out, power)
+    lines += _per_mode_section(out)
     lines += _separation_section(out)
     lines += [
         "## Exploratory comparisons",
@@ -596,9 +684,15 @@ def _failures_section(out: Path) -> list[str]:
     return lines
 
 
-def _primary_section(out: Path) -> list[str]:
-    """The primary comparisons of every claim, a table per family, from the two differences CSVs."""
-    lines: list[str] = []
+def _pair(a: str, b: str, number=_num) -> str:
+    """Two values of one row at two levels, "a; b", a dash for an empty (undefined) one."""
+    return "; ".join("—" if v in ("", "None") else number(v) for v in (a, b))
+
+
+def _primary_section(out: Path, power: str) -> list[str]:
+    """The primary comparisons of every claim, per family a table of the decision (t test, Holm, power)
+    and one of the secondary views (sign-flip p Holm-adjusted with its floor, the paired bootstrap with
+    its caveat), from the two differences CSVs."""
     rows = []
     for name in ("tug_of_war_differences.csv", "downstream_differences.csv"):
         if (out / name).is_file():
@@ -606,28 +700,77 @@ def _primary_section(out: Path) -> list[str]:
                 r["what"] = r.get("quantity") or f"{r.get('task')} {r.get('metric')}"
                 rows.append(r)
     families = list(dict.fromkeys(r["family"] for r in rows if r["family"] != "exploratory"))
-    lines += ["## Primary comparisons", ""]
+    lines = ["## Primary comparisons", ""]
     for family in families:
+        members = [r for r in rows if r["family"] == family]
+        tested = [r for r in members if r.get("p_t", "") != ""]
         lines += [
             f"### {family}",
             "",
-            "| quantity | comparison | n | failed_seeds | difference | t interval | Holm p | sign-flip p "
-            "| resolvable | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| quantity | comparison | n | failed_seeds | difference | t interval | Holm p | resolvable "
+            f"| power (α; α/m) | seeds for {power} power (α; α/m) | reads |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in (r for r in rows if r["family"] == family):
-            if r.get("p_t", "") == "":
-                lines += [
-                    f"| {r['what']} | {r['comparison']} | {r['n']} | {r['failed_seeds']} | | | | | | {r['reads']} |"
-                ]
+        for r in members:
+            head = f"| {r['what']} | {r['comparison']} | {r['n']} | {r['failed_seeds']} |"
+            if r not in tested:
+                lines += [f"{head} | | | | | | {r['reads']} |"]
                 continue
             lines += [
-                f"| {r['what']} | {r['comparison']} | {r['n']} | {r['failed_seeds']} | {_num(r['difference'], True)} "
-                f"| [{_num(r['t_low'], True)}, {_num(r['t_high'], True)}] | {_num(r['p_holm'])} | "
-                f"{_num(r['p_signflip'])} | {_num(r['resolvable'])} | {r['reads']} |"
+                f"{head} {_num(r['difference'], True)} "
+                f"| [{_num(r['t_low'], True)}, {_num(r['t_high'], True)}] "
+                f"| {_num(r['p_holm'])} | {_num(r['resolvable'])} | {_pair(r['power'], r['power_holm'])} "
+                f"| {_pair(r['n_for_80'], r['n_for_80_holm'], str)} | {r['reads']} |"
             ]
-        lines += [""]
+        lines += [""] + _secondary_views(tested)
     return lines
+
+
+def _secondary_views(rows: list[dict]) -> list[str]:
+    """One family's secondary views: they inform, the t test above decides."""
+    if not rows:
+        return []
+    lines = [
+        "Secondary views (they do not decide): the exact sign-flip p, Holm-adjusted within the family "
+        "like the t p, beside its floor `2 / 2^n` (all n differences of one sign); where m times the floor "
+        "is not below one minus the level, it can never resolve the comparison, whatever the data. The "
+        "paired bootstrap interval of the mean difference, with its method.",
+        "",
+        "| quantity | comparison | sign-flip p, Holm | floor | sign-flip can resolve | paired bootstrap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        can = {"True": "yes", "False": "no, never at this n"}[r["signflip_can_resolve"]]
+        lines += [
+            f"| {r['what']} | {r['comparison']} | {_num(r['p_signflip_holm'])} | {_num(r['signflip_floor'])} "
+            f"| {can} | [{_num(r['boot_low'], True)}, {_num(r['boot_high'], True)}] ({r['boot_method']}) |"
+        ]
+    notes = list(dict.fromkeys(r["boot_note"] for r in rows if r.get("boot_note")))
+    return lines + [""] + [f"Bootstrap caveat: {note}." for note in notes] + ([""] if notes else [])
+
+
+def _per_mode_section(out: Path) -> list[str]:
+    """Each task's main metric per mode over pre-training seeds (downstream.csv)."""
+    if not (out / "downstream.csv").is_file():
+        return []
+    rows = [r for r in _read_csv(out / "downstream.csv") if r["metric"] == r["main"]]
+    lines = [
+        "## Per mode, downstream (downstream.csv)",
+        "",
+        "Each task's main metric (best dev epoch) per mode: the mean over pre-training seeds of each "
+        "seed's mean over its fine-tuning seeds, with the Student-t interval over those n pre-training "
+        "seeds (the fine-tuning runs of one pre-training seed share its draw: they are not replicates).",
+        "",
+        "| task | metric | mode | n | fine-tuning seeds | failed_seeds | mean | std | t interval |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['task']} | {r['metric']} | {r['mode']} | {r['n']} | {r['finetune_seeds']} "
+        f"| {r['failed_seeds']} "
+        f"| {_num(r['mean'])} | {_num(r['std'])} | [{_num(r['t_low'])}, {_num(r['t_high'])}] |"
+        for r in rows
+    ]
+    return lines + [""]
 
 
 def _separation_section(out: Path) -> list[str]:
@@ -654,7 +797,8 @@ def _separation_section(out: Path) -> list[str]:
                 f"From step {start} to the last evaluation (step {steps[-1]}), ES's held-out MLM loss is "
                 "above both NES's and GDES's at every evaluation, the paired t interval of each "
                 "difference below 0 (per-step rows in mlm_separation.csv; curves in "
-                "mlm_loss_heldout.png).",
+                "mlm_loss_heldout.png). Exploratory: one unadjusted interval per evaluation step, and the "
+                "step read off them after the runs.",
                 "",
             ]
     return lines

@@ -225,16 +225,16 @@ def missing_data(task: str, cfg: ExperimentConfig) -> str:
 
 
 def task_sizes(task: str, cfg: ExperimentConfig) -> tuple[int, int]:
-    """(training examples, dev examples) one fine-tuning run uses, for the time estimate."""
-    splits = get_task(task).load(cfg.finetune.glue_dir or None)
-    dev = sum(len(split) for name, split in splits.items() if name != "train")
+    """(training examples, dev examples) one fine-tuning run uses: the task's splits under the caps, each
+    dev split capped on its own (lab.finetune.data.load_data); for the time estimate and design.csv."""
+    spec = get_task(task)
+    splits = spec.load(cfg.finetune.glue_dir or None)
 
     def cap(n, limit):
         return min(n, limit) if limit else n
 
-    return cap(len(splits["train"]), cfg.finetune.max_train_examples), cap(
-        dev, cfg.finetune.max_eval_examples
-    )
+    dev = sum(cap(len(splits[name]), cfg.finetune.max_eval_examples) for name in spec.dev_splits)
+    return cap(len(splits["train"]), cfg.finetune.max_train_examples), dev
 
 
 # ---------------------------------------------------------------------------------------------- estimates

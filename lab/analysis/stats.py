@@ -52,6 +52,7 @@ CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
 RESAMPLES = 10_000
 BCA_MIN_N = 10  # BCa's jackknife acceleration is unreliable on fewer values: percentile below
+POWER_TARGET = 0.8  # the power the seeds-needed columns (n_for_80, n_for_80_holm) are computed for
 EXACT_SIGN_FLIPS = 2**16  # up to n = 16 every sign pattern is enumerated; above, RESAMPLES random ones
 
 
@@ -294,8 +295,8 @@ def power_columns(mean: float, std: float, n: int, family_size: int = 1, alpha: 
         "dz": dz,
         "power": power_paired_t(dz, n, alpha),
         "power_holm": power_paired_t(dz, n, alpha / family_size),
-        "n_for_80": n_for_power(dz, 0.8, alpha),
-        "n_for_80_holm": n_for_power(dz, 0.8, alpha / family_size),
+        "n_for_80": n_for_power(dz, POWER_TARGET, alpha),
+        "n_for_80_holm": n_for_power(dz, POWER_TARGET, alpha / family_size),
     }
 
 
@@ -489,16 +490,28 @@ def paired_by_seed(
 
 def _resolve_within_families(rows: list[dict]) -> list[dict]:
     """Holm within each named family (exploratory rows keep their own p), then `resolved` (adjusted p below
-    ALPHA, as "yes" / "no") and the plain-words `reads` of every tested row."""
+    ALPHA, as "yes" / "no") and the plain-words `reads` of every tested row. Every tested row also gets its
+    power columns (`power_columns`, Holm's level over its family's size; 1 for an exploratory row) and its
+    bootstrap caveat (`boot_note`); a named family's rows get their sign-flip p Holm-adjusted within the
+    family with its floor (`signflip_holm`: p_signflip_holm, signflip_floor, signflip_can_resolve)."""
     tested = [r for r in rows if "p_t" in r]
     for family in {r["family"] for r in tested}:
         members = [r for r in tested if r["family"] == family]
-        adjusted = (
-            holm([r["p_t"] for r in members]) if family != "exploratory" else [r["p_t"] for r in members]
-        )
+        named = family != "exploratory"
+        adjusted = holm([r["p_t"] for r in members]) if named else [r["p_t"] for r in members]
         for r, p in zip(members, adjusted):
-            r["p_holm"] = p if family != "exploratory" else math.nan
+            r["p_holm"] = p if named else math.nan
             r["resolved"] = bool(p < ALPHA)
+            r.update(power_columns(r["difference"], r["std"], r["n"], len(members) if named else 1))
+            r["boot_note"] = bootstrap_caveat(r["n"])
+        if named:
+            flips = signflip_holm([r["p_signflip"] for r in members], [r["n"] for r in members])
+            for r, flip in zip(members, flips):
+                r.update(
+                    p_signflip_holm=flip["p_signflip_holm"],
+                    signflip_floor=flip["floor"],
+                    signflip_can_resolve=flip["can_resolve"],
+                )
     for r in tested:
         first, second = r["comparison"].split(" - ")
         r["reads"] = verdict(r, first, second)

@@ -1,6 +1,7 @@
 """Faults survived, nothing lost: the checkpoint ring and its checksums, fallback from damaged files,
 one clear message when none is usable, failing writes, and kills at any moment (lab/pretrain/checkpoint.py)."""
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -18,6 +19,7 @@ from tiny_pretrain import TINY_RUN
 from lab.pretrain import checkpoint, export
 from lab.pretrain.checkpoint import CheckpointError, CheckpointWarning
 from lab.pretrain.loop import PretrainConfig, train
+from lab.pretrain.setup import check_resumable
 from lab.util import read_jsonl
 
 # the shared tiny run with a checkpoint every other step, so a kill or a fault finds several to fall back on
@@ -316,3 +318,13 @@ def test_atomically_written_files_get_the_permissions_of_a_plain_open(tmp_path):
     plain.write_bytes(b"x")
     util.atomic_write_bytes(tmp_path / "atomic.txt", b"x")
     assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_a_run_saved_before_a_field_existed_resumes_at_that_fields_default(tmp_path):
+    """A checkpoint's config lacks the fields added since it was saved: they ran at their defaults, so
+    resuming with the defaults is allowed, and with another value refused, naming the field."""
+    cfg = PretrainConfig(out_dir=str(tmp_path / "run"))
+    saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("init_generator", "emd")}
+    check_resumable(saved, cfg, tmp_path)  # the defaults: resumable
+    with pytest.raises(ValueError, match=r"emd: False -> True"):
+        check_resumable(saved, dataclasses.replace(cfg, emd=True), tmp_path)

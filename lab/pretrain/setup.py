@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -239,9 +239,11 @@ def check_resumable(saved: dict, cfg: PretrainConfig, path: Path) -> None:
     """Refuse to resume a checkpoint saved under other settings than those marked `may_change_on_resume`."""
     now = asdict(cfg)
     free = may_change_on_resume(cfg)
-    changed = sorted(k for k in now if k not in free and saved.get(k) != now[k])
+    # a field the saved run predates ran at its default: fields are added with the old behaviour as default
+    saved = {**{f.name: f.default for f in fields(cfg)}, **saved}
+    changed = sorted(k for k in now if k not in free and saved[k] != now[k])
     if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         raise ValueError(
             f"{path} belongs to a run with a different configuration ({detail}); "
             "use a new out_dir, or the same settings to resume"

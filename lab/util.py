@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -123,3 +124,12 @@ def write_csv(
                 {k: (f"{v:.{digits}g}" if digits and isinstance(v, float) else v) for k, v in r.items()}
             )
     return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB chunks (about a second per GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

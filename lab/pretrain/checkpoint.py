@@ -18,7 +18,6 @@ oldest candidate), so such a run resumes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lab.util import atomic_write_bytes, replace_file
+from lab.util import atomic_write_bytes, replace_file, sha256_file
 
 LEGACY_NAME = "last.pt"
 REQUIRED_KEYS = ("step", "model", "optimizer", "data", "config")
@@ -74,14 +73,6 @@ def candidates(folder: str | os.PathLike) -> list[Path]:
 
 def _step_of(path: Path) -> int:
     return int(_RING.match(path.name).group(1))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import torch
 
 from lab.synthetic import GENERATOR_VERSION, SyntheticLanguage, parse_synthetic
 from lab.tokenizer import Tokenizer, train_tokenizer
-from lab.util import atomic_write_json, cache_dir
+from lab.util import atomic_write_json, cache_dir, sha256_file
 
 CACHE_VERSION = 1  # bump when the token file layout or document reading changes
 TOKENIZER_SAMPLE_CHARS = 20_000_000  # a trained tokenizer sees at most this many characters
@@ -120,7 +120,7 @@ def open_corpus(spec: str | CorpusSpec) -> Corpus:
     identity = {
         # the files' content, not their paths or times: a copy elsewhere (a GPU machine's checkout, a
         # benchmark's scratch folder) finds the tokenizer and tokens already made from the same text
-        "files": [file_sha256(p) for p in files],
+        "files": [sha256_file(p) for p in files],
         "txt_documents": spec.txt_documents,
         "text_field": spec.text_field,
     }
@@ -130,15 +130,6 @@ def open_corpus(spec: str | CorpusSpec) -> Corpus:
             yield from _read_file(path, spec, issues)
 
     return Corpus(source, identity, read, spec.max_documents)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 16 MiB chunks (about a second per GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _find_files(source: str) -> list[Path]:

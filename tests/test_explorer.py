@@ -110,7 +110,7 @@ def test_the_callback_draws_a_png_and_a_new_one_per_step(runs, monkeypatch):
     import IPython.display
 
     shown = []
-    monkeypatch.setattr(IPython.display, "display", lambda *objects: shown.extend(objects))
+    monkeypatch.setattr(explorer, "display", lambda *objects: shown.extend(objects))
     box = explorer.explore(runs)
     play, slider = box.children[0].children
     assert list(slider.options) == [(str(s), s) for s in STEPS] or list(slider.options) == list(STEPS)

@@ -547,6 +547,7 @@ def curves_with_bands(
     None when matplotlib / seaborn are not installed."""
     if not plotting_available():
         return None
+    # plotting packages imported here: a bare GPU box has none, and the CSVs are written without them
     import pandas as pd
     import seaborn as sns
     from matplotlib.figure import Figure
@@ -566,6 +567,7 @@ def bars_with_spread(
     None when matplotlib / seaborn are not installed."""
     if not plotting_available() or not rows:
         return None
+    # plotting packages imported here: a bare GPU box has none, and the CSVs are written without them
     import pandas as pd
     import seaborn as sns
     from matplotlib.figure import Figure
@@ -587,6 +589,7 @@ def differences_plot(
     pre-training seeds) the figure says so. None when matplotlib is not installed or rows is empty."""
     if not plotting_available() or not rows:
         return None
+    # plotting packages imported here: a bare GPU box has none, and the CSVs are written without them
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lab import sharing
+from lab.analysis import stats
 from lab.analysis.stats import finite, save_figure
 from lab.pretrain.probe import average_pairwise_cosine
 from lab.util import atomic_write_json, read_jsonl, write_csv
@@ -588,8 +589,6 @@ def seeded_report(
     loss train and held-out, the similarity pulls), each next to its CSV, and the single-seed views of
     `tug_of_war_report` for the first seed in seed-<s>/. `primary`: see lab.analysis.stats.paired_by_seed.
     """
-    from lab.analysis import stats
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = {key: load_run(path) for key, path in run_dirs.items()}
@@ -629,8 +628,6 @@ def tug_of_war_tables(records: list[dict], out_dir: Path, comparisons, primary: 
     """From the per-run records: tug_of_war_summary.{csv,md} (mean ± std and t interval per quantity
     and mode over the finite runs, failed runs counted), tug_of_war_differences.{csv,md} (paired over
     pre-training seeds, primary rows Holm-corrected) and the differences figure as small multiples."""
-    from lab.analysis import stats
-
     summary = stats.summarize(records, ("quantity", "mode"))
     write_csv(out_dir / "tug_of_war_summary.csv", summary)
     write_markdown(out_dir / "tug_of_war_summary.md", summary)

@@ -24,13 +24,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import ipywidgets as widgets
 import numpy as np
 import torch
+from IPython.display import Image, Markdown, display
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 from scipy.linalg import orthogonal_procrustes
 from sklearn.decomposition import PCA
 
 from lab import sharing
 from lab.analysis.tug_of_war import class_separation, load_run
+from lab.notebook.tour import figure_png
 from lab.pretrain.probe import average_pairwise_cosine
 from lab.pretrain.snapshots import load_snapshots
 from lab.util import replace_file, write_csv
@@ -145,8 +150,6 @@ def _limits(frames: list[np.ndarray]) -> float:
 
 def draw_frame(fig, timelines: dict[str, Timeline], step: int) -> None:
     """Draw the frame of `step` on `fig` (cleared first): E_G and E_D per run, the curves below."""
-    from matplotlib import colormaps
-
     fig.clear()
     modes = list(timelines)
     grid = fig.add_gridspec(3, 2 * len(modes), height_ratios=(1, 1, 0.75), hspace=0.55, wspace=0.5)
@@ -187,8 +190,6 @@ def draw_frame(fig, timelines: dict[str, Timeline], step: int) -> None:
 
 
 def frame_figure(timelines: dict[str, Timeline], step: int):
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(3.4 * len(timelines), 7.2))
     draw_frame(fig, timelines, step)
     return fig
@@ -199,8 +200,6 @@ def all_steps(timelines: dict[str, Timeline]) -> list[int]:
 
 
 def _missing(run_dirs: dict[str, str | Path]):
-    from IPython.display import Markdown
-
     listed = ", ".join(f"{m}: {p}" for m, p in run_dirs.items())
     return Markdown(
         f"No word-table snapshots in these runs ({listed}): they have no `embeddings/` folder. Runs trained "
@@ -215,11 +214,6 @@ def explore(run_dirs: dict[str, str | Path], interval_ms: int = 1500, dpi: int =
     """Play button + step slider over the snapshot steps of the runs (sharing mode -> run directory);
     each move redraws the frame as a PNG (cached per step). A note instead when no run has
     snapshots."""
-    import ipywidgets as widgets
-    from IPython.display import Image, display
-
-    from lab.notebook.tour import figure_png
-
     timelines = load_timelines(run_dirs)
     if not timelines:
         return _missing(run_dirs)
@@ -250,7 +244,7 @@ def write_animation(run_dirs: dict[str, str | Path], path: str | Path, fps: floa
     """Every snapshot step as one GIF frame (matplotlib's PillowWriter), written atomically, and beside
     it <stem>.csv with the numbers the panel titles show (mode, step, table, tokens, average cosine,
     within - between-class gap); returns the GIF's path, or None when no run has snapshots."""
-    from matplotlib.animation import PillowWriter
+    from matplotlib.animation import PillowWriter  # needs Pillow; only writing the GIF does
 
     timelines = load_timelines(run_dirs)
     if not timelines:

@@ -75,6 +75,17 @@ class ExperimentConfig:
         "fine-tuning tasks (synthetic or GLUE); '' = none, pre-training and the tug-of-war only",
         may_change_on_resume=True,
     )
+    primary_tasks: tuple[str, ...] = param(
+        (),
+        "tasks whose main metric is claim (c)'s primary family (fixed before the run); () = every task; "
+        "the others are exploratory",
+    )
+    compare_with: str = param(
+        "",
+        "the report folder of the same recipe on another language or corpus: the page says which of its "
+        "primary verdicts agree (agreement.csv)",
+        may_change_on_resume=True,
+    )
     pretrain: PretrainConfig = param(PRETRAIN, "every pre-training run's settings (PretrainConfig)")
     finetune: FinetuneConfig = param(
         FINETUNE, "every fine-tuning run's settings (FinetuneConfig; none = the task's default)"
@@ -87,6 +98,16 @@ class ExperimentConfig:
     )
     progress_every: float = param(30.0, "seconds between status lines", may_change_on_resume=True)
     calibration_steps: int = param(6, "pre-training steps timed for the estimates")
+    control: bool = param(
+        True,
+        "an untrained control per pre-training seed: the same architecture and tokenizer, randomly "
+        "initialised (0 steps), fine-tuned like the modes",
+        may_change_on_resume=True,
+    )
+    # Threads change the last bits of a CPU run (reductions split differently), so they are part of what
+    # a run is; the runs are independent, so `workers` processes of `threads` threads each use the cores
+    threads: int = param(0, "torch threads per run (torch.set_num_threads); 0 = torch's default")
+    workers: int = param(1, "runs trained at once, each in its own process", may_change_on_resume=True)
     cpu_kernels: str = param(
         "native",
         "avx2: pin torch, oneDNN and MKL to their AVX2 kernels (KERNEL_PIN in lab/analysis/experiment.py: the "
@@ -95,22 +116,30 @@ class ExperimentConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("modes", "pretrain_seeds", "finetune_seeds", "tasks"):
+        for name in ("modes", "pretrain_seeds", "finetune_seeds", "tasks", "primary_tasks"):
             value = getattr(self, name)
             value = (
                 tuple(v for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
             )
             if name.endswith("seeds"):
                 value = tuple(int(v) for v in value)
-            if not value and name != "tasks":  # no tasks: pre-training and the tug-of-war only
+            if not value and "tasks" not in name:  # no tasks: pre-training and the tug-of-war only
                 raise ValueError(f"ExperimentConfig.{name} is empty; give at least one")
             if len(set(value)) != len(value):
                 raise ValueError(f"ExperimentConfig.{name}={value} repeats an entry")
             object.__setattr__(self, name, value)
+        if set(self.primary_tasks) - set(self.tasks):
+            raise ValueError(
+                f"ExperimentConfig.primary_tasks={self.primary_tasks} names tasks not in tasks={self.tasks}"
+            )
         unknown = sorted(set(self.modes) - set(sharing.names()))
         if unknown:
             raise ValueError(f"ExperimentConfig.modes has {unknown}; choose from {sharing.names()}")
         check_choices(self)
+        if self.threads < 0 or self.workers < 1:
+            raise ValueError(
+                f"ExperimentConfig: threads must be >= 0 and workers >= 1, got {self.threads}, {self.workers}"
+            )
         if self.calibration_steps <= 0:
             raise ValueError(
                 f"ExperimentConfig.calibration_steps must be positive, got {self.calibration_steps}"
@@ -118,6 +147,12 @@ class ExperimentConfig:
 
 
 # ---------------------------------------------------------------------------------------------- the runs
+
+# The untrained control's name where a sharing mode's would stand: the discriminator of a "pre-training"
+# run of 0 steps (lab.pretrain.loop.train exports the initialised model), built as NES builds it (its
+# own embedding table), fine-tuned like the modes. Not a sharing mode: it takes no part in the claims.
+CONTROL = "untrained"
+CONTROL_SHARING = sharing.NES.name
 
 
 @dataclass(frozen=True)
@@ -144,18 +179,25 @@ class PlannedRun:
 
 
 def planned_runs(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) -> list[PlannedRun]:
-    """Every run in execution order: per pre-training seed, the modes' pre-training, then their fine-tuning."""
+    """Every run in execution order: per pre-training seed, the modes' pre-training (and the untrained
+    control's 0 steps), then their fine-tuning."""
     tasks = cfg.tasks if tasks is None else tasks
+    arms = (*cfg.modes, CONTROL) if cfg.control and tasks else cfg.modes
     runs = []
     for seed in cfg.pretrain_seeds:
-        runs += [PlannedRun("pretrain", mode, seed) for mode in cfg.modes]
+        runs += [PlannedRun("pretrain", mode, seed) for mode in arms]
         runs += [
             PlannedRun("finetune", mode, seed, task, f)
-            for mode in cfg.modes
+            for mode in arms
             for task in tasks
             for f in cfg.finetune_seeds
         ]
     return runs
+
+
+def depends_on(run: PlannedRun) -> PlannedRun | None:
+    """The run that must finish first: a fine-tuning run's pre-training run; None for a pre-training run."""
+    return PlannedRun("pretrain", run.mode, run.pretrain_seed) if run.kind == "finetune" else None
 
 
 def status(run: PlannedRun, cfg: ExperimentConfig) -> str:
@@ -165,7 +207,7 @@ def status(run: PlannedRun, cfg: ExperimentConfig) -> str:
     path = run.path(cfg)
     if run.kind == "pretrain":
         summary = read_json(path / "summary.json")
-        if summary.get("completed") and summary.get("steps") == cfg.pretrain.steps:
+        if summary.get("completed") and summary.get("steps") == pretrain_config(cfg, run).steps:
             _check_same(run, path / "config.json", pretrain_config(cfg, run))
             return "done"
         return "resume" if checkpoint.candidates(path / "checkpoints") else "todo"
@@ -197,10 +239,11 @@ def _check_same(run: PlannedRun, file: Path, config, key: str | None = None) -> 
 
 def pretrain_config(cfg: ExperimentConfig, run: PlannedRun) -> PretrainConfig:
     """The PretrainConfig of one pre-training run: the experiment's, for this mode and seed, its intervals
-    and warmup scaled with the steps (`scaled_to_steps`)."""
-    return scaled_to_steps(
-        replace_strict(cfg.pretrain, out_dir=str(run.path(cfg)), sharing=run.mode, seed=run.pretrain_seed)
-    )
+    and warmup scaled with the steps (`scaled_to_steps`); the untrained control's is NES's of 0 steps."""
+    fields = dict(out_dir=str(run.path(cfg)), sharing=run.mode, seed=run.pretrain_seed)
+    if run.mode == CONTROL:
+        return replace_strict(cfg.pretrain, **{**fields, "sharing": CONTROL_SHARING, "steps": 0})
+    return scaled_to_steps(replace_strict(cfg.pretrain, **fields))
 
 
 def finetune_config(cfg: ExperimentConfig, run: PlannedRun, init: Path | None = None, **changes):
@@ -315,9 +358,12 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
 def estimate(
     run: PlannedRun, cfg: ExperimentConfig, calibration: dict, sizes: dict[str, tuple[int, int]]
 ) -> float:
-    """Seconds one run should take on this machine, from the calibration."""
+    """Seconds one run should take on this machine, from the calibration (one run at a time: with
+    `workers` processes the experiment's wall time is about the sum over workers)."""
     if run.kind == "pretrain":
         pcfg = pretrain_config(cfg, run)
+        if pcfg.steps == 0:  # the untrained control: build, evaluate once, export
+            return calibration["pretrain_fixed_s"]
         step_s = calibration["pretrain_step_s"]
         probes = pcfg.steps // pcfg.probe_every + 1
         evals = pcfg.steps // pcfg.eval_every + 2
@@ -336,8 +382,8 @@ def estimate(
 
 
 class ExperimentProgress:
-    """One status line (or tqdm bar) for the whole experiment: runs done, the current run's own progress
-    (read from its metrics.jsonl by a background thread), elapsed time and an ETA. The ETA scales the
+    """One status line (or tqdm bar) for the whole experiment: runs done, the running runs' own progress
+    (read from their metrics.jsonl by a background thread), elapsed time and an ETA. The ETA scales the
     remaining estimated seconds by how fast the finished part went against its estimate."""
 
     def __init__(self, runs: list[PlannedRun], estimates: dict[PlannedRun, float], cfg: ExperimentConfig):
@@ -345,7 +391,7 @@ class ExperimentProgress:
         self.total = sum(estimates[r] for r in runs) or 1.0
         self.done_estimate = 0.0
         self.finished = 0
-        self.current: PlannedRun | None = None
+        self.current: list[PlannedRun] = []  # running now (several with workers > 1)
         self.t0 = time.perf_counter()
         self.stop = threading.Event()
         self.bar = None
@@ -356,33 +402,32 @@ class ExperimentProgress:
             self.thread.start()
 
     def start(self, run: PlannedRun) -> None:
-        self.current = run
+        self.current.append(run)
         self.show()
 
     def finish(self, run: PlannedRun) -> None:
         self.done_estimate += self.estimates[run]
         self.finished += 1
-        self.current = None
+        self.current.remove(run)
         if self.bar is not None:
             self.show()
 
-    def _fraction(self) -> tuple[float, str]:
-        """How far the current run is (0..1) and a short description, from its metrics.jsonl."""
-        run = self.current
-        if run is None:
-            return 0.0, ""
-        rows = _jsonl(run.path(self.cfg) / "metrics.jsonl")
+    def _fraction(self, run: PlannedRun) -> tuple[float, str]:
+        """How far a running run is (0..1) and a short description, from its metrics.jsonl."""
         if run.kind == "pretrain":
+            rows = _jsonl(run.path(self.cfg) / "metrics.jsonl")
             step = max((r["step"] for r in rows if r.get("split") == "train"), default=0)
-            steps = self.cfg.pretrain.steps
-            return min(1.0, step / steps), f"{run.name} step {step}/{steps}"
+            steps = pretrain_config(self.cfg, run).steps
+            return (min(1.0, step / steps) if steps else 0.0), f"{run.name} step {step}/{steps}"
         return 0.0, run.name  # a fine-tuning run writes its rows when it ends: no partial progress to read
 
     def show(self) -> None:
         if self.cfg.progress == "none":
             return
-        fraction, now = self._fraction()
-        done = self.done_estimate + fraction * (self.estimates[self.current] if self.current else 0.0)
+        running = list(self.current)  # the background thread reads while runs start and finish
+        parts = [self._fraction(r) for r in running]
+        now = ", ".join(text for _, text in parts)
+        done = self.done_estimate + sum(f * self.estimates[r] for (f, _), r in zip(parts, running))
         elapsed = time.perf_counter() - self.t0
         speed = elapsed / done if done > 0 else 1.0  # actual seconds per estimated second so far
         eta = (self.total - done) * speed

@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lab import sharing
+from lab.analysis import claims as claims_lib
 from lab.analysis import stats
 from lab.analysis.stats import finite, save_figure
 from lab.pretrain.probe import average_pairwise_cosine
@@ -580,14 +582,14 @@ def seeded_report(
     run_dirs: dict[tuple[str, int], str | Path],
     out_dir: str | Path,
     comparisons=((sharing.GDES.name, sharing.ES.name), (sharing.GDES.name, sharing.NES.name)),
-    primary: dict | None = None,
+    claims: tuple = (),
 ) -> dict:
     """The tug-of-war over pre-training seeds, for runs keyed by (mode, seed).
 
     Writes into out_dir: tug_of_war_runs.csv (every quantity of every run: the rows every table is
     computed from), then `tug_of_war_tables` from that file; curves with error bands over seeds (MLM
     loss train and held-out, the similarity pulls), each next to its CSV, and the single-seed views of
-    `tug_of_war_report` for the first seed in seed-<s>/. `primary`: see lab.analysis.stats.paired_by_seed.
+    `tug_of_war_report` for the first seed in seed-<s>/. `claims`: see `tug_of_war_tables`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -596,7 +598,7 @@ def seeded_report(
         {"mode": mode, "pretrain_seed": seed, **run_quantities(run)} for (mode, seed), run in runs.items()
     ]
     write_csv(out_dir / "tug_of_war_runs.csv", per_run, digits=None)
-    tables = tug_of_war_tables(read_run_rows(out_dir / "tug_of_war_runs.csv"), out_dir, comparisons, primary)
+    tables = tug_of_war_tables(read_run_rows(out_dir / "tug_of_war_runs.csv"), out_dir, comparisons, claims)
     figures = []
     for name, split, key, title in (
         ("mlm_loss_train", "train", "mlm_loss", "generator MLM loss (train), mean ± std over seeds"),
@@ -624,14 +626,20 @@ def seeded_report(
     }
 
 
-def tug_of_war_tables(records: list[dict], out_dir: Path, comparisons, primary: dict | None = None) -> dict:
+def tug_of_war_tables(records: list[dict], out_dir: Path, comparisons, claims: tuple = ()) -> dict:
     """From the per-run records: tug_of_war_summary.{csv,md} (mean ± std and t interval per quantity
     and mode over the finite runs, failed runs counted), tug_of_war_differences.{csv,md} (paired over
-    pre-training seeds, primary rows Holm-corrected) and the differences figure as small multiples."""
+    pre-training seeds; the rows of `claims` (lab.analysis.claims.Claim: quantity, comparison, family)
+    tested within their families by lab.analysis.claims.test_claims, every other row exploratory) and
+    the differences figure as small multiples."""
     summary = stats.summarize(records, ("quantity", "mode"))
     write_csv(out_dir / "tug_of_war_summary.csv", summary)
     write_markdown(out_dir / "tug_of_war_summary.md", summary)
-    diffs = stats.paired_by_seed(records, ("quantity",), comparisons, primary)
+    diffs = stats.paired_by_seed(records, ("quantity",), comparisons)
+    quantity_of = itemgetter("quantity")
+    diffs = claims_lib.overlay_claims(
+        diffs, claims_lib.test_claims(claims, records, quantity_of), quantity_of
+    )
     write_csv(out_dir / "tug_of_war_differences.csv", diffs)
     write_markdown(out_dir / "tug_of_war_differences.md", diffs)
     figure = stats.differences_plot(

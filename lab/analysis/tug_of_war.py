@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lab import sharing
-from lab.analysis import stats
+from lab.analysis import claims, stats
 from lab.analysis.stats import finite, save_figure
 from lab.pretrain.probe import average_pairwise_cosine
 from lab.util import atomic_write_json, read_jsonl, write_csv
@@ -526,9 +526,9 @@ def _paper_claims(summary: dict) -> dict:
 
 
 def run_quantities(run: RunRecord) -> dict[str, float]:
-    """The tug-of-war figures of one run as scalars: final held-out MLM loss and RTD AUC, the mean train
-    MLM loss over the run (the area under its curve: lower = converged faster), the average pairwise
-    cosine of each table and E_G's minus E_D's, the class-separation gap of E_G and E_D (synthetic
+    """The tug-of-war figures of one run as scalars: final held-out MLM loss and RTD AUC, the held-out
+    curves' scalars (`heldout_curve_quantities`), the mean train MLM loss over the run (the area under
+    its curve: lower = converged faster), the average pairwise cosine of each table and E_G's minus E_D's, the class-separation gap of E_G and E_D (synthetic
     corpus) and the probe means (similarity pull of each loss, gradient cosine). A diverged run keeps
     its non-finite values (NaN loss at the last evaluation, NaN mean): it is counted as a failure by
     the report, never silently averaged over its finite rows."""
@@ -538,6 +538,7 @@ def run_quantities(run: RunRecord) -> dict[str, float]:
         out["final_mlm_loss"] = _number(evals[-1]["mlm_loss"])
         if "rtd_auc" in evals[-1]:
             out["final_rtd_auc"] = _number(evals[-1]["rtd_auc"])
+    out.update(heldout_curve_quantities(run.rows("eval")))
     train = [_number(r["mlm_loss"]) for r in run.rows("train") if "mlm_loss" in r]
     if train:
         out["mean_train_mlm_loss"] = float(np.mean(train))
@@ -554,6 +555,39 @@ def run_quantities(run: RunRecord) -> dict[str, float]:
         if values:
             out[key] = float(np.mean(values))
     return out
+
+
+def heldout_curve_quantities(evals: list[dict]) -> dict[str, float]:
+    """Scalars of the held-out evaluations (metrics.jsonl's eval rows, in step order): mlm_area, the MLM
+    curve's area over its step span (claims.curve_area); mlm_flatten_fraction, the share of the MLM drop
+    made in the last quarter of training (claims.flattening); final_fixed_auc, the last evaluation's AUC
+    on the fixed corruption set (lab/pretrain/evaluate.py: the same corrupted rows for every mode, so it
+    compares discriminators where rtd_auc does not); fixed_auc_flatten_fraction, the same share for the
+    detection error 1 - fixed_auc, which falls like a loss. A curve's keys need two evaluations with the
+    value (final_fixed_auc one, like final_rtd_auc: the steps=0 control has exactly one) and are left out
+    otherwise; a non-finite value (a diverged run) makes the key NaN, a failure the report counts."""
+    out: dict[str, float] = {}
+    mlm = [(r["step"], _number(r["mlm_loss"])) for r in evals if "mlm_loss" in r]
+    fixed = [(r["step"], _number(r["fixed_auc"])) for r in evals if "fixed_auc" in r]
+    if fixed:
+        out["final_fixed_auc"] = fixed[-1][1]
+    if len(mlm) >= 2:
+        out["mlm_area"] = _curve_scalar(claims.curve_area, mlm)
+        out["mlm_flatten_fraction"] = _curve_scalar(_flatten_fraction, mlm)
+    if len(fixed) >= 2:
+        error = [(step, 1 - auc) for step, auc in fixed]
+        out["fixed_auc_flatten_fraction"] = _curve_scalar(_flatten_fraction, error)
+    return out
+
+
+def _flatten_fraction(steps, values) -> float:
+    return claims.flattening(steps, values)["fraction"]
+
+
+def _curve_scalar(measure, points: list[tuple[int, float]]) -> float:
+    """measure(steps, values) of one curve, NaN when a value is not finite (claims' measures refuse it)."""
+    steps, values = zip(*points)
+    return float(measure(steps, values)) if all(map(math.isfinite, values)) else math.nan
 
 
 def _number(v) -> float:
@@ -586,7 +620,7 @@ def seeded_report(
 
     Writes into out_dir: tug_of_war_runs.csv (every quantity of every run: the rows every table is
     computed from), then `tug_of_war_tables` from that file; curves with error bands over seeds (MLM
-    loss train and held-out, the similarity pulls), each next to its CSV, and the single-seed views of
+    loss train and held-out, the fixed-set AUC, the similarity pulls), each next to its CSV, and the single-seed views of
     `tug_of_war_report` for the first seed in seed-<s>/. `primary`: see lab.analysis.stats.paired_by_seed.
     """
     out_dir = Path(out_dir)
@@ -601,6 +635,12 @@ def seeded_report(
     for name, split, key, title in (
         ("mlm_loss_train", "train", "mlm_loss", "generator MLM loss (train), mean ± std over seeds"),
         ("mlm_loss_heldout", "eval", "mlm_loss", "generator MLM loss (held out), mean ± std over seeds"),
+        (
+            "fixed_auc_heldout",
+            "eval",
+            "fixed_auc",
+            "discriminator AUC on the fixed corruption set (held out), mean ± std over seeds",
+        ),
         ("similarity_pull_mlm", "probe", "similarity_pull_mlm", PROBE_TITLES["similarity_pull_mlm"]),
         ("similarity_pull_rtd", "probe", "similarity_pull_rtd", PROBE_TITLES["similarity_pull_rtd"]),
     ):

@@ -340,6 +340,12 @@ class RTDModel(nn.Module):
         state["word_embeddings.weight"] = self.discriminator_table().detach().clone()
         return state
 
+    def discriminate(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """D's RTD logits [B, T] (fp32) on ids [B, T]: the discriminator half of `forward`, alone (the
+        held-out fixed corruption set of lab/pretrain/evaluate.py scores D on ids no generator made)."""
+        hidden = self.discriminator(ids, attention_mask, self.discriminator_word_embeds(ids))  # [B, T, D]
+        return self.rtd_head(hidden).float()  # [B, T]
+
     # -- the step --------------------------------------------------------------------------------
 
     def forward(
@@ -401,8 +407,7 @@ class RTDModel(nn.Module):
             # replaced iff masked AND the sample differs: a sample equal to the original is "original"
             labels = (corrupted != input_ids).float()  # [B, T]
         # 4. discriminator, BCE over every non-pad token ([CLS]/[SEP] included)
-        disc_hidden = self.discriminator(corrupted, encoder_mask, self.discriminator_word_embeds(corrupted))
-        rtd_logits = self.rtd_head(disc_hidden).float()  # [B, T]
+        rtd_logits = self.discriminate(corrupted, encoder_mask)  # [B, T]
         rtd_loss = _reduce(
             F.binary_cross_entropy_with_logits(rtd_logits, labels, reduction="none"),
             attention_mask,

@@ -107,7 +107,8 @@ def fabricate_run(path, sharing: str, seed: int = 0, steps: int = 40, slow: floa
                      "tokens": 128 * step, "tokens_per_s": 1000.0, "elapsed_s": 0.1 * step})  # fmt: skip
         if step % 10 == 0:
             rows.append({"split": "eval", "step": step, "mlm_loss": mlm + 0.1, "mlm_acc": 0.3, "rtd_loss": 0.2,
-                         "rtd_acc": 0.9, "rtd_auc": 0.8, "replaced_rate": 0.12})  # fmt: skip
+                         "rtd_acc": 0.9, "rtd_auc": 0.8, "replaced_rate": 0.12,
+                         "fixed_auc": 1 - 0.4 * slow / (1 + 0.1 * step)})  # fmt: skip
             cos = {"es": -0.2, "nes": 0.0, "gdes": float("nan")}[sharing]
             rows.append(
                 {"split": "probe", "step": step, "grad_cos": cos, "grad_norm_mlm": 1.0, "grad_norm_rtd": 2.0}
@@ -284,9 +285,37 @@ def test_seeded_report_pairs_runs_by_seed(tmp_path):
         "tug_of_war_summary.md",
         "tug_of_war_differences.md",
         "mlm_loss_train.csv",
+        "fixed_auc_heldout.csv",
         "seed-0/embedding_cosine.csv",
     ):
         assert (tmp_path / "report" / name).is_file()
+    # the held-out curves' scalars are columns; ES's fixed-set AUC is lower at the end (0.4 * 1.5 / 5 error)
+    assert {"mlm_area", "mlm_flatten_fraction", "final_fixed_auc", "fixed_auc_flatten_fraction"} <= set(
+        per_run[0]
+    )
+    assert diffs["final_fixed_auc"]["difference"] == pytest.approx(0.04)
+
+
+def test_heldout_curve_quantities_follow_claims_and_skip_what_a_run_lacks():
+    from lab.analysis import claims
+
+    steps, mlm, auc = [0, 10, 20, 30, 40], [8.0, 5.0, 4.0, 3.6, 3.5], [0.5, 0.7, 0.8, 0.84, 0.85]
+    rows = [{"step": s, "mlm_loss": m, "fixed_auc": a} for s, m, a in zip(steps, mlm, auc)]
+    out = analysis.heldout_curve_quantities(rows)
+    assert out == {
+        "mlm_area": pytest.approx(claims.curve_area(steps, mlm)),
+        "mlm_flatten_fraction": pytest.approx((3.6 - 3.5) / (8.0 - 3.5)),  # the last quarter: step 30 -> 40
+        "final_fixed_auc": 0.85,
+        "fixed_auc_flatten_fraction": pytest.approx((0.85 - 0.84) / (0.85 - 0.5)),  # of the error 1 - AUC
+    }
+    # one evaluation (the steps=0 control): the last AUC only; runs from before fixed_auc: the MLM keys only
+    assert analysis.heldout_curve_quantities(rows[:1]) == {"final_fixed_auc": 0.5}
+    old = [{k: v for k, v in r.items() if k != "fixed_auc"} for r in rows]
+    assert set(analysis.heldout_curve_quantities(old)) == {"mlm_area", "mlm_flatten_fraction"}
+    assert analysis.heldout_curve_quantities([]) == {}
+    # a diverged run: NaN, never an exception
+    rows[-1]["mlm_loss"] = None
+    assert math.isnan(analysis.heldout_curve_quantities(rows)["mlm_area"])
 
 
 def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):

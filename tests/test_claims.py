@@ -180,3 +180,66 @@ def test_mode_seed_means_average_finetuning_seeds_and_drop_failed_seeds_from_eve
     values, failed = claims.mode_seed_means(records)
     assert failed == [2] and values == {"es": {0: 0.5, 1: 10.5}, "gdes": {0: 1.5, 1: 11.5}}
     assert claims.paired_differences(claims.ORDERING[0], values).tolist() == [1.0, 1.0]
+
+
+def run_records(quantity: str, per_mode: dict) -> list[dict]:
+    """Per-run records {mode, pretrain_seed, quantity, value} from mode -> per-seed values."""
+    return [
+        {"mode": m, "pretrain_seed": s, "quantity": quantity, "value": float(v)}
+        for m, values in per_mode.items()
+        for s, v in enumerate(values)
+    ]
+
+
+def test_claims_a_and_b_are_fixed_with_their_families_and_margin():
+    by_family = {}
+    for c in claims.TUG_OF_WAR_CLAIMS:
+        by_family.setdefault(c.family, []).append(c)
+    a, b = by_family[claims.CONVERGENCE_FAMILY], by_family[claims.STRUCTURE_FAMILY]
+    assert [(c.quantity, c.comparison, c.direction_expected) for c in a] == [
+        ("mlm_area", "nes - es", "lower"),
+        ("mlm_area", "gdes - es", "lower"),
+    ]
+    assert [(c.quantity, c.comparison, c.kind) for c in b] == [
+        ("class_gap_E_G", "nes - es", "difference"),
+        ("class_gap_E_G", "gdes - es", "difference"),
+        ("class_gap_E_G", "gdes - nes", "equivalence"),
+    ]
+    assert b[-1].margin == claims.CLASS_GAP_MARGIN > 0
+
+
+def test_test_claims_runs_each_family_on_its_own_quantity_with_holm_and_tost():
+    gap = {"es": 0.30 + NOISE / 100, "nes": 0.40 + NOISE[::-1] / 100, "gdes": 0.40 + NOISE / 200}
+    area = {"es": 4.0 + NOISE, "nes": 3.9 + NOISE, "gdes": 3.9 + NOISE}  # shifts of 0.1, no spread
+    records = run_records("class_gap_E_G", gap) + run_records("mlm_area", area)
+    tested = claims.test_claims(claims.TUG_OF_WAR_CLAIMS, records)
+    assert set(tested) == {(c.quantity, c.comparison) for c in claims.TUG_OF_WAR_CLAIMS}
+    nes_es = tested[("class_gap_E_G", "nes - es")]
+    d = gap["nes"] - gap["es"]
+    assert nes_es["difference"] == pytest.approx(d.mean())
+    p3 = [tested[("class_gap_E_G", c)]["p"] for c in ("nes - es", "gdes - es", "gdes - nes")]
+    holm = sorted(p3)
+    # Holm within (b) alone: the smallest p times 3
+    assert min(tested[("class_gap_E_G", c)]["p_holm"] for c in ("nes - es", "gdes - es")) == pytest.approx(
+        min(1.0, 3 * holm[0])
+    )
+    same = tested[("class_gap_E_G", "gdes - nes")]
+    tost = sps.ttest_1samp(gap["gdes"] - gap["nes"], claims.CLASS_GAP_MARGIN, alternative="less")
+    assert same["kind"] == "equivalence" and same["p"] >= tost.pvalue
+    assert same["reads"] == "agrees with the paper"  # within ±0.03 with a tight interval
+    assert tested[("mlm_area", "nes - es")]["reads"] == "agrees with the paper"
+
+
+def test_overlay_replaces_only_the_claimed_rows():
+    records = run_records("class_gap_E_G", {"es": 0.3 + NOISE / 10, "nes": 0.5 + NOISE[::-1] / 10,
+                                             "gdes": 0.5 + NOISE / 10})  # fmt: skip
+    records += run_records("cos_E_G", {"es": NOISE, "nes": NOISE[::-1], "gdes": NOISE})
+    from lab.analysis import stats
+
+    diffs = stats.paired_by_seed(records, ("quantity",), (("gdes", "es"), ("gdes", "nes"), ("nes", "es")))
+    quantity = lambda r: r["quantity"]  # noqa: E731
+    rows = claims.overlay_claims(diffs, claims.test_claims(claims.TUG_OF_WAR_CLAIMS, records), quantity)
+    families = {(r["quantity"], r["comparison"]): r["family"] for r in rows}
+    assert families[("class_gap_E_G", "gdes - nes")] == claims.STRUCTURE_FAMILY
+    assert families[("cos_E_G", "gdes - nes")] == "exploratory"
+    assert {f for (q, _), f in families.items() if q == "class_gap_E_G"} == {claims.STRUCTURE_FAMILY}

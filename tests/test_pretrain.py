@@ -19,8 +19,10 @@ from tiny_pretrain import CORPUS, tiny_config
 from transformers import DebertaV2Model
 
 import lab
+from lab.finetune.loop import load_encoder
 from lab.model import preset
 from lab.pretrain import checkpoint, step
+from lab.pretrain import evaluate as pretrain_evaluate
 from lab.pretrain import loop as pretrain
 from lab.pretrain.data import prepare_corpus
 from lab.pretrain.loop import PretrainConfig, train
@@ -306,6 +308,95 @@ def test_train_writes_the_run_directory_and_hf_loads_the_discriminator(tmp_path,
     with torch.no_grad():
         diff = hf(input_ids=ids).last_hidden_state - ours(ids)
     assert diff.abs().max() < 1e-5
+
+
+def record_fixed_corruption(monkeypatch) -> list:
+    """Every (held-out batch, corrupted ids, labels) the evaluations draw, in order."""
+    calls, real = [], pretrain_evaluate.fixed_corruption
+
+    def recording(ids, *args):
+        corrupted, labels = real(ids, *args)
+        calls.append((ids.clone(), corrupted, labels))
+        return corrupted, labels
+
+    monkeypatch.setattr(pretrain_evaluate, "fixed_corruption", recording)
+    return calls
+
+
+def test_the_fixed_corruption_set_is_the_same_for_every_sharing_mode_seed_and_evaluation(
+    tmp_path, monkeypatch
+):
+    """ES and GDES of one seed, and ES of another seed, score their discriminators on the same corrupted
+    held-out rows; each evaluation of a run draws the same set again; fixed_auc is logged in [0, 1]."""
+    drawn = {}
+    for name, changes in {
+        "es": dict(sharing="es"),
+        "gdes": dict(sharing="gdes"),
+        "seed1": dict(seed=1),
+    }.items():
+        with monkeypatch.context() as patch:
+            drawn[name] = record_fixed_corruption(patch)
+            train(quick(tmp_path, name, steps=4, probe_every=0, **changes))  # evaluations at steps 0 and 4
+        rows = [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if r["split"] == "eval"]
+        assert [r["step"] for r in rows] == [0, 4]
+        assert all(0 <= r["fixed_auc"] <= 1 and math.isfinite(r["fixed_rtd_loss"]) for r in rows)
+    es = drawn["es"]
+    assert len(es) == 2 * 2  # two held-out batches per evaluation
+    for a, b in [*zip(es[:2], es[2:]), *zip(es, drawn["gdes"]), *zip(es, drawn["seed1"])]:
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)  # the same rows, corrupted ids and labels
+    for ids, corrupted, labels in es:
+        changed = corrupted != ids
+        assert torch.equal(labels, changed.float()) and 0 < changed.float().mean() < 0.2
+        assert not changed[:, 0].any() and not changed[:, -1].any()  # [CLS] and [SEP] stay
+    # the draws follow the module's constant seed, not the run's
+    monkeypatch.setattr(pretrain_evaluate, "FIXED_CORRUPTION_SEED", 7)
+    ids = es[0][0]
+    cdf = pretrain_evaluate.unigram_cdf(
+        prepare_corpus(CORPUS, vocab_size=600, seq_len=32).token_counts, [0, 1, 2, 3]
+    )
+    other, _ = pretrain_evaluate.fixed_corruption(ids, 0, cdf, SPECIAL, 0.15)
+    assert not torch.equal(other, es[0][1])
+
+
+def test_fixed_corruption_draws_replacements_from_the_unigram_counts_without_specials():
+    """Counts on ids 5 and 6 only (and on the special ids, which are left out): every replacement is 5 or
+    6, about in proportion 1 : 3, and a draw equal to the original token is labelled 0."""
+    counts = torch.zeros(20, dtype=torch.long)
+    counts[[1, 2]], counts[5], counts[6] = 10_000, 1_000, 3_000
+    cdf = pretrain_evaluate.unigram_cdf(counts.numpy(), [0, 1, 2, 3])
+    ids, _ = packed_batch(B=64, T=32, vocab=20)
+    ids[:8, 1:-1] = 5  # rows where a draw of 5 is no replacement
+    corrupted, labels = pretrain_evaluate.fixed_corruption(ids, 0, cdf, SPECIAL, 0.15)
+    drawn = corrupted[corrupted != ids]
+    assert set(drawn.tolist()) <= {5, 6} and 0.15 < (drawn == 5).float().mean() < 0.35
+    assert torch.equal(labels, (corrupted != ids).float())
+    assert (corrupted[:8] == 6).sum() == labels[:8].sum()  # in the all-5 rows only the 6s count
+
+
+def test_steps_0_exports_the_untrained_model_for_fine_tuning(tmp_path):
+    """The untrained control: steps=0 evaluates and exports the freshly initialised model of its seed
+    (no step taken), says so in summary.json, and a rerun resumes it; fine-tuning's loader reads it."""
+    cfg = quick(tmp_path, steps=0, sharing="gdes", seed=3)
+    summary = train(cfg)
+    run = tmp_path / "run"
+    assert summary["steps"] == 0 and summary["completed"] and summary["tokens_seen"] == 0
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in rows] == [("eval", 0)] and 0 <= rows[0]["fixed_auc"] <= 1
+    assert (run / "checkpoints" / "step-00000000.pt").is_file()
+    assert (run / "embeddings" / "step-00000000.safetensors").is_file()
+    encoder, tok = load_encoder(str(run))
+    torch.manual_seed(cfg.seed)  # as lab/pretrain/setup.py initialises
+    fresh = RTDModel(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512), "gdes")
+    exported = encoder.state_dict()
+    assert exported.keys() == fresh.discriminator_state_dict().keys()
+    for key, value in fresh.discriminator_state_dict().items():
+        assert torch.equal(exported[key], value), key
+    again = train(cfg)
+    assert again["steps"] == 0 and again["final_eval"] == summary["final_eval"]
+    assert [(r["split"], r["step"]) for r in read_jsonl(run / "metrics.jsonl")] == [("eval", 0)]
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        quick(tmp_path, steps=-1)
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):

@@ -215,7 +215,7 @@ def test_user_errors_exit_2_with_the_refusal_named(capsys):
 
     with pytest.raises(SystemExit) as stop:
         cli(["--steps", "-1"])
-    assert stop.value.code == 2 and "PretrainConfig.steps must be positive" in capsys.readouterr().err
+    assert stop.value.code == 2 and "PretrainConfig.steps must be >= 0" in capsys.readouterr().err
 
 
 def test_readme_is_short():

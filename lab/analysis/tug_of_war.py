@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lab import sharing
-from lab.analysis import claims as claims_lib
-from lab.analysis import stats
+from lab.analysis import claims, stats
 from lab.analysis.stats import finite, save_figure
 from lab.pretrain.probe import average_pairwise_cosine
 from lab.util import atomic_write_json, read_jsonl, write_csv
@@ -528,9 +527,9 @@ def _paper_claims(summary: dict) -> dict:
 
 
 def run_quantities(run: RunRecord) -> dict[str, float]:
-    """The tug-of-war figures of one run as scalars: final held-out MLM loss and RTD AUC, the mean train
-    MLM loss over the run (the area under its curve: lower = converged faster), the average pairwise
-    cosine of each table and E_G's minus E_D's, the class-separation gap of E_G and E_D (synthetic
+    """The tug-of-war figures of one run as scalars: final held-out MLM loss and RTD AUC, the held-out
+    curves' scalars (`heldout_curve_quantities`), the mean train MLM loss over the run (the area under
+    its curve: lower = converged faster), the average pairwise cosine of each table and E_G's minus E_D's, the class-separation gap of E_G and E_D (synthetic
     corpus) and the probe means (similarity pull of each loss, gradient cosine). A diverged run keeps
     its non-finite values (NaN loss at the last evaluation, NaN mean): it is counted as a failure by
     the report, never silently averaged over its finite rows."""
@@ -540,6 +539,7 @@ def run_quantities(run: RunRecord) -> dict[str, float]:
         out["final_mlm_loss"] = _number(evals[-1]["mlm_loss"])
         if "rtd_auc" in evals[-1]:
             out["final_rtd_auc"] = _number(evals[-1]["rtd_auc"])
+    out.update(heldout_curve_quantities(run.rows("eval")))
     train = [_number(r["mlm_loss"]) for r in run.rows("train") if "mlm_loss" in r]
     if train:
         out["mean_train_mlm_loss"] = float(np.mean(train))
@@ -556,6 +556,39 @@ def run_quantities(run: RunRecord) -> dict[str, float]:
         if values:
             out[key] = float(np.mean(values))
     return out
+
+
+def heldout_curve_quantities(evals: list[dict]) -> dict[str, float]:
+    """Scalars of the held-out evaluations (metrics.jsonl's eval rows, in step order): mlm_area, the MLM
+    curve's area over its step span (claims.curve_area); mlm_flatten_fraction, the share of the MLM drop
+    made in the last quarter of training (claims.flattening); final_fixed_auc, the last evaluation's AUC
+    on the fixed corruption set (lab/pretrain/evaluate.py: the same corrupted rows for every mode, so it
+    compares discriminators where rtd_auc does not); fixed_auc_flatten_fraction, the same share for the
+    detection error 1 - fixed_auc, which falls like a loss. A curve's keys need two evaluations with the
+    value (final_fixed_auc one, like final_rtd_auc: the steps=0 control has exactly one) and are left out
+    otherwise; a non-finite value (a diverged run) makes the key NaN, a failure the report counts."""
+    out: dict[str, float] = {}
+    mlm = [(r["step"], _number(r["mlm_loss"])) for r in evals if "mlm_loss" in r]
+    fixed = [(r["step"], _number(r["fixed_auc"])) for r in evals if "fixed_auc" in r]
+    if fixed:
+        out["final_fixed_auc"] = fixed[-1][1]
+    if len(mlm) >= 2:
+        out["mlm_area"] = _curve_scalar(claims.curve_area, mlm)
+        out["mlm_flatten_fraction"] = _curve_scalar(_flatten_fraction, mlm)
+    if len(fixed) >= 2:
+        error = [(step, 1 - auc) for step, auc in fixed]
+        out["fixed_auc_flatten_fraction"] = _curve_scalar(_flatten_fraction, error)
+    return out
+
+
+def _flatten_fraction(steps, values) -> float:
+    return claims.flattening(steps, values)["fraction"]
+
+
+def _curve_scalar(measure, points: list[tuple[int, float]]) -> float:
+    """measure(steps, values) of one curve, NaN when a value is not finite (claims' measures refuse it)."""
+    steps, values = zip(*points)
+    return float(measure(steps, values)) if all(map(math.isfinite, values)) else math.nan
 
 
 def _number(v) -> float:
@@ -582,14 +615,15 @@ def seeded_report(
     run_dirs: dict[tuple[str, int], str | Path],
     out_dir: str | Path,
     comparisons=((sharing.GDES.name, sharing.ES.name), (sharing.GDES.name, sharing.NES.name)),
-    claims: tuple = (),
+    primary: tuple = (),
 ) -> dict:
     """The tug-of-war over pre-training seeds, for runs keyed by (mode, seed).
 
     Writes into out_dir: tug_of_war_runs.csv (every quantity of every run: the rows every table is
     computed from), then `tug_of_war_tables` from that file; curves with error bands over seeds (MLM
-    loss train and held-out, the similarity pulls), each next to its CSV, and the single-seed views of
-    `tug_of_war_report` for the first seed in seed-<s>/. `claims`: see `tug_of_war_tables`.
+    loss train and held-out, the fixed-set AUC, the similarity pulls), each next to its CSV, and the
+    single-seed views of `tug_of_war_report` for the first seed in seed-<s>/. `primary`: the claims
+    tested in the differences table (see `tug_of_war_tables`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -598,11 +632,17 @@ def seeded_report(
         {"mode": mode, "pretrain_seed": seed, **run_quantities(run)} for (mode, seed), run in runs.items()
     ]
     write_csv(out_dir / "tug_of_war_runs.csv", per_run, digits=None)
-    tables = tug_of_war_tables(read_run_rows(out_dir / "tug_of_war_runs.csv"), out_dir, comparisons, claims)
+    tables = tug_of_war_tables(read_run_rows(out_dir / "tug_of_war_runs.csv"), out_dir, comparisons, primary)
     figures = []
     for name, split, key, title in (
         ("mlm_loss_train", "train", "mlm_loss", "generator MLM loss (train), mean ± std over seeds"),
         ("mlm_loss_heldout", "eval", "mlm_loss", "generator MLM loss (held out), mean ± std over seeds"),
+        (
+            "fixed_auc_heldout",
+            "eval",
+            "fixed_auc",
+            "discriminator AUC on the fixed corruption set (held out), mean ± std over seeds",
+        ),
         ("similarity_pull_mlm", "probe", "similarity_pull_mlm", PROBE_TITLES["similarity_pull_mlm"]),
         ("similarity_pull_rtd", "probe", "similarity_pull_rtd", PROBE_TITLES["similarity_pull_rtd"]),
     ):
@@ -626,10 +666,10 @@ def seeded_report(
     }
 
 
-def tug_of_war_tables(records: list[dict], out_dir: Path, comparisons, claims: tuple = ()) -> dict:
+def tug_of_war_tables(records: list[dict], out_dir: Path, comparisons, primary: tuple = ()) -> dict:
     """From the per-run records: tug_of_war_summary.{csv,md} (mean ± std and t interval per quantity
     and mode over the finite runs, failed runs counted), tug_of_war_differences.{csv,md} (paired over
-    pre-training seeds; the rows of `claims` (lab.analysis.claims.Claim: quantity, comparison, family)
+    pre-training seeds; the rows of the claims `primary` (lab.analysis.claims.Claim: quantity, comparison, family)
     tested within their families by lab.analysis.claims.test_claims, every other row exploratory) and
     the differences figure as small multiples."""
     summary = stats.summarize(records, ("quantity", "mode"))

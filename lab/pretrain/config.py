@@ -74,7 +74,9 @@ class PretrainConfig:
         OPTIMIZATIONS,
     )
     # optimisation
-    steps: int = param(2000, "optimizer steps", may_change_on_resume=True)
+    # 0: the untrained control (lab/pretrain/loop.py): the step-0 evaluation and the export of the
+    # freshly initialised model, same architecture and tokenizer
+    steps: int = param(2000, "optimizer steps (0 = export the untrained model)", may_change_on_resume=True)
     batch_size: int = param(32, "global examples per optimizer step (across processes and accumulation)")
     grad_accum: int = param(1, "micro-batches per optimizer step")
     lr: float = param(5e-4, "peak learning rate")
@@ -181,13 +183,13 @@ class PretrainConfig:
         preset(self.preset, attention_impl=self.attention_impl)  # raises on an unknown preset / impl
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"PretrainConfig.mask_prob={self.mask_prob} must be in (0, 1)")
-        positive = ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "ckpt_every")
+        positive = ("batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "ckpt_every")
         for name in (*positive, "keep_checkpoints", "snapshot_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PretrainConfig.{name} must be positive, got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"PretrainConfig.seed={self.seed} must be >= 0")
-        for name in ("snapshot_every", "snapshot_mb"):
+        for name in ("steps", "snapshot_every", "snapshot_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.seq_len < 8:

@@ -46,7 +46,16 @@ def finish(run: Run, step: int, meter: Meter, guard: NonFiniteGuard | None = Non
     cfg, summary = run.cfg, {}
     if run.ddp.main:
         final_eval = (
-            evaluate(run.model, run.eval_batches, run.tok, cfg, run.device, run.amp, run.micro)
+            evaluate(
+                run.model,
+                run.eval_batches,
+                run.tok,
+                cfg,
+                run.device,
+                run.amp,
+                run.micro,
+                run.corpus.token_counts,
+            )
             if run.eval_batches
             else {}
         )

@@ -96,7 +96,16 @@ def _train(cfg: PretrainConfig) -> dict:
             # eval (before the step, so step 0 records the untrained model)
             if run.ddp.main and step % cfg.eval_every == 0 and run.eval_batches:
                 with meter.overhead("eval"):
-                    row = evaluate(model, run.eval_batches, run.tok, cfg, run.device, run.amp, run.micro)
+                    row = evaluate(
+                        model,
+                        run.eval_batches,
+                        run.tok,
+                        cfg,
+                        run.device,
+                        run.amp,
+                        run.micro,
+                        run.corpus.token_counts,
+                    )
                     append_jsonl(run.metrics, {"split": "eval", "step": step, **row})
             if snapshots.due(step):  # the word tables before the step, as eval sees them
                 with meter.overhead("probe"):
@@ -126,6 +135,9 @@ def _train(cfg: PretrainConfig) -> dict:
         raise
     if snapshots.due(step):  # the final tables (or those of a stop_after step that is due)
         snapshots.write(step)
+    if cfg.steps == 0 and run.start == 0:
+        # the untrained control: its checkpoint, so that a rerun resumes it like a finished run
+        save_checkpoint(run, 0)
     progress.close()
     return finish(run, step, meter, guard)
 

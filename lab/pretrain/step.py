@@ -25,8 +25,9 @@ from lab.util import append_jsonl, to_device
 # consecutive skipped (non-finite) steps after which a run stops: one bad batch is survivable, a run
 # whose every step overflows is not going to recover by itself
 MAX_SKIPPED_IN_A_ROW = 3
-# the purposes of the random streams a step draws (see stream_seed)
-NOISE, DROPOUT, EVAL_NOISE = 0, 1, 2
+# the purposes of the random streams a step draws (see stream_seed); FIXED_CORRUPTION is the held-out
+# fixed corruption set's (lab/pretrain/evaluate.py), seeded by a constant instead of cfg.seed
+NOISE, DROPOUT, EVAL_NOISE, FIXED_CORRUPTION = 0, 1, 2, 3
 
 
 def stream_seed(seed: int, purpose: int, step: int, micro: int = 0, rank: int = 0) -> int:

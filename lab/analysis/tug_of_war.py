@@ -677,9 +677,7 @@ def tug_of_war_tables(records: list[dict], out_dir: Path, comparisons, primary: 
     write_markdown(out_dir / "tug_of_war_summary.md", summary)
     diffs = stats.paired_by_seed(records, ("quantity",), comparisons)
     quantity_of = itemgetter("quantity")
-    diffs = claims_lib.overlay_claims(
-        diffs, claims_lib.test_claims(claims, records, quantity_of), quantity_of
-    )
+    diffs = claims.overlay_claims(diffs, claims.test_claims(primary, records, quantity_of), quantity_of)
     write_csv(out_dir / "tug_of_war_differences.csv", diffs)
     write_markdown(out_dir / "tug_of_war_differences.md", diffs)
     figure = stats.differences_plot(

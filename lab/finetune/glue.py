@@ -135,6 +135,13 @@ class GlueTask(Task):
         validation carved from train.tsv, a test split read from its dev file."""
         return self._pick(split, lambda s: _read_split(self, s, glue_dir))
 
+    def read_file(self, file: str, glue_dir: str | Path | None = None) -> LabelledSplit:
+        """One whole GLUE file, "train" or a dev file ("dev", MNLI "dev_matched"), before any carving."""
+        splits = {_FILE[s]: s for s in (*self.test_splits, "train")}
+        if file not in splits:
+            raise ValueError(f"{self.name} has the files {list(splits)}, not {file!r}")
+        return _read_split(self, splits[file], glue_dir)
+
     def load_hf_split(self, split: str) -> LabelledSplit:
         """The same split from `datasets.load_dataset("glue", ...)` (needs the package and network or cache)."""
         return self._pick(split, lambda s: _read_hf_split(self, s))

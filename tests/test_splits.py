@@ -164,3 +164,13 @@ def test_the_test_split_is_scored_exactly_twice_after_training(tiny, monkeypatch
     run = fine_tune(tiny, False)
     assert scored == [("validation",)] * 3 + [("test",)] * 2
     assert {"accuracy", "validation_accuracy", "last_accuracy", "best_epoch", "epochs"} == set(run["metrics"])
+
+
+def test_task_sizes_count_each_role_under_the_caps():
+    from lab.analysis.runs import ExperimentConfig, TaskSizes, task_sizes
+    from lab.util import replace_strict
+
+    caps = {"finetune.max_train_examples": 100, "finetune.max_eval_examples": 400}
+    cfg = replace_strict(ExperimentConfig(), **caps)
+    assert task_sizes("synth_gram", cfg) == TaskSizes(train=100, validation=400, test=400)
+    assert task_sizes("synth_tag", cfg) == TaskSizes(train=100, validation=300, test=400)

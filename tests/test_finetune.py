@@ -66,10 +66,11 @@ def test_learns_a_trivial_task_above_90_percent(synthetic, tmp_path):
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, 7))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    # the best epoch's score is reported, and the last epoch's next to it
-    best = max(history, key=lambda h: h["accuracy"])
-    assert seed["best_epoch"] == best["epoch"] and seed["accuracy"] == best["accuracy"]
-    assert seed["last_accuracy"] == history[-1]["accuracy"]
+    # the epoch is chosen on validation (the only metrics of the per-epoch rows); test is reported
+    assert all("accuracy" not in h and "validation_accuracy" in h for h in history)
+    best = max(history, key=lambda h: h["validation_accuracy"])
+    assert seed["best_epoch"] == best["epoch"] and seed["validation_accuracy"] == best["validation_accuracy"]
+    assert seed["epochs"] == 6 and "last_accuracy" in seed and "last_validation_accuracy" not in seed
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def test_a_glue_like_task_is_one_entry(registered, synthetic, tmp_path):
     # the "zebra" files under a folder and a name of their own, with no fine-tuning defaults given
     root, ckpt = synthetic
     shutil.copytree(root / "SST-2", root / "Zebra")
-    registered(glue.GlueTask(name="zebra_spotting", dir_name="Zebra", official_sizes=(256, 128), header=True,
+    registered(glue.GlueTask(name="zebra_spotting", dir_name="Zebra", official_sizes=glue.glue_sizes(256, 128), header=True,
                              num_columns=None, text_columns=("sentence",), label_column="label",
                              labels=("0", "1"), metrics=("mcc", "accuracy"), main_metric="mcc",
                              hf_name="", hf_text_columns=()))  # fmt: skip
@@ -95,7 +96,9 @@ def test_a_glue_like_task_is_one_entry(registered, synthetic, tmp_path):
     results = finetune.train(cfg)
     assert results["task"] == "zebra_spotting" and results["main_metric"] == "mcc"
     assert set(results["mean"]) == {"mcc", "accuracy", "last_mcc", "last_accuracy"}
-    assert results["dev_splits"]["dev"]["official"] == 128 and results["dev_complete"]
+    assert results["splits"]["test"]["official"] == 128 and results["test_complete"]
+    assert results["splits"]["validation"] == {"role": "validation", "used": 25, "loaded": 25, "official": 25,
+                                               "malformed": 0, "sliced": False}  # fmt: skip
     rows = results_table.results_table(tmp_path, tmp_path / "table", include_paper=False)
     assert "zebra_spotting" in rows[0]
     with pytest.raises(ValueError, match="already registered as 'zebra_spotting'"):
@@ -119,16 +122,17 @@ def test_the_logged_learning_rate_is_the_schedule(synthetic, tmp_path):
 
 def test_summary_is_mean_median_and_sample_std_hand_computed():
     per_seed = [
-        {"seed": 1, "accuracy": 0.5, "best_epoch": 2, "last_accuracy": 0.4},
-        {"seed": 2, "accuracy": 0.9, "best_epoch": 1, "last_accuracy": 0.2},
-        {"seed": 3, "accuracy": 0.7, "best_epoch": 3, "last_accuracy": 0.6},
-    ]
+        {"seed": 1, "accuracy": 0.5, "best_epoch": 2, "epochs": 3, "validation_accuracy": 0.6, "last_accuracy": 0.4},
+        {"seed": 2, "accuracy": 0.9, "best_epoch": 1, "epochs": 3, "validation_accuracy": 0.8, "last_accuracy": 0.2},
+        {"seed": 3, "accuracy": 0.7, "best_epoch": 3, "epochs": 3, "validation_accuracy": 0.7, "last_accuracy": 0.6},
+    ]  # fmt: skip
     mean, median, std = finetune._summary(per_seed)
-    assert set(mean) == {"accuracy", "last_accuracy"}  # seed and best_epoch are not metrics
+    assert set(mean) == {"accuracy", "last_accuracy"}  # test metrics only: no seed, epochs or validation_
     assert mean["accuracy"] == pytest.approx(0.7) and median["accuracy"] == pytest.approx(0.7)
     assert std["accuracy"] == pytest.approx(0.2)  # sqrt((0.04 + 0.04 + 0) / 2): the sample std
     assert mean["last_accuracy"] == pytest.approx(0.4) and median["last_accuracy"] == pytest.approx(0.4)
     assert std["last_accuracy"] == pytest.approx(0.2)
+    per_seed = [{k: v for k, v in m.items() if k not in ("epochs", "validation_accuracy")} for m in per_seed]
     one = finetune._summary(per_seed[:1])
     assert one == ({"accuracy": 0.5, "last_accuracy": 0.4},) * 2 + ({"accuracy": 0.0, "last_accuracy": 0.0},)
     assert finetune._summary(per_seed[:2])[1]["accuracy"] == pytest.approx(0.7)  # median of two: their mean
@@ -142,16 +146,23 @@ def test_seeds_and_results_files_agree(synthetic, tmp_path):
     results = finetune.train(cfg)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    assert on_disk["task"] == "sst2" and on_disk["n_dev_examples"] == 50 and on_disk["n_train_examples"] == 64
-    assert on_disk["dev_splits"]["dev"] == {"used": 50, "loaded": 128, "official": 872, "malformed": 0,
-                                            "sliced": True}  # fmt: skip
+    assert (
+        on_disk["task"] == "sst2" and on_disk["n_test_examples"] == 50 and on_disk["n_train_examples"] == 64
+    )
+    assert on_disk["n_validation_examples"] == 25  # 10 % of the 256 rows of train.tsv
+    assert on_disk["splits"]["test"] == {"role": "test", "used": 50, "loaded": 128, "official": 872, "malformed": 0,
+                                         "sliced": True}  # fmt: skip
+    assert on_disk["splits"]["train"] == {"role": "train", "used": 64, "loaded": 231,
+                                                          "official": 67349 - 2000, "malformed": 0, "sliced": True}  # fmt: skip
+    assert on_disk["selection"] == finetune.SELECTION
     assert [m["seed"] for m in results["metrics_per_seed"]] == [1, 2, 3]
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(h["seed"], h["epoch"]) for h in history] == [(s, e) for s in (1, 2, 3) for e in (1, 2)]
     for m in results["metrics_per_seed"]:
         rows = [h for h in history if h["seed"] == m["seed"]]
-        assert m["accuracy"] == rows[m["best_epoch"] - 1]["accuracy"] == max(h["accuracy"] for h in rows)
-        assert m["last_accuracy"] == rows[-1]["accuracy"]
+        best = rows[m["best_epoch"] - 1]["validation_accuracy"]
+        assert m["validation_accuracy"] == best == max(h["validation_accuracy"] for h in rows)
+        assert m["epochs"] == 2 and {"accuracy", "last_accuracy"} <= set(m)
         assert json.loads((tmp_path / "seeds" / f"seed_{m['seed']}.json").read_text())["metrics"] == m
     assert on_disk["config"]["lr"] == pytest.approx(6e-6 * glue.LR_SCALE)  # SST-2 default, resolved
 
@@ -167,17 +178,16 @@ def test_real_glue_slice_end_to_end(data_root, tmp_path, task, metric):
     finetune.train(cfg)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     metrics = get_task(task).metrics
-    assert results["main_metric"] == metric and results["n_dev_examples"] == 64
+    assert results["main_metric"] == metric and results["n_test_examples"] == 64
     assert set(results["mean"]) == {*metrics, *(f"last_{m}" for m in metrics)}
-    official = get_task(task).official_size("dev")
-    assert results["official_dev_examples"] == official and results["dev_complete"]
-    assert results["dev_splits"]["dev"] == {"used": 64, "loaded": official, "official": official, "malformed": 0,
-                                            "sliced": True}  # fmt: skip
+    official = get_task(task).official_size("test")
+    assert results["official_test_examples"] == official and results["test_complete"]
+    assert results["splits"]["test"] == {"role": "test", "used": 64, "loaded": official, "official": official,
+                                         "malformed": 0, "sliced": True}  # fmt: skip
     history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert (
-        results["mean"][metric] == history[0][metric]
-        and results["mean"][f"last_{metric}"] == history[0][metric]
-    )
+    seed = results["metrics_per_seed"][0]
+    assert seed[f"validation_{metric}"] == history[0][f"validation_{metric}"]
+    assert seed[metric] == seed[f"last_{metric}"]  # one epoch: the chosen state is the last
 
 
 def test_mnli_reports_matched_and_mismatched(synthetic, tmp_path):
@@ -191,7 +201,8 @@ def test_mnli_reports_matched_and_mismatched(synthetic, tmp_path):
         "last_m_accuracy",
         "last_mm_accuracy",
     }
-    assert results["n_dev_examples"] == 4 and results["n_train_examples"] == 3
+    assert results["n_test_examples"] == 4 and results["n_train_examples"] == 2
+    assert results["n_validation_examples"] == 1 and "validation_accuracy" in results["metrics_per_seed"][0]
 
 
 class Words:
@@ -211,11 +222,11 @@ def test_pair_encoding_truncates_like_transformers_longest_first():
              (4, 4, 5): (2, 3), (10, 2, 7): (5, 2), (6, 5, 8): (4, 4), (2, 3, 7): (2, 3)}  # fmt: skip
     for (len_a, len_b, budget), kept in cases.items():
         assert finetune_data._pair_lengths(len_a, len_b, budget) == kept, (len_a, len_b, budget)
-    split = LabelledSplit("rte", "dev", "-", ["a " * 6, "a a"], ["bb " * 5, "bb " * 3], [0, 1])
+    split = LabelledSplit("rte", "test", "-", ["a " * 6, "a a"], ["bb " * 5, "bb " * 3], [0, 1])
     rows = finetune_data.encode_split(split, Words(), max_len=10)  # budget 7 for the two texts
     assert rows[0] == [1, 11, 11, 11, 11, 2, 12, 12, 12, 2]  # a keeps 4 of 6, b 3 of 5
     assert rows[1] == [1, 11, 11, 2, 12, 12, 12, 2]  # fits: nothing cut
-    single = LabelledSplit("sst2", "dev", "-", ["a " * 10], None, [0])
+    single = LabelledSplit("sst2", "test", "-", ["a " * 10], None, [0])
     assert finetune_data.encode_split(single, Words(), max_len=5) == [[1, 11, 11, 11, 2]]
 
 
@@ -311,7 +322,7 @@ def test_cli_trains_and_builds_table(synthetic, tmp_path, monkeypatch):
     assert results_table.cli(["--runs", str(tmp_path / "ft"), "--out-dir", str(stem.parent)]) == 0
     lines = stem.with_suffix(".csv").read_text().splitlines()
     assert lines[0].startswith(
-        "checkpoint,source,sst2,sst2_std,sst2_seeds,sst2_last,sst2_n_dev,sst2_dev_official"
+        "checkpoint,source,sst2,sst2_std,sst2_seeds,sst2_last,sst2_n_test,sst2_test_official"
     )
     assert lines[1].startswith(f"{ckpt.name},ours,{100 * results['mean']['accuracy']:.2f},")
     assert any(line.startswith("DeBERTaV3-large (paper),paper,96.90") for line in lines)
@@ -401,10 +412,10 @@ def test_changed_config_or_checkpoint_is_not_mixed_with_saved_seeds(synthetic, t
         finetune.train(FinetuneConfig(**{**base, "init": str(moved), "out_dir": str(tmp_path / "b")}))
 
 
-# ---------------------------------------------------------------------------------------------- dev sizes
+# ---------------------------------------------------------------------------------------------- test sizes
 
 
-def test_dev_split_with_skipped_rows_is_flagged_with_both_counts(synthetic, tmp_path):
+def test_test_split_with_skipped_rows_is_flagged_with_both_counts(synthetic, tmp_path):
     root, ckpt = synthetic
     glue_dir = tmp_path / "glue"
     shutil.copytree(root, glue_dir)
@@ -414,18 +425,18 @@ def test_dev_split_with_skipped_rows_is_flagged_with_both_counts(synthetic, tmp_
     cfg = FinetuneConfig(task="sst2", glue_dir=str(glue_dir), init=str(ckpt), out_dir=str(tmp_path / "out"),
                          epochs=1, batch_size=32, max_train_examples=32, seeds=(1,), device="cpu")  # fmt: skip
     with pytest.warns(
-        UserWarning, match=r"sst2 dev .* has 870 examples, the official split has 872 \(2 malformed"
+        UserWarning, match=r"sst2 test .* has 870 examples, the official split has 872 \(2 malformed"
     ):
         results = finetune.train(cfg)
-    assert results["n_dev_examples"] == 870 and results["official_dev_examples"] == 872
-    assert results["dev_splits"]["dev"] == {"used": 870, "loaded": 870, "official": 872, "malformed": 2,
-                                            "sliced": False}  # fmt: skip
-    assert results["dev_complete"] is False
+    assert results["n_test_examples"] == 870 and results["official_test_examples"] == 872
+    assert results["splits"]["test"] == {"role": "test", "used": 870, "loaded": 870, "official": 872, "malformed": 2,
+                                         "sliced": False}  # fmt: skip
+    assert results["test_complete"] is False
 
     rows = results_table.results_table(tmp_path / "out", tmp_path / "table", include_paper=False)
-    assert (rows[0]["sst2_n_dev"], rows[0]["sst2_dev_official"]) == (870, 872)
+    assert (rows[0]["sst2_n_test"], rows[0]["sst2_test_official"]) == (870, 872)
     header, row = (tmp_path / "table.csv").read_text().splitlines()
-    assert dict(zip(header.split(","), row.split(",")))["sst2_n_dev"] == "870"
+    assert dict(zip(header.split(","), row.split(",")))["sst2_n_test"] == "870"
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -479,7 +490,7 @@ def test_bucketed_fine_tuning_equals_unbucketed(synthetic, tmp_path):
         runs[bucket] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for exact, bucketed in zip(runs[1], runs[16]):
         assert bucketed["train_loss"] == pytest.approx(exact["train_loss"], rel=1e-5)
-        assert bucketed["accuracy"] == exact["accuracy"]
+        assert bucketed["validation_accuracy"] == exact["validation_accuracy"]
     assert runs[1][-1]["train_loss"] < runs[1][0]["train_loss"]  # it did learn: the comparison is not vacuous
 
 
@@ -510,8 +521,8 @@ def test_training_steps_make_no_host_sync(synthetic, tmp_path, monkeypatch):
 def _prepared(cfg):
     cfg = cfg.resolved()
     encoder, tokenizer = finetune.load_encoder(cfg.init)
-    train_data, dev, _ = finetune_data.load_data(cfg, get_task(cfg.task), tokenizer, 64)
-    return encoder, train_data, dev, torch.device("cpu")
+    train_data, validation, tests, _ = finetune_data.load_data(cfg, get_task(cfg.task), tokenizer, 64)
+    return encoder, train_data, validation, tests, torch.device("cpu")
 
 
 def test_interrupted_task_table_resumes_finished_tasks(synthetic, tmp_path, monkeypatch):
@@ -548,8 +559,9 @@ def test_synthetic_task_reads_the_language_seed_of_the_init_run(tmp_path):
                 device="cpu")  # fmt: skip
     results = finetune.train(FinetuneConfig(out_dir=str(tmp_path / "a"), **base))
     assert results["config"]["synthetic_seed"] == 5
-    assert results["dev_splits"]["dev"] == {"used": 16, "loaded": 1000, "official": 1000, "malformed": 0,
-                                            "sliced": True}  # fmt: skip
+    assert results["splits"]["test"] == {"role": "test", "used": 16, "loaded": 1000, "official": 1000,
+                                         "malformed": 0, "sliced": True}  # fmt: skip
+    assert results["splits"]["validation"]["loaded"] == 500 and results["splits"]["validation"]["used"] == 16
     overridden = finetune.train(FinetuneConfig(out_dir=str(tmp_path / "b"), synthetic_seed=2, **base))
     assert overridden["config"]["synthetic_seed"] == 2
 

@@ -35,7 +35,7 @@ def test_task_table_metrics_and_label_counts():
     assert get_task("stsb").is_regression and not get_task("cola").is_regression
     assert get_task("mrpc").metrics == ("f1", "accuracy") == get_task("qqp").metrics
     assert get_task("stsb").metrics == ("pearson", "spearman")
-    assert get_task("mnli").dev_splits == ("dev_matched", "dev_mismatched")
+    assert get_task("mnli").test_splits == ("test_matched", "test_mismatched")
     assert get_task("mnli").main_key == "m_accuracy" and get_task("cola").main_key == "mcc"
     assert not get_task("cola").is_pair and get_task("rte").is_pair
 
@@ -86,7 +86,7 @@ def test_constant_predictions_score_zero_with_a_warning_never_nan():
     assert stsb == {"pearson": 0.0, "spearman": 0.0}
     assert [str(w.message).split()[0] for w in caught] == ["pearson", "spearman"]
     with pytest.warns(ConstantPredictionWarning):
-        out = get_task("stsb").dev_metrics({"dev": (np.array([[3.0]] * 3), [1.0, 2.0, 5.0])})
+        out = get_task("stsb").split_metrics({"test": (np.array([[3.0]] * 3), [1.0, 2.0, 5.0])})
     assert out == {"pearson": 0.0, "spearman": 0.0}  # regression logits [N, 1], still defined
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a varying prediction is scored without any warning
@@ -99,19 +99,22 @@ def test_official_sizes_agree_with_the_glue_files_on_disk(data_root):
     (CoLA, SST-2, STS-B): a mistyped count, or a reader that drops or adds rows, fails here."""
     checked = 0
     for task in (t.name for t in glue.GLUE_TASKS):
-        for split in ("train", *get_task(task).dev_splits):
+        for split in get_task(task).splits:
             if get_task(task).split_path(split, data_root / "glue").is_file():
                 assert len(get_task(task).load_split(split, data_root / "glue")) == get_task(
                     task
                 ).official_size(split)
                 checked += 1
     assert checked >= 6
-    assert get_task("mnli").official_size("dev") is None  # MNLI has two dev splits, no plain "dev"
+    assert get_task("mnli").official_size("test") is None  # MNLI has two test splits, no plain "test"
 
 
-def test_dev_metrics_prefixes_mnli_splits():
-    out = get_task("mnli").dev_metrics({"dev_matched": ([0, 1], [0, 1]), "dev_mismatched": ([0, 1], [0, 2])})
+def test_split_metrics_prefixes_mnli_and_validation_splits():
+    out = get_task("mnli").split_metrics(
+        {"test_matched": ([0, 1], [0, 1]), "test_mismatched": ([0, 1], [0, 2])}
+    )
     assert out == {"m_accuracy": 1.0, "mm_accuracy": 0.5}
+    assert get_task("mnli").split_metrics({"validation": ([0, 1], [0, 0])}) == {"validation_accuracy": 0.5}
 
 
 def test_metrics_reject_length_mismatch():
@@ -124,7 +127,7 @@ def test_metrics_reject_length_mismatch():
 
 def test_cola_without_header_reports_malformed_line_and_keeps_quotes():
     with pytest.warns(UserWarning, match="line 4: 3 columns"):
-        train = get_task("cola").load_split("train", FIXTURES)
+        train = get_task("cola").read_file("train", FIXTURES)
     assert len(train) == 5 and train.texts_b is None
     assert train.labels == [1, 0, 1, 0, 1]
     assert train.line_numbers == [1, 2, 3, 5, 6]
@@ -135,13 +138,13 @@ def test_cola_without_header_reports_malformed_line_and_keeps_quotes():
 
 
 def test_file_without_final_newline_keeps_last_row():
-    dev = get_task("cola").load_split("dev", FIXTURES)
+    dev = get_task("cola").load_split("test", FIXTURES)
     assert len(dev) == 3 and dev.texts_a[-1] == "Mary sang a song." and not dev.malformed
 
 
 def test_bom_header_and_label_outside_set():
     with pytest.warns(UserWarning, match=r"line 5: label '2' not in \['0', '1'\]"):
-        train = get_task("SST-2").load_split("train", FIXTURES)
+        train = get_task("SST-2").read_file("train", FIXTURES)
     assert train.texts_a[0] == "hide new secretions from the parental units"  # header found despite the BOM
     assert train.texts_a[1] == '" the best film of the year'
     assert train.labels == [0, 1, 0, 0, 1]
@@ -150,24 +153,29 @@ def test_bom_header_and_label_outside_set():
 
 def test_regression_scores_and_unparsable_score():
     with pytest.warns(UserWarning, match="line 3: label 'n/a' is not a number"):
-        train = get_task("stsb").load_split("train", FIXTURES)
+        train = get_task("stsb").read_file("train", FIXTURES)
     assert train.labels == [5.0, 0.25, 2.6]
     assert train.texts_b == ["An air plane is taking off.", "A dog runs.", "Two men are playing chess."]
 
 
-def test_pair_tasks_and_mnli_dev_splits():
+def test_pair_tasks_and_mnli_test_splits():
     splits = get_task("mnli").load(FIXTURES)
-    assert set(splits) == {"train", "dev_matched", "dev_mismatched"}
-    assert splits["train"].labels == [0, 2, 1]  # entailment, contradiction, neutral in HF id order
-    assert splits["dev_mismatched"].texts_b == ["She made sound.", "She was tired."]
-    mrpc = get_task("mrpc").load_split("train", FIXTURES)
+    assert set(splits) == {"train", "validation", "test_matched", "test_mismatched"}
+    assert get_task("mnli").read_file("train", FIXTURES).labels == [
+        0,
+        2,
+        1,
+    ]  # entailment, contradiction, neutral
+    assert sorted(splits["train"].labels + splits["validation"].labels) == [0, 1, 2]  # 1 row carved
+    assert splits["test_mismatched"].texts_b == ["She made sound.", "She was tired."]
+    mrpc = get_task("mrpc").read_file("train", FIXTURES)
     assert mrpc.labels == [1, 0] and mrpc.texts_a[1] == "Yucaipa owned Dominick 's."
 
 
 def test_missing_split_names_path_and_layout(tmp_path):
     with pytest.raises(ValueError, match=r"RTE.*train\.tsv.*expected the GLUE layout <glue_dir>/RTE/"):
         get_task("rte").load_split("train", tmp_path)
-    with pytest.raises(ValueError, match="dev_matched"):
+    with pytest.raises(ValueError, match="test_matched"):
         get_task("mnli").load_split("dev", FIXTURES)
 
 
@@ -176,18 +184,18 @@ def test_mostly_bad_labels_is_an_error(tmp_path):
     rows = "".join(f"sentence {i}\t{'positive' if i % 4 else 1}\n" for i in range(8))
     (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\n" + rows)
     with pytest.raises(ValueError, match=r"6 of 8 rows are unusable for sst2 .*line 3: label 'positive'"):
-        get_task("sst2").load_split("dev", tmp_path)
+        get_task("sst2").load_split("test", tmp_path)
 
 
 def test_wrong_header_is_an_error(tmp_path):
     (tmp_path / "SST-2").mkdir()
     (tmp_path / "SST-2" / "dev.tsv").write_text("text\ttarget\nok\t1\n")
     with pytest.raises(ValueError, match=r"header lacks column\(s\) \['sentence', 'label'\]"):
-        get_task("sst2").load_split("dev", tmp_path)
+        get_task("sst2").load_split("test", tmp_path)
 
 
 def test_take_is_a_seeded_subset():
-    dev = get_task("mrpc").load_split("train", FIXTURES)
+    dev = get_task("mrpc").read_file("train", FIXTURES)
     assert dev.take(None) is dev
     one = dev.take(1, seed=3)
     assert len(one) == 1 and one.take(1) is one
@@ -205,7 +213,7 @@ def test_hf_loader_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "datasets", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(ValueError, match="needs the `datasets` package"):
-        get_task("rte").load_hf_split("dev")
+        get_task("rte").load_hf_split("test")
 
 
 # ---------------------------------------------------------------------------------------------- real data
@@ -215,9 +223,9 @@ def test_hf_loader_without_datasets_is_a_clear_error(monkeypatch):
     "task,n_train,n_dev", [("cola", 8551, 1043), ("sst2", 67349, 872), ("stsb", 5749, 1500)]
 )
 def test_real_glue_files(data_root, task, n_train, n_dev):
-    splits = get_task(task).load(data_root / "glue")
+    splits = {file: get_task(task).read_file(file, data_root / "glue") for file in ("train", "dev")}
     assert (len(splits["train"]), len(splits["dev"])) == (n_train, n_dev)
-    assert (get_task(task).official_size("train"), get_task(task).official_size("dev")) == (n_train, n_dev)
+    assert get_task(task).official_sizes == glue.glue_sizes(n_train, n_dev)
     assert not splits["train"].malformed and not splits["dev"].malformed
     if task == "cola":
         assert sum(splits["dev"].labels) == 721 and sum(splits["train"].labels) == 6023

@@ -35,28 +35,28 @@ def test_lookup_accepts_spellings_and_keeps_glue_names_distinct():
 def test_tag_labels_are_the_generators_word_classes():
     lang = SyntheticLanguage(3)
     splits = get_task("synth_tag").load(synthetic_seed=3)
-    assert (len(splits["train"]), len(splits["dev"])) == (300, 500)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [300, 300, 500]
     assert set(lang.word_class.values()) == set(synthetic_tasks.WORD_CLASSES)
     for split in splits.values():
         for text, labels in zip(split.texts_a, split.labels):
             assert [synthetic_tasks.WORD_CLASSES[y] for y in labels] == classes_of(lang, text)
             assert text.endswith(" .") and synthetic_tasks.is_grammatical(classes_of(lang, text))
-    # Every word class occurs in dev; a third of each content class's words never occurs in train.
-    dev_words = {w for t in splits["dev"].texts_a for w in t.split()}
+    # Every word class occurs in test; a third of each content class's words never occurs in train.
+    test_words = {w for t in splits["test"].texts_a for w in t.split()}
     train_words = {w for t in splits["train"].texts_a for w in t.split()}
-    assert {y for row in splits["dev"].labels for y in row} == set(range(len(synthetic_tasks.WORD_CLASSES)))
+    assert {y for row in splits["test"].labels for y in row} == set(range(len(synthetic_tasks.WORD_CLASSES)))
     held_out = synthetic_tasks.held_out_words(3)
     for cls in synthetic_tasks.CONTENT_CLASSES:
         assert len(held_out & set(lang.classes[cls])) == len(lang.classes[cls]) // 3, cls
-    assert not train_words & held_out and len(dev_words & held_out) > 100
+    assert not train_words & held_out and len(test_words & held_out) > 100
     assert held_out != synthetic_tasks.held_out_words(4)
 
 
 def test_splits_are_deterministic_disjoint_and_seeded():
     for name in (t.name for t in SYNTHETIC_TASKS):
         a, b = get_task(name).load(synthetic_seed=0), get_task(name).load(synthetic_seed=0)
-        assert a["train"].texts_a == b["train"].texts_a and a["dev"].labels == b["dev"].labels
-        assert not set(a["train"].texts_a) & set(a["dev"].texts_a)
+        assert a["train"].texts_a == b["train"].texts_a and a["test"].labels == b["test"].labels
+        assert not set(a["train"].texts_a) & set(a["test"].texts_a)
         assert get_task(name).load(synthetic_seed=1)["train"].texts_a != a["train"].texts_a
     # The tasks draw their own sentences, not the pre-training corpus's.
     corpus = " ".join(SyntheticLanguage(0).documents(5_000))
@@ -170,7 +170,7 @@ def test_class_embedding_solves_tagging_and_random_does_not(synthetic_tokenizer,
                              lr=3e-3, head_dropout=0.0, synthetic_seed=0, seeds=(1,), device="cpu")  # fmt: skip
         results = finetune.train(cfg)
         scores[one_hot] = results["metrics_per_seed"][0]
-        assert results["dev_splits"]["dev"]["words"] == results["dev_splits"]["dev"]["words_in_split"]
+        assert results["splits"]["test"]["words"] == results["splits"]["test"]["words_in_split"]
     assert scores[True]["accuracy"] > 0.95, scores
     # a random table tags the words training showed, not the held-out ones
     assert scores[False]["accuracy"] < 0.9 and scores[False]["content_accuracy"] < 0.75, scores

@@ -129,6 +129,18 @@ RECIPES: dict[str, dict] = {
         primary_tasks=("synth_gram",), report_dir="figures/experiment_synthetic_lang1", cpu_kernels="avx2",
         threads=1, workers=2, compare_with="figures/experiment_synthetic",
     ),
+    # `make results-wikitext`: real text on the CPU, claims (a) and (c) (WikiText-2 has no word classes,
+    # so (b)'s class gap is not measured): `tiny` with an 8,000-piece SentencePiece vocabulary x 3
+    # pre-training seeds (+ the untrained control), GLUE CoLA / SST-2 / STS-B x 1 fine-tuning seed (2,000
+    # training examples; validation carved from train, the official dev set as test, 1,000 scored).
+    # Resumable like every recipe; `--plan` gives the time on this machine first.
+    "cpu-wikitext": dict(
+        pretrain=dict(preset="tiny", corpus="{data_dir}/wikitext-2/wiki.train.tokens", vocab_size=8000,
+                      steps=1500, batch_size=16, seq_len=128, lr=2e-3, eval_every=75, eval_batches=4),
+        finetune=dict(glue_dir="{data_dir}/glue", max_train_examples=2000, max_eval_examples=1000),
+        pretrain_seeds=(0, 1, 2), finetune_seeds=(1,), tasks=("cola", "sst2", "stsb"),
+        report_dir="figures/experiment_wikitext2", cpu_kernels="avx2", threads=1, workers=2,
+    ),
     # `make gpu-recipe`: xsmall on WikiText-2 (3.3M tokens per run) x 3 pre-training seeds and three GLUE
     # tasks (2,000 training examples, 3 epochs) x 3 fine-tuning seeds: the same number of pre-training
     # steps and fine-tuning examples as the earlier one-seed recipe that fit <= 10 min on one H100, spread

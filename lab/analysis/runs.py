@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -267,17 +268,30 @@ def missing_data(task: str, cfg: ExperimentConfig) -> str:
     return f"no data: {', '.join(missing)} missing" if missing else ""
 
 
-def task_sizes(task: str, cfg: ExperimentConfig) -> tuple[int, int]:
-    """(training examples, dev examples) one fine-tuning run uses: the task's splits under the caps, each
-    dev split capped on its own (lab.finetune.data.load_data); for the time estimate and design.csv."""
+class TaskSizes(NamedTuple):
+    """Examples one fine-tuning run uses of each role of split (lab/finetune/task.py)."""
+
+    train: int  # fitted, every epoch
+    validation: int  # scored after every epoch, picks the epoch
+    test: int  # all test splits together (MNLI: matched + mismatched), scored twice after training
+
+
+def task_sizes(task: str, cfg: ExperimentConfig) -> TaskSizes:
+    """TaskSizes(train, validation, test) one fine-tuning run uses: the task's splits under the caps,
+    validation and each test split capped on its own (lab.finetune.data.load_data); for the time
+    estimate and design.csv."""
     spec = get_task(task)
     splits = spec.load(cfg.finetune.glue_dir or None)
 
     def cap(n, limit):
         return min(n, limit) if limit else n
 
-    dev = sum(cap(len(splits[name]), cfg.finetune.max_eval_examples) for name in spec.dev_splits)
-    return cap(len(splits["train"]), cfg.finetune.max_train_examples), dev
+    evaluated = cfg.finetune.max_eval_examples
+    return TaskSizes(
+        cap(len(splits["train"]), cfg.finetune.max_train_examples),
+        cap(len(splits["validation"]), evaluated),
+        sum(cap(len(splits[name]), evaluated) for name in spec.test_splits),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- estimates
@@ -289,8 +303,9 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
     Pre-training: `calibration_steps` steps of the experiment's GDES configuration (the costliest mode)
     after the corpus is prepared (cached, so tokenising is not timed); the median step time plus the
     fixed cost of a run (model build, two evaluations, export). Fine-tuning: two epochs on a slice of
-    each task from that run's discriminator; the second epoch gives seconds per training example (dev
-    examples count a third: forward only), the rest the fixed cost of a run. Cached in
+    each task from that run's discriminator; the second epoch gives seconds per training example
+    (validation examples count a third: forward only), the rest the fixed cost of a run (the two test
+    evaluations included). Cached in
     calibration.json, so a rerun does not re-measure.
     """
     cache = Path(cfg.out_dir) / "calibration.json"
@@ -347,7 +362,7 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
         seconds = time.perf_counter() - t0
         epochs = [r["elapsed_s"] for r in _jsonl(work / "finetune" / task / "metrics.jsonl")]
         epoch_s = epochs[1] - epochs[0] if len(epochs) == 2 else seconds / 2
-        weight = results["n_train_examples"] + results["n_dev_examples"] / 3
+        weight = results["n_train_examples"] + results["n_validation_examples"] / 3
         result["finetune_s_per_example"][task] = epoch_s / max(1.0, weight)
         result["finetune_fixed_s"][task] = max(0.0, seconds - 2 * epoch_s)
     atomic_write_json(cache, result)
@@ -355,9 +370,7 @@ def calibrate(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> dict:
     return result
 
 
-def estimate(
-    run: PlannedRun, cfg: ExperimentConfig, calibration: dict, sizes: dict[str, tuple[int, int]]
-) -> float:
+def estimate(run: PlannedRun, cfg: ExperimentConfig, calibration: dict, sizes: dict[str, TaskSizes]) -> float:
     """Seconds one run should take on this machine, from the calibration (one run at a time: with
     `workers` processes the experiment's wall time is about the sum over workers)."""
     if run.kind == "pretrain":
@@ -373,9 +386,10 @@ def estimate(
         ]
 
     epochs = finetune_config(cfg, run).resolved().epochs
-    train, dev = sizes[run.task]
+    n = sizes[run.task]
     rate, fixed = calibration["finetune_s_per_example"][run.task], calibration["finetune_fixed_s"][run.task]
-    return fixed + epochs * (train + dev / 3) * rate
+    # validation every epoch, the test split(s) twice at the end; evaluation a third of a training example
+    return fixed + (epochs * (n.train + n.validation / 3) + 2 * n.test / 3) * rate
 
 
 # ---------------------------------------------------------------------------------------------- progress

@@ -49,7 +49,9 @@ class FinetuneConfig:
         (1,), "one fine-tuning run per seed (head init + batch order)", may_change_on_resume=True
     )
     max_train_examples: int | None = param(None, "a fixed random slice (same for every seed); None = all")
-    max_eval_examples: int | None = param(None, "dev examples scored per split; None = all")
+    max_eval_examples: int | None = param(
+        None, "examples scored of validation and of each test split; None = all"
+    )
     eval_batch_size: int = param(128, "examples per evaluation batch")
     grad_clip: float = param(1.0, "global grad-norm clip")
     # padding to a bucket does not change a batch's loss (tests/test_finetune.py)

@@ -143,35 +143,38 @@ def length_grouped_order(
 
 
 def load_data(cfg: FinetuneConfig, task: Task, tokenizer: Tokenizer, max_len: int):
-    """(train Encoded, {dev split: Encoded}, data record for results.json): tokenised once; the dev
-    splits' sizes checked against the official ones."""
+    """(train Encoded, validation Encoded, {test split: Encoded}, data record for results.json): tokenised
+    once. Train is capped by `max_train_examples`, validation and every test split alike by
+    `max_eval_examples` (fixed slices, the same for every seed); each split's size is checked against
+    the official one (a partial test split is warned about). The record is {split: {"role", "official", "loaded", "used", "malformed", "sliced"}}
+    (token tasks add "words" scored and "words_in_split")."""
     splits = task.load(cfg.glue_dir or None, cfg.synthetic_seed or 0)
     encode = encode_words if task.is_token_level else lambda s, t, n: (encode_split(s, t, n), s.labels)
     label_dtype = torch.float if task.is_regression else torch.long
-    train_part = splits["train"].take(cfg.max_train_examples)
-    train_data = Encoded.build(*encode(train_part, tokenizer, max_len), tokenizer.pad_id, label_dtype)
-    record = {"train": _split_record(task, splits["train"], train_part), "dev": {}}
-    dev = {}
-    for split in task.dev_splits:
-        part = splits[split].take(cfg.max_eval_examples)
-        dev[split] = Encoded.build(*encode(part, tokenizer, max_len), tokenizer.pad_id, label_dtype)
-        record["dev"][split] = info = _split_record(task, splits[split], part)
+    encoded, record = {}, {}
+    for split in task.splits:
+        part = splits[split].take(cfg.max_train_examples if split == "train" else cfg.max_eval_examples)
+        encoded[split] = Encoded.build(*encode(part, tokenizer, max_len), tokenizer.pad_id, label_dtype)
+        record[split] = info = _split_record(task, splits[split], part)
         if task.is_token_level:
-            info["words"] = int((dev[split].labels_host != IGNORE).sum())
+            info["words"] = int((encoded[split].labels_host != IGNORE).sum())
             info["words_in_split"] = sum(len(y) for y in part.labels)  # fewer when max_seq_len cuts words
-        if info["official"] is not None and info["loaded"] != info["official"]:
+        partial = info["official"] is not None and info["loaded"] != info["official"]
+        if partial and info["role"] == "test":  # the reported numbers; results.json records every split
             warnings.warn(
                 f"{task.name} {split} ({splits[split].source}) has {info['loaded']} examples, the official split "
                 f"has {info['official']} ({info['malformed']} malformed row(s) skipped): its metrics are over a "
-                "partial dev set, recorded as such in results.json",
+                "partial test set, recorded as such in results.json",
                 stacklevel=3,
             )
-    return train_data, dev, record
+    tests = {split: encoded[split] for split in task.test_splits}
+    return encoded["train"], encoded["validation"], tests, record
 
 
 def _split_record(task: Task, full: LabelledSplit, used: LabelledSplit) -> dict:
-    """How many examples a split has against its official count, and how many were used."""
+    """A split's role, how many examples it has against its official count, and how many were used."""
     return {
+        "role": task.role(full.split),
         "used": len(used),
         "loaded": len(full),
         "official": task.official_size(full.split),

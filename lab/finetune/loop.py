@@ -13,10 +13,15 @@ Linear(dropout(pooled)); cross-entropy, or MSE on a single output for STS-B. Tok
 `transformers`' `DebertaV2ForTokenClassification` head, logits = Linear(dropout(h)) at every token, the
 label on the first piece of each word. Inputs are `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, pairs
 truncated as `transformers`' fast tokenizers do with `truncation="longest_first"` (lab/finetune/data.py).
-AdamW (no decay on biases and LayerNorm), linear warmup then linear decay, grad-norm clip 1.0, dev
-evaluation after every epoch. Each seed reports the epoch with the best main dev metric (the paper's
-convention; that state is the one kept) and, labelled `last_<metric>`, the last epoch's, so the
-selection effect shows.
+AdamW (no decay on biases and LayerNorm), linear warmup then linear decay, grad-norm clip 1.0.
+
+Selection and reporting (lab/finetune/task.py): after every epoch only the validation split is scored,
+and the state of the epoch with the best main validation metric is kept (early-stopping style). Only
+after training are the test split(s) scored, exactly twice: with the chosen state (the reported
+numbers) and with the last epoch's state (`last_<metric>`, so the selection effect shows). The test
+split never reaches the choice of the epoch. The paper (He, Gao, Chen, ICLR 2023, arXiv 2111.09543)
+reports GLUE dev results; GLUE's test labels are not public, so here the dev files are the test splits
+and validation is carved from train (lab/finetune/glue.py).
 
 Speed: every split is tokenised and padded once into tensors that live on the training device; a
 step slices its batch from them (batch width rounded up to a multiple of `length_bucket`, so a
@@ -29,8 +34,15 @@ DeBERTaV3-large recipe, scaled for the small models this workbench trains; every
 
 Outputs in `out_dir`: config.json, seeds/seed_<n>.json (one per finished seed, written atomically: a
 rerun of an interrupted run trains only the missing seeds), metrics.jsonl (one row per seed and
-epoch), results.json ({task, init, metrics_per_seed, mean, median, std, n_dev_examples,
-official_dev_examples, dev_splits, config}).
+epoch: training loss and validation metrics only), results.json:
+
+    task, init, main_metric (task.main_key), selection (how the reported epoch was chosen),
+    metrics_per_seed: [{seed, best_epoch, epochs, <test metrics of the chosen state, e.g. mcc or
+        m_accuracy>, validation_<metric> (chosen epoch), last_<test metric> (last epoch's state)}],
+    mean, median, std (over seeds, of the test metrics and their last_ twins),
+    splits: {train | validation | <test split>: {role, official, loaded, used, malformed, sliced
+        [, words, words_in_split]}}, n_train_examples, n_validation_examples, n_test_examples,
+    official_test_examples, test_complete, config.
 """
 
 from __future__ import annotations
@@ -55,13 +67,18 @@ from lab.cli import config_parser, may_change_on_resume, parse_values, run_verb
 from lab.finetune.config import FinetuneConfig
 from lab.finetune.data import IGNORE, Encoded, length_grouped_order, load_data
 from lab.finetune.table import checkpoint_label, results_table
-from lab.finetune.task import Task
+from lab.finetune.task import SPLIT_PREFIX, VALIDATION, Task
 from lab.finetune.tasks import get_task
 from lab.model import Encoder, init_weights
 from lab.synthetic import parse_synthetic
 from lab.tokenizer import Tokenizer
 from lab.training import adamw, autocast, autocast_dtype, compile_model, compile_on, linear_schedule, set_lr
 from lab.util import atomic_write_bytes, atomic_write_json, pick_device, replace_strict, to_device
+
+SELECTION = (
+    "epoch chosen on the validation split's main metric; reported metrics on the test split(s), evaluated "
+    "once with the chosen state and once with the last"
+)
 
 # ---------------------------------------------------------------------------------------------- model
 
@@ -184,10 +201,10 @@ def predict(model: nn.Module, data: Encoded, cfg: FinetuneConfig, device: torch.
     return out.cpu().numpy()
 
 
-def _score(task: Task, model, dev: dict[str, Encoded], cfg, device) -> dict:
-    """Dev metrics of every dev split."""
+def _score(task: Task, model, splits: dict[str, Encoded], cfg, device) -> dict:
+    """Metrics of the given splits, keys prefixed by split (Task.split_metrics)."""
     per_split = {}
-    for split, data in dev.items():
+    for split, data in splits.items():
         out = predict(model, data, cfg, device)
         gold = data.labels_host
         if task.is_token_level:  # score the labelled positions: one per word
@@ -195,7 +212,7 @@ def _score(task: Task, model, dev: dict[str, Encoded], cfg, device) -> dict:
             per_split[split] = (out[scored], gold[scored])
         else:
             per_split[split] = (out[:, 0] if task.is_regression else out.argmax(1), gold)
-    return task.dev_metrics(per_split)
+    return task.split_metrics(per_split)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -210,9 +227,13 @@ def _loss(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits, labels)
 
 
-def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, Encoded], device):
-    """One fine-tuning run from a copy of `encoder`: (model in its best-dev state, per-seed metrics
-    {best metrics, best_epoch, last_<metric>...}, history of per-epoch rows)."""
+def finetune_seed(
+    cfg, seed, task, encoder, train_data: Encoded, validation: Encoded, tests: dict[str, Encoded], device
+):
+    """One fine-tuning run from a copy of `encoder`: (model in its chosen state, per-seed metrics, history
+    of per-epoch rows). The epoch is chosen on `validation` alone; `tests` are scored after training,
+    once with the chosen state and once with the last epoch's. Per-seed metrics: {best_epoch, epochs,
+    <test metrics, chosen state>, validation_<metric> (chosen epoch), last_<test metric>}."""
     torch.manual_seed(seed)
     head = TokenClassifier if task.is_token_level else Classifier
     model = head(copy.deepcopy(encoder), task.num_labels, cfg.head_dropout).to(device)
@@ -223,7 +244,7 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
-    key = task.main_key
+    key = task.selection_key
     generator = torch.Generator().manual_seed(seed)
     best, best_state, best_score, history = None, None, -math.inf, []
     bar = tqdm(total=total, desc=f"{task.name} seed {seed}", leave=False, disable=None, mininterval=1.0)
@@ -254,7 +275,7 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
             bar.update()
         train_loss = (loss_sum / steps_per_epoch).item()  # waits for the epoch's last step
         train_s = time.time() - t_epoch  # training alone: the evaluation below is not in it
-        metrics = _score(task, step_model, dev, cfg, device)
+        metrics = _score(task, step_model, {VALIDATION: validation}, cfg, device)  # validation only
         row = {
             "seed": seed,
             "epoch": epoch,
@@ -270,7 +291,7 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
         score = metrics[key] if math.isfinite(metrics[key]) else -math.inf  # constant predictions give nan
         if best is None or score > best_score:
             best_score = score
-            best = {**metrics, "best_epoch": epoch}
+            best = {"best_epoch": epoch, **metrics}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         bar.write(
@@ -278,13 +299,21 @@ def finetune_seed(cfg, seed, task, encoder, train_data: Encoded, dev: dict[str, 
             f"(best {key} {best[key]:.4f} @ {best['best_epoch']}) {row['elapsed_s']:.1f}s"
         )
     bar.close()
+    # the test split(s), twice and only now: the last epoch's state, then the chosen one
+    last = _score(task, step_model, tests, cfg, device)
     model.load_state_dict(best_state)
-    return model, {**best, **{f"last_{k}": v for k, v in metrics.items()}}, history
+    chosen = _score(task, step_model, tests, cfg, device)
+    reported = {"best_epoch": best["best_epoch"], "epochs": cfg.epochs, **chosen}
+    reported |= {k: v for k, v in best.items() if k != "best_epoch"}
+    reported |= {f"last_{k}": v for k, v in last.items()}
+    return model, reported, history
 
 
 def _summary(per_seed: list[dict]) -> tuple[dict, dict, dict]:
-    """mean, median and std (sample std, 0 for one seed) of every metric across seeds."""
-    keys = [k for k in per_seed[0] if k not in ("seed", "best_epoch")]
+    """mean, median and std (sample std, 0 for one seed) across seeds of every test metric (chosen and
+    last_ state); seed, best_epoch, epochs and the validation_ metrics are not summarised."""
+    skipped = ("seed", "best_epoch", "epochs")
+    keys = [k for k in per_seed[0] if k not in skipped and not k.startswith(SPLIT_PREFIX[VALIDATION])]
     values = {k: np.array([m[k] for m in per_seed], dtype=float) for k in keys}
     mean = {k: float(v.mean()) for k, v in values.items()}
     median = {k: float(np.median(v)) for k, v in values.items()}
@@ -367,12 +396,13 @@ def train(cfg: FinetuneConfig) -> dict:
         # Data and checkpoint errors surface before any training starts.
         encoder, tokenizer = load_encoder(cfg.init)
         max_len = min(cfg.max_seq_len, encoder.cfg.max_seq_len)
-        train_data, dev, record = load_data(cfg, task, tokenizer, max_len)
+        train_data, validation, tests, record = load_data(cfg, task, tokenizer, max_len)
         if data_record is not None:
             _check_same(out / "seeds", "data", data_record, json.loads(json.dumps(record)))
         data_record = record
         device = pick_device(cfg.device)
-        train_data, dev = train_data.to(device), {split: d.to(device) for split, d in dev.items()}
+        train_data, validation = train_data.to(device), validation.to(device)
+        tests = {split: d.to(device) for split, d in tests.items()}
         atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
         if done:
             print(
@@ -381,7 +411,9 @@ def train(cfg: FinetuneConfig) -> dict:
         for seed in cfg.seeds:
             if seed in done:
                 continue
-            _, metrics, history = finetune_seed(cfg, seed, task, encoder, train_data, dev, device)
+            _, metrics, history = finetune_seed(
+                cfg, seed, task, encoder, train_data, validation, tests, device
+            )
             done[seed] = {
                 "seed": seed,
                 "identity": identity,
@@ -395,22 +427,23 @@ def train(cfg: FinetuneConfig) -> dict:
     per_seed = [done[s]["metrics"] for s in cfg.seeds]
     _write_history(out, [done[s] for s in cfg.seeds])
     mean, median, std = _summary(per_seed)
-    dev_splits = data_record["dev"]
-    official = [d["official"] for d in dev_splits.values()]
+    tests = [data_record[split] for split in task.test_splits]
+    official = [d["official"] for d in tests]
     results = {
         "task": task.name,
         "init": cfg.init,
         "main_metric": task.main_key,
-        "selection": "metrics at each seed's best dev epoch (best_epoch); last_<metric>: at the last epoch",
+        "selection": SELECTION,
         "metrics_per_seed": per_seed,
         "mean": mean,
         "median": median,
         "std": std,
+        "splits": data_record,
         "n_train_examples": data_record["train"]["used"],
-        "n_dev_examples": sum(d["used"] for d in dev_splits.values()),
-        "official_dev_examples": None if None in official else sum(official),
-        "dev_complete": all(d["official"] in (None, d["loaded"]) for d in dev_splits.values()),
-        "dev_splits": dev_splits,
+        "n_validation_examples": data_record[VALIDATION]["used"],
+        "n_test_examples": sum(d["used"] for d in tests),
+        "official_test_examples": None if None in official else sum(official),
+        "test_complete": all(d["official"] in (None, d["loaded"]) for d in tests),
         "config": dataclasses.asdict(cfg),
     }
     atomic_write_json(out / "results.json", results)

@@ -46,10 +46,11 @@ def results_table(
 
     Rows are checkpoints (plus the paper's rows), columns are tasks; writes `<out_stem>.csv` and
     `<out_stem>.png` (grouped bars), and returns the rows. Per task the CSV has the mean over seeds of
-    the best-epoch score (`<task>`, the paper's convention), its std, the number of seeds, the mean
-    last-epoch score (`<task>_last`), and the dev examples scored next to the official dev size
-    (`<task>_n_dev`, `<task>_dev_official`: they differ for a `max_eval_examples` slice or a split
-    that lost rows; results.json's `dev_splits` says which).
+    the test score of the epoch chosen on validation (`<task>`), its std, the number of seeds, the mean
+    test score of the last epoch (`<task>_last`), and the test examples scored next to the official
+    test size (`<task>_n_test`, `<task>_test_official`: they differ for a `max_eval_examples` slice or
+    a split that lost rows; results.json's `splits` says which). GLUE's test splits are its dev files
+    (lab/finetune/glue.py), so its columns compare with the paper's dev numbers.
     """
     files = []
     for p in [paths] if isinstance(paths, str | Path) else paths:
@@ -70,15 +71,17 @@ def results_table(
         row[f"{t}_seeds"] = len(r["metrics_per_seed"])
         if f"last_{key}" in r["mean"]:
             row[f"{t}_last"] = 100 * r["mean"][f"last_{key}"]
-        row[f"{t}_n_dev"] = r["n_dev_examples"]
-        row[f"{t}_dev_official"] = r.get("official_dev_examples")
+        row[f"{t}_n_test"] = r["n_test_examples"]
+        row[f"{t}_test_official"] = r.get("official_test_examples")
     rows = list(by_label.values())
     if include_paper:
         rows += [{"checkpoint": name, "source": "paper", **scores} for name, scores in PAPER_RESULTS.items()]
     ours = [t for t in TASKS if any(t in r for r in rows if r["source"] == "ours")]
     names = ours or [t.name for t in GLUE_TASKS]
     columns = ["checkpoint", "source"] + [
-        f"{t}{suffix}" for t in names for suffix in ("", "_std", "_seeds", "_last", "_n_dev", "_dev_official")
+        f"{t}{suffix}"
+        for t in names
+        for suffix in ("", "_std", "_seeds", "_last", "_n_test", "_test_official")
     ]
 
     out_stem = Path(out_stem)
@@ -112,7 +115,7 @@ def _plot_table(rows: list[dict], tasks: list[str], path: Path) -> None:
         )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
     ax.set_xticklabels([f"{t}\n({get_task(t).main_key})" for t in tasks])
-    ax.set_ylabel("dev score (%)")
+    ax.set_ylabel("test score (%; GLUE: dev files)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -4,6 +4,11 @@ split of any task.
 
 A task knows its name, its level (one label per sequence or per word), its labels, its metrics and
 the main one, its splits and their official sizes, its fine-tuning defaults, and how to load itself.
+
+Every task has three roles of split: "train" (fitted), "validation" (model selection only: the epoch
+kept) and one or more test splits (reported only, never seen by selection; MNLI has two). GLUE's test
+splits are its official dev files, its validation a fixed slice of its train file (lab/finetune/glue.py);
+the synthetic tasks generate all three (lab/finetune/synthetic_tasks.py).
 The registry of tasks is lab/finetune/tasks.py. Metrics are fractions in [0, 1] (correlations in
 [-1, 1]), computed with scikit-learn / scipy.
 """
@@ -20,8 +25,10 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 LEVELS = ("sequence", "token")  # one label per sequence (or pair), or one per word
-# Prefix of a dev split's metric keys in multi-dev tasks (MNLI reports "m_accuracy", "mm_accuracy").
-SPLIT_PREFIX = {"dev": "", "dev_matched": "m_", "dev_mismatched": "mm_"}
+VALIDATION = "validation"  # the one split model selection reads
+# Prefix of a split's metric keys: the validation split's are "validation_<metric>"; a test split's are
+# bare, or, in MNLI's two, "m_accuracy" and "mm_accuracy".
+SPLIT_PREFIX = {VALIDATION: "validation_", "test": "", "test_matched": "m_", "test_mismatched": "mm_"}
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,11 @@ class Task:
     level: str  # "sequence": one label per sequence (or pair); "token": one label per word
     labels: tuple[str, ...]  # label names in id order; empty for regression (STS-B)
     metrics: tuple[str, ...]  # keys returned by compute_metrics
-    main_metric: str  # the headline metric; picks the best dev epoch (see `main_key`)
-    dev_splits: tuple[str, ...] = ("dev",)  # MNLI: ("dev_matched", "dev_mismatched")
-    official_sizes: tuple[int, ...] = ()  # examples in each of `splits` ("train" first); () = unknown
+    main_metric: str  # the headline metric: picks the epoch on validation, reported on test (`main_key`)
+    test_splits: tuple[str, ...] = ("test",)  # reported only; MNLI: ("test_matched", "test_mismatched")
+    official_sizes: tuple[
+        int, ...
+    ] = ()  # examples in each of `splits` (train, validation, tests); () = unknown
     defaults: TaskDefaults = TaskDefaults()  # what FinetuneConfig's None fields become
 
     generated = False  # True: the examples are generated from the synthetic language (seeded), not read
@@ -82,12 +91,21 @@ class Task:
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return ("train", *self.dev_splits)
+        return ("train", VALIDATION, *self.test_splits)
+
+    def role(self, split: str) -> str:
+        """ "train", "validation" or "test": what a split is used for."""
+        return split if split in ("train", VALIDATION) else "test"
 
     @property
     def main_key(self) -> str:
-        """Key of the main metric in `dev_metrics`' output, e.g. "mcc" or, for MNLI, "m_accuracy"."""
-        return SPLIT_PREFIX[self.dev_splits[0]] + self.main_metric
+        """Key of the main metric on the (first) test split, e.g. "mcc" or, for MNLI, "m_accuracy"."""
+        return SPLIT_PREFIX[self.test_splits[0]] + self.main_metric
+
+    @property
+    def selection_key(self) -> str:
+        """Key of the main metric on the validation split, which picks the epoch: "validation_mcc"."""
+        return SPLIT_PREFIX[VALIDATION] + self.main_metric
 
     def official_size(self, split: str) -> int | None:
         """Examples in the official `split` (None where unknown)."""
@@ -95,7 +113,8 @@ class Task:
         return known.get(split)
 
     def load(self, glue_dir: str | Path | None = None, synthetic_seed: int = 0) -> dict[str, LabelledSplit]:
-        """{"train": ..., <dev splits>: ...}: read from `glue_dir` or generated from `synthetic_seed`."""
+        """{"train": ..., "validation": ..., <test splits>: ...}: read from `glue_dir` or generated from
+        `synthetic_seed`."""
         raise NotImplementedError(f"task {self.name} does not say how to load its examples")
 
     def missing_files(self, glue_dir: str | Path | None = None) -> list[str]:
@@ -119,8 +138,9 @@ class Task:
             raise ValueError(f"{self.name}: no examples to score")
         return {name: self.score(name, preds, gold) for name in self.metrics}
 
-    def dev_metrics(self, per_split: dict[str, tuple]) -> dict:
-        """Metrics of every dev split, keys prefixed for MNLI: {"dev_matched": (preds, labels), ...} → dict."""
+    def split_metrics(self, per_split: dict[str, tuple]) -> dict:
+        """Metrics of several splits, keys prefixed by SPLIT_PREFIX: {"test_matched": (preds, labels), ...}
+        -> {"m_accuracy": ...}; {"validation": ...} -> {"validation_accuracy": ...}."""
         out = {}
         for split, (preds, labels) in per_split.items():
             prefix = SPLIT_PREFIX[split]
@@ -175,7 +195,7 @@ class LabelledSplit:
     """The labelled examples of one split of a task, read from files or generated."""
 
     task: str  # canonical task key
-    split: str  # "train", "dev", "dev_matched", "dev_mismatched"
+    split: str  # "train", "validation", "test", "test_matched", "test_mismatched"
     source: str  # file path, "hf:glue/<name>/<split>" or "synthetic:<seed>/<task>"
     texts_a: list[str]
     texts_b: list[str] | None  # None for single-sentence tasks
@@ -191,6 +211,10 @@ class LabelledSplit:
         if n is None or n >= len(self):
             return self
         idx = sorted(np.random.default_rng(seed).choice(len(self), size=n, replace=False).tolist())
+        return self.rows(idx)
+
+    def rows(self, idx: Sequence[int], split: str | None = None, malformed: bool = True) -> LabelledSplit:
+        """The rows `idx` (in that order), renamed `split` if given; `malformed` keeps the skipped rows' record."""
 
         def pick(xs):
             return [xs[i] for i in idx] if xs is not None else None
@@ -198,11 +222,11 @@ class LabelledSplit:
         lines = pick(self.line_numbers) if self.line_numbers else []
         return LabelledSplit(
             self.task,
-            self.split,
+            split or self.split,
             self.source,
             pick(self.texts_a),
             pick(self.texts_b),
             pick(self.labels),
             lines,
-            list(self.malformed),
+            list(self.malformed) if malformed else [],
         )

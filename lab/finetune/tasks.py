@@ -2,7 +2,7 @@
 language's tasks (lab/finetune/synthetic_tasks.py), each a `Task` (lab/finetune/task.py).
 
     get_task("CoLA") / get_task("synth_tag")      -> the task, any common spelling
-    get_task("sst2").load(glue_dir)               -> {"train": LabelledSplit, "dev": LabelledSplit}
+    get_task("sst2").load(glue_dir)               -> {"train", "validation", "test": LabelledSplit}
     register(GlueTask(name="sst2_copy", ...))     -> a new task, from any file (a test's, a notebook's)
 """
 

@@ -84,7 +84,8 @@ def test_interrupted_experiment_resumes_without_redoing_finished_runs(resumed):
         and len(started) == len(experiment_runs.planned_runs(cfg)) - len(seed0) - 1
     )
     # their files were not rewritten
-    assert len(finished) == 3 + 3 * 2 * 2  # seed 0: 3 pre-training summaries, 12 fine-tuning results
+    # seed 0: 3 pre-training summaries and the untrained control's, 16 fine-tuning results (4 arms x 2 x 2)
+    assert len(finished) == 4 + 4 * 2 * 2
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished.items())
     # the resumed run continued at step 4 instead of starting over: one train row per step, in order
     rows = [json.loads(line) for line in (Path(cfg.out_dir) / "pretrain" / "es-s1" / "metrics.jsonl").open()]
@@ -102,11 +103,14 @@ def test_experiment_writes_the_report_end_to_end(resumed):
     assert json.loads((report / "summary.json").read_text())["experiment"] == cfg.out_dir
     # every mode x task x metric has 2 x 2 paired seeds; every comparison is listed with its verdict
     table = summary["downstream"]["table"]
-    assert {(r["task"], r["mode"]) for r in table} == {(t, m) for t in TASKS for m in cfg.modes}
+    arms = (*cfg.modes, experiment_runs.CONTROL)  # the untrained control beside the modes
+    assert {(r["task"], r["mode"]) for r in table} == {(t, m) for t in TASKS for m in arms}
     # per-mode intervals over the 2 pre-training seeds, each the mean of its 2 fine-tuning seeds
     assert all(r["n"] == 2 and r["finetune_seeds"] == 2 for r in table)
     diffs = summary["downstream"]["differences"]
-    assert {r["comparison"] for r in diffs} == {"gdes - es", "gdes - nes", "es - nes"}
+    gains = {f"{m} - {experiment_runs.CONTROL}" for m in cfg.modes}
+    assert {r["comparison"] for r in diffs} == {"gdes - es", "gdes - nes", "es - nes"} | gains
+    assert all(r["family"] == "exploratory" for r in diffs if r["comparison"] in gains)
     assert all(r["n"] == 2 and r["finetune_seeds"] == 2 for r in diffs)  # n: pre-training seeds
     primary = {(r["task"], r["comparison"]) for r in diffs if r["family"] == experiment.DOWNSTREAM_FAMILY}
     assert primary == {(t, c.comparison) for t in TASKS for c in claims.ORDERING}
@@ -116,10 +120,20 @@ def test_experiment_writes_the_report_end_to_end(resumed):
     assert set(cos) == set(cfg.modes) and all(r["n"] == 2 for r in cos.values())
     assert {r["quantity"] for r in rows} >= {
         "final_mlm_loss",
+        "mlm_area",
+        "final_fixed_auc",
         "cos_E_D",
         "class_gap_E_G",
         "similarity_pull_rtd",
     }
+    # claims (a) and (b) as fixed in lab/analysis/claims.py, (b)'s equivalence by TOST at its margin
+    tested = {(r["quantity"], r["comparison"]): r for r in summary["tug_of_war"]["differences"]}
+    for c in claims.TUG_OF_WAR_CLAIMS:
+        assert tested[(c.quantity, c.comparison)]["family"] == c.family
+    assert tested[("class_gap_E_G", "gdes - nes")]["kind"] == "equivalence"
+    # every fine-tuning run's chosen epoch counted, by task and arm
+    selection = summary["downstream"]["selection"]
+    assert sum(r["runs"] for r in selection) == len(TASKS) * len(arms) * 2 * 2
 
 
 def test_downstream_intervals_recompute_from_the_per_run_rows(resumed):
@@ -226,16 +240,18 @@ def test_design_table_counts_the_examples_the_runs_used(resumed):
         run = experiment_runs.PlannedRun("finetune", "gdes", 0, task, 1)
         results = json.loads((run.path(cfg) / "results.json").read_text())
         assert int(design[f"train_examples {task}"]) == results["n_train_examples"]
-        assert int(design[f"dev_examples {task}"]) == results["n_dev_examples"]
+        assert int(design[f"validation_examples {task}"]) == results["n_validation_examples"]
+        assert int(design[f"test_examples {task}"]) == results["n_test_examples"]
     assert design["analysis_fixed"] == "before the runs"
-    # a cap above the task's size is not what a run trains on: cpu-results caps synth_tag at 500, it has 300
+    # a cap above the task's size is not what a run trains on: synth_tag has 300 training sentences
     from lab.finetune.tasks import get_task
 
     splits = get_task("synth_tag").load()
     generous = replace_strict(cfg, **{"finetune.max_train_examples": 500, "finetune.max_eval_examples": 300})
     rows = {r["setting"]: r["value"] for r in experiment.design_rows(generous, ("synth_tag",))}
     assert rows["train_examples synth_tag"] == len(splits["train"]) < 500
-    assert rows["dev_examples synth_tag"] == min(300, len(splits["dev"]))
+    assert rows["validation_examples synth_tag"] == min(300, len(splits["validation"]))
+    assert rows["test_examples synth_tag"] == min(300, len(splits["test"]))
 
 
 def planted_downstream_rows(es_offset: float) -> list[dict]:
@@ -245,7 +261,8 @@ def planted_downstream_rows(es_offset: float) -> list[dict]:
     offsets = {"es": es_offset, "nes": 0.0, "gdes": 0.02}
     return [
         {"mode": mode, "task": "synth_tag", "metric": "accuracy", "main": "accuracy", "pretrain_seed": p,
-         "finetune_seed": f, "value": 0.8 + 0.01 * p + offsets[mode] + 0.001 * rng.standard_normal()}
+         "finetune_seed": f, "value": 0.8 + 0.01 * p + offsets[mode] + 0.001 * rng.standard_normal(),
+         "best_epoch": 3, "epochs": 5}
         for p in range(6) for f in (1, 2) for mode in offsets
     ]  # fmt: skip
 
@@ -329,10 +346,20 @@ def test_cpu_results_pins_the_kernels_before_torch(tmp_path, monkeypatch):
     assert experiment.recipe("cpu-results").cpu_kernels == "avx2"
 
 
-def test_cpu_results_is_powered_by_its_design():
+def test_cpu_results_is_powered_and_controlled_by_its_design():
     cfg = experiment.recipe("cpu-results")
-    assert len(cfg.pretrain_seeds) >= 5 and len(cfg.finetune_seeds) == 3
-    assert len(experiment.recipe("gpu").pretrain_seeds) >= 3
+    assert len(cfg.pretrain_seeds) >= 10 and cfg.control and cfg.primary_tasks == ("synth_gram",)
+    assert cfg.threads == 1  # the digits do not depend on the machine's cores
+    lang1 = experiment.recipe("cpu-results-lang1")
+    assert lang1.pretrain.corpus == "synthetic:1" and lang1.compare_with == cfg.report_dir
+    # the same recipe but for the language, where its report goes and what it is compared with
+    differ = ("pretrain", "out_dir", "report_dir", "compare_with")
+    assert {k: v for k, v in dataclasses.asdict(lang1).items() if k not in differ} == {
+        k: v for k, v in dataclasses.asdict(cfg).items() if k not in differ
+    }
+    assert dataclasses.replace(lang1.pretrain, corpus="synthetic") == cfg.pretrain
+    for name in ("gpu", "cpu-wikitext"):
+        assert len(experiment.recipe(name).pretrain_seeds) >= 3
 
 
 def test_a_rerun_of_a_finished_experiment_trains_nothing(resumed):
@@ -361,8 +388,8 @@ def test_plan_lists_every_run_with_an_estimate_and_trains_nothing(tmp_path, caps
     cfg = tiny(tmp_path / "exp", pretrain_seeds=(0,), finetune_seeds=(1,))
     result = experiment.plan(cfg)
     names = [r["run"] for r in result["runs"]]
-    assert names[:3] == ["pretrain es s0", "pretrain nes s0", "pretrain gdes s0"]
-    assert len(names) == 3 + 3 * len(TASKS)
+    assert names[:4] == ["pretrain es s0", "pretrain nes s0", "pretrain gdes s0", "pretrain untrained s0"]
+    assert len(names) == 4 + 4 * len(TASKS)
     assert all(r["status"] == "todo" and r["estimate_s"] > 0 for r in result["runs"])
     assert result["total_estimate_s"] == pytest.approx(sum(r["estimate_s"] for r in result["runs"]))
     # only the calibration ran, and it left nothing but its measurements

@@ -312,8 +312,15 @@ def steps_to_threshold(steps: Sequence[float], losses: Sequence[float], threshol
     return float(x[reached[0]]) if reached.size else None
 
 
+FLATTEN_LAST_SHARE = 0.25  # the flattening rule's last part of training ...
+FLATTEN_MAX_GAIN = 0.05  # ... and the largest share of the total drop it may still bring
+
+
 def flattening(
-    steps: Sequence[float], losses: Sequence[float], last_share: float = 0.25, max_gain: float = 0.05
+    steps: Sequence[float],
+    losses: Sequence[float],
+    last_share: float = FLATTEN_LAST_SHARE,
+    max_gain: float = FLATTEN_MAX_GAIN,
 ) -> dict:
     """Has the curve flattened? The rule: the last `last_share` of training (by steps) improves the loss by
     under `max_gain` of the total drop from the first evaluation to the last.

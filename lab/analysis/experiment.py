@@ -438,7 +438,11 @@ def report(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None, skipped:
 
 
 ANALYSIS_FIXED = ("before the runs", "after the runs")
-FLATTENING_RULE = "the last 25% of training improves the held-out curve by under 5% of its total drop"
+FAILURE_QUANTITIES = ("final_mlm_loss", "mean_train_mlm_loss", "mlm_area")
+FLATTENING_RULE = (
+    f"the last {claims.FLATTEN_LAST_SHARE:.0%} of training improves the held-out curve by under "
+    f"{claims.FLATTEN_MAX_GAIN:.0%} of its total drop"
+)
 
 
 def design_rows(cfg: ExperimentConfig, tasks: tuple[str, ...], analysis_fixed: str = ANALYSIS_FIXED[0]):
@@ -471,7 +475,7 @@ def design_rows(cfg: ExperimentConfig, tasks: tuple[str, ...], analysis_fixed: s
         *(
             (f"{split}_examples {t}", n)
             for t, split_sizes in sizes.items()
-            for split, n in split_sizes.items()
+            for split, n in split_sizes._asdict().items()
         ),
         ("threads", cfg.threads or "default"),
         ("cpu_kernels", cfg.cpu_kernels),
@@ -535,6 +539,11 @@ def agreement(out: Path, other: Path) -> list[dict]:
             }
         )
     analysis.write_csv(out / "agreement.csv", table, digits=None)
+    counts = {
+        "primary_comparisons": len(table),
+        **{k: sum(r[k] == "yes" for r in table) for k in ("same_verdict", "same_sign")},
+    }
+    analysis.write_csv(out / "agreement_counts.csv", [counts])
     return table
 
 
@@ -554,7 +563,10 @@ def tables_from_rows(out: Path) -> dict:
     if tug.is_file():
         records = analysis.read_run_rows(tug)
         result["tug_of_war_tables"] = analysis.tug_of_war_tables(records, out, COMPARISONS, PRIMARY)
-        failures += _failures(records, "pre-training", ("pretrain_seed",))
+        # a run failed when its losses are not finite; a curve's flattening fraction is nan for a curve
+        # that never dropped, which the flattening section reports, not a failure
+        losses = [r for r in records if r["quantity"] in FAILURE_QUANTITIES]
+        failures += _failures(losses, "pre-training", ("pretrain_seed",))
     if down.is_file():
         records = _read_csv(down)
         for r in records:
@@ -571,6 +583,8 @@ def tables_from_rows(out: Path) -> dict:
     heldout = out / "mlm_loss_heldout.csv"
     if heldout.is_file():
         result["crossings"] = crossings(_read_csv(heldout), out)
+    if tug.is_file():
+        result["flattening"] = flattening_table(out)
     other = _design(out).get("compare_with")
     if other:
         result["agreement"] = agreement(out, Path(other))
@@ -675,12 +689,13 @@ def downstream_tables(records: list[dict], out: Path, primary_tasks: tuple[str, 
 def selection_table(records: list[dict]) -> list[dict]:
     """Per task and mode: fine-tuning runs, and how many chose their last epoch on validation (a run
     still improving when it stopped: fine-tuning too short if that is most of them), from the main
-    metric's records."""
+    metric's records; the last row ("all", "all") counts every run."""
     runs: dict[tuple, dict[tuple, tuple[int, int]]] = {}
     for r in records:
         if r["metric"] == r["main"]:
             key = (r["pretrain_seed"], r["finetune_seed"])
             runs.setdefault((r["task"], r["mode"]), {})[key] = (int(r["best_epoch"]), int(r["epochs"]))
+    groups = {**runs, ("all", "all"): {(k, g): v for g, per in runs.items() for k, v in per.items()}}
     return [
         {
             "task": task,
@@ -690,7 +705,8 @@ def selection_table(records: list[dict]) -> list[dict]:
             "median_best_epoch": float(np.median([best for best, _ in v.values()])),
             "epochs": max(epochs for _, epochs in v.values()),
         }
-        for (task, mode), v in runs.items()
+        for (task, mode), v in groups.items()
+        if v
     ]
 
 
@@ -766,7 +782,7 @@ def results_page(out: Path) -> str:
         f"at the design's level and at Holm's strictest level (α/m); `seeds for {power} power`: the "
         "pre-training seeds that power would need at each. Both are planning numbers at one sample's "
         "effect, not evidence. The claims, fixed in lab/analysis/claims.py before the runs (He, Gao, "
-        "Chen, ICLR 2023, arXiv 2111.09543, §5.1 and Table 6): (a) under ES the generator converges more "
+        "Chen, DeBERTaV3: the sharing analysis and its ablation table, cited there): (a) under ES the generator converges more "
         "slowly, measured over the whole held-out MLM curve (its area per step, `mlm_area`; the final "
         "level and the curves' crossings beside it); (b) the tug-of-war pulls the shared table away from "
         "the generator's structure, measured as the class gap of E_G (mean cosine within a word class "
@@ -864,7 +880,7 @@ def _primary_section(out: Path, power: str) -> list[str]:
                 continue
             if r.get("kind") == "equivalence":
                 lines += [
-                    f"{head} {_num(r['difference'], True)} | TOST within ±{_num(r['margin'])}: 90% interval "
+                    f"{head} {_num(r['difference'], True)} | TOST within ±{_num(r['margin'])}: (1 − 2α) interval "
                     f"[{_num(r['tost_low'], True)}, {_num(r['tost_high'], True)}] | {_num(r['p_holm'])} "
                     f"| — | — | — | {r['reads']} |"
                 ]
@@ -950,11 +966,12 @@ def _agreement_section(out: Path) -> list[str]:
         return []
     rows = _read_csv(out / "agreement.csv")
     other = _design(out).get("compare_with", "the other report")
-    same = sum(r["same_verdict"] == "yes" for r in rows)
+    counts = _read_csv(out / "agreement_counts.csv")[0]
     lines = [
         f"## Agreement with `{other}` (agreement.csv)",
         "",
-        f"The same recipe on another language: **{same} of {len(rows)} primary verdicts agree**.",
+        f"The same recipe on another language: **{counts['same_verdict']} of {counts['primary_comparisons']} "
+        f"primary verdicts agree** (the same reading; {counts['same_sign']} have the same sign).",
         "",
         "| family | quantity | comparison | difference | reads | there: difference | there: reads | same verdict "
         "| same sign |",
@@ -1002,44 +1019,52 @@ FLATTENING_COLUMNS = (
 )
 
 
+def flattening_table(out: Path) -> list[dict]:
+    """flattening.csv from tug_of_war_runs.csv: per pre-training run the final held-out MLM loss and
+    fixed-corruption AUC, each curve's last-quarter share of its total change and whether both meet the
+    rule (claims.flattening's defaults); a last row ("all") counts the runs and those flattened."""
+    rows = []
+    for r in _read_csv(out / "tug_of_war_runs.csv"):
+        values = {k: float(r[k]) if r.get(k, "") != "" else math.nan for k, _ in FLATTENING_COLUMNS}
+        flat = all(
+            math.isfinite(values[k]) and values[k] < claims.FLATTEN_MAX_GAIN
+            for k in ("mlm_flatten_fraction", "fixed_auc_flatten_fraction")
+        )
+        rows.append(
+            {"mode": r["mode"], "pretrain_seed": r["pretrain_seed"], **values, "flattened": int(flat)}
+        )
+    if rows:
+        rows.append(
+            {"mode": "all", "pretrain_seed": len(rows), "flattened": sum(r["flattened"] for r in rows)}
+        )
+    analysis.write_csv(out / "flattening.csv", rows, digits=None)
+    return rows
+
+
 def _flattening_section(out: Path) -> list[str]:
     """Per mode and pre-training seed: the held-out MLM loss and the discriminator's AUC on the fixed
-    corruption set at the end, and whether each curve met the flattening rule (tug_of_war_runs.csv)."""
-    if not (out / "tug_of_war_runs.csv").is_file():
+    corruption set at the end, and whether each curve met the flattening rule (flattening.csv)."""
+    if not (out / "flattening.csv").is_file():
         return []
-    runs = _read_csv(out / "tug_of_war_runs.csv")
-    if not runs or "mlm_flatten_fraction" not in runs[0]:
-        return []
-    design = (
-        {r["setting"]: r["value"] for r in _read_csv(out / "design.csv")}
-        if (out / "design.csv").is_file()
-        else {}
-    )
-    rule = design.get("flattening_rule", FLATTENING_RULE)
-    limit = 0.05
-
-    def met(v: str) -> bool:
-        return v not in ("", "nan") and float(v) < limit
-
-    both = sum(met(r["mlm_flatten_fraction"]) and met(r.get("fixed_auc_flatten_fraction", "")) for r in runs)
+    rows = _read_csv(out / "flattening.csv")
+    every = next(r for r in rows if r["mode"] == "all")
+    rule = _design(out).get("flattening_rule", FLATTENING_RULE)
     lines = [
-        "## Trained long enough? (tug_of_war_runs.csv)",
+        "## Trained long enough? (flattening.csv)",
         "",
         f"The flattening rule: {rule}, applied to the held-out MLM loss and to the discriminator's error "
         "(1 − AUC) on the fixed corruption set: held-out sequences with the same positions replaced by the "
         "same tokens drawn from the corpus's unigram distribution for every mode, so that, unlike the RTD "
         "AUC on each mode's own generator's samples, it compares discriminators across modes "
-        f"(lab/pretrain/evaluate.py). **{both} of {len(runs)} pre-training runs meet the rule on both "
-        "curves.** Curves: mlm_loss_heldout.png, fixed_auc_heldout.png.",
+        f"(lab/pretrain/evaluate.py). **{every['flattened']} of {every['pretrain_seed']} pre-training runs "
+        "meet the rule on both curves.** Curves: mlm_loss_heldout.png, fixed_auc_heldout.png.",
         "",
         "| mode | seed | " + " | ".join(title for _, title in FLATTENING_COLUMNS) + " | flattened |",
         "|---|---|" + "---|" * (len(FLATTENING_COLUMNS) + 1),
     ]
-    for r in runs:
-        cells = [_num(r[k]) if r.get(k, "") != "" else "—" for k, _ in FLATTENING_COLUMNS]
-        flat = (
-            "yes" if met(r["mlm_flatten_fraction"]) and met(r.get("fixed_auc_flatten_fraction", "")) else "no"
-        )
+    for r in rows[:-1]:
+        cells = [_num(r[k]) for k, _ in FLATTENING_COLUMNS]
+        flat = "yes" if r["flattened"] == "1" else "no"
         lines += [f"| {r['mode']} | {r['pretrain_seed']} | " + " | ".join(cells) + f" | {flat} |"]
     return lines + [""]
 
@@ -1078,8 +1103,8 @@ def _selection_section(out: Path) -> list[str]:
     if not (out / "selection.csv").is_file():
         return []
     rows = _read_csv(out / "selection.csv")
-    last = sum(int(r["chose_last_epoch"]) for r in rows)
-    total = sum(int(r["runs"]) for r in rows)
+    every = next(r for r in rows if r["task"] == "all")
+    last, total = every["chose_last_epoch"], every["runs"]
     lines = [
         "## Model selection (selection.csv)",
         "",

@@ -443,7 +443,8 @@ class ExperimentProgress:
         now = ", ".join(text for _, text in parts)
         done = self.done_estimate + sum(f * self.estimates[r] for (f, _), r in zip(parts, running))
         elapsed = time.perf_counter() - self.t0
-        speed = elapsed / done if done > 0 else 1.0  # actual seconds per estimated second so far
+        # actual seconds per estimated second so far (before anything is done: the workers share the runs)
+        speed = elapsed / done if done > 0 else 1.0 / self.cfg.workers
         eta = (self.total - done) * speed
         text = (
             f"{self.finished}/{len(self.runs)} runs | {now or 'between runs'} | "

@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo results gpu-recipe test test-slow test-browser lint bench gpu-check sweep lab clean
+.PHONY: demo results results-lang1 results-wikitext gpu-recipe test test-slow test-browser lint bench gpu-check sweep lab clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,12 +19,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## ES, NES and GDES on the embedded synthetic corpus, then the tug-of-war analysis
 	$(PY) -m lab sweep --pretrain.corpus synthetic --out-dir runs/demo
 
-# The recipe pins the AVX2 CPU kernels (lab experiment re-executes itself with ATEN_CPU_CAPABILITY=avx2
-# ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2), so any x86-64 machine with AVX2 gives the same
-# digits; ARGS="--cpu-kernels native --out-dir runs/experiment/native --report-dir runs/experiment/native/report"
-# runs it on this CPU's own kernels instead. The results page: figures/experiment_synthetic/README.md.
-results: $(STAMP)  ## ES/NES/GDES x 6 pre-training x 3 fine-tuning seeds on synth_tag (~30 min, 2 cores); figures/experiment_synthetic
+# The recipes pin the AVX2 CPU kernels (lab experiment re-executes itself with ATEN_CPU_CAPABILITY=avx2
+# ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2) and one thread per run (two runs at once), so any
+# x86-64 machine with AVX2 gives the same digits, whatever its core count. The results pages:
+# figures/experiment_synthetic/, figures/experiment_synthetic_lang1/, figures/experiment_wikitext2/.
+results: $(STAMP)  ## ES/NES/GDES (+ untrained control) x 10 pre-training x 2 fine-tuning seeds, synth_gram + synth_tag (<= 60 min, 2 cores)
 	$(PY) -m lab experiment --recipe cpu-results $(ARGS)
+
+results-lang1: $(STAMP)  ## the same recipe on a second synthetic language, its verdicts beside the first's
+	$(PY) -m lab experiment --recipe cpu-results-lang1 $(ARGS)
+
+results-wikitext: $(STAMP)  ## WikiText-2 x 3 pre-training seeds (+ control), GLUE CoLA/SST-2/STS-B; needs $$LAB_DATA_DIR
+	$(PY) -m lab experiment --recipe cpu-wikitext $(ARGS)
 
 # On a GPU box with system python3 (CUDA torch, transformers, sentencepiece, safetensors, scikit-learn,
 # scipy, tqdm) and no venv: `make gpu-recipe DATA=/path/with/wikitext-2/and/glue`.

@@ -133,7 +133,12 @@ def test_experiment_writes_the_report_end_to_end(resumed):
     assert tested[("class_gap_E_G", "gdes - nes")]["kind"] == "equivalence"
     # every fine-tuning run's chosen epoch counted, by task and arm
     selection = summary["downstream"]["selection"]
-    assert sum(r["runs"] for r in selection) == len(TASKS) * len(arms) * 2 * 2
+    *groups, every = selection
+    assert (
+        every["task"] == "all"
+        and every["runs"] == sum(r["runs"] for r in groups) == len(TASKS) * len(arms) * 4
+    )
+    assert every["chose_last_epoch"] == sum(r["chose_last_epoch"] for r in groups)
 
 
 def test_downstream_intervals_recompute_from_the_per_run_rows(resumed):
@@ -465,3 +470,16 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
         json.dumps({"metrics_per_seed": [{"seed": 1}], "config": saved})
     )
     assert experiment_runs.status(run, cfg) == "done"
+
+
+def test_workers_train_the_same_runs_as_one_process(resumed, tmp_path):
+    # two runs at once, each in its own spawned process: the same numbers as one after another
+    cfg, _, _ = resumed
+    two = replace_strict(cfg, out_dir=str(tmp_path / "exp"), workers=2, tasks=(), pretrain_seeds=(0,))
+    experiment.run(two)
+    log = [r for r in log_rows(two) if r["event"] == "finished"]
+    assert sorted(r["run"] for r in log) == sorted(f"pretrain {m} s0" for m in cfg.modes)
+    for mode in cfg.modes:
+        run = experiment_runs.PlannedRun("pretrain", mode, 0)
+        alone, shared = (json.loads((run.path(c) / "summary.json").read_text()) for c in (cfg, two))
+        assert shared["final_eval"] == alone["final_eval"]

@@ -45,6 +45,7 @@ import json
 import math
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -78,7 +79,7 @@ from lab.finetune import loop as finetune
 from lab.pretrain import loop as pretrain
 from lab.pretrain.meter import duration
 from lab.sharing import ES, GDES, NES
-from lab.util import append_jsonl, atomic_write_json, data_dir, replace_strict
+from lab.util import append_jsonl, atomic_write_json, data_dir, read_jsonl, replace_strict
 
 COMPARISONS = ((GDES.name, ES.name), (GDES.name, NES.name), (NES.name, ES.name))
 # The primary comparisons, fixed in code before the run (lab/analysis/claims.py), one family per claim of
@@ -275,8 +276,24 @@ def print_plan(result: dict) -> None:
     )
 
 
-def run(cfg: ExperimentConfig) -> dict:
-    """Run (or resume) the whole experiment, then write the report; returns the report's summary."""
+def code_version() -> str:
+    """The git commit of the code that runs (with "+changes" when files under lab/ differ from it), or
+    "unknown" outside a git checkout: recorded with every invocation, so a results page names the code
+    its runs came from."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lab"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
+def run(cfg: ExperimentConfig, command: str = "") -> dict:
+    """Run (or resume) the whole experiment, then write the report; returns the report's summary.
+    `command`: how it was started (the CLI passes its command line), recorded in experiment.jsonl."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_settings(cfg)
@@ -292,6 +309,9 @@ def run(cfg: ExperimentConfig) -> dict:
         {
             "event": "invocation",
             "time": _now(),
+            "commit": code_version(),
+            "command": command,
+            "workers": cfg.workers,
             "runs": len(runs),
             "cpu_kernels": kernel_path(cfg),
             "skipped_tasks": planned["skipped_tasks"],
@@ -430,6 +450,7 @@ def report(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None, skipped:
     if records:
         analysis.write_csv(out / "downstream_runs.csv", records, digits=None)
     analysis.write_csv(out / "design.csv", design_rows(cfg, tasks))
+    analysis.write_csv(out / "provenance.csv", provenance(Path(cfg.out_dir) / "experiment.jsonl"))
     summary.update(tables_from_rows(out))
     if not stats.plotting_available():
         summary["notes"].append(stats.PLOTTING_UNAVAILABLE)
@@ -443,6 +464,26 @@ FLATTENING_RULE = (
     f"the last {claims.FLATTEN_LAST_SHARE:.0%} of training improves the held-out curve by under "
     f"{claims.FLATTEN_MAX_GAIN:.0%} of its total drop"
 )
+
+
+def provenance(log: Path) -> list[dict]:
+    """provenance.csv from experiment.jsonl: per invocation that trained something, when it started, the
+    code's commit and the command (when recorded), the runs it finished and its wall time in minutes
+    (from its start to its last finished run). Invocations that only reused runs are left out."""
+    rows, current = [], None
+    for event in read_jsonl(log) if log.is_file() else []:
+        if event["event"] == "invocation":
+            current = {"started": event["time"], "commit": event.get("commit", "not recorded"),
+                       "command": event.get("command", "") or "not recorded", "workers": event.get("workers", "not recorded"),
+                       "runs_finished": 0, "wall_minutes": 0.0}  # fmt: skip
+            rows.append(current)
+        elif event["event"] == "finished" and current is not None:
+            current["runs_finished"] += 1
+            span = time.mktime(time.strptime(event["time"], "%Y-%m-%dT%H:%M:%S")) - time.mktime(
+                time.strptime(current["started"], "%Y-%m-%dT%H:%M:%S")
+            )
+            current["wall_minutes"] = round(span / 60, 1)
+    return [r for r in rows if r["runs_finished"]]
 
 
 def design_rows(cfg: ExperimentConfig, tasks: tuple[str, ...], analysis_fixed: str = ANALYSIS_FIXED[0]):
@@ -805,6 +846,7 @@ def results_page(out: Path) -> str:
             "fixed before the runs. The next recipe fixes all of them before its runs.",
             "",
         ]
+    lines += _provenance_section(out)
     lines += _failures_section(out)
     lines += _flattening_section(out)
     lines += _primary_section(out, power)
@@ -823,6 +865,21 @@ def results_page(out: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _provenance_section(out: Path) -> list[str]:
+    """Which command on which commit trained the runs, and how long it took (provenance.csv)."""
+    if not (out / "provenance.csv").is_file():
+        return []
+    rows = _read_csv(out / "provenance.csv")
+    lines = ["## Provenance (provenance.csv)", "", "| started (UTC) | command | commit | workers | runs finished "
+             "| wall minutes |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        f"| {r['started']} | `{r['command']}` | `{r['commit']}` | {r['workers']} | {r['runs_finished']} "
+        f"| {r['wall_minutes']} |"
+        for r in rows
+    ]
+    return lines + [""]
 
 
 def _failures_section(out: Path) -> list[str]:
@@ -1161,7 +1218,7 @@ def cli(argv: list[str] | None = None) -> int:
         if only_plan:
             print_plan(plan(cfg))
             return
-        summary = run(cfg)
+        summary = run(cfg, " ".join(["python -m lab experiment", *argv]))
         print(f"report: {report_dir(cfg)} (README.md, summary.json, tables, figures)")
         for note in summary.get("notes", []):
             print(f"note: {note}")

@@ -182,13 +182,18 @@ def finetune_row(
 ) -> Row:
     """Training examples/s of lab.finetune.loop.train() (default: a random-init encoder on random words)."""
     from lab.finetune import loop as finetune
+    from lab.finetune.glue import validation_size
 
     work = Path(work)
     synthetic = not init
     if synthetic:
         words = random_words(max(64, int(1.4 * fb.vocab)))
         init = str(random_init_checkpoint(work / "init", fb.preset, fb.vocab, words))
-        glue_dir = str(write_sst2_like(work / "glue", words, fb.examples, fb.eval_examples))
+        # enough rows that fb.examples remain after the validation split is carved from train
+        rows = next(
+            n for n in range(fb.examples, 2 * fb.examples + 2) if n - validation_size(n) >= fb.examples
+        )
+        glue_dir = str(write_sst2_like(work / "glue", words, rows, fb.eval_examples))
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)  # finished seeds there would be skipped, not timed
     cfg = finetune.FinetuneConfig(

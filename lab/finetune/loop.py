@@ -5,7 +5,7 @@ the data side lab/finetune/data.py, the table that compares checkpoints lab/fine
     train(FinetuneConfig(task="mrpc", init="runs/gdes", out_dir="runs/ft/gdes/mrpc"))  -> results dict
     python -m lab finetune --task mrpc --init runs/gdes --out-dir runs/ft/gdes/mrpc --seeds 1,2,3
     python -m lab finetune --task synth_tag,synth_gram --init runs/gdes --out-dir runs/ft --seeds 1,2,3
-    python -m lab table runs/ft --out-dir figures/glue_mini        # -> figures/glue_mini/glue_results.csv
+    python -m lab table runs/ft --out-dir runs/ft-table        # -> runs/ft-table/glue_results.csv
 
 Sentence heads are the official GLUE head (microsoft/DeBERTa `DeBERTa/apps/models/sequence_classification.py`,
 `transformers` `DebertaV2ForSequenceClassification`): pooled = gelu(Dense(h_CLS)), logits =

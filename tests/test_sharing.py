@@ -12,6 +12,7 @@ from tiny_pretrain import tiny_config
 
 from lab import sharing
 from lab.analysis import experiment
+from lab.analysis.runs import CONTROL
 from lab.model import preset
 from lab.notebook import explorer
 from lab.pretrain.loop import train
@@ -193,7 +194,9 @@ def test_a_mode_registered_here_goes_through_the_experiment(frozen, tmp_path):
     rows = summary["tug_of_war"]["summary"]
     cos = {r["mode"]: r for r in rows if r["quantity"] == "cos_E_G"}
     assert set(cos) == {"gdes", "frozen"} and all(r["n"] == 1 for r in cos.values())
-    assert {r["mode"] for r in summary["downstream"]["table"]} == {"gdes", "frozen"}
+    # the untrained control fine-tunes beside the modes; it is not a sharing mode
+    assert {r["mode"] for r in summary["downstream"]["table"]} == {"gdes", "frozen", CONTROL}
+    assert CONTROL not in sharing.names()
     report = Path(cfg.out_dir) / "report"
     assert "frozen" in (report / "tug_of_war_summary.md").read_text()
     assert (report / "README.md").is_file()

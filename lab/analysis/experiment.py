@@ -875,7 +875,7 @@ def _provenance_section(out: Path) -> list[str]:
     lines = ["## Provenance (provenance.csv)", "", "| started (UTC) | command | commit | workers | runs finished "
              "| wall minutes |", "|---|---|---|---|---|---|"]  # fmt: skip
     lines += [
-        f"| {r['started']} | `{r['command']}` | `{r['commit']}` | {r['workers']} | {r['runs_finished']} "
+        f"| `{r['started']}` | `{r['command']}` | `{r['commit']}` | {r['workers']} | {r['runs_finished']} "
         f"| {r['wall_minutes']} |"
         for r in rows
     ]

@@ -391,6 +391,11 @@ def train(cfg: FinetuneConfig) -> dict:
             _check_same(path, "configuration", saved["identity"], identity)
             done[seed] = saved
     data_record = next(iter(done.values()))["data"] if done else None
+    if data_record is not None and set(task.splits) - set(data_record):
+        raise ValueError(
+            f"{out / 'seeds'} holds seeds fine-tuned on the splits {sorted(data_record)}, not {list(task.splits)} "
+            "(made before validation and test splits were separate); move that folder away to fine-tune again"
+        )
 
     if len(done) < len(cfg.seeds):
         # Data and checkpoint errors surface before any training starts.

@@ -641,7 +641,7 @@ def seeded_report(
             "fixed_auc_heldout",
             "eval",
             "fixed_auc",
-            "discriminator AUC on the fixed corruption set (held out), mean ± std over seeds",
+            "discriminator AUC on the fixed corruption set (held out)\nmean ± std over seeds",
         ),
         ("similarity_pull_mlm", "probe", "similarity_pull_mlm", PROBE_TITLES["similarity_pull_mlm"]),
         ("similarity_pull_rtd", "probe", "similarity_pull_rtd", PROBE_TITLES["similarity_pull_rtd"]),

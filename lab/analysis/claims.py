@@ -96,6 +96,9 @@ TUG_OF_WAR_CLAIMS = (
           kind="equivalence", margin=CLASS_GAP_MARGIN),
 )  # fmt: skip
 
+# every pair of modes the tug-of-war tables compare, paired over pre-training seeds
+TUG_OF_WAR_COMPARISONS = (("gdes", "es"), ("gdes", "nes"), ("nes", "es"))
+
 ORDERING_FAMILY = "(c) downstream ordering"
 ORDERING = (
     Claim("GDES above ES", ORDERING_FAMILY, "gdes - es", "higher", "main metric"),

@@ -28,8 +28,9 @@ GDES − NES and ES − NES (the paper's ordering, claim (c)) are compared paire
 sign-flip p Holm-adjusted with its floor, bootstrap with its small-n caveat, two-level bootstrap); the
 same for the tug-of-war quantities of each pre-training run (GDES − ES, GDES − NES, NES − ES). Every
 table is computed from the per-run rows the report writes first (tug_of_war_runs.csv,
-downstream_runs.csv), and the results page (README.md in the report folder) is generated from those
-tables: `--report-only` rebuilds it all from the rows alone.
+downstream_runs.csv), and the results page (README.md in the report folder, written by
+lab/analysis/results_page.py) is generated from those tables: `--report-only` rebuilds it all from the
+rows alone.
 
 Kernel pinning: CPU kernels round differently per instruction set, and a few hundred steps amplify
 the last bits, so a recipe with cpu_kernels="avx2" (cpu-results) pins torch, oneDNN and MKL to their
@@ -39,7 +40,6 @@ only act before torch is imported. `--cpu-kernels native` turns it off.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -56,6 +56,14 @@ import torch
 
 from lab.analysis import claims, stats
 from lab.analysis import tug_of_war as analysis
+from lab.analysis.results_page import (
+    ANALYSIS_FIXED,
+    FLATTENING_COLUMNS,
+    FLATTENING_RULE,
+    design_settings,
+    read_csv,
+    results_page,
+)
 from lab.analysis.runs import (
     CONTROL,
     NESTED_MAY_CHANGE,
@@ -81,7 +89,7 @@ from lab.pretrain.meter import duration
 from lab.sharing import ES, GDES, NES
 from lab.util import append_jsonl, atomic_write_json, data_dir, read_jsonl, replace_strict
 
-COMPARISONS = ((GDES.name, ES.name), (GDES.name, NES.name), (NES.name, ES.name))
+COMPARISONS = claims.TUG_OF_WAR_COMPARISONS
 # The primary comparisons, fixed in code before the run (lab/analysis/claims.py), one family per claim of
 # the paper, Holm within each: (a) and (b) on each pre-training run's quantities (claims.TUG_OF_WAR_CLAIMS),
 # (c) the paper's ordering GDES > ES > NES on every task's main metric (claims.ORDERING, filled in per
@@ -394,6 +402,10 @@ def _now() -> str:
 
 # ---------------------------------------------------------------------------------------------- report
 
+# a pre-training run failed when one of these is not finite (a flattening fraction is nan for a curve
+# that never dropped: the flattening section reports it, it is no failure)
+FAILURE_QUANTITIES = ("final_mlm_loss", "mean_train_mlm_loss", "mlm_area")
+
 
 def downstream_records(cfg: ExperimentConfig, tasks: tuple[str, ...]) -> list[dict]:
     """One record per fine-tuning run and test metric: {mode, task, metric, main, pretrain_seed,
@@ -456,14 +468,6 @@ def report(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None, skipped:
         summary["notes"].append(stats.PLOTTING_UNAVAILABLE)
     atomic_write_json(out / "summary.json", summary)
     return summary
-
-
-ANALYSIS_FIXED = ("before the runs", "after the runs")
-FAILURE_QUANTITIES = ("final_mlm_loss", "mean_train_mlm_loss", "mlm_area")
-FLATTENING_RULE = (
-    f"the last {claims.FLATTEN_LAST_SHARE:.0%} of training improves the held-out curve by under "
-    f"{claims.FLATTEN_MAX_GAIN:.0%} of its total drop"
-)
 
 
 def provenance(log: Path) -> list[dict]:
@@ -531,15 +535,9 @@ def design_rows(cfg: ExperimentConfig, tasks: tuple[str, ...], analysis_fixed: s
     return [{"setting": k, "value": v} for k, v in settings]
 
 
-def _design(out: Path) -> dict[str, str]:
-    """design.csv as {setting: value}; {} without one."""
-    design = out / "design.csv"
-    return {r["setting"]: r["value"] for r in _read_csv(design)} if design.is_file() else {}
-
-
 def primary_tasks(out: Path) -> tuple[str, ...]:
     """The tasks of claim (c)'s family, from design.csv (() when it does not say: every task)."""
-    return tuple(_design(out).get("primary_tasks", "").split())
+    return tuple(design_settings(out).get("primary_tasks", "").split())
 
 
 def _primary_rows(out: Path) -> dict[tuple[str, str, str], dict]:
@@ -547,7 +545,7 @@ def _primary_rows(out: Path) -> dict[tuple[str, str, str], dict]:
     rows = {}
     for name in ("tug_of_war_differences.csv", "downstream_differences.csv"):
         if (out / name).is_file():
-            for r in _read_csv(out / name):
+            for r in read_csv(out / name):
                 if r["family"] != "exploratory":
                     what = r.get("quantity") or f"{r.get('task')} {r.get('metric')}"
                     rows[(r["family"], what, r["comparison"])] = r
@@ -609,7 +607,7 @@ def tables_from_rows(out: Path) -> dict:
         losses = [r for r in records if r["quantity"] in FAILURE_QUANTITIES]
         failures += _failures(losses, "pre-training", ("pretrain_seed",))
     if down.is_file():
-        records = _read_csv(down)
+        records = read_csv(down)
         for r in records:
             r.update(
                 pretrain_seed=int(r["pretrain_seed"]),
@@ -623,10 +621,10 @@ def tables_from_rows(out: Path) -> dict:
     result["failures"] = failures
     heldout = out / "mlm_loss_heldout.csv"
     if heldout.is_file():
-        result["crossings"] = crossings(_read_csv(heldout), out)
+        result["crossings"] = crossings(read_csv(heldout), out)
     if tug.is_file():
         result["flattening"] = flattening_table(out)
-    other = _design(out).get("compare_with")
+    other = design_settings(out).get("compare_with")
     if other:
         result["agreement"] = agreement(out, Path(other))
     (out / "README.md").write_text(results_page(out))
@@ -663,9 +661,25 @@ def crossings(rows: list[dict], out: Path) -> list[dict]:
     return table
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def flattening_table(out: Path) -> list[dict]:
+    """flattening.csv from tug_of_war_runs.csv: per pre-training run the final held-out MLM loss and
+    fixed-corruption AUC, each curve's last-quarter share of its total change and whether both meet the
+    rule (claims.flattening's defaults); a last row ("all") counts the runs and those flattened."""
+    rows = []
+    for r in read_csv(out / "tug_of_war_runs.csv"):
+        values = {k: float(r[k]) if r.get(k, "") != "" else math.nan for k, _ in FLATTENING_COLUMNS}
+        met = {
+            f"{curve}_flattened": int(math.isfinite(values[f"{curve}_flatten_fraction"])
+                                      and values[f"{curve}_flatten_fraction"] < claims.FLATTEN_MAX_GAIN)
+            for curve in ("mlm", "fixed_auc")
+        }  # fmt: skip
+        rows.append({"mode": r["mode"], "pretrain_seed": r["pretrain_seed"], **values, **met,
+                     "flattened": int(all(met.values()))})  # fmt: skip
+    if rows:
+        counts = {k: sum(r[k] for r in rows) for k in ("mlm_flattened", "fixed_auc_flattened", "flattened")}
+        rows.append({"mode": "all", "pretrain_seed": len(rows), **counts})
+    analysis.write_csv(out / "flattening.csv", rows, digits=None)
+    return rows
 
 
 def downstream_tables(records: list[dict], out: Path, primary_tasks: tuple[str, ...] = ()) -> dict:
@@ -772,420 +786,6 @@ def ordering_family(
         return f"{r['task']} {r['metric']}"
 
     return claims.overlay_claims(diffs, claims.test_claims(family, records, quantity_of), quantity_of)
-
-
-# ---------------------------------------------------------------------------------------------- results page
-
-
-def _num(v, signed: bool = False) -> str:
-    """A number for the results page: 4 decimals, the way tests/test_experiment.py finds it in the CSVs."""
-    v = float(v)
-    return "nan" if not math.isfinite(v) else (f"{v:+.4f}" if signed else f"{v:.4f}")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def results_page(out: Path) -> str:
-    """The results page (markdown) of the report folder `out`, every number read from its CSV files."""
-    design = (
-        {r["setting"]: r["value"] for r in _read_csv(out / "design.csv")}
-        if (out / "design.csv").is_file()
-        else {}
-    )
-    lines = [
-        "# Sharing experiment: results",
-        "",
-        "Generated by `python -m lab experiment` (lab/analysis/experiment.py, `results_page`) from the per-run rows "
-        "in this folder: tug_of_war_runs.csv (one row per pre-training run), downstream_runs.csv (one row "
-        "per fine-tuning run and metric). Do not edit by hand; `--report-only` rebuilds it from the rows.",
-        "",
-    ]
-    if design:
-        lines += ["## Design (design.csv)", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {k} | {v if _is_number(v) else f'`{v}`'} |" for k, v in design.items()] + [""]
-    power = f"{float(design.get('power_target', stats.POWER_TARGET)):.0%}"
-    lines += [
-        "The unit of replication is the pre-training seed: downstream scores are averaged over the "
-        "fine-tuning seeds of each pre-training seed before modes are compared, paired over "
-        "pre-training seeds (n below). Intervals: Student-t (scipy `ttest_rel`), the level in "
-        "design.csv. Each claim's primary comparisons are Holm-corrected within the claim (m "
-        "comparisons); a primary comparison is resolved when its Holm-adjusted p is below one minus "
-        "that level. `resolvable` is the smallest difference the design could call resolved at the "
-        'spread seen (t half width at the claim\'s strictest Holm level), so "not resolved" with a '
-        'difference well below it reads "too few seeds", not "no effect". `power`: the paired t-test\'s '
-        "power if the true effect were the one observed (dz = mean / sd of the per-seed differences), "
-        f"at the design's level and at Holm's strictest level (α/m); `seeds for {power} power`: the "
-        "pre-training seeds that power would need at each. Both are planning numbers at one sample's "
-        "effect, not evidence. The claims, fixed in lab/analysis/claims.py before the runs (He, Gao, "
-        "Chen, DeBERTaV3: the sharing analysis and its ablation table, cited there): (a) under ES the generator converges more "
-        "slowly, measured over the whole held-out MLM curve (its area per step, `mlm_area`; the final "
-        "level and the curves' crossings beside it); (b) the tug-of-war pulls the shared table away from "
-        "the generator's structure, measured as the class gap of E_G (mean cosine within a word class "
-        "minus across classes), and GDES keeps that structure: GDES ≈ NES, an equivalence (TOST) within "
-        "the margin in design.csv, fixed before the runs; (c) the paper's ordering GDES > ES > NES "
-        "downstream, on the primary task(s) named in design.csv: all three pairwise differences, each read "
-        "against the paper whatever direction it takes. Every claim is reported whatever the data say. "
-        "Everything outside the primary families is exploratory (uncorrected).",
-        "",
-    ]
-    if design.get("analysis_fixed") == ANALYSIS_FIXED[1]:
-        lines += [
-            "**Analysis fixed after these runs.** These runs were made, and their rows committed, before "
-            "the following were fixed in code: claim (c) as the paper's three-way ordering (GDES − ES, "
-            "GDES − NES and ES − NES, where before the family was GDES − ES and GDES − NES and "
-            "ES − NES was exploratory), the power columns, and the secondary views below (the sign-flip p "
-            "Holm-adjusted, the bootstrap's caveat, per-mode intervals over pre-training seeds). This page "
-            "is a re-analysis of the same per-run rows: for these data the three-way (c) family and the "
-            "power columns are not pre-registered. Claims (a) and (b) and their families are the ones "
-            "fixed before the runs. The next recipe fixes all of them before its runs.",
-            "",
-        ]
-    lines += _provenance_section(out)
-    lines += _failures_section(out)
-    lines += _flattening_section(out)
-    lines += _primary_section(out, power)
-    lines += _pretraining_per_mode_section(out)
-    lines += _per_mode_section(out)
-    lines += _selection_section(out)
-    lines += _crossings_section(out)
-    lines += _agreement_section(out)
-    lines += [
-        "## Exploratory comparisons",
-        "",
-        "Every other difference, uncorrected: tug_of_war_differences.md and downstream_differences.md "
-        "(CSV beside each, with bootstrap and two-level bootstrap intervals); figures "
-        "tug_of_war_differences.png and downstream_differences.png (one panel per quantity on its own "
-        "scale; primary comparisons starred in red, exploratory grey).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _provenance_section(out: Path) -> list[str]:
-    """Which command on which commit trained the runs, and how long it took (provenance.csv)."""
-    if not (out / "provenance.csv").is_file():
-        return []
-    rows = _read_csv(out / "provenance.csv")
-    lines = ["## Provenance (provenance.csv)", "", "| started (UTC) | command | commit | workers | runs finished "
-             "| wall minutes |", "|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [
-        f"| `{r['started']}` | `{r['command']}` | `{r['commit']}` | {r['workers']} | {r['runs_finished']} "
-        f"| {r['wall_minutes']} |"
-        for r in rows
-    ]
-    return lines + [""]
-
-
-def _failures_section(out: Path) -> list[str]:
-    lines: list[str] = []
-    if (out / "failures.csv").is_file():
-        lines += [
-            "## Failures (failures.csv)",
-            "",
-            "A run with a non-finite value (diverged pre-training, collapsed fine-tuning) is a failure: "
-            "counted here, and its pre-training seed left out of the comparisons that need it "
-            "(column failed_seeds).",
-            "",
-            "| stage | mode | runs | failed |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['stage']} | {r['mode']} | {r['runs']} | {r['failed']} |"
-            for r in _read_csv(out / "failures.csv")
-        ]
-        lines += [""]
-    return lines
-
-
-def _pair(a: str, b: str, number=_num) -> str:
-    """Two values of one row at two levels, "a; b", a dash for an empty (undefined) one."""
-    return "; ".join("—" if v in ("", "None") else number(v) for v in (a, b))
-
-
-def _primary_section(out: Path, power: str) -> list[str]:
-    """The primary comparisons of every claim, per family a table of the decision (t test, Holm, power)
-    and one of the secondary views (sign-flip p Holm-adjusted with its floor, the paired bootstrap with
-    its caveat), from the two differences CSVs."""
-    rows = []
-    for name in ("tug_of_war_differences.csv", "downstream_differences.csv"):
-        if (out / name).is_file():
-            for r in _read_csv(out / name):
-                r["what"] = r.get("quantity") or f"{r.get('task')} {r.get('metric')}"
-                rows.append(r)
-    families = list(dict.fromkeys(r["family"] for r in rows if r["family"] != "exploratory"))
-    lines = ["## Primary comparisons", ""]
-    if (out / "tug_of_war_differences.csv").is_file():
-        measured, said = {r.get("quantity") for r in rows}, set(families)
-        for claim in PRIMARY:
-            if claim.family not in said and claim.quantity not in measured:
-                lines += [f"{claim.family}: not testable here, `{claim.quantity}` is not measured on this corpus "
-                          "(class gaps need the synthetic language's word classes).", ""]  # fmt: skip
-                said.add(claim.family)
-    for family in families:
-        members = [r for r in rows if r["family"] == family]
-        tested = [r for r in members if r.get("p_t", "") != ""]
-        lines += [
-            f"### {family}",
-            "",
-            "| quantity | comparison | n | failed_seeds | difference | t interval | Holm p | resolvable "
-            f"| power (α; α/m) | seeds for {power} power (α; α/m) | reads |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in members:
-            head = f"| {r['what']} | {r['comparison']} | {r['n']} | {r['failed_seeds']} |"
-            if r not in tested:
-                lines += [f"{head} | | | | | | {r['reads']} |"]
-                continue
-            if r.get("kind") == "equivalence":
-                lines += [
-                    f"{head} {_num(r['difference'], True)} | TOST within ±{_num(r['margin'])}: (1 − 2α) interval "
-                    f"[{_num(r['tost_low'], True)}, {_num(r['tost_high'], True)}] | {_num(r['p_holm'])} "
-                    f"| — | — | — | {r['reads']} |"
-                ]
-                continue
-            lines += [
-                f"{head} {_num(r['difference'], True)} "
-                f"| [{_num(r['t_low'], True)}, {_num(r['t_high'], True)}] "
-                f"| {_num(r['p_holm'])} | {_num(r['resolvable'])} | {_pair(r['power'], r['power_holm'])} "
-                f"| {_pair(r['n_for_80'], r['n_for_80_holm'], str)} | {r['reads']} |"
-            ]
-        lines += [""] + _secondary_views(tested)
-    return lines
-
-
-def _secondary_views(rows: list[dict]) -> list[str]:
-    """One family's secondary views: they inform, the t test above decides."""
-    if not rows:
-        return []
-    lines = [
-        "Secondary views (they do not decide): the exact sign-flip p, Holm-adjusted within the family "
-        "like the t p, beside its floor `2 / 2^n` (all n differences of one sign); where m times the floor "
-        "is not below one minus the level, it can never resolve the comparison, whatever the data. The "
-        "paired bootstrap interval of the mean difference, with its method.",
-        "",
-        "| quantity | comparison | sign-flip p, Holm | floor | sign-flip can resolve | paired bootstrap |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        can = {"True": "yes", "False": "no, never at this n"}[r["signflip_can_resolve"]]
-        lines += [
-            f"| {r['what']} | {r['comparison']} | {_num(r['p_signflip_holm'])} | {_num(r['signflip_floor'])} "
-            f"| {can} | [{_num(r['boot_low'], True)}, {_num(r['boot_high'], True)}] ({r['boot_method']}) |"
-        ]
-    notes = list(dict.fromkeys(r["boot_note"] for r in rows if r.get("boot_note")))
-    return lines + [""] + [f"Bootstrap caveat: {note}." for note in notes] + ([""] if notes else [])
-
-
-def _per_mode_section(out: Path) -> list[str]:
-    """Each task's main metric per mode and for the untrained control over pre-training seeds
-    (downstream.csv), with each mode's gain over the control (downstream_differences.csv)."""
-    if not (out / "downstream.csv").is_file():
-        return []
-    rows = [r for r in _read_csv(out / "downstream.csv") if r["metric"] == r["main"]]
-    mains = {r["task"]: r["main"] for r in rows}
-    gains = {
-        (r["task"], r["comparison"].split(" - ")[0]): r
-        for r in _read_csv(out / "downstream_differences.csv")
-        if r["comparison"].endswith(f" - {CONTROL}") and r["metric"] == mains.get(r["task"])
-    }
-    lines = [
-        "## Per mode, downstream, beside the untrained control (downstream.csv)",
-        "",
-        "Each task's main metric on its test split, at the epoch chosen on validation, per mode: the mean "
-        "over pre-training seeds of each seed's mean over its fine-tuning seeds, with the Student-t interval "
-        "over those n pre-training seeds (the fine-tuning runs of one pre-training seed share its draw: they "
-        f"are not replicates). `{CONTROL}`: the same architecture and tokenizer, randomly initialised with "
-        "the pre-training seed and fine-tuned alike: the gain column is what pre-training brought, the "
-        "scale against which the differences between modes read (paired over seeds, t interval; "
-        "exploratory).",
-        "",
-        "| task | metric | mode | n | fine-tuning seeds | failed_seeds | mean | std | t interval "
-        f"| gain over {CONTROL} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        gain = gains.get((r["task"], r["mode"]))
-        shown = (
-            f"{_num(gain['difference'], True)} [{_num(gain['t_low'], True)}, {_num(gain['t_high'], True)}]"
-            if gain and gain.get("t_low", "") != ""
-            else "—"
-        )
-        lines += [
-            f"| {r['task']} | {r['metric']} | {r['mode']} | {r['n']} | {r['finetune_seeds']} "
-            f"| {r['failed_seeds']} | {_num(r['mean'])} | {_num(r['std'])} "
-            f"| [{_num(r['t_low'])}, {_num(r['t_high'])}] | {shown} |"
-        ]
-    return lines + [""]
-
-
-def _agreement_section(out: Path) -> list[str]:
-    """Whether each primary verdict agrees with the same recipe on the other language (agreement.csv)."""
-    if not (out / "agreement.csv").is_file():
-        return []
-    rows = _read_csv(out / "agreement.csv")
-    other = _design(out).get("compare_with", "the other report")
-    counts = _read_csv(out / "agreement_counts.csv")[0]
-    lines = [
-        f"## Agreement with `{other}` (agreement.csv)",
-        "",
-        f"The same recipe on another language: **{counts['same_verdict']} of {counts['primary_comparisons']} "
-        f"primary verdicts agree** (the same reading; {counts['same_sign']} have the same sign).",
-        "",
-        "| family | quantity | comparison | difference | reads | there: difference | there: reads | same verdict "
-        "| same sign |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['family']} | {r['quantity']} | {r['comparison']} | {_num(r['difference'], True)} | {r['reads']} "
-        f"| {_num(r['other_difference'], True) if r['other_difference'] else '—'} | {r['other_reads']} "
-        f"| {r['same_verdict']} | {r['same_sign']} |"
-        for r in rows
-    ]
-    return lines + [""]
-
-
-def _crossings_section(out: Path) -> list[str]:
-    """Where the mean held-out MLM curves cross (crossings.csv)."""
-    if not (out / "crossings.csv").is_file():
-        return []
-    rows = _read_csv(out / "crossings.csv")
-    lines = [
-        "## Where the held-out MLM curves cross (crossings.csv)",
-        "",
-        "The mean curves over pre-training seeds (mlm_loss_heldout.png), each pair of modes: the step where "
-        "their order changes (interpolated between evaluations) and the mode lower after it. Exploratory: "
-        "claim (a) is the area under the whole curve.",
-        "",
-    ]
-    if not rows:
-        return lines + ["No pair of mean curves crosses: each mode's order holds at every evaluation.", ""]
-    lines += ["| comparison | step | lower after |", "|---|---|---|"]
-    lines += [f"| {r['comparison']} | {float(r['step']):.1f} | {r['lower_after']} |" for r in rows]
-    listed = {r["comparison"] for r in rows}
-    never = [f"{a} - {b}" for a, b in COMPARISONS if f"{a} - {b}" not in listed]
-    if never:
-        lines += ["", f"Never crossing: {', '.join(never)}."]
-    return lines + [""]
-
-
-# the per-run quantities the flattening section shows, with the rule's column for each curve
-FLATTENING_COLUMNS = (
-    ("final_mlm_loss", "held-out MLM loss, last evaluation"),
-    ("mlm_flatten_fraction", "MLM: last quarter's share of the drop"),
-    ("final_fixed_auc", "fixed-corruption AUC, last evaluation"),
-    ("fixed_auc_flatten_fraction", "fixed AUC: last quarter's share of the gain"),
-)
-
-
-def flattening_table(out: Path) -> list[dict]:
-    """flattening.csv from tug_of_war_runs.csv: per pre-training run the final held-out MLM loss and
-    fixed-corruption AUC, each curve's last-quarter share of its total change and whether both meet the
-    rule (claims.flattening's defaults); a last row ("all") counts the runs and those flattened."""
-    rows = []
-    for r in _read_csv(out / "tug_of_war_runs.csv"):
-        values = {k: float(r[k]) if r.get(k, "") != "" else math.nan for k, _ in FLATTENING_COLUMNS}
-        met = {
-            f"{curve}_flattened": int(math.isfinite(values[f"{curve}_flatten_fraction"])
-                                      and values[f"{curve}_flatten_fraction"] < claims.FLATTEN_MAX_GAIN)
-            for curve in ("mlm", "fixed_auc")
-        }  # fmt: skip
-        rows.append({"mode": r["mode"], "pretrain_seed": r["pretrain_seed"], **values, **met,
-                     "flattened": int(all(met.values()))})  # fmt: skip
-    if rows:
-        counts = {k: sum(r[k] for r in rows) for k in ("mlm_flattened", "fixed_auc_flattened", "flattened")}
-        rows.append({"mode": "all", "pretrain_seed": len(rows), **counts})
-    analysis.write_csv(out / "flattening.csv", rows, digits=None)
-    return rows
-
-
-def _flattening_section(out: Path) -> list[str]:
-    """Per mode and pre-training seed: the held-out MLM loss and the discriminator's AUC on the fixed
-    corruption set at the end, and whether each curve met the flattening rule (flattening.csv)."""
-    if not (out / "flattening.csv").is_file():
-        return []
-    rows = _read_csv(out / "flattening.csv")
-    every = next(r for r in rows if r["mode"] == "all")
-    rule = _design(out).get("flattening_rule", FLATTENING_RULE)
-    lines = [
-        "## Trained long enough? (flattening.csv)",
-        "",
-        f"The flattening rule: {rule}, applied to the held-out MLM loss and to the discriminator's error "
-        "(1 − AUC) on the fixed corruption set: held-out sequences with the same positions replaced by the "
-        "same tokens drawn from the corpus's unigram distribution for every mode, so that, unlike the RTD "
-        "AUC on each mode's own generator's samples, it compares discriminators across modes "
-        f"(lab/pretrain/evaluate.py). **Of {every['pretrain_seed']} pre-training runs, {every['mlm_flattened']} "
-        f"meet the rule on the MLM loss, {every['fixed_auc_flattened']} on the fixed-corruption error, "
-        f"{every['flattened']} on both.** Curves: mlm_loss_heldout.png, fixed_auc_heldout.png.",
-        "",
-        "| mode | seed | " + " | ".join(title for _, title in FLATTENING_COLUMNS) + " | flattened |",
-        "|---|---|" + "---|" * (len(FLATTENING_COLUMNS) + 1),
-    ]
-    for r in rows[:-1]:
-        cells = [_num(r[k]) for k, _ in FLATTENING_COLUMNS]
-        flat = "yes" if r["flattened"] == "1" else "no"
-        lines += [f"| {r['mode']} | {r['pretrain_seed']} | " + " | ".join(cells) + f" | {flat} |"]
-    return lines + [""]
-
-
-PER_MODE_QUANTITIES = ("mlm_area", "final_mlm_loss", "final_fixed_auc", "final_rtd_auc", "class_gap_E_G",
-                       "class_gap_E_D", "cos_E_G", "cos_E_D")  # fmt: skip
-
-
-def _pretraining_per_mode_section(out: Path) -> list[str]:
-    """The pre-training quantities per mode over pre-training seeds (tug_of_war_summary.csv)."""
-    if not (out / "tug_of_war_summary.csv").is_file():
-        return []
-    rows = [r for r in _read_csv(out / "tug_of_war_summary.csv") if r["quantity"] in PER_MODE_QUANTITIES]
-    rows.sort(key=lambda r: PER_MODE_QUANTITIES.index(r["quantity"]))
-    lines = [
-        "## Per mode, pre-training (tug_of_war_summary.csv)",
-        "",
-        "Mean, std and Student-t interval over pre-training seeds. mlm_area: the held-out MLM curve's area "
-        "per step (its mean level over training); final_rtd_auc scores each discriminator on its own "
-        "generator's replacements (not comparable across modes), final_fixed_auc on the shared fixed "
-        "corruption set; class_gap: mean cosine within a word class minus across classes.",
-        "",
-        "| quantity | mode | n | failed | mean | std | t interval |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['quantity']} | {r['mode']} | {r['n']} | {r['failed']} | {_num(r['mean'])} | {_num(r['std'])} "
-        f"| [{_num(r['t_low'])}, {_num(r['t_high'])}] |"
-        for r in rows
-    ]
-    return lines + [""]
-
-
-def _selection_section(out: Path) -> list[str]:
-    """How often fine-tuning chose its last epoch on validation (selection.csv)."""
-    if not (out / "selection.csv").is_file():
-        return []
-    rows = _read_csv(out / "selection.csv")
-    every = next(r for r in rows if r["task"] == "all")
-    last, total = every["chose_last_epoch"], every["runs"]
-    lines = [
-        "## Model selection (selection.csv)",
-        "",
-        "Each fine-tuning run keeps the epoch with the best main metric on its validation split and reports "
-        "the test split, evaluated once with that state (and once with the last epoch's, `last_` rows); the "
-        f"test split never chooses anything. **{last} of {total} runs chose their last epoch** (a run still "
-        "improving when it stopped).",
-        "",
-        "| task | mode | runs | chose last epoch | median chosen epoch | epochs |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['task']} | {r['mode']} | {r['runs']} | {r['chose_last_epoch']} | {r['median_best_epoch']} "
-        f"| {r['epochs']} |"
-        for r in rows
-    ]
-    return lines + [""]
 
 
 # ---------------------------------------------------------------------------------------------- CLI

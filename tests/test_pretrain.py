@@ -137,7 +137,7 @@ def test_evaluate_matches_hand_computed_values():
         model.rtd_head.classifier.bias.fill_(1.0)
     batches = [torch.tensor([[1] + [7] * 14 + [2]] * 2), torch.tensor([[1] + [8] * 28 + [2]] * 2)]
     tok = SimpleNamespace(special_ids={0, 1, 2, 3, 999}, mask_id=999)
-    row = pretrain.evaluate(model, batches, tok, PretrainConfig(), torch.device("cpu"), None)
+    row = pretrain_evaluate.evaluate(model, batches, tok, PretrainConfig(), torch.device("cpu"), None)
     nll_7, nll_8 = 20 + math.log1p(math.exp(-20)), math.log1p(math.exp(-20))  # -log p(7), -log p(8)
     softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731  BCE of logit 1: label 1 -> softplus(-1)
     assert row == {
@@ -632,13 +632,13 @@ def test_compile_accepts_the_old_boolean_and_rejects_unknown_modes():
 
 def test_throughput_counts_training_alone(tmp_path, monkeypatch):
     """A slow evaluation shows up as overhead, not in ms/step or tokens/s."""
-    real_evaluate = pretrain.evaluate
+    real_evaluate = pretrain_evaluate.evaluate  # evaluate_run calls this module's evaluate
 
     def slow_evaluate(*args, **kwargs):
         time.sleep(0.5)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain, "evaluate", slow_evaluate)
+    monkeypatch.setattr(pretrain_evaluate, "evaluate", slow_evaluate)
     train(quick(tmp_path, "slow-eval", steps=6, log_every=3, eval_every=3, probe_every=0))
     rows = [r for r in read_jsonl(tmp_path / "slow-eval" / "metrics.jsonl") if r["split"] == "train"]
     assert [r["step"] for r in rows] == [3, 6]

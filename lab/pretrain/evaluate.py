@@ -148,3 +148,10 @@ def _fixed_scores(
         "fixed_auc": float(roc_auc_score(labels, scores)) if 0 < replaced < len(labels) else float("nan"),
         "fixed_rtd_loss": float(loss) / max(tokens, 1),
     }
+
+
+def evaluate_run(run) -> dict:
+    """`evaluate` for a training run (lab.pretrain.setup.Run): its model on its fixed held-out batches,
+    a micro-batch at a time, the fixed corruption set drawn from its corpus's token counts."""
+    return evaluate(run.model, run.eval_batches, run.tok, run.cfg, run.device, run.amp, run.micro,
+                    run.corpus.token_counts)  # fmt: skip

@@ -15,7 +15,7 @@ from lab.hf import save_pretrained
 from lab.pretrain import checkpoint, tensorboard
 from lab.pretrain.checkpoint import CheckpointError
 from lab.pretrain.config import compile_mode
-from lab.pretrain.evaluate import evaluate
+from lab.pretrain.evaluate import evaluate_run
 from lab.pretrain.meter import Meter
 from lab.pretrain.setup import Run
 from lab.pretrain.step import NonFiniteGuard
@@ -45,20 +45,7 @@ def finish(run: Run, step: int, meter: Meter, guard: NonFiniteGuard | None = Non
     """Final evaluation, export and summary.json (main process); returns the summary."""
     cfg, summary = run.cfg, {}
     if run.ddp.main:
-        final_eval = (
-            evaluate(
-                run.model,
-                run.eval_batches,
-                run.tok,
-                cfg,
-                run.device,
-                run.amp,
-                run.micro,
-                run.corpus.token_counts,
-            )
-            if run.eval_batches
-            else {}
-        )
+        final_eval = evaluate_run(run) if run.eval_batches else {}
         append_jsonl(run.metrics, {"split": "eval", "step": step, **final_eval})
         if cfg.tensorboard:
             tensorboard.mirror(run, close=True)

@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from lab.pretrain import checkpoint, tensorboard
 from lab.pretrain.config import PretrainConfig, compile_mode
-from lab.pretrain.evaluate import evaluate
+from lab.pretrain.evaluate import evaluate_run
 from lab.pretrain.export import finish
 from lab.pretrain.meter import Meter, Progress
 from lab.pretrain.setup import Run, setup
@@ -96,16 +96,7 @@ def _train(cfg: PretrainConfig) -> dict:
             # eval (before the step, so step 0 records the untrained model)
             if run.ddp.main and step % cfg.eval_every == 0 and run.eval_batches:
                 with meter.overhead("eval"):
-                    row = evaluate(
-                        model,
-                        run.eval_batches,
-                        run.tok,
-                        cfg,
-                        run.device,
-                        run.amp,
-                        run.micro,
-                        run.corpus.token_counts,
-                    )
+                    row = evaluate_run(run)
                     append_jsonl(run.metrics, {"split": "eval", "step": step, **row})
             if snapshots.due(step):  # the word tables before the step, as eval sees them
                 with meter.overhead("probe"):

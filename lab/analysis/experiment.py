@@ -61,6 +61,7 @@ from lab.analysis.results_page import (
     FLATTENING_COLUMNS,
     FLATTENING_RULE,
     design_settings,
+    difference_rows,
     read_csv,
     results_page,
 )
@@ -542,14 +543,11 @@ def primary_tasks(out: Path) -> tuple[str, ...]:
 
 def _primary_rows(out: Path) -> dict[tuple[str, str, str], dict]:
     """The primary comparisons of a report folder: (family, quantity, comparison) -> row."""
-    rows = {}
-    for name in ("tug_of_war_differences.csv", "downstream_differences.csv"):
-        if (out / name).is_file():
-            for r in read_csv(out / name):
-                if r["family"] != "exploratory":
-                    what = r.get("quantity") or f"{r.get('task')} {r.get('metric')}"
-                    rows[(r["family"], what, r["comparison"])] = r
-    return rows
+    return {
+        (r["family"], r["what"], r["comparison"]): r
+        for r in difference_rows(out)
+        if r["family"] != "exploratory"
+    }
 
 
 def agreement(out: Path, other: Path) -> list[dict]:

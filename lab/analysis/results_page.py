@@ -28,6 +28,17 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def difference_rows(out: Path) -> list[dict]:
+    """The rows of both differences tables of a report folder (tug_of_war_differences.csv, then
+    downstream_differences.csv), each with "what": its quantity, or "<task> <metric>"."""
+    rows = []
+    for name in ("tug_of_war_differences.csv", "downstream_differences.csv"):
+        if (out / name).is_file():
+            for r in read_csv(out / name):
+                rows.append({**r, "what": r.get("quantity") or f"{r.get('task')} {r.get('metric')}"})
+    return rows
+
+
 def design_settings(out: Path) -> dict[str, str]:
     """design.csv as {setting: value}; {} without one."""
     design = out / "design.csv"
@@ -57,11 +68,7 @@ def _is_number(text: str) -> bool:
 
 def results_page(out: Path) -> str:
     """The results page (markdown) of the report folder `out`, every number read from its CSV files."""
-    design = (
-        {r["setting"]: r["value"] for r in read_csv(out / "design.csv")}
-        if (out / "design.csv").is_file()
-        else {}
-    )
+    design = design_settings(out)
     lines = [
         "# Sharing experiment: results",
         "",
@@ -205,12 +212,7 @@ def _primary_section(out: Path, power: str) -> list[str]:
     """The primary comparisons of every claim, per family a table of the decision (t test, Holm, power)
     and one of the secondary views (sign-flip p Holm-adjusted with its floor, the paired bootstrap with
     its caveat), from the two differences CSVs."""
-    rows = []
-    for name in ("tug_of_war_differences.csv", "downstream_differences.csv"):
-        if (out / name).is_file():
-            for r in read_csv(out / name):
-                r["what"] = r.get("quantity") or f"{r.get('task')} {r.get('metric')}"
-                rows.append(r)
+    rows = difference_rows(out)
     families = list(dict.fromkeys(r["family"] for r in rows if r["family"] != "exploratory"))
     lines = ["## Primary comparisons", ""]
     if (out / "tug_of_war_differences.csv").is_file():

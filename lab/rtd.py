@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lab.sharing
+import lab.tied
 from lab.model import Encoder, Layer, ModelConfig, compute_dtype, init_weights, key_padding_bias
 from lab.util import replace_strict
 
@@ -324,8 +325,9 @@ class RTDModel(nn.Module):
         """The parameter the RTD loss trains on D's side: E_G (es), E_D (nes) or E_delta (gdes)."""
         return self.sharing.rtd_table(self)
 
-    def discriminator_word_embeds(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.sharing.discriminator_embeds(self, ids)
+    def discriminator_word_embeds(self, ids: torch.Tensor, tied: lab.tied.Tied | None = None) -> torch.Tensor:
+        """E_D[ids] [B, T, D]; `tied` is E_G as the current step reads it (forward passes it)."""
+        return self.sharing.discriminator_embeds(self, ids, tied)
 
     def exported_tables(self) -> dict[str, torch.Tensor]:
         """The tables a run snapshots and exports: E_G, E_D as D reads it, and the mode's own extras."""
@@ -340,10 +342,14 @@ class RTDModel(nn.Module):
         state["word_embeddings.weight"] = self.discriminator_table().detach().clone()
         return state
 
-    def discriminate(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def discriminate(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor | None, tied: lab.tied.Tied | None = None
+    ) -> torch.Tensor:
         """D's RTD logits [B, T] (fp32) on ids [B, T]: the discriminator half of `forward`, alone (the
         held-out fixed corruption set of lab/pretrain/evaluate.py scores D on ids no generator made)."""
-        hidden = self.discriminator(ids, attention_mask, self.discriminator_word_embeds(ids))  # [B, T, D]
+        hidden = self.discriminator(
+            ids, attention_mask, self.discriminator_word_embeds(ids, tied)
+        )  # [B, T, D]
         return self.rtd_head(hidden).float()  # [B, T]
 
     # -- the step --------------------------------------------------------------------------------
@@ -386,17 +392,19 @@ class RTDModel(nn.Module):
             mask_strategy,
             vocab_size=self.generator.cfg.vocab_size,
         )
-        # 2. generator, MLM loss only at the masked positions (no [B, T, V] logits)
+        # 2. generator, MLM loss only at the masked positions (no [B, T, V] logits). E_G is read through
+        # `tie`: its lookups' gradients are added into the head's dense one by row (lab/tied.py)
+        tied = lab.tied.tie(self.generator_table, masked_ids, self.generator.word_embeddings.padding_idx)
         if self.emd is None:
-            gen_hidden = self.generator(masked_ids, encoder_mask)  # [B, T, D]
+            gen_hidden = self.generator(masked_ids, encoder_mask, tied.generator_rows)  # [B, T, D]
         else:
-            embedded = self.generator.embed(masked_ids, encoder_mask)  # H_0 [B, T, D]
+            embedded = self.generator.embed(masked_ids, encoder_mask, tied.generator_rows)  # H_0 [B, T, D]
             hidden = [embedded, *self.generator.encode(embedded, encoder_mask)]  # H_0 .. H_n
             gen_hidden = self.emd(self.generator, hidden, encoder_mask)
         masked_hidden = gen_hidden.gather(
             1, positions[..., None].expand(-1, -1, gen_hidden.shape[-1])
         )  # [B, K, D]
-        mlm_logits = self.mlm_head(masked_hidden, self.generator_table)  # [B, K, V], compute dtype
+        mlm_logits = self.mlm_head(masked_hidden, tied.head)  # [B, K, V], compute dtype
         targets = input_ids.gather(1, positions)  # [B, K]
         # the loss in fp32: under torch.compile the upcast fuses into the cross-entropy's kernels
         mlm_loss = masked_lm_loss(mlm_logits.float(), targets, valid, None if totals is None else totals[0])
@@ -407,7 +415,7 @@ class RTDModel(nn.Module):
             # replaced iff masked AND the sample differs: a sample equal to the original is "original"
             labels = (corrupted != input_ids).float()  # [B, T]
         # 4. discriminator, BCE over every non-pad token ([CLS]/[SEP] included)
-        rtd_logits = self.discriminate(corrupted, encoder_mask)  # [B, T]
+        rtd_logits = self.discriminate(corrupted, encoder_mask, tied)  # [B, T]
         rtd_loss = _reduce(
             F.binary_cross_entropy_with_logits(rtd_logits, labels, reduction="none"),
             attention_mask,

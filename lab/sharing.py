@@ -11,7 +11,8 @@ A mode answers every question the rest of the code asks about sharing, so nothin
 names (lab/rtd.py builds the tables through it; pre-training, snapshots, export and the analysis ask it):
     attach(model)                      at construction: which word tables exist
     discriminator_table(model)         E_D as D reads it: what is snapshotted, exported and fine-tuned
-    discriminator_embeds(model, ids)   the rows of it that D's forward reads
+    discriminator_embeds(model, ids, tied)   the rows of it that D's forward reads (tied: E_G as the
+                                       step reads it, lab/tied.py)
     rtd_table(model)                   the word-table parameter the RTD loss trains on D's side (or None)
     extra_tables(model)                tables snapshotted and exported beside E_G and E_D (GDES: E_delta)
     shares_generator_table             the RTD gradient reaches E_G (ES only; see the field)
@@ -51,8 +52,9 @@ class SharingMode:
         """E_D [V, D] as D uses it."""
         raise NotImplementedError
 
-    def discriminator_embeds(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        """E_D[ids]: ids [B, T] -> [B, T, D]."""
+    def discriminator_embeds(self, model: nn.Module, ids: torch.Tensor, tied=None) -> torch.Tensor:
+        """E_D[ids]: ids [B, T] -> [B, T, D]. `tied` (lab.tied.Tied) is E_G as the current RTD step reads
+        it, for a mode whose D reads E_G with its gradient; None outside a step."""
         return F.embedding(ids, self.discriminator_table(model))
 
     def rtd_table(self, model: nn.Module) -> nn.Parameter | None:
@@ -76,7 +78,9 @@ class SharedTable(SharingMode):
     def discriminator_table(self, model):
         return model.discriminator.word_embeddings.weight  # E_G itself
 
-    def discriminator_embeds(self, model, ids):
+    def discriminator_embeds(self, model, ids, tied=None):
+        if tied is not None:  # this step's reading of E_G: its gradient joins the step's other two
+            return tied.rows(ids)
         return model.discriminator.word_embeddings(ids)
 
     def rtd_table(self, model):
@@ -92,7 +96,7 @@ class SeparateTables(SharingMode):
     def discriminator_table(self, model):
         return model.discriminator.word_embeddings.weight
 
-    def discriminator_embeds(self, model, ids):
+    def discriminator_embeds(self, model, ids, tied=None):
         return model.discriminator.word_embeddings(ids)
 
     def rtd_table(self, model):
@@ -110,7 +114,7 @@ class GradientDisentangled(SharingMode):
     def discriminator_table(self, model):
         return model.generator_table.detach() + model.embedding_delta
 
-    def discriminator_embeds(self, model, ids):
+    def discriminator_embeds(self, model, ids, tied=None):
         # the same sum, row by row: no [V, D] table built on every step
         return F.embedding(ids, model.generator_table.detach()) + F.embedding(ids, model.embedding_delta)
 

@@ -124,15 +124,17 @@ def test_shift_keeps_the_compute_dtype_and_compiles_without_a_graph_break():
 
 
 def test_profile_script_times_every_layout_and_both_steps(tmp_path):
-    """`python -m lab.bench.profile` at a tiny size: the three layouts (which must agree, or it raises)
-    and lab's step against the peer, each with a wall and a CPU figure; the tables land in --out."""
+    """`python -m lab.bench.profile` at a tiny size: the three layouts (which must agree, or it raises),
+    lab's step (with and without lab.tied) against the peer, each with a wall and a CPU figure, and the
+    step's groups with the ceiling they set; the tables land in --out."""
     from lab.bench.profile import cli
 
     out = tmp_path / "profile.txt"
-    args = ["--what", "layouts,steps", "--preset", "tiny", "--seq-len", "16", "--batch", "2"]
-    assert cli([*args, "--warmup", "1", "--repeats", "2", "--out", str(out)]) == 0
+    args = ["--what", "layouts,steps,ceiling", "--preset", "tiny", "--seq-len", "16", "--batch", "2"]
+    assert cli([*args, "--warmup", "1", "--repeats", "2", "--steps", "1", "--out", str(out)]) == 0
     text = out.read_text()
-    for row in ("| gather |", "| as_strided |", "| reshape |", "| lab-es |", "| hf |"):
+    rows = ("| gather |", "| as_strided |", "| reshape |", "| lab-es |", "| lab-es-dense-lookups |", "| hf |")
+    for row in (*rows, "| matmuls |", "| AdamW (fused) |", "| dropout masks |", "| everything else |"):
         assert row in text, row
-    assert "by CPU time" in text
+    assert "by CPU time" in text and "what lab.tied saves" in text and "at most" in text
     assert cli(["--what", "nothing"]) == 2  # a user's error: one message, exit code 2

@@ -6,6 +6,12 @@
 
 step     torch.profiler over `steps` RTD steps of lab (sharing "es", the benchmark's lab-es candidate,
          lab/bench/builders.py) after `warmup` untimed ones: the operators by self CPU time.
+steps    lab-es, the same step with autograd's dense lookup gradients (lab.tied.disabled) and the
+         `transformers` peer, timed alternately: ms per step, wall and process CPU time.
+ceiling  the profile's operators in three groups the step cannot drop at the same formula and the same
+         dropout (the matmuls, the fused AdamW, the dropout masks' draws) and the rest, per step, against
+         the peer's step timed alternately with lab's: the ratio now, and the most it could be were
+         everything outside the three groups free.
 layouts  one DisentangledSelfAttention forward + backward (no dropout) with c2p / p2c read three
          ways, timed alternately: the gathers through relative_index, the model's relative shift
          (lab.model.skew, an as_strided view), and the same shift as a flatten-and-reshape of the score
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import lab.model
+import lab.tied
 from lab.bench.builders import build_hf_step, build_lab_step, model_config
 from lab.cli import config_parser, param, parse_values, run_verb
 from lab.model import DisentangledSelfAttention, relative_index
@@ -35,7 +42,10 @@ from lab.util import replace_strict
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    what: str = param("step,layouts", "step (torch.profiler table), steps (lab vs the peer), layouts (shift)")
+    what: str = param(
+        "step,layouts",
+        "step (torch.profiler table), steps (lab vs the peer), ceiling (what the step cannot drop), layouts (shift)",
+    )
     preset: str = param("xsmall", "model size (lab.model presets)")
     seq_len: int = param(128, "T; the shift applies up to position_buckets / 2 + 1")
     batch: int = param(4, "B (the benchmark's 512 tokens per step at T=128)")
@@ -128,12 +138,19 @@ def alternate(calls: dict, warmup: int, repeats: int) -> dict[str, dict[str, flo
 def steps_table(pc: ProfileConfig) -> str:
     """lab-es against the peer: ms per step and the peer's time over lab's (tokens/s ratio)."""
     cpu = torch.device("cpu")
+    dense_step = build_lab_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu, "es")
+
+    def dense():
+        with lab.tied.disabled():
+            dense_step()
+
     calls = {
         "lab-es": build_lab_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu, "es"),
+        "lab-es-dense-lookups": dense,
         "hf": build_hf_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu),
     }
     times = alternate(calls, pc.warmup, pc.repeats)
-    lab, hf = times["lab-es"], times["hf"]
+    ours, hf = times["lab-es"], times["hf"]
     return "\n".join(
         [
             f"RTD step, {pc.preset} T={pc.seq_len} batch {pc.batch} fp32, {torch.get_num_threads()} threads, "
@@ -141,10 +158,63 @@ def steps_table(pc: ProfileConfig) -> str:
             "| candidate | wall ms | CPU ms |",
             "|---|---|---|",
             *(f"| {name} | {t['wall']:.0f} | {t['cpu']:.0f} |" for name, t in times.items()),
-            f"lab-es / hf tokens/s: {hf['wall'] / lab['wall']:.2f}x by wall time, "
-            f"{hf['cpu'] / lab['cpu']:.2f}x by CPU time",
+            f"lab-es / hf tokens/s: {hf['wall'] / ours['wall']:.2f}x by wall time, "
+            f"{hf['cpu'] / ours['cpu']:.2f}x by CPU time",
+            f"lab-es / lab-es-dense-lookups tokens/s (what lab.tied saves): "
+            f"{times['lab-es-dense-lookups']['wall'] / ours['wall']:.2f}x by wall time, "
+            f"{times['lab-es-dense-lookups']['cpu'] / ours['cpu']:.2f}x by CPU time",
         ]
     )
+
+
+# operator groups of lab's step that no rewrite at the same formula and dropout removes
+FLOOR_GROUPS = {
+    "matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "AdamW (fused)": ("aten::_fused_adamw_",),
+    "dropout masks": ("aten::bernoulli_",),
+}
+
+
+def step_groups(pc: ProfileConfig) -> tuple[dict[str, float], float]:
+    """Self CPU ms per step of lab-es's operators in each FLOOR_GROUPS group, and of all operators."""
+    step = build_lab_step(pc.preset, pc.seq_len, pc.batch, "fp32", torch.device("cpu"), "es")
+    for _ in range(pc.warmup):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(pc.steps):
+            step()
+    events = prof.key_averages()
+    per_step = {e.key: e.self_cpu_time_total / 1e3 / pc.steps for e in events}
+    groups = {name: sum(per_step.get(op, 0.0) for op in ops) for name, ops in FLOOR_GROUPS.items()}
+    return groups, sum(per_step.values())
+
+
+def ceiling_table(pc: ProfileConfig) -> str:
+    """lab-es's step in groups against the peer's step: the ratio now and its ceiling at this formula."""
+    groups, total = step_groups(pc)
+    cpu = torch.device("cpu")
+    calls = {
+        "lab-es": build_lab_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu, "es"),
+        "hf": build_hf_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu),
+    }
+    times = alternate(calls, pc.warmup, pc.repeats)
+    floor = sum(groups.values())
+    peer = times["hf"]["wall"]
+    lines = [
+        f"lab-es RTD step, {pc.preset} T={pc.seq_len} batch {pc.batch} fp32, {torch.get_num_threads()} threads: "
+        f"self CPU ms per step over {pc.steps} profiled steps; the peer's step and lab's timed alternately, "
+        f"median of {pc.repeats}",
+        "| part of lab's step | ms per step | share |",
+        "|---|---|---|",
+        *(f"| {name} | {ms:.0f} | {ms / total:.0%} |" for name, ms in groups.items()),
+        f"| everything else | {total - floor:.0f} | {(total - floor) / total:.0%} |",
+        f"| all operators (profiled) | {total:.0f} | 100% |",
+        "",
+        f"lab-es {times['lab-es']['wall']:.0f} ms, the peer {peer:.0f} ms per step (wall): "
+        f"lab-es / peer tokens/s {peer / times['lab-es']['wall']:.2f}x now; with everything outside the "
+        f"three groups free, at most {peer / floor:.2f}x",
+    ]
+    return "\n".join(lines)
 
 
 def step_table(pc: ProfileConfig) -> str:
@@ -169,7 +239,12 @@ def cli(argv: list[str] | None = None) -> int:
 
     def action() -> None:
         parts = pc.what.split(",")
-        builders = {"layouts": layout_table, "steps": steps_table, "step": step_table}
+        builders = {
+            "layouts": layout_table,
+            "steps": steps_table,
+            "step": step_table,
+            "ceiling": ceiling_table,
+        }
         unknown = set(parts) - set(builders)
         if unknown:
             raise ValueError(

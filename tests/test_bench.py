@@ -10,7 +10,7 @@ import torch
 
 from lab.bench import benchmark as bench
 from lab.bench.builders import build_lab_step, rtd_step_flops
-from lab.bench.measure import COLUMNS, count_flops, time_alternating
+from lab.bench.measure import COLUMNS, count_flops, format_row, time_alternating
 from lab.model import preset
 from lab.util import read_jsonl
 
@@ -82,6 +82,31 @@ def test_derived_columns_from_given_times(monkeypatch, one_at_a_time):
     assert rows["hf"].mfu == pytest.approx(0.075)  # 3e9 / 0.4 s / 1e11
 
 
+def test_the_alone_ratio_comes_from_each_candidates_own_process(monkeypatch):
+    """With memory on, every step candidate's fresh process also times it alone: alone_ms is the probe's,
+    and alone_speedup_vs_hf the peer's alone ms over the row's (by hand: 800 / 200 = 4, 800 / 400 = 2)."""
+    monkeypatch.setattr(bench, "time_alternating", lambda fns, *a: {k: [0.1] for k in fns})
+    monkeypatch.setattr(bench, "count_flops", lambda fn: 1e9)
+    alone = {"lab-es": 200.0, "lab-gdes": 400.0, "hf": 800.0}
+    asked = []
+
+    def probe(spec, device):
+        asked.append(spec)
+        return {"peak_mb": 10.0, "step_mb": 1.0, "alone_ms": alone[spec["impl"]]}
+
+    monkeypatch.setattr(bench, "measure_memory", probe)
+    bc = bench.BenchConfig(tokens_per_step=64, repeats=5)
+    rows = {
+        r.impl: r for r in bench.compare("step", "tiny", "fp32", 32, bc, CPU, peak=1e11, log=lambda *a: None)
+    }
+    assert [spec["alone_repeats"] for spec in asked] == [5, 5, 5]
+    assert {impl: row.alone_ms for impl, row in rows.items()} == alone
+    assert rows["lab-es"].alone_speedup_vs_hf == pytest.approx(4.0)
+    assert rows["lab-gdes"].alone_speedup_vs_hf == pytest.approx(2.0)
+    assert rows["lab-es"].speedup_vs_hf == pytest.approx(1.0)  # the alternating ratio stays its own
+    assert "alone 200 ms, 4.00x vs hf alone" in format_row(rows["lab-es"])
+
+
 def test_default_kinds_per_device():
     assert bench.default_kinds(torch.device("cuda")) == bench.ALL_KINDS
     assert bench.default_kinds(CPU) == bench.CLASSIC_KINDS
@@ -121,6 +146,8 @@ def test_quick_benchmark_figures_follow_from_the_times_they_claim(tmp_path):
     step = {r["impl"]: r for r in rows if r["kind"] == "step"}
     for impl in ("lab-es", "lab-gdes", "hf"):
         assert step[impl]["peak_mb"] > step[impl]["step_mb"] > 0, step[impl]
+        assert step[impl]["alone_ms"] > 0, step[impl]  # timed alone in the memory probe's process
+    assert close(step["lab-es"]["alone_speedup_vs_hf"], step["hf"]["alone_ms"] / step["lab-es"]["alone_ms"])
     # the peer computes logits at every position, so it must count more FLOPs than lab at equal shape
     assert step["hf"]["gflop"] > step["lab-es"]["gflop"]
     compiled = step["lab-es+default"]

@@ -38,6 +38,14 @@ the model, records its resident set (VmRSS), resets the kernel's high-water mark
 process's peak resident memory, `step_mb` the part added by the steps (activations, gradients,
 optimizer state). Both include allocator caching.
 
+Alone (`alone_ms`, `alone_speedup_vs_hf`, CPU steps): that fresh subprocess then times `repeats` more
+steps of its one candidate. The alternating timing shares one process, and so one heap, between the
+candidates: a large tensor one candidate asks for may be served from memory another one freed, already
+mapped, or may need fresh pages whose first touch the kernel must fault in and zero (at xsmall a
+[V, D] gradient is 197 MB, 48,000 pages). Which candidate gets which depends on what ran before it,
+and on a 2-core CPU the difference is a large share of a step. The alone figure is the step as a
+training process holding one model runs it; the table shows both, and the two ratios need not agree.
+
 FLOPs (`gflop`, `mfu`): matmul and attention FLOPs (forward and backward), not element-wise work. For
 lab's step, `rtd_step_flops`, the count written out by hand, which FlopCounterMode reproduces where it
 sees every product (the tests check this) but undercounts behind fused attention kernels it has no
@@ -309,16 +317,19 @@ def compare(kind, name, dtype, T, bc: BenchConfig, device, peak, log=print) -> l
             row.mfu = flops / seconds / peak
         rows.append(row)
     if kind == "step" and bc.memory:
-        # one candidate alive at a time, so that a CUDA peak holds nothing of the others
+        # one candidate alive at a time, so that a CUDA peak holds nothing of the others; on the CPU
+        # the probe's fresh process also times the candidate alone
         for row in rows:
             _release(device)
-            mem = measure_memory(specs[row.impl], device)
-            row.peak_mb, row.step_mb = mem["peak_mb"], mem["step_mb"]
+            mem = measure_memory({**specs[row.impl], "alone_repeats": bc.repeats}, device)
+            row.peak_mb, row.step_mb, row.alone_ms = mem["peak_mb"], mem["step_mb"], mem.get("alone_ms")
         _release(device)
     hf = next((r for r in rows if r.impl == "hf"), None)
     for row in rows:
         if hf is not None:
             row.speedup_vs_hf = row.tokens_per_s / hf.tokens_per_s
+            if row.alone_ms and hf.alone_ms:
+                row.alone_speedup_vs_hf = hf.alone_ms / row.alone_ms
         log(format_row(row))
     return rows
 

@@ -3,7 +3,8 @@
   time_alternating  seconds per call of several candidates, timed alternately after warm-up
   count_flops       matmul FLOPs of one call, as torch's FlopCounterMode sees them
   matmul_peak       the machine's practical FLOP/s ceiling in a dtype (square matmuls)
-  memory            peak memory of a candidate's steps: in-process on CUDA, a fresh subprocess on CPU
+  memory            peak memory of a candidate's steps: in-process on CUDA, a fresh subprocess on CPU,
+                    which then also times the steps alone (`alone_ms`)
   Row               one benchmark result, with format_row / HEADER (the printed table) and
                     COLUMNS (the CSV's columns, lab.util.write_csv)
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -88,7 +90,9 @@ def _read_status_kb(field_name: str) -> int:
 
 
 def memory_probe(spec: dict, device: torch.device, steps: int = 2) -> dict[str, float]:
-    """Peak memory of `steps` calls of one candidate (run this in a fresh process on CPU)."""
+    """Peak memory of `steps` calls of one candidate (run this in a fresh process on CPU); there, then
+    the median ms of spec["alone_repeats"] more calls (`alone_ms`): the candidate timed with no other
+    candidate's memory in the process, as a user's training process runs it (see benchmark.py)."""
     fn = build(spec, device)
     if device.type == "cuda":
         return cuda_memory(fn, device, steps)
@@ -97,7 +101,12 @@ def memory_probe(spec: dict, device: torch.device, steps: int = 2) -> dict[str, 
     for _ in range(steps):
         fn()
     peak_kb = _read_status_kb("VmHWM")
-    return {"peak_mb": peak_kb / 1024, "step_mb": (peak_kb - base_kb) / 1024}
+    result = {"peak_mb": peak_kb / 1024, "step_mb": (peak_kb - base_kb) / 1024}
+    if spec.get("alone_repeats"):
+        result["alone_ms"] = 1e3 * statistics.median(
+            time_alternating({"alone": fn}, 0, spec["alone_repeats"], device)["alone"]
+        )
+    return result
 
 
 def cuda_memory(fn, device: torch.device, steps: int = 2) -> dict[str, float]:
@@ -150,11 +159,16 @@ class Row:
     vocab: int | None = None  # rows of the word table
     examples_per_s: float | None = None  # finetune: training examples per second
     compile_s: float | None = None  # compiled candidates: wall time of the warm-up calls
+    # CPU steps: median ms of the same step timed alone in a fresh process (the memory probe's), and
+    # the hf row's alone_ms over this one's (the tokens/s ratio of the two timed alone)
+    alone_ms: float | None = None
+    alone_speedup_vs_hf: float | None = None
     note: str = ""
 
 
 COLUMNS = ("kind", "preset", "dtype", "T", "batch", "impl", "ms", "tokens_per_s", "speedup_vs_hf")
-COLUMNS += ("gflop", "mfu", "peak_mb", "step_mb", "vocab", "examples_per_s", "compile_s", "note")
+COLUMNS += ("gflop", "mfu", "peak_mb", "step_mb", "vocab", "examples_per_s", "compile_s")
+COLUMNS += ("alone_ms", "alone_speedup_vs_hf", "note")
 
 
 def format_row(row: Row | dict) -> str:
@@ -176,6 +190,11 @@ def format_row(row: Row | dict) -> str:
         extras.append(f"{r['examples_per_s']:,.0f} examples/s")
     if r.get("compile_s") is not None:
         extras.append(f"compile {r['compile_s']:.1f}s")
+    if r.get("alone_ms") is not None:
+        ratio = r.get("alone_speedup_vs_hf")
+        extras.append(
+            f"alone {r['alone_ms']:.0f} ms" + ("" if ratio is None else f", {ratio:.2f}x vs hf alone")
+        )
     return line + ("  " + ", ".join(extras) if extras else "")
 
 

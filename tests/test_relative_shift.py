@@ -137,4 +137,9 @@ def test_profile_script_times_every_layout_and_both_steps(tmp_path):
     for row in (*rows, "| matmuls |", "| AdamW (fused) |", "| dropout masks |", "| everything else |"):
         assert row in text, row
     assert "by CPU time" in text and "what lab.tied saves" in text and "at most" in text
+    figures = dict(line.split(",") for line in out.with_suffix(".csv").read_text().splitlines()[1:])
+    groups = [float(figures[f"ceiling {name} ms"]) for name in ("matmuls", "AdamW (fused)", "dropout masks")]
+    ceiling = float(figures["ceiling hf wall ms"]) / sum(groups)  # the table's bound, from its own figures
+    assert abs(ceiling - float(figures["ceiling at most"])) <= 0.02 * ceiling + 0.01
+    assert f"at most {figures['ceiling at most']}" in text
     assert cli(["--what", "nothing"]) == 2  # a user's error: one message, exit code 2

@@ -2,7 +2,7 @@
 
   python -m lab.bench.profile                       # both, xsmall T=128 batch 4 fp32, tables printed
   python -m lab.bench.profile --what layouts --repeats 20
-  python -m lab.bench.profile --what step --out runs/profile.txt
+  python -m lab.bench.profile --what step --out runs/profile.txt   # and its figures in runs/profile.csv
 
 step     torch.profiler over `steps` RTD steps of lab (sharing "es", the benchmark's lab-es candidate,
          lab/bench/builders.py) after `warmup` untimed ones: the operators by self CPU time.
@@ -37,7 +37,7 @@ import lab.tied
 from lab.bench.builders import build_hf_step, build_lab_step, model_config
 from lab.cli import config_parser, param, parse_values, run_verb
 from lab.model import DisentangledSelfAttention, relative_index
-from lab.util import replace_strict
+from lab.util import replace_strict, write_csv
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,16 @@ def layout_times(pc: ProfileConfig) -> dict[str, dict[str, float]]:
     )
 
 
-def layout_table(pc: ProfileConfig) -> str:
+def layout_table(pc: ProfileConfig) -> tuple[str, dict[str, float]]:
     times = layout_times(pc)
     base = times["gather"]
+    figures = {}
+    for name, t in times.items():
+        figures |= {
+            f"layouts {name} wall ms": round(t["wall"], 2),
+            f"layouts {name} cpu ms": round(t["cpu"], 2),
+        }
+        figures[f"layouts {name} cpu vs gather"] = round(base["cpu"] / t["cpu"], 2)
     lines = [
         f"attention forward + backward, {pc.preset} T={pc.seq_len} batch {pc.batch} fp32, "
         f"{torch.get_num_threads()} threads, median of {pc.repeats}",
@@ -116,7 +123,7 @@ def layout_table(pc: ProfileConfig) -> str:
     ]
     for name, t in times.items():
         lines.append(f"| {name} | {t['wall']:.2f} | {t['cpu']:.2f} | {base['cpu'] / t['cpu']:.2f}x |")
-    return "\n".join(lines)
+    return "\n".join(lines), figures
 
 
 def alternate(calls: dict, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -135,8 +142,9 @@ def alternate(calls: dict, warmup: int, repeats: int) -> dict[str, dict[str, flo
     return {n: {k: 1e3 * statistics.median(v) for k, v in t.items()} for n, t in times.items()}
 
 
-def steps_table(pc: ProfileConfig) -> str:
-    """lab-es against the peer: ms per step and the peer's time over lab's (tokens/s ratio)."""
+def steps_table(pc: ProfileConfig) -> tuple[str, dict[str, float]]:
+    """lab-es (and the same step with autograd's dense lookups) against the peer: ms per step and the
+    peer's time over lab's (tokens/s ratio)."""
     cpu = torch.device("cpu")
     dense_step = build_lab_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu, "es")
 
@@ -150,8 +158,12 @@ def steps_table(pc: ProfileConfig) -> str:
         "hf": build_hf_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu),
     }
     times = alternate(calls, pc.warmup, pc.repeats)
-    ours, hf = times["lab-es"], times["hf"]
-    return "\n".join(
+    ours, hf, dense_t = times["lab-es"], times["hf"], times["lab-es-dense-lookups"]
+    figures = {f"steps {name} {k} ms": round(t[k]) for name, t in times.items() for k in ("wall", "cpu")}
+    for k in ("wall", "cpu"):
+        figures[f"steps lab-es vs hf by {k}"] = round(hf[k] / ours[k], 2)
+        figures[f"steps lab-es vs lab-es-dense-lookups by {k}"] = round(dense_t[k] / ours[k], 2)
+    text = "\n".join(
         [
             f"RTD step, {pc.preset} T={pc.seq_len} batch {pc.batch} fp32, {torch.get_num_threads()} threads, "
             f"median of {pc.repeats}",
@@ -161,10 +173,10 @@ def steps_table(pc: ProfileConfig) -> str:
             f"lab-es / hf tokens/s: {hf['wall'] / ours['wall']:.2f}x by wall time, "
             f"{hf['cpu'] / ours['cpu']:.2f}x by CPU time",
             f"lab-es / lab-es-dense-lookups tokens/s (what lab.tied saves): "
-            f"{times['lab-es-dense-lookups']['wall'] / ours['wall']:.2f}x by wall time, "
-            f"{times['lab-es-dense-lookups']['cpu'] / ours['cpu']:.2f}x by CPU time",
+            f"{dense_t['wall'] / ours['wall']:.2f}x by wall time, {dense_t['cpu'] / ours['cpu']:.2f}x by CPU time",
         ]
     )
+    return text, figures
 
 
 # operator groups of lab's step that no rewrite at the same formula and dropout removes
@@ -175,61 +187,56 @@ FLOOR_GROUPS = {
 }
 
 
-def step_groups(pc: ProfileConfig) -> tuple[dict[str, float], float]:
-    """Self CPU ms per step of lab-es's operators in each FLOOR_GROUPS group, and of all operators."""
+def profiled_step(pc: ProfileConfig):
+    """torch.profiler's key averages over `steps` lab-es steps, after `warmup` untimed ones."""
     step = build_lab_step(pc.preset, pc.seq_len, pc.batch, "fp32", torch.device("cpu"), "es")
     for _ in range(pc.warmup):
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(pc.steps):
             step()
-    events = prof.key_averages()
-    per_step = {e.key: e.self_cpu_time_total / 1e3 / pc.steps for e in events}
-    groups = {name: sum(per_step.get(op, 0.0) for op in ops) for name, ops in FLOOR_GROUPS.items()}
-    return groups, sum(per_step.values())
+    return prof.key_averages()
 
 
-def ceiling_table(pc: ProfileConfig) -> str:
+def ceiling_table(pc: ProfileConfig) -> tuple[str, dict[str, float]]:
     """lab-es's step in groups against the peer's step: the ratio now and its ceiling at this formula."""
-    groups, total = step_groups(pc)
+    per_step = {e.key: e.self_cpu_time_total / 1e3 / pc.steps for e in profiled_step(pc)}
+    groups = {name: sum(per_step.get(op, 0.0) for op in ops) for name, ops in FLOOR_GROUPS.items()}
+    total, floor = sum(per_step.values()), sum(groups.values())
     cpu = torch.device("cpu")
     calls = {
         "lab-es": build_lab_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu, "es"),
         "hf": build_hf_step(pc.preset, pc.seq_len, pc.batch, "fp32", cpu),
     }
     times = alternate(calls, pc.warmup, pc.repeats)
-    floor = sum(groups.values())
-    peer = times["hf"]["wall"]
+    ours, peer = times["lab-es"]["wall"], times["hf"]["wall"]
+    parts = {**groups, "everything else": total - floor, "all operators (profiled)": total}
+    figures = {f"ceiling {name} ms": round(ms, 2) for name, ms in parts.items()}
+    figures |= {f"ceiling {name} share percent": round(100 * ms / total) for name, ms in parts.items()}
+    figures |= {"ceiling lab-es wall ms": round(ours, 2), "ceiling hf wall ms": round(peer, 2)}
+    figures |= {"ceiling lab-es vs hf now": round(peer / ours, 2), "ceiling at most": round(peer / floor, 2)}
     lines = [
         f"lab-es RTD step, {pc.preset} T={pc.seq_len} batch {pc.batch} fp32, {torch.get_num_threads()} threads: "
         f"self CPU ms per step over {pc.steps} profiled steps; the peer's step and lab's timed alternately, "
         f"median of {pc.repeats}",
         "| part of lab's step | ms per step | share |",
         "|---|---|---|",
-        *(f"| {name} | {ms:.0f} | {ms / total:.0%} |" for name, ms in groups.items()),
-        f"| everything else | {total - floor:.0f} | {(total - floor) / total:.0%} |",
-        f"| all operators (profiled) | {total:.0f} | 100% |",
+        *(f"| {name} | {ms:.0f} | {ms / total:.0%} |" for name, ms in parts.items()),
         "",
-        f"lab-es {times['lab-es']['wall']:.0f} ms, the peer {peer:.0f} ms per step (wall): "
-        f"lab-es / peer tokens/s {peer / times['lab-es']['wall']:.2f}x now; with everything outside the "
-        f"three groups free, at most {peer / floor:.2f}x",
+        f"lab-es {ours:.0f} ms, the peer {peer:.0f} ms per step (wall): lab-es / peer tokens/s "
+        f"{peer / ours:.2f}x now; with everything outside the three groups free, at most {peer / floor:.2f}x",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines), figures
 
 
-def step_table(pc: ProfileConfig) -> str:
+def step_table(pc: ProfileConfig) -> tuple[str, dict[str, float]]:
     """The profile of lab's ES step: operators by self CPU time over `steps` steps."""
-    step = build_lab_step(pc.preset, pc.seq_len, pc.batch, "fp32", torch.device("cpu"), "es")
-    for _ in range(pc.warmup):
-        step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(pc.steps):
-            step()
+    events = profiled_step(pc)
     head = (
         f"lab-es RTD step, {pc.preset} T={pc.seq_len} batch {pc.batch} fp32, {torch.get_num_threads()} "
         f"threads, {pc.steps} steps profiled"
     )
-    return head + "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=pc.rows)
+    return head + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=pc.rows), {}
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -251,11 +258,16 @@ def cli(argv: list[str] | None = None) -> int:
                 f"--what {pc.what}: unknown {sorted(unknown)}; choose from {', '.join(builders)}"
             )
         tables = [builders[name](pc) for name in builders if name in parts]
-        text = "\n\n".join(tables)
+        text = "\n\n".join(table for table, _ in tables)
         print(text)
         if pc.out:
-            Path(pc.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(pc.out).write_text(text + "\n")
+            out = Path(pc.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+            figures = [
+                {"quantity": k, "value": v} for _, table_figures in tables for k, v in table_figures.items()
+            ]
+            write_csv(out.with_suffix(".csv"), figures, ("quantity", "value"), digits=None)
 
     return run_verb(action)
 

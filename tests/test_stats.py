@@ -78,8 +78,9 @@ def test_holm_on_a_known_family():
     assert stats.holm([0.01, 0.011]) == pytest.approx([0.02, 0.02])  # monotone: never below an earlier step
 
 
-def test_primary_family_is_holm_corrected_and_the_rest_exploratory():
-    # three quantities over 6 pre-training seeds with t p-values near 0.02 each
+def test_paired_by_seed_rows_are_exploratory_and_uncorrected():
+    """A differences table is exploratory throughout: each row's own p decides `resolved`; the claims it
+    tests take their family's Holm p from lab.analysis.claims (tests/test_claims.py)."""
     rng = np.random.default_rng(1)
     records = []
     for q, shift in (("x", 0.5), ("y", 0.5), ("z", 0.5)):
@@ -88,18 +89,14 @@ def test_primary_family_is_holm_corrected_and_the_rest_exploratory():
         for p in range(6):
             records += [{"mode": "es", "pretrain_seed": p, "quantity": q, "value": base[p]},
                         {"mode": "gdes", "pretrain_seed": p, "quantity": q, "value": base[p] + shift + noise[p]}]  # fmt: skip
-    primary = {"claim": [(("x",), "gdes - es"), (("y",), "gdes - es")]}
-    rows = {
-        r["quantity"]: r for r in stats.paired_by_seed(records, ("quantity",), (("gdes", "es"),), primary)
-    }
-    assert rows["x"]["family"] == rows["y"]["family"] == "claim" and rows["z"]["family"] == "exploratory"
-    assert [rows[q]["p_holm"] for q in "xy"] == pytest.approx(
-        stats.holm([rows["x"]["p_t"], rows["y"]["p_t"]])
-    )
-    assert rows["x"]["p_holm"] > rows["x"]["p_t"]
+    rows = {r["quantity"]: r for r in stats.paired_by_seed(records, ("quantity",), (("gdes", "es"),))}
+    assert {r["family"] for r in rows.values()} == {"exploratory"}
+    assert all(math.isnan(r["p_holm"]) for r in rows.values())
     assert 0.025 < rows["z"]["p_t"] < 0.05 and rows["z"]["resolved"] == "yes"  # uncorrected, so resolved
-    assert rows["x"]["resolved"] == "no"  # the same data under Holm is not
-    assert "exploratory" in rows["z"]["reads"] and "exploratory" not in rows["x"]["reads"]
+    assert "exploratory" in rows["z"]["reads"]
+    assert rows["z"]["power"] == pytest.approx(
+        stats.power_columns(rows["z"]["difference"], rows["z"]["std"], 6, 1)["power"]
+    )
 
 
 def test_a_nan_seed_is_refused_by_the_statistics_and_counted_by_the_comparison():

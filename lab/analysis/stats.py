@@ -418,7 +418,6 @@ def paired_by_seed(
     records: Sequence[Mapping],
     quantity: Sequence[str],
     comparisons: Sequence[tuple[str, str]],
-    primary: Mapping[str, Sequence[tuple[tuple, str]]] | None = None,
     seed: int = 0,
 ) -> list[dict]:
     """Paired differences between modes for every quantity, the pre-training seed as the unit.
@@ -426,14 +425,11 @@ def paired_by_seed(
     records: {"mode", <quantity fields>, "pretrain_seed", optionally "finetune_seed", "value"}.
     Within each pre-training seed the values are averaged over fine-tuning seeds; a pre-training seed
     with a non-finite value in either mode, or without both modes, is left out and counted in
-    `failed_seeds` / `unpaired_seeds`. `primary`: family name -> [(quantity key, "first - second")];
-    those rows are Holm-corrected within their family, all others are "exploratory" (uncorrected).
+    `failed_seeds` / `unpaired_seeds`. Every row is "exploratory" (uncorrected): the claims a table
+    tests replace their rows' statistics with their family's (lab.analysis.claims.overlay_claims).
     One row per quantity and comparison; with fewer than two usable seeds its difference is NaN and it
     reads "too few seeds".
     """
-    primary = primary or {}
-    family_of = {(tuple(k), c): name for name, items in primary.items() for k, c in items}
-    sizes = {name: len(items) for name, items in primary.items()}
     cells: dict[tuple, dict[str, dict]] = {}
     for r in records:
         key = tuple(r.get(q, "") for q in quantity)
@@ -445,7 +441,6 @@ def paired_by_seed(
             if first not in modes or second not in modes:
                 continue
             name = f"{first} - {second}"
-            family = family_of.get((key, name), "exploratory")
             a, b = modes[first], modes[second]
             common = sorted(set(a) & set(b))
             bad = [p for p in common if not all(map(math.isfinite, [*a[p].values(), *b[p].values()]))]
@@ -453,7 +448,7 @@ def paired_by_seed(
             row = {
                 **dict(zip(quantity, key)),
                 "comparison": name,
-                "family": family,
+                "family": "exploratory",
                 "n": len(usable),
                 "failed_seeds": len(bad),
                 "unpaired_seeds": len(set(a) ^ set(b)) + len(common) - len(bad) - len(usable),
@@ -464,8 +459,7 @@ def paired_by_seed(
             test = paired_test(
                 [np.mean(list(a[p].values())) for p in usable],
                 [np.mean(list(b[p].values())) for p in usable],
-                sizes.get(family, 1),
-                seed,
+                seed=seed,
             )
             row.update(
                 difference=test["mean"],
@@ -485,37 +479,20 @@ def paired_by_seed(
                 diffs = {p: [a[p][f] - b[p][f] for f in sorted(a[p], key=str)] for p in usable}
                 row["boot2_low"], row["boot2_high"] = two_level_bootstrap(diffs, seed)
             rows.append(row)
-    return _resolve_within_families(rows)
+    return _resolve_exploratory(rows)
 
 
-def _resolve_within_families(rows: list[dict]) -> list[dict]:
-    """Holm within each named family (exploratory rows keep their own p), then `resolved` (adjusted p below
-    ALPHA, as "yes" / "no") and the plain-words `reads` of every tested row. Every tested row also gets its
-    power columns (`power_columns`, Holm's level over its family's size; 1 for an exploratory row) and its
-    bootstrap caveat (`boot_note`); a named family's rows get their sign-flip p Holm-adjusted within the
-    family with its floor (`signflip_holm`: p_signflip_holm, signflip_floor, signflip_can_resolve)."""
-    tested = [r for r in rows if "p_t" in r]
-    for family in {r["family"] for r in tested}:
-        members = [r for r in tested if r["family"] == family]
-        named = family != "exploratory"
-        adjusted = holm([r["p_t"] for r in members]) if named else [r["p_t"] for r in members]
-        for r, p in zip(members, adjusted):
-            r["p_holm"] = p if named else math.nan
-            r["resolved"] = bool(p < ALPHA)
-            r.update(power_columns(r["difference"], r["std"], r["n"], len(members) if named else 1))
-            r["boot_note"] = bootstrap_caveat(r["n"])
-        if named:
-            flips = signflip_holm([r["p_signflip"] for r in members], [r["n"] for r in members])
-            for r, flip in zip(members, flips):
-                r.update(
-                    p_signflip_holm=flip["p_signflip_holm"],
-                    signflip_floor=flip["floor"],
-                    signflip_can_resolve=flip["can_resolve"],
-                )
-    for r in tested:
-        first, second = r["comparison"].split(" - ")
-        r["reads"] = verdict(r, first, second)
+def _resolve_exploratory(rows: list[dict]) -> list[dict]:
+    """`resolved` (the row's own p below ALPHA, as "yes" / "no"), the power columns at ALPHA
+    (`power_columns`), the bootstrap caveat (`boot_note`) and the plain-words `reads` of every tested row."""
     for r in rows:
+        if "p_t" in r:
+            r["p_holm"] = math.nan
+            r["resolved"] = bool(r["p_t"] < ALPHA)
+            r.update(power_columns(r["difference"], r["std"], r["n"], 1))
+            r["boot_note"] = bootstrap_caveat(r["n"])
+            first, second = r["comparison"].split(" - ")
+            r["reads"] = verdict(r, first, second)
         r["resolved"] = "yes" if r["resolved"] else "no"
     return rows
 

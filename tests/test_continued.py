@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_pretrain import interrupt_at_step, train_losses
 from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model
 
 import lab
 from lab.pretrain import init as continued
-from lab.pretrain import loop as pretrain
 from lab.pretrain.cli import cli as pretrain_cli
 from lab.pretrain.data import open_corpus
 from lab.pretrain.loop import PretrainConfig, train
@@ -237,26 +237,14 @@ def test_a_continued_run_continues_and_fine_tunes(assets, tmp_path):
     assert encoder.cfg.num_layers == 4
 
 
-def train_losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "train"]
-
-
 def test_resume_after_a_kill_is_exact(assets, tmp_path, monkeypatch):
     straight = config(assets, tmp_path / "straight", sharing="gdes", init_generator=str(assets / "gen"))
     train(straight)
-    real_clip, calls = pretrain.clip, {"n": 0}
-
-    def killed_at_step_6(model, cfg):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_clip(model, cfg)
-
-    monkeypatch.setattr(pretrain, "clip", killed_at_step_6)
+    restore_clip = interrupt_at_step(monkeypatch, 7)  # six completed steps
     split = config(assets, tmp_path / "split", sharing="gdes", init_generator=str(assets / "gen"))
     with pytest.raises(KeyboardInterrupt):
         train(split)
-    monkeypatch.setattr(pretrain, "clip", real_clip)
+    restore_clip()
     train(split)
     a, b = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
     assert len(a) == len(b) == 8

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_pretrain import CORPUS, tiny_config
+from tiny_pretrain import CORPUS, interrupt_at_step, tiny_config, train_losses
 from transformers import DebertaV2Model
 
 import lab
@@ -255,10 +255,6 @@ def quick(tmp_path, name="run", **kw) -> PretrainConfig:
     return tiny_config(tmp_path / name, **kw)
 
 
-def train_losses(run_dir):
-    return [r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["split"] == "train"]
-
-
 def eval_metrics(run_dir):
     """The held-out rows' MLM and RTD losses, step by step."""
     rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["split"] == "eval"]
@@ -420,21 +416,12 @@ def test_the_logged_learning_rate_is_the_schedule(tmp_path):
 
 
 def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real_clip = pretrain.clip
-
-    def interrupting_clip(model, cfg):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_clip(model, cfg)
-
-    monkeypatch.setattr(pretrain, "clip", interrupting_clip)
+    restore_clip = interrupt_at_step(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         train(quick(tmp_path, "interrupted"))
     state = checkpoint.load_state(tmp_path / "interrupted")
     assert state["step"] == 5  # five completed steps were saved on the way out
-    monkeypatch.setattr(pretrain, "clip", real_clip)
+    restore_clip()
     train(quick(tmp_path, "interrupted"))
     train(quick(tmp_path, "straight"))
     a, b = train_losses(tmp_path / "straight"), train_losses(tmp_path / "interrupted")

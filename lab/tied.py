@@ -17,7 +17,9 @@ same to the last bit (tests/test_tied.py checks every parameter's, under every s
 Where it applies: the CPU, in eager mode, with gradients on (`applies`). On CUDA the dense path is kept:
 a [V, D] fill costs a fraction of a millisecond there, and an index_add over repeated ids is not
 deterministic; under torch.compile the graph is left to the compiler. `disabled()` turns it off, to
-compare the two paths (tests, `python -m lab.bench.profile`).
+compare the two paths (tests, `python -m lab.bench.profile`). A backward that builds a graph
+(create_graph=True, for a second derivative) takes out-of-place, dense steps instead of the in-place
+and sparse ones, so the second derivative is autograd's own.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class _Tie(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, grad_head, grad_reader):
         (ids,) = ctx.saved_tensors
+        graph = torch.is_grad_enabled()  # create_graph=True: every step below must be differentiable
         if grad_head is None:  # a loss without the MLM head (the probe's RTD-only gradient)
             like = grad_rows if grad_rows is not None else grad_reader
             grad = torch.zeros(ctx.table_shape, dtype=like.dtype, device=like.device)
@@ -89,10 +92,13 @@ class _Tie(torch.autograd.Function):
             # matmul's weight): the lookups' rows are added into it in place
             grad = grad_head
         if grad_reader is not None:  # the discriminator's rows (ES), summed per id by _Rows
-            grad.index_add_(0, grad_reader._indices()[0], grad_reader._values())
+            if graph:  # _Rows gave a dense gradient
+                grad = grad + grad_reader
+            else:
+                grad.index_add_(0, grad_reader._indices()[0], grad_reader._values())
         if grad_rows is not None:  # the generator's own lookup, last, as autograd's dense path adds it
             index, rows = row_sums(ids, grad_rows, ctx.pad_id)
-            grad.index_add_(0, index, rows)
+            grad = grad.index_add(0, index, rows) if graph else grad.index_add_(0, index, rows)
         return None, grad, None
 
 
@@ -110,6 +116,8 @@ class _Rows(torch.autograd.Function):
     def backward(ctx, grad):
         (ids,) = ctx.saved_tensors
         index, rows = row_sums(ids, grad, ctx.pad_id)
+        if torch.is_grad_enabled():  # create_graph=True: a dense gradient, differentiable in `rows`
+            return None, grad.new_zeros(ctx.table_shape).index_add(0, index, rows), None
         sparse = torch.sparse_coo_tensor(
             index[None], rows, ctx.table_shape, is_coalesced=True, check_invariants=False
         )  # built from torch.unique: sorted, distinct, in range

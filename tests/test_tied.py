@@ -125,3 +125,23 @@ def test_the_tie_stays_out_where_it_does_not_apply():
     with lab.tied.disabled():
         assert not lab.tied.applies(table)
     assert lab.tied.applies(table)
+
+
+@pytest.mark.parametrize("sharing", ["es", "gdes"])
+def test_a_second_derivative_through_the_tie_is_autograds_own(sharing):
+    """create_graph=True, then the gradient of |dL/dE_G|^2: the tie's backward builds its graph from
+    out-of-place, dense steps, so the second derivative matches the dense lookups' (under ES the
+    discriminator's rows included)."""
+    results = []
+    for dense in (False, True):
+        torch.manual_seed(0)
+        model = RTDModel(preset("tiny", vocab_size=V), sharing=sharing).train()
+        ids, mask = batch(True)
+        torch.manual_seed(1)
+        with lab.tied.disabled() if dense else torch.enable_grad():
+            loss = model(ids, mask, SPECIAL, V - 1).loss
+            (grad,) = torch.autograd.grad(loss, model.generator_table, create_graph=True)
+            targets = [model.generator_table, model.mlm_head.dense.weight]
+            results.append(torch.autograd.grad(grad.square().sum(), targets))
+    for tied, dense in zip(*results):
+        torch.testing.assert_close(tied, dense, rtol=1e-5, atol=1e-7)

@@ -483,3 +483,30 @@ def test_workers_train_the_same_runs_as_one_process(resumed, tmp_path):
         run = experiment_runs.PlannedRun("pretrain", mode, 0)
         alone, shared = (json.loads((run.path(c) / "summary.json").read_text()) for c in (cfg, two))
         assert shared["final_eval"] == alone["final_eval"]
+
+
+@pytest.mark.slow  # one 1,500-step `tiny` pre-training run in a fresh process: about a minute on one thread
+def test_a_committed_pretraining_run_reproduces_to_the_digit(tmp_path):
+    """cpu-results' ES run of pre-training seed 3, retrained by the current code as the experiment runs it
+    (its PretrainConfig, the recipe's kernel pin, one thread): the final held-out MLM loss, RTD AUC and
+    fixed-corruption AUC equal, to the last digit, the committed row of figures/experiment_synthetic,
+    made by the code of its time. Changes to the step since then (lab/tied.py) had to keep its arithmetic."""
+    import csv
+    import os
+    import subprocess
+
+    cfg = experiment.recipe("cpu-results")
+    run = experiment_runs.PlannedRun("pretrain", "es", 3)
+    config = replace_strict(experiment_runs.pretrain_config(cfg, run), out_dir=str(tmp_path / "es-s3"))
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(dataclasses.asdict(config)))
+    env = {**os.environ, **experiment.KERNEL_PIN, "OMP_NUM_THREADS": str(cfg.threads)}
+    command = [sys.executable, "-m", "lab", "pretrain", "--config", str(config_file)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = json.loads((tmp_path / "es-s3" / "summary.json").read_text())["final_eval"]
+    with open(ROOT / "figures" / "experiment_synthetic" / "tug_of_war_runs.csv", newline="") as f:
+        (row,) = [r for r in csv.DictReader(f) if r["mode"] == "es" and r["pretrain_seed"] == "3"]
+    assert float(row["final_mlm_loss"]) == final["mlm_loss"]
+    assert float(row["final_rtd_auc"]) == final["rtd_auc"]
+    assert float(row["final_fixed_auc"]) == final["fixed_auc"]

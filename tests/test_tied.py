@@ -1,5 +1,6 @@
 """E_G read through lab.tied: the same gradients to the last bit as autograd's dense lookups, without them."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -25,16 +26,31 @@ def batch(padded: bool):
     return ids, mask if padded else None
 
 
-def step(sharing: str, padded: bool, emd: bool = False, dense: bool = False):
-    """Every parameter's gradient after one RTD forward + backward (dropout on, seeded)."""
-    torch.manual_seed(0)
-    model = RTDModel(preset("tiny", vocab_size=V), sharing=sharing, emd=emd).train()
-    ids, mask = batch(padded)
-    noise = draw_noise(*ids.shape, 0.15, torch.Generator().manual_seed(3), "cpu")
-    torch.manual_seed(1)
-    with lab.tied.disabled() if dense else torch.enable_grad():
-        model(ids, mask, SPECIAL, V - 1, noise=noise).loss.backward()
+def both_paths(sharing: str, padded: bool, emd: bool = False):
+    """The same seeded model and RTD forward (dropout on) twice: through the tie, then with autograd's
+    dense lookups (lab.tied.disabled). Yields (model, output) with the path's setting still in force, so
+    the caller's backward takes the same path."""
+    for dense in (False, True):
+        torch.manual_seed(0)
+        model = RTDModel(preset("tiny", vocab_size=V), sharing=sharing, emd=emd).train()
+        ids, mask = batch(padded)
+        noise = draw_noise(*ids.shape, 0.15, torch.Generator().manual_seed(3), "cpu")
+        torch.manual_seed(1)
+        with lab.tied.disabled() if dense else contextlib.nullcontext():
+            yield model, model(ids, mask, SPECIAL, V - 1, noise=noise)
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
     return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def step_gradients(sharing: str, padded: bool, emd: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Every parameter's gradient after one RTD forward + backward: [through the tie, dense lookups]."""
+    results = []
+    for model, out in both_paths(sharing, padded, emd):
+        out.loss.backward()
+        results.append(gradients(model))
+    return results
 
 
 def test_row_sums_are_the_dense_lookup_gradient_row_for_row():
@@ -50,14 +66,14 @@ def test_row_sums_are_the_dense_lookup_gradient_row_for_row():
 @pytest.mark.parametrize("sharing", ["es", "nes", "gdes"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_every_gradient_is_bitwise_the_dense_lookups_one(sharing, padded):
-    tied, dense = step(sharing, padded), step(sharing, padded, dense=True)
+    tied, dense = step_gradients(sharing, padded)
     assert tied.keys() == dense.keys()
     different = [name for name in dense if not torch.equal(tied[name], dense[name])]
     assert different == []
 
 
 def test_the_enhanced_mask_decoder_reads_the_tied_rows_too():
-    tied, dense = step("es", True, emd=True), step("es", True, emd=True, dense=True)
+    tied, dense = step_gradients("es", True, emd=True)
     assert all(torch.equal(tied[name], dense[name]) for name in dense)
 
 
@@ -89,29 +105,16 @@ def test_es_reads_the_shared_table_without_a_dense_lookup_gradient():
 def test_the_probes_one_loss_gradients_match_the_dense_path(sharing):
     """The gradient-conflict probe differentiates the MLM and the RTD loss apart (retain_graph): the tie
     then sees only the head and the generator's rows, or only the discriminator's rows."""
-    rows = []
-    for dense in (False, True):
-        torch.manual_seed(0)
-        model = RTDModel(preset("tiny", vocab_size=V), sharing=sharing).train()
-        ids, mask = batch(True)
-        torch.manual_seed(1)
-        with lab.tied.disabled() if dense else torch.enable_grad():
-            out = model(ids, mask, SPECIAL, V - 1)
-            rows.append(gradient_probe(model, out, 50.0))
+    rows = [gradient_probe(model, out, 50.0) for model, out in both_paths(sharing, True)]
     assert rows[0] == rows[1]
 
 
 def test_decoupled_es_keeps_the_mlm_gradient_on_the_table_as_before():
     cfg = SimpleNamespace(optimization="decoupled")
     grads = []
-    for dense in (False, True):
-        torch.manual_seed(0)
-        model = RTDModel(preset("tiny", vocab_size=V), sharing="es").train()
-        ids, mask = batch(False)
-        torch.manual_seed(1)
-        with lab.tied.disabled() if dense else torch.enable_grad():
-            backward(model, model(ids, mask, SPECIAL, V - 1), cfg)
-        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    for model, out in both_paths("es", False):
+        backward(model, out, cfg)
+        grads.append(gradients(model))
     assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[1])
 
 
@@ -133,15 +136,9 @@ def test_a_second_derivative_through_the_tie_is_autograds_own(sharing):
     out-of-place, dense steps, so the second derivative matches the dense lookups' (under ES the
     discriminator's rows included)."""
     results = []
-    for dense in (False, True):
-        torch.manual_seed(0)
-        model = RTDModel(preset("tiny", vocab_size=V), sharing=sharing).train()
-        ids, mask = batch(True)
-        torch.manual_seed(1)
-        with lab.tied.disabled() if dense else torch.enable_grad():
-            loss = model(ids, mask, SPECIAL, V - 1).loss
-            (grad,) = torch.autograd.grad(loss, model.generator_table, create_graph=True)
-            targets = [model.generator_table, model.mlm_head.dense.weight]
-            results.append(torch.autograd.grad(grad.square().sum(), targets))
+    for model, out in both_paths(sharing, True):
+        (grad,) = torch.autograd.grad(out.loss, model.generator_table, create_graph=True)
+        targets = [model.generator_table, model.mlm_head.dense.weight]
+        results.append(torch.autograd.grad(grad.square().sum(), targets))
     for tied, dense in zip(*results):
         torch.testing.assert_close(tied, dense, rtol=1e-5, atol=1e-7)

@@ -347,9 +347,8 @@ class RTDModel(nn.Module):
     ) -> torch.Tensor:
         """D's RTD logits [B, T] (fp32) on ids [B, T]: the discriminator half of `forward`, alone (the
         held-out fixed corruption set of lab/pretrain/evaluate.py scores D on ids no generator made)."""
-        hidden = self.discriminator(
-            ids, attention_mask, self.discriminator_word_embeds(ids, tied)
-        )  # [B, T, D]
+        embeds = self.discriminator_word_embeds(ids, tied)  # [B, T, D]
+        hidden = self.discriminator(ids, attention_mask, embeds)  # [B, T, D]
         return self.rtd_head(hidden).float()  # [B, T]
 
     # -- the step --------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ A mode answers every question the rest of the code asks about sharing, so nothin
 names (lab/rtd.py builds the tables through it; pre-training, snapshots, export and the analysis ask it):
     attach(model)                      at construction: which word tables exist
     discriminator_table(model)         E_D as D reads it: what is snapshotted, exported and fine-tuned
-    discriminator_embeds(model, ids, tied)   the rows of it that D's forward reads (tied: E_G as the
-                                       step reads it, lab/tied.py)
+    discriminator_embeds(model, ids, tied)
+                                       the rows of it that D's forward reads (tied: E_G as the RTD
+                                       step reads it, lab/tied.py; None outside a step)
     rtd_table(model)                   the word-table parameter the RTD loss trains on D's side (or None)
     extra_tables(model)                tables snapshotted and exported beside E_G and E_D (GDES: E_delta)
     shares_generator_table             the RTD gradient reaches E_G (ES only; see the field)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lab.analysis import claims, stats
@@ -58,6 +59,15 @@ def _num(v, signed: bool = False) -> str:
     return "nan" if not math.isfinite(v) else (f"{v:+.4f}" if signed else f"{v:.4f}")
 
 
+def _table(columns: Sequence[str], rows: Iterable[Sequence[object]] = ()) -> list[str]:
+    """A markdown table: the header row, its separator, then one line per row of cells."""
+
+    def line(cells: Sequence[object]) -> str:
+        return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+    return [line(columns), "|" + "---|" * len(columns), *map(line, rows)]
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -78,8 +88,11 @@ def results_page(out: Path) -> str:
         "",
     ]
     if design:
-        lines += ["## Design (design.csv)", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {k} | {v if _is_number(v) else f'`{v}`'} |" for k, v in design.items()] + [""]
+        lines += ["## Design (design.csv)", ""]
+        lines += _table(
+            ("setting", "value"), ((k, v if _is_number(v) else f"`{v}`") for k, v in design.items())
+        )
+        lines += [""]
     power = f"{float(design.get('power_target', stats.POWER_TARGET)):.0%}"
     lines += [
         "The unit of replication is the pre-training seed: downstream scores are averaged over the "
@@ -172,14 +185,13 @@ def _provenance_section(out: Path) -> list[str]:
     if not (out / "provenance.csv").is_file():
         return []
     rows = read_csv(out / "provenance.csv")
-    lines = ["## Provenance (provenance.csv)", "", "| started (UTC) | command | commit | workers | runs finished "
-             "| wall minutes |", "|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [
-        f"| `{r['started']}` | `{r['command']}` | `{r['commit']}` | {r['workers']} | {r['runs_finished']} "
-        f"| {r['wall_minutes']} |"
+    columns = ("started (UTC)", "command", "commit", "workers", "runs finished", "wall minutes")
+    cells = (
+        (f"`{r['started']}`", f"`{r['command']}`", f"`{r['commit']}`", r["workers"], r["runs_finished"],
+         r["wall_minutes"])
         for r in rows
-    ]
-    return lines + [""]
+    )  # fmt: skip
+    return ["## Provenance (provenance.csv)", "", *_table(columns, cells), ""]
 
 
 def _failures_section(out: Path) -> list[str]:
@@ -192,13 +204,12 @@ def _failures_section(out: Path) -> list[str]:
             "counted here, and its pre-training seed left out of the comparisons that need it "
             "(column failed_seeds).",
             "",
-            "| stage | mode | runs | failed |",
-            "|---|---|---|---|",
         ]
-        lines += [
-            f"| {r['stage']} | {r['mode']} | {r['runs']} | {r['failed']} |"
-            for r in read_csv(out / "failures.csv")
-        ]
+        rows = read_csv(out / "failures.csv")
+        lines += _table(
+            ("stage", "mode", "runs", "failed"),
+            ((r["stage"], r["mode"], r["runs"], r["failed"]) for r in rows),
+        )
         lines += [""]
     return lines
 
@@ -225,13 +236,9 @@ def _primary_section(out: Path, power: str) -> list[str]:
     for family in families:
         members = [r for r in rows if r["family"] == family]
         tested = [r for r in members if r.get("p_t", "") != ""]
-        lines += [
-            f"### {family}",
-            "",
-            "| quantity | comparison | n | failed_seeds | difference | t interval | Holm p | resolvable "
-            f"| power (α; α/m) | seeds for {power} power (α; α/m) | reads |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        columns = ("quantity", "comparison", "n", "failed_seeds", "difference", "t interval", "Holm p",
+                   "resolvable", "power (α; α/m)", f"seeds for {power} power (α; α/m)", "reads")  # fmt: skip
+        lines += [f"### {family}", "", *_table(columns)]
         for r in members:
             head = f"| {r['what']} | {r['comparison']} | {r['n']} | {r['failed_seeds']} |"
             if r not in tested:
@@ -264,15 +271,25 @@ def _secondary_views(rows: list[dict]) -> list[str]:
         "is not below one minus the level, it can never resolve the comparison, whatever the data. The "
         "paired bootstrap interval of the mean difference, with its method.",
         "",
-        "| quantity | comparison | sign-flip p, Holm | floor | sign-flip can resolve | paired bootstrap |",
-        "|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        can = {"True": "yes", "False": "no, never at this n"}[r["signflip_can_resolve"]]
-        lines += [
-            f"| {r['what']} | {r['comparison']} | {_num(r['p_signflip_holm'])} | {_num(r['signflip_floor'])} "
-            f"| {can} | [{_num(r['boot_low'], True)}, {_num(r['boot_high'], True)}] ({r['boot_method']}) |"
-        ]
+    can = {"True": "yes", "False": "no, never at this n"}
+    columns = (
+        "quantity",
+        "comparison",
+        "sign-flip p, Holm",
+        "floor",
+        "sign-flip can resolve",
+        "paired bootstrap",
+    )
+    lines += _table(
+        columns,
+        (
+            (r["what"], r["comparison"], _num(r["p_signflip_holm"]), _num(r["signflip_floor"]),
+             can[r["signflip_can_resolve"]],
+             f"[{_num(r['boot_low'], True)}, {_num(r['boot_high'], True)}] ({r['boot_method']})")
+            for r in rows
+        ),
+    )  # fmt: skip
     notes = list(dict.fromkeys(r["boot_note"] for r in rows if r.get("boot_note")))
     return lines + [""] + [f"Bootstrap caveat: {note}." for note in notes] + ([""] if notes else [])
 
@@ -300,23 +317,22 @@ def _per_mode_section(out: Path) -> list[str]:
         "scale against which the differences between modes read (paired over seeds, t interval; "
         "exploratory).",
         "",
-        "| task | metric | mode | n | fine-tuning seeds | failed_seeds | mean | std | t interval "
-        f"| gain over {CONTROL} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        gain = gains.get((r["task"], r["mode"]))
-        shown = (
-            f"{_num(gain['difference'], True)} [{_num(gain['t_low'], True)}, {_num(gain['t_high'], True)}]"
-            if gain and gain.get("t_low", "") != ""
-            else "—"
-        )
-        lines += [
-            f"| {r['task']} | {r['metric']} | {r['mode']} | {r['n']} | {r['finetune_seeds']} "
-            f"| {r['failed_seeds']} | {_num(r['mean'])} | {_num(r['std'])} "
-            f"| [{_num(r['t_low'])}, {_num(r['t_high'])}] | {shown} |"
-        ]
-    return lines + [""]
+
+    def gain(r: dict) -> str:
+        g = gains.get((r["task"], r["mode"]))
+        if not g or g.get("t_low", "") == "":
+            return "—"
+        return f"{_num(g['difference'], True)} [{_num(g['t_low'], True)}, {_num(g['t_high'], True)}]"
+
+    columns = ("task", "metric", "mode", "n", "fine-tuning seeds", "failed_seeds", "mean", "std", "t interval",
+               f"gain over {CONTROL}")  # fmt: skip
+    cells = (
+        (r["task"], r["metric"], r["mode"], r["n"], r["finetune_seeds"], r["failed_seeds"], _num(r["mean"]),
+         _num(r["std"]), f"[{_num(r['t_low'])}, {_num(r['t_high'])}]", gain(r))
+        for r in rows
+    )  # fmt: skip
+    return lines + _table(columns, cells) + [""]
 
 
 def _agreement_section(out: Path) -> list[str]:
@@ -332,17 +348,16 @@ def _agreement_section(out: Path) -> list[str]:
         f"The same recipe on another language: **{counts['same_verdict']} of {counts['primary_comparisons']} "
         f"primary verdicts agree** (the same reading; {counts['same_sign']} have the same sign).",
         "",
-        "| family | quantity | comparison | difference | reads | there: difference | there: reads | same verdict "
-        "| same sign |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['family']} | {r['quantity']} | {r['comparison']} | {_num(r['difference'], True)} | {r['reads']} "
-        f"| {_num(r['other_difference'], True) if r['other_difference'] else '—'} | {r['other_reads']} "
-        f"| {r['same_verdict']} | {r['same_sign']} |"
+    columns = ("family", "quantity", "comparison", "difference", "reads", "there: difference", "there: reads",
+               "same verdict", "same sign")  # fmt: skip
+    cells = (
+        (r["family"], r["quantity"], r["comparison"], _num(r["difference"], True), r["reads"],
+         _num(r["other_difference"], True) if r["other_difference"] else "—", r["other_reads"],
+         r["same_verdict"], r["same_sign"])
         for r in rows
-    ]
-    return lines + [""]
+    )  # fmt: skip
+    return lines + _table(columns, cells) + [""]
 
 
 def _crossings_section(out: Path) -> list[str]:
@@ -360,8 +375,10 @@ def _crossings_section(out: Path) -> list[str]:
     ]
     if not rows:
         return lines + ["No pair of mean curves crosses: each mode's order holds at every evaluation.", ""]
-    lines += ["| comparison | step | lower after |", "|---|---|---|"]
-    lines += [f"| {r['comparison']} | {float(r['step']):.1f} | {r['lower_after']} |" for r in rows]
+    lines += _table(
+        ("comparison", "step", "lower after"),
+        ((r["comparison"], f"{float(r['step']):.1f}", r["lower_after"]) for r in rows),
+    )
     listed = {r["comparison"] for r in rows}
     never = [f"{a} - {b}" for a, b in COMPARISONS if f"{a} - {b}" not in listed]
     if never:
@@ -397,14 +414,14 @@ def _flattening_section(out: Path) -> list[str]:
         f"meet the rule on the MLM loss, {every['fixed_auc_flattened']} on the fixed-corruption error, "
         f"{every['flattened']} on both.** Curves: mlm_loss_heldout.png, fixed_auc_heldout.png.",
         "",
-        "| mode | seed | " + " | ".join(title for _, title in FLATTENING_COLUMNS) + " | flattened |",
-        "|---|---|" + "---|" * (len(FLATTENING_COLUMNS) + 1),
     ]
-    for r in rows[:-1]:
-        cells = [_num(r[k]) for k, _ in FLATTENING_COLUMNS]
-        flat = "yes" if r["flattened"] == "1" else "no"
-        lines += [f"| {r['mode']} | {r['pretrain_seed']} | " + " | ".join(cells) + f" | {flat} |"]
-    return lines + [""]
+    columns = ("mode", "seed", *(title for _, title in FLATTENING_COLUMNS), "flattened")
+    cells = (
+        (r["mode"], r["pretrain_seed"], *(_num(r[k]) for k, _ in FLATTENING_COLUMNS),
+         "yes" if r["flattened"] == "1" else "no")
+        for r in rows[:-1]
+    )  # fmt: skip
+    return lines + _table(columns, cells) + [""]
 
 
 PER_MODE_QUANTITIES = ("mlm_area", "final_mlm_loss", "final_fixed_auc", "final_rtd_auc", "class_gap_E_G",
@@ -425,15 +442,13 @@ def _pretraining_per_mode_section(out: Path) -> list[str]:
         "generator's replacements (not comparable across modes), final_fixed_auc on the shared fixed "
         "corruption set; class_gap: mean cosine within a word class minus across classes.",
         "",
-        "| quantity | mode | n | failed | mean | std | t interval |",
-        "|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['quantity']} | {r['mode']} | {r['n']} | {r['failed']} | {_num(r['mean'])} | {_num(r['std'])} "
-        f"| [{_num(r['t_low'])}, {_num(r['t_high'])}] |"
+    cells = (
+        (r["quantity"], r["mode"], r["n"], r["failed"], _num(r["mean"]), _num(r["std"]),
+         f"[{_num(r['t_low'])}, {_num(r['t_high'])}]")
         for r in rows
-    ]
-    return lines + [""]
+    )  # fmt: skip
+    return lines + _table(("quantity", "mode", "n", "failed", "mean", "std", "t interval"), cells) + [""]
 
 
 def _selection_section(out: Path) -> list[str]:
@@ -451,12 +466,10 @@ def _selection_section(out: Path) -> list[str]:
         f"test split never chooses anything. **{last} of {total} runs chose their last epoch** (a run still "
         "improving when it stopped).",
         "",
-        "| task | mode | runs | chose last epoch | median chosen epoch | epochs |",
-        "|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['task']} | {r['mode']} | {r['runs']} | {r['chose_last_epoch']} | {r['median_best_epoch']} "
-        f"| {r['epochs']} |"
+    columns = ("task", "mode", "runs", "chose last epoch", "median chosen epoch", "epochs")
+    cells = (
+        (r["task"], r["mode"], r["runs"], r["chose_last_epoch"], r["median_best_epoch"], r["epochs"])
         for r in rows
-    ]
-    return lines + [""]
+    )
+    return lines + _table(columns, cells) + [""]

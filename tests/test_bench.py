@@ -3,14 +3,16 @@ recomputed from the times (and run files) it claims to come from."""
 
 import csv
 import json
+import resource
 import statistics
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lab.bench import benchmark as bench
 from lab.bench.builders import build_lab_step, rtd_step_flops
-from lab.bench.measure import COLUMNS, count_flops, format_row, time_alternating
+from lab.bench.measure import COLUMNS, count_flops, format_row, kernel_share, time_alternating
 from lab.model import preset
 from lab.util import read_jsonl
 
@@ -92,7 +94,8 @@ def test_the_alone_ratio_comes_from_each_candidates_own_process(monkeypatch):
 
     def probe(spec, device):
         asked.append(spec)
-        return {"peak_mb": 10.0, "step_mb": 1.0, "alone_ms": alone[spec["impl"]]}
+        kernel = {"alone_sys_ms": alone[spec["impl"]] / 10, "alone_faults": 1000.0}
+        return {"peak_mb": 10.0, "step_mb": 1.0, "alone_ms": alone[spec["impl"]], **kernel}
 
     monkeypatch.setattr(bench, "measure_memory", probe)
     bc = bench.BenchConfig(tokens_per_step=64, repeats=5)
@@ -104,7 +107,27 @@ def test_the_alone_ratio_comes_from_each_candidates_own_process(monkeypatch):
     assert rows["lab-es"].alone_speedup_vs_hf == pytest.approx(4.0)
     assert rows["lab-gdes"].alone_speedup_vs_hf == pytest.approx(2.0)
     assert rows["lab-es"].speedup_vs_hf == pytest.approx(1.0)  # the alternating ratio stays its own
-    assert "alone 200 ms, 4.00x vs hf alone" in format_row(rows["lab-es"])
+    assert rows["hf"].alone_sys_ms == 80.0 and rows["lab-es"].alone_faults == 1000.0
+    assert "alone 200 ms (sys 20 ms, 1,000 faults), 4.00x vs hf alone" in format_row(rows["lab-es"])
+
+
+def test_kernel_share_counts_the_fresh_pages_a_step_touches():
+    """Per step, from two getrusage readings: by hand, 0.3 s of kernel time and 3,000 faults over 3 steps
+    are 100 ms and 1,000; and a real step that zero-fills a fresh 64 MB tensor (above glibc's largest
+    mmap threshold, 32 MB, so new pages every time) shows page faults, half as many per step over two."""
+    before = SimpleNamespace(ru_stime=1.0, ru_minflt=500)
+    after = SimpleNamespace(ru_stime=1.3, ru_minflt=3500)
+    assert kernel_share(before, after, 3) == pytest.approx({"alone_sys_ms": 100.0, "alone_faults": 1000.0})
+
+    def one_step():
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        torch.zeros(16 * 2**20).add_(1.0)  # 64 MB, freed at once
+        return before, resource.getrusage(resource.RUSAGE_SELF)
+
+    before, after = one_step()
+    faults = kernel_share(before, after, 1)["alone_faults"]
+    assert faults > 0
+    assert kernel_share(before, after, 2)["alone_faults"] == faults / 2
 
 
 def test_default_kinds_per_device():
@@ -147,6 +170,7 @@ def test_quick_benchmark_figures_follow_from_the_times_they_claim(tmp_path):
     for impl in ("lab-es", "lab-gdes", "hf"):
         assert step[impl]["peak_mb"] > step[impl]["step_mb"] > 0, step[impl]
         assert step[impl]["alone_ms"] > 0, step[impl]  # timed alone in the memory probe's process
+        assert step[impl]["alone_sys_ms"] >= 0 and step[impl]["alone_faults"] >= 0, step[impl]
     assert close(step["lab-es"]["alone_speedup_vs_hf"], step["hf"]["alone_ms"] / step["lab-es"]["alone_ms"])
     # the peer computes logits at every position, so it must count more FLOPs than lab at equal shape
     assert step["hf"]["gflop"] > step["lab-es"]["gflop"]

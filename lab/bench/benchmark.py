@@ -45,6 +45,10 @@ mapped, or may need fresh pages whose first touch the kernel must fault in and z
 [V, D] gradient is 197 MB, 48,000 pages). Which candidate gets which depends on what ran before it,
 and on a 2-core CPU the difference is a large share of a step. The alone figure is the step as a
 training process holding one model runs it; the table shows both, and the two ratios need not agree.
+Over those same steps, `alone_sys_ms` and `alone_faults` give the kernel's share per step (CPU ms in
+the kernel, minor page faults; measure.kernel_share): how much of a candidate's wall time is its
+allocator's fresh pages rather than its arithmetic, and so how much a ratio moves with the machine's
+memory state from run to run.
 
 FLOPs (`gflop`, `mfu`): matmul and attention FLOPs (forward and backward), not element-wise work. For
 lab's step, `rtd_step_flops`, the count written out by hand, which FlopCounterMode reproduces where it
@@ -323,6 +327,7 @@ def compare(kind, name, dtype, T, bc: BenchConfig, device, peak, log=print) -> l
             _release(device)
             mem = measure_memory({**specs[row.impl], "alone_repeats": bc.repeats}, device)
             row.peak_mb, row.step_mb, row.alone_ms = mem["peak_mb"], mem["step_mb"], mem.get("alone_ms")
+            row.alone_sys_ms, row.alone_faults = mem.get("alone_sys_ms"), mem.get("alone_faults")
         _release(device)
     hf = next((r for r in rows if r.impl == "hf"), None)
     for row in rows:

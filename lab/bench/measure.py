@@ -4,7 +4,8 @@
   count_flops       matmul FLOPs of one call, as torch's FlopCounterMode sees them
   matmul_peak       the machine's practical FLOP/s ceiling in a dtype (square matmuls)
   memory            peak memory of a candidate's steps: in-process on CUDA, a fresh subprocess on CPU,
-                    which then also times the steps alone (`alone_ms`)
+                    which then also times the steps alone (`alone_ms`), with the kernel's share of
+                    them (`alone_sys_ms`, `alone_faults`)
   Row               one benchmark result, with format_row / HEADER (the printed table) and
                     COLUMNS (the CSV's columns, lab.util.write_csv)
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -103,10 +105,24 @@ def memory_probe(spec: dict, device: torch.device, steps: int = 2) -> dict[str, 
     peak_kb = _read_status_kb("VmHWM")
     result = {"peak_mb": peak_kb / 1024, "step_mb": (peak_kb - base_kb) / 1024}
     if spec.get("alone_repeats"):
-        result["alone_ms"] = 1e3 * statistics.median(
-            time_alternating({"alone": fn}, 0, spec["alone_repeats"], device)["alone"]
-        )
+        repeats = spec["alone_repeats"]
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        seconds = time_alternating({"alone": fn}, 0, repeats, device)["alone"]
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        result["alone_ms"] = 1e3 * statistics.median(seconds)
+        result.update(kernel_share(before, after, repeats))
     return result
+
+
+def kernel_share(before, after, steps: int) -> dict[str, float]:
+    """What the kernel did for a candidate's steps, per step, from two getrusage(RUSAGE_SELF) readings:
+    `alone_sys_ms` the CPU time spent in the kernel (all threads), `alone_faults` the minor page
+    faults, each a fresh page mapped and zeroed on first touch (4 KiB: a 197 MB tensor is 48,000).
+    Over the same steps as alone_ms: where a step's wall time goes beyond its arithmetic."""
+    return {
+        "alone_sys_ms": 1e3 * (after.ru_stime - before.ru_stime) / steps,
+        "alone_faults": (after.ru_minflt - before.ru_minflt) / steps,
+    }
 
 
 def cuda_memory(fn, device: torch.device, steps: int = 2) -> dict[str, float]:
@@ -163,12 +179,15 @@ class Row:
     # the hf row's alone_ms over this one's (the tokens/s ratio of the two timed alone)
     alone_ms: float | None = None
     alone_speedup_vs_hf: float | None = None
+    # and over those steps, per step: kernel CPU ms and minor page faults (measure.kernel_share)
+    alone_sys_ms: float | None = None
+    alone_faults: float | None = None
     note: str = ""
 
 
 COLUMNS = ("kind", "preset", "dtype", "T", "batch", "impl", "ms", "tokens_per_s", "speedup_vs_hf")
 COLUMNS += ("gflop", "mfu", "peak_mb", "step_mb", "vocab", "examples_per_s", "compile_s")
-COLUMNS += ("alone_ms", "alone_speedup_vs_hf", "note")
+COLUMNS += ("alone_ms", "alone_speedup_vs_hf", "alone_sys_ms", "alone_faults", "note")
 
 
 def format_row(row: Row | dict) -> str:
@@ -192,8 +211,13 @@ def format_row(row: Row | dict) -> str:
         extras.append(f"compile {r['compile_s']:.1f}s")
     if r.get("alone_ms") is not None:
         ratio = r.get("alone_speedup_vs_hf")
+        kernel = (
+            ""
+            if r.get("alone_faults") is None
+            else f" (sys {r['alone_sys_ms']:.0f} ms, {r['alone_faults']:,.0f} faults)"
+        )
         extras.append(
-            f"alone {r['alone_ms']:.0f} ms" + ("" if ratio is None else f", {ratio:.2f}x vs hf alone")
+            f"alone {r['alone_ms']:.0f} ms{kernel}" + ("" if ratio is None else f", {ratio:.2f}x vs hf alone")
         )
     return line + ("  " + ", ".join(extras) if extras else "")
 

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -239,12 +240,30 @@ def run(bc: BenchConfig, device: torch.device, log=print) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "allocator_env": allocator_env(),
         "config": asdict(bc),
         "kinds": list(kinds),
         "matmul_peak_n": peak_n,
         "matmul_peak_gflops": {d: p / 1e9 for d, p in peaks.items()},
         "rows": [asdict(r) for r in rows],
     }
+
+
+# what decides whether a freed tensor's memory goes back to the kernel, and so how many fresh pages a
+# step faults in (see the `alone_faults` column): glibc's malloc tunables, a preloaded allocator
+ALLOCATOR_ENV = (
+    "GLIBC_TUNABLES",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "LD_PRELOAD",
+    "THP_MEM_ALLOC_ENABLE",
+)
+
+
+def allocator_env() -> dict[str, str]:
+    """The allocator settings this process runs under (ALLOCATOR_ENV), as set in its environment."""
+    return {key: os.environ[key] for key in ALLOCATOR_ENV if key in os.environ}
 
 
 class _work_dir:
@@ -433,7 +452,8 @@ def cli(argv: list[str] | None = None) -> int:
     if probe:
         print(json.dumps(memory_probe(json.loads(probe), device)))
         return 0
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    allocator = "".join(f", {k}={v}" for k, v in allocator_env().items())
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}{allocator}")
 
     def action() -> None:
         result = run(bc, device)

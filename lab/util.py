@@ -23,6 +23,37 @@ def data_dir() -> Path:
     return Path(os.environ.get("LAB_DATA_DIR", Path.home() / ".cache" / "lab" / "data")).expanduser()
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory a freed tensor held, for the next one, instead of handing
+    it back to the kernel: no block of its own mapping for a large request (M_MMAP_MAX = 0) and no
+    trimming of the heap while less than 2 GiB of its top is free (M_TRIM_THRESHOLD).
+
+    A training process asks for the same large tensors every step (at a 128k vocabulary a [V, D]
+    gradient is 197 MB). By default glibc maps every block above 32 MB afresh and unmaps it when it is
+    freed, so every step the kernel faults those pages in again and zeroes them: about a tenth of the
+    `xsmall` CPU step (figures/bench/README.md, "Without the page faults"). Only where tensors live
+    changes, not what is computed. The cost: the process keeps its peak memory until it exits, which a
+    training process reaches again every step anyway. For `lab pretrain` and `lab finetune`, not for a
+    notebook's long-lived kernel; LAB_KEEP_FREED_MEMORY=0 turns it off. Returns whether it applied
+    (glibc only: elsewhere, or turned off, it does nothing)."""
+    if os.environ.get("LAB_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def cache_dir() -> Path:
     """Where tokenised corpora and trained tokenizers are cached: $LAB_CACHE_DIR, default ~/.cache/lab."""
     path = Path(os.environ.get("LAB_CACHE_DIR", Path.home() / ".cache" / "lab")).expanduser()

@@ -20,6 +20,9 @@ def data_root():
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session caches tokenised corpora in its own temp folder."""
+    """Each test session caches tokenised corpora in its own temp folder. The test process keeps glibc's
+    allocator as it is: a CLI run in-process would otherwise change how every later test allocates
+    (lab.util.keep_freed_memory; tests/test_training.py runs it in a child of its own)."""
     monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lab-cache"))
+    monkeypatch.setenv("LAB_KEEP_FREED_MEMORY", "0")
     torch.manual_seed(0)

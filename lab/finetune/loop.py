@@ -73,7 +73,14 @@ from lab.model import Encoder, init_weights
 from lab.synthetic import parse_synthetic
 from lab.tokenizer import Tokenizer
 from lab.training import adamw, autocast, autocast_dtype, compile_model, compile_on, linear_schedule, set_lr
-from lab.util import atomic_write_bytes, atomic_write_json, pick_device, replace_strict, to_device
+from lab.util import (
+    atomic_write_bytes,
+    atomic_write_json,
+    keep_freed_memory,
+    pick_device,
+    replace_strict,
+    to_device,
+)
 
 SELECTION = (
     "epoch chosen on the validation split's main metric; reported metrics on the test split(s), evaluated "
@@ -496,6 +503,7 @@ def cli(argv: list[str]) -> int:
 
     def action() -> None:
         cfg = replace_strict(FinetuneConfig(task=tasks[0], init=inits[0]), **values)
+        keep_freed_memory()  # the same large tensors every step: reuse their pages (lab/util.py)
         if len(tasks) == 1 and len(inits) == 1:
             results = train(cfg)
             key, seeds = results["main_metric"], len(cfg.seeds)

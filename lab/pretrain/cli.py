@@ -9,6 +9,7 @@ from lab.cli import config_parser, parse_config
 from lab.pretrain.checkpoint import CheckpointError
 from lab.pretrain.config import PretrainConfig
 from lab.pretrain.loop import train
+from lab.util import keep_freed_memory
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -19,6 +20,7 @@ def cli(argv: list[str] | None = None) -> int:
         cfg = parse_config(PretrainConfig, parser, sys.argv[1:] if argv is None else argv)
     except ValueError as err:
         parser.error(str(err))
+    keep_freed_memory()  # the same large tensors every step: reuse their pages (lab/util.py)
     try:
         train(cfg)
         code = 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lab.bench import benchmark as bench
+from lab.bench import measure
 from lab.bench.builders import build_lab_step, rtd_step_flops
 from lab.bench.measure import COLUMNS, count_flops, format_row, kernel_share, time_alternating
 from lab.model import preset
@@ -131,12 +132,12 @@ def test_kernel_share_counts_the_fresh_pages_a_step_touches():
 
 
 def test_the_results_record_the_allocator_settings_that_decide_page_faults(monkeypatch):
-    for key in bench.ALLOCATOR_ENV:
+    for key in measure.ALLOCATOR_ENV:
         monkeypatch.delenv(key, raising=False)
-    assert bench.allocator_env() == {}
+    assert measure.allocator_env() == {}
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # not an allocator setting
-    assert bench.allocator_env() == {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}
+    assert measure.allocator_env() == {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}
 
 
 def test_default_kinds_per_device():
@@ -163,7 +164,7 @@ def test_quick_benchmark_figures_follow_from_the_times_they_claim(tmp_path):
     result = json.loads(json_path.read_text())
     rows = result["rows"]
     assert result["matmul_peak_gflops"]["fp32"] > 0
-    assert result["allocator_env"] == bench.allocator_env()
+    assert result["allocator_env"] == measure.allocator_env()
     by = {(r["kind"], r["T"], r["impl"]): r for r in rows}
     T, long_T = bench.QUICK.step_seq_lens[0], max(bench.QUICK.layer_seq_lens)
     for impl in ("lab-es", "lab-gdes", "hf", "lab-es+default"):

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -93,6 +92,7 @@ from lab.bench.measure import (
     COLUMNS,
     HEADER,
     Row,
+    allocator_env,
     count_flops,
     cuda_memory,
     format_row,
@@ -247,23 +247,6 @@ def run(bc: BenchConfig, device: torch.device, log=print) -> dict:
         "matmul_peak_gflops": {d: p / 1e9 for d, p in peaks.items()},
         "rows": [asdict(r) for r in rows],
     }
-
-
-# what decides whether a freed tensor's memory goes back to the kernel, and so how many fresh pages a
-# step faults in (see the `alone_faults` column): glibc's malloc tunables, a preloaded allocator
-ALLOCATOR_ENV = (
-    "GLIBC_TUNABLES",
-    "MALLOC_MMAP_MAX_",
-    "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_TRIM_THRESHOLD_",
-    "LD_PRELOAD",
-    "THP_MEM_ALLOC_ENABLE",
-)
-
-
-def allocator_env() -> dict[str, str]:
-    """The allocator settings this process runs under (ALLOCATOR_ENV), as set in its environment."""
-    return {key: os.environ[key] for key in ALLOCATOR_ENV if key in os.environ}
 
 
 class _work_dir:

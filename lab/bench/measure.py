@@ -3,6 +3,7 @@
   time_alternating  seconds per call of several candidates, timed alternately after warm-up
   count_flops       matmul FLOPs of one call, as torch's FlopCounterMode sees them
   matmul_peak       the machine's practical FLOP/s ceiling in a dtype (square matmuls)
+  allocator_env     the allocator settings the process runs under (they decide its page faults)
   memory            peak memory of a candidate's steps: in-process on CUDA, a fresh subprocess on CPU,
                     which then also times the steps alone (`alone_ms`), with the kernel's share of
                     them (`alone_sys_ms`, `alone_faults`)
@@ -30,6 +31,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lab.bench.builders import build
 from lab.training import sync
+
+# what decides whether a freed tensor's memory goes back to the kernel, and so how many fresh pages a
+# step faults in (see the `alone_faults` column): glibc's malloc tunables, a preloaded allocator
+ALLOCATOR_ENV = (
+    "GLIBC_TUNABLES",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "LD_PRELOAD",
+    "THP_MEM_ALLOC_ENABLE",
+)
+
+
+def allocator_env() -> dict[str, str]:
+    """The allocator settings this process runs under (ALLOCATOR_ENV), as set in its environment."""
+    return {key: os.environ[key] for key in ALLOCATOR_ENV if key in os.environ}
 
 
 def peak_size(device: torch.device) -> int:

@@ -134,10 +134,11 @@ def test_kernel_share_counts_the_fresh_pages_a_step_touches():
 def test_the_results_record_the_allocator_settings_that_decide_page_faults(monkeypatch):
     for key in measure.ALLOCATOR_ENV:
         monkeypatch.delenv(key, raising=False)
-    assert measure.allocator_env() == {}
+    assert measure.allocator_env() == {} and measure.allocator_text() == "the defaults"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # not an allocator setting
     assert measure.allocator_env() == {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}
+    assert measure.allocator_text() == "GLIBC_TUNABLES=glibc.malloc.mmap_max=0"
 
 
 def test_default_kinds_per_device():

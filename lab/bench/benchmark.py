@@ -93,6 +93,7 @@ from lab.bench.measure import (
     HEADER,
     Row,
     allocator_env,
+    allocator_text,
     count_flops,
     cuda_memory,
     format_row,
@@ -435,8 +436,8 @@ def cli(argv: list[str] | None = None) -> int:
     if probe:
         print(json.dumps(memory_probe(json.loads(probe), device)))
         return 0
-    allocator = "".join(f", {k}={v}" for k, v in allocator_env().items())
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}{allocator}")
+    threads = torch.get_num_threads()
+    print(f"device {device}, {threads} threads, torch {torch.__version__}, allocator: {allocator_text()}")
 
     def action() -> None:
         result = run(bc, device)

@@ -3,7 +3,8 @@
   time_alternating  seconds per call of several candidates, timed alternately after warm-up
   count_flops       matmul FLOPs of one call, as torch's FlopCounterMode sees them
   matmul_peak       the machine's practical FLOP/s ceiling in a dtype (square matmuls)
-  allocator_env     the allocator settings the process runs under (they decide its page faults)
+  allocator_env     the allocator settings the process runs under (they decide its page faults),
+                    and allocator_text, the same as one line of text
   memory            peak memory of a candidate's steps: in-process on CUDA, a fresh subprocess on CPU,
                     which then also times the steps alone (`alone_ms`), with the kernel's share of
                     them (`alone_sys_ms`, `alone_faults`)
@@ -47,6 +48,11 @@ ALLOCATOR_ENV = (
 def allocator_env() -> dict[str, str]:
     """The allocator settings this process runs under (ALLOCATOR_ENV), as set in its environment."""
     return {key: os.environ[key] for key in ALLOCATOR_ENV if key in os.environ}
+
+
+def allocator_text() -> str:
+    """allocator_env as the benchmark's and the profile's output print it."""
+    return ", ".join(f"{k}={v}" for k, v in allocator_env().items()) or "the defaults"
 
 
 def peak_size(device: torch.device) -> int:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import lab.model
 import lab.tied
 from lab.bench.builders import build_hf_step, build_lab_step, model_config
-from lab.bench.measure import allocator_env
+from lab.bench.measure import allocator_text
 from lab.cli import config_parser, param, parse_values, run_verb
 from lab.model import DisentangledSelfAttention, relative_index
 from lab.util import replace_strict, write_csv
@@ -260,8 +260,7 @@ def cli(argv: list[str] | None = None) -> int:
             )
         tables = [builders[name](pc) for name in builders if name in parts]
         # the allocator settings decide how many fresh pages a step faults in (lab/bench/measure.py)
-        allocator = ", ".join(f"{k}={v}" for k, v in allocator_env().items()) or "the defaults"
-        text = f"allocator: {allocator}\n\n" + "\n\n".join(table for table, _ in tables)
+        text = f"allocator: {allocator_text()}\n\n" + "\n\n".join(table for table, _ in tables)
         print(text)
         if pc.out:
             out = Path(pc.out)
